@@ -1,0 +1,47 @@
+"""Checkpoints with orbax: async saves, the last K kept, resume from the newest, restore onto any mesh.
+
+Layout: `workdir/checkpoints/<step>/{state,data}`. `state` is the TrainState pytree (params, optimizer
+state, step, RNG key); `data` is the JSON state of the data iterator, so a resumed run sees exactly the
+batches an uninterrupted run would. Orbax writes each step into a temporary folder and renames it when
+complete, so a crash during a save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores into the shardings carried by `abstract_state` (a tree of ShapeDtypeStructs with
+    `.sharding`, or of arrays), so a checkpoint written on one mesh loads onto another."""
+    step = self.latest_step() if step is None else step
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    return out.state, dict(out.data or {})
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,124 @@
+"""Pretraining text: documents from files or the generated corpus, packed into fixed-length sequences.
+
+Documents are tokenized, each followed by EOS, concatenated, and cut into rows of `seq_len + 1` tokens
+(GPT-style packing: a row may span documents, which EOS separates). Rows are shuffled with a seed and
+batched by grain. The dataset is random-access, so batch `s` is a pure function of (seed, s): the data
+iterator's whole state is the step, and a resumed run sees exactly the batches of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import grain
+import numpy as np
+
+from instructgpt_jax.data.tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+  """Bad input, reported as one line `file:line: field: problem`."""
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: byte {e.start}: text: invalid UTF-8") from None
+
+
+def _read_jsonl_texts(path: str) -> list[str]:
+  texts = []
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        obj = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno}: line: invalid UTF-8") from None
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: line: malformed JSON ({e.msg})") from None
+      if not isinstance(obj, dict) or "text" not in obj:
+        raise DataError(f"{path}:{lineno}: text: missing")
+      if not isinstance(obj["text"], str):
+        raise DataError(f"{path}:{lineno}: text: expected a string, got {type(obj['text']).__name__}")
+      texts.append(obj["text"])
+  return texts
+
+
+def load_documents(corpus: str, *, lab_documents: int = 4000, seed: int = 0) -> list[str]:
+  """"lab": the generated world prose; else comma-separated globs of .txt (one document per file) and
+  .jsonl (`{"text": str}` per line) files."""
+  if corpus == "lab":
+    from instructgpt_jax.lab import world
+    return world.corpus_documents(n_documents=lab_documents, seed=seed)
+  if not corpus:
+    raise DataError("data.corpus: empty; give comma-separated globs of .txt or .jsonl files, or 'lab'")
+  documents = []
+  for pattern in corpus.split(","):
+    paths = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    if not paths:
+      raise DataError(f"{pattern}: data.corpus: no file matches")
+    for path in paths:
+      documents.extend(_read_jsonl_texts(path) if path.endswith(".jsonl") else [_read_text(path)])
+  return documents
+
+
+def pack(token_lists: list[list[int]], *, eos_id: int, seq_len: int) -> np.ndarray:
+  """Concatenates documents (each followed by EOS) and cuts rows of seq_len + 1 tokens: [N, seq_len + 1].
+
+  Consecutive rows overlap by one token, so every token is a prediction target exactly once.
+  """
+  stream = np.fromiter((t for ids in token_lists for t in (*ids, eos_id)), dtype=np.int32)
+  n_rows = (len(stream) - 1) // seq_len
+  if n_rows < 1:
+    raise DataError(f"data: the corpus has {len(stream)} tokens, fewer than one row of {seq_len + 1}")
+  index = np.arange(n_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+  return stream[index]
+
+
+@dataclasses.dataclass
+class TextData:
+  """Packed rows split into train and eval, with batch access by step."""
+
+  train_rows: np.ndarray  # [N, seq_len + 1] int32
+  eval_rows: np.ndarray
+  batch_size: int  # per host
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    rows = grain.MapDataset.source(self.train_rows).shuffle(seed=self.seed).repeat(None)
+    self._train = rows[self.process_index::self.process_count].batch(self.batch_size, drop_remainder=True)
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The batch of optimizer step `step` (this host's share)."""
+    return to_lm_batch(self._train[step])
+
+  def eval_batches(self, n: int):
+    rows = self.eval_rows[self.process_index::self.process_count]
+    for i in range(min(n, len(rows) // self.batch_size)):
+      yield to_lm_batch(rows[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+def to_lm_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+  """rows [B, L + 1] -> inputs, targets [B, L] (shifted by one) and a loss mask of ones."""
+  rows = np.asarray(rows)
+  return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones(rows[:, 1:].shape, np.float32)}
+
+
+def build_text_data(data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> TextData:
+  documents = load_documents(data_cfg.corpus, lab_documents=data_cfg.lab_documents, seed=seed)
+  rows = pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=data_cfg.seq_len)
+  n_eval = int(len(rows) * data_cfg.eval_fraction)
+  train, evals = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+  if len(train) < data_cfg.batch_size:
+    raise DataError(f"data: {len(train)} training rows of {data_cfg.seq_len + 1} tokens are fewer than "
+                    f"one batch of {data_cfg.batch_size}")
+  return TextData(train, evals, data_cfg.batch_size // process_count, seed, process_index, process_count)

@@ -1,0 +1,46 @@
+"""Entry point: `python -m instructgpt_jax.main --config=configs/<stage>.py[:arg] --workdir=DIR`.
+
+Any config field can be overridden with `--config.<field>=<value>`. On a multi-host cluster the JAX
+distributed runtime is initialized first (`--config.distributed=true`, or automatically on TPU VMs).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# Config files import `configs.common`; make the repository root importable when run from it.
+sys.path.insert(0, os.getcwd())
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file, optionally with :arg.",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+
+STAGES = ("pretrain",)
+
+
+def run(config, workdir: str):
+  """Runs the stage named by `config.stage` in `workdir`; returns that stage's final metrics."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage: {config.stage!r} is not one of {STAGES}")
+  trainer = importlib.import_module(f"instructgpt_jax.trainers.{config.stage}")
+  return trainer.train(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  # Orbax reports every save step at INFO; keep its warnings and errors only.
+  logging.getLogger("absl").addFilter(lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
+  final = run(_CONFIG.value, _WORKDIR.value)
+  print("final: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

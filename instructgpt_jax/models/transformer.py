@@ -1,0 +1,246 @@
+"""A decoder-only Transformer in Flax NNX for two families, chosen by `ModelConfig.family`.
+
+* "gpt" (GPT-2 / GPT-3): learned position embeddings, pre-LayerNorm, GELU MLP, biases everywhere.
+* "llama": rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+
+The modules are used functionally: build once, `graphdef, state = nnx.split(model)`, and every jitted
+function takes the parameter state as a plain pytree and calls `nnx.merge` inside (see `models/__init__.py`).
+Dropout takes an explicit PRNG key; there are no RNG streams and no mutable state in a forward pass.
+
+Layers are always stored stacked, with a leading `layers` axis, whether they run under `lax.scan`
+(`scan_layers=True`: one compiled layer body, fast compiles for deep models) or unrolled. A checkpoint
+therefore loads into either mode.
+
+Padding: `segment_ids` is 0 at padding and a positive id per packed example elsewhere. A token attends
+only to earlier (or the same) positions of its own segment. Position ids default to the padding-aware
+`cumsum(mask) - mask` (spec §8.2), so left padding does not change a sequence's logits.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from instructgpt_jax.models.sizes import ModelConfig
+from instructgpt_jax.sharding import LOGICAL_AXES_KEY, constrain
+
+# Activation layouts, by logical axis name.
+BTD = ("batch", "length", "embed")
+BTNH = ("batch", "length", "heads", "kv")
+BTKH = ("batch", "length", "kv_heads", "kv")
+
+
+def _axes(*names):
+  return {LOGICAL_AXES_KEY: names}
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: exclusive cumulative sum of the mask. mask [B, T] -> [B, T] int32.
+
+  Example (spec §8.2): mask [1, 0, 0, 1, 1, 1] -> positions [0, 1, 1, 1, 2, 3].
+  """
+  mask = mask.astype(jnp.int32)
+  return jnp.cumsum(mask, axis=-1) - mask
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """Causal, same-segment, real-key mask. segment_ids [B, T] (0 = padding) -> bool [B, 1, T, T].
+
+  Padding rows see no key; the attention then spreads uniformly over masked logits, which stays finite,
+  and those rows are never read.
+  """
+  length = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+  real_key = (segment_ids > 0)[:, None, :]
+  return (causal[None] & same_segment & real_key)[:, None]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (Su et al. 2021), half-split layout as in Llama's reference code.
+
+  x: [B, T, N, H]; positions: [B, T]. The pair (x_i, x_{i+H/2}) is rotated by angle
+  position · theta^(-2i/H). Computed in float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `rng` is None (evaluation, RM, PPO)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  kwargs = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                scale_metadata=_axes("embed"))
+  if cfg.family == "llama":
+    return nnx.RMSNorm(cfg.d_model, **kwargs)
+  return nnx.LayerNorm(cfg.d_model, bias_metadata=_axes("embed"), **kwargs)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    bias = cfg.family == "gpt"
+    init = nnx.initializers.normal(cfg.init_std)
+    # GPT-2's modified initialization: residual output projections scaled by 1/sqrt(2 · n_layers).
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+    def proj(heads, head_axis):
+      return nnx.Einsum("BTD,DNH->BTNH", (d, heads, h), (heads, h) if bias else None, kernel_init=init,
+                        kernel_metadata=_axes("embed", head_axis, "kv"),
+                        bias_metadata=_axes(head_axis, "kv"), **common)
+
+    self.query = proj(n, "heads")
+    self.key = proj(k, "kv_heads")
+    self.value = proj(k, "kv_heads")
+    self.out = nnx.Einsum("BTNH,NHD->BTD", (n, h, d), (d,) if bias else None, kernel_init=out_init,
+                          kernel_metadata=_axes("heads", "kv", "embed"), bias_metadata=_axes("embed"),
+                          **common)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
+    q = constrain(self.query(x), BTNH)
+    k = constrain(self.key(x), BTKH)
+    v = constrain(self.value(x), BTKH)
+    if self.cfg.family == "llama":
+      q = apply_rope(q, positions, self.cfg.rope_theta)
+      k = apply_rope(k, positions, self.cfg.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
+    return self.out(constrain(out, BTNH))
+
+
+class Mlp(nnx.Module):
+  """GELU MLP (gpt) or SwiGLU (llama)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, ff = cfg.d_model, cfg.d_ff
+    bias = cfg.family == "gpt"
+    init = nnx.initializers.normal(cfg.init_std)
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    common = dict(use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    up = dict(kernel_init=init, kernel_metadata=_axes("embed", "mlp"), bias_metadata=_axes("mlp"), **common)
+    self.up = nnx.Linear(d, ff, **up)
+    if cfg.family == "llama":
+      self.gate = nnx.Linear(d, ff, **up)
+    self.down = nnx.Linear(ff, d, kernel_init=out_init, kernel_metadata=_axes("mlp", "embed"),
+                           bias_metadata=_axes("embed"), **common)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.cfg.family == "llama":
+      hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+    else:
+      hidden = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's tanh approximation
+    return self.down(constrain(hidden, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = _norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, mask, dropout_rng=None):
+    attn_rng, mlp_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
+    x = x + dropout(self.attn(self.attn_norm(x), positions, mask), self.cfg.resid_dropout, attn_rng)
+    x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.resid_dropout, mlp_rng)
+    return constrain(x, BTD)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing; recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Token embedding, `n_layers` blocks, final norm, and (with `lm_head`) the unembedding.
+
+  Call: tokens [B, T] int -> (logits [B, T, V] float32 or None, hidden [B, T, D]).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, lm_head: bool = True, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.lm_head = lm_head
+    common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(cfg.init_std),
+                           embedding_metadata=_axes("vocab", "embed"), **common)
+    if cfg.family == "gpt":
+      # GPT-2 initializes position embeddings with std 0.01.
+      self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.01),
+                                 embedding_metadata=_axes("pos", "embed"), **common)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", LOGICAL_AXES_KEY: "layers"})
+    def make_layers(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = _norm(cfg, rngs)
+    if lm_head and not cfg.tied_embeddings:
+      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
+                                kernel_init=nnx.initializers.normal(cfg.init_std),
+                                kernel_metadata=_axes("embed", "vocab"), **common)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, dropout_rng: jax.Array | None = None):
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+      positions = positions_from_mask(segment_ids > 0)
+    # Padding ids may lie outside the vocabulary (spec §8 row 2); a real id keeps the lookup finite.
+    tokens = jnp.where(segment_ids > 0, tokens, 0)
+    x = self.embed(tokens)
+    if self.cfg.family == "gpt":
+      x = x + self.pos_embed(positions)
+    x = self._run_layers(constrain(x, BTD), positions, attention_mask(segment_ids), dropout_rng)
+    hidden = self.final_norm(x)
+    return (self.logits(hidden) if self.lm_head else None), hidden
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> float32 logits [..., V]."""
+    if self.cfg.tied_embeddings:
+      out = self.embed.attend(hidden)
+    else:
+      out = self.unembed(hidden)
+    return constrain(out, ("batch", "length", "vocab")).astype(jnp.float32)
+
+  def _run_layers(self, x, positions, mask, dropout_rng):
+    graphdef, stacked = nnx.split(self.layers)
+    n = self.cfg.n_layers
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n)
+
+    def layer(x, params, rng):
+      return nnx.merge(graphdef, params)(x, positions, mask, rng)
+
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat],
+                             prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      x, _ = jax.lax.scan(lambda h, xs: (layer(h, *xs), None), x, (stacked, layer_rngs))
+      return x
+    for i in range(n):
+      params_i = jax.tree.map(lambda p: p[i], stacked)
+      x = layer(x, params_i, None if layer_rngs is None else layer_rngs[i])
+    return x

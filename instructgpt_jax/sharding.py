@@ -1,0 +1,141 @@
+"""Device mesh, logical axis rules, and shardings for parameters and activations.
+
+Every parameter and key activation names its axes logically (`vocab`, `embed`, `mlp`, `heads`,
+`kv_heads`, `kv`, `layers`, `batch`, `length`, ...). A rules table, part of the config, maps each logical
+name onto zero or more mesh axes (`data`, `fsdp`, `tensor`). Changing the parallelism of a run is a
+config change; no model code mentions a mesh axis.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_AXES_KEY = "logical_axes"  # the nnx.Variable metadata key that holds a parameter's axis names
+
+# Logical name -> mesh axes. Parameters: FSDP over the embedding axis, tensor parallelism over heads,
+# MLP and vocabulary. Activations: the batch over data × fsdp (an activation's `embed` axis then finds
+# fsdp taken and stays replicated, see logical_to_spec).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("pos", None),
+    ("scalar", None),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("mesh_rules", default=None)
+
+
+def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
+  out = {}
+  for name, axes in rules:
+    out[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+  return out
+
+
+def logical_to_spec(names: Sequence[str | None], rules, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+  """PartitionSpec for logical axis `names` under `rules`.
+
+  With `shape` and `mesh`, a mesh axis is dropped from a dimension it does not divide (for example
+  `kv_heads` = 1 under tensor parallelism 4): that dimension is replicated instead of failing.
+  A mesh axis is used at most once per array; a later dimension that asks for a taken axis is replicated.
+  """
+  rules = rules if isinstance(rules, dict) else rules_dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f"sharding: logical axis {name!r} has no rule; rules cover {sorted(rules)}")
+    axes = rules[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for axis in axes:
+      if axis in used or (mesh is not None and axis not in mesh.shape):
+        continue
+      size = math.prod(mesh.shape[a] for a in kept + [axis]) if mesh is not None else 1
+      if shape is not None and shape[i] % size:
+        continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*spec)
+
+
+def logical_axes(state) -> Any:
+  """The tree of logical axis-name tuples of an nnx State (as a pure dict, like nnx.to_pure_dict)."""
+  def names(v):
+    axes = v.get_metadata().get(LOGICAL_AXES_KEY)
+    if axes is None:
+      raise ValueError(f"sharding: a parameter of shape {v.shape} carries no logical axis names")
+    return tuple(axes)
+  return nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def tree_shardings(abstract_tree, names_tree, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of arrays (or ShapeDtypeStructs) whose axes are named by `names_tree`."""
+  rules = rules if isinstance(rules, dict) else rules_dict(rules)
+  return jax.tree.map(
+      lambda x, n: NamedSharding(mesh, logical_to_spec(n, rules, x.shape, mesh)),
+      abstract_tree, names_tree, is_leaf=lambda x: isinstance(x, tuple) and all(
+          isinstance(a, (str, type(None))) for a in x))
+
+
+@contextlib.contextmanager
+def use_mesh_rules(mesh: Mesh, rules):
+  """Activates `constrain` for code traced inside this block (trace time, not run time)."""
+  token = _ACTIVE.set((mesh, rules if isinstance(rules, dict) else rules_dict(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op outside `use_mesh_rules`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = logical_to_spec(names, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor). One size may be -1: it takes the remaining devices.
+
+  Built with `jax.sharding.Mesh` so the axes are Auto (jax.make_mesh makes Explicit axes, which the
+  logical-constraint style above does not use).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+  if len(sizes) != len(MESH_AXES):
+    raise ValueError(f"mesh: expected sizes for {MESH_AXES}, got {sizes}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {len(devices)} are present")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)

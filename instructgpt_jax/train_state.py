@@ -1,0 +1,94 @@
+"""The train state pytree, its sharded initialization, and the one jitted-step pattern every trainer uses.
+
+    graphdef, state, shardings = train_state.create_sharded(model_cfg, tx, seed, mesh, rules)
+    step = train_state.jit_step(train_step, shardings, batch_shardings)
+    state, metrics = step(state, batch)
+
+Initialization is abstract first (`jax.eval_shape`), then partition specs from the parameters' logical axis
+names, then a jitted init with `out_shardings`: every device creates only its own shards, so no host ever
+holds a whole large model.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from instructgpt_jax import models, sharding
+
+
+@struct.dataclass
+class TrainState:
+  """step: optimizer steps taken; rng: a raw uint32[2] key, split once per step; ema: EMA of params or None."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  ema: Any = None
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array, *, ema: bool = False):
+    return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+               ema=jax.tree.map(jnp.copy, params) if ema else None)
+
+  def apply_gradients(self, grads, tx: optax.GradientTransformation, *, ema_decay: float | None = None):
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema = self.ema
+    if ema is not None and ema_decay is not None:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh: Mesh) -> TrainState:
+  """Shardings of a whole TrainState: optimizer moments shard like their parameters, scalars replicate."""
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: replicated(mesh))
+  return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt, rng=replicated(mesh),
+                    ema=None if abstract_state.ema is None else param_shardings)
+
+
+def create_sharded(model_cfg: models.ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+                   rules, *, kind: str = "lm", ema: bool = False,
+                   init_params: Callable[[jax.Array], Any] | None = None):
+  """(graphdef, state, shardings): a TrainState initialized directly into its shardings.
+
+  `init_params(rng)` replaces the random initialization (for example to load a checkpoint's params).
+  """
+  graphdef, abstract_params = models.abstract(model_cfg, kind=kind)
+  names = sharding.logical_axes(abstract_params)
+  key = jax.random.PRNGKey(seed)
+
+  def init(key):
+    params_key, state_key = jax.random.split(key)
+    params = init_params(params_key) if init_params else models.init(model_cfg, params_key, kind=kind)[1]
+    return TrainState.create(params, tx, state_key, ema=ema)
+
+  abstract_state = jax.eval_shape(init, key)
+  param_shardings = sharding.tree_shardings(abstract_state.params, names, mesh, rules)
+  shardings = state_shardings(abstract_state, param_shardings, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)(key)
+  return graphdef, state, shardings
+
+
+def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, *, static_argnums=()) -> Callable:
+  """jit of fn(state, batch, ...) -> (state, metrics) with explicit shardings; the input state is donated.
+
+  Metrics come back replicated (small scalars). This is the pjit pattern: `jax.jit` with in/out shardings.
+  """
+  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated(_mesh_of(state_shardings))),
+                 donate_argnums=(0,), static_argnums=static_argnums)
+
+
+def _mesh_of(tree) -> Mesh:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
