@@ -3,13 +3,22 @@
 Every stage's `get_config` starts from `run_config(...)` and adds its own sections. Any field can be
 overridden on the command line, e.g. `--config.total_steps=500 --config.mesh.fsdp=8`.
 """
+
 import ml_collections
 
 from instructgpt_jax import config_lib, sharding
 
 
-def run_config(*, stage: str, size: str, total_steps: int, checkpoint_every_steps: int, log_every_steps: int,
-               seed: int = 0, **model_fields) -> ml_collections.ConfigDict:
+def run_config(
+  *,
+  stage: str,
+  size: str,
+  total_steps: int,
+  checkpoint_every_steps: int,
+  log_every_steps: int,
+  seed: int = 0,
+  **model_fields,
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = seed
@@ -26,11 +35,31 @@ def run_config(*, stage: str, size: str, total_steps: int, checkpoint_every_step
   return c
 
 
-def optim_config(*, lr: float, schedule: str = "cosine", warmup_steps: int = 0, warmup_init_fraction: float = 0.0,
-                 final_lr_fraction: float = 0.1, weight_decay: float = 0.0, clip_norm: float = 1.0,
-                 eps: float = 1e-8, tf_style_eps: bool = False) -> ml_collections.ConfigDict:
+def optim_config(
+  *,
+  lr: float,
+  schedule: str = "cosine",
+  warmup_steps: int = 0,
+  warmup_init_fraction: float = 0.0,
+  final_lr_fraction: float = 0.1,
+  weight_decay: float = 0.0,
+  clip_norm: float = 1.0,
+  eps: float = 1e-8,
+  tf_style_eps: bool = False,
+) -> ml_collections.ConfigDict:
   """Adam with InstructGPT's β = (0.9, 0.95) (spec §2) and one of the schedules of optim.py."""
-  return ml_collections.ConfigDict(dict(
-      lr=lr, b1=0.9, b2=0.95, eps=eps, tf_style_eps=tf_style_eps, weight_decay=weight_decay,
-      clip_norm=clip_norm, schedule=schedule, warmup_steps=warmup_steps,
-      warmup_init_fraction=warmup_init_fraction, final_lr_fraction=final_lr_fraction))
+  return ml_collections.ConfigDict(
+    dict(
+      lr=lr,
+      b1=0.9,
+      b2=0.95,
+      eps=eps,
+      tf_style_eps=tf_style_eps,
+      weight_decay=weight_decay,
+      clip_norm=clip_norm,
+      schedule=schedule,
+      warmup_steps=warmup_steps,
+      warmup_init_fraction=warmup_init_fraction,
+      final_lr_fraction=final_lr_fraction,
+    )
+  )

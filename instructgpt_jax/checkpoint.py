@@ -5,6 +5,7 @@ state, step, RNG key); `data` is the JSON state of the data iterator, so a resum
 batches an uninterrupted run would. Orbax writes each step into a temporary folder and renames it when
 complete, so a crash during a save leaves the previous checkpoint intact.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -35,9 +35,16 @@ class Checkpointer:
     `.sharding`, or of arrays), so a checkpoint written on one mesh loads onto another."""
     step = self.latest_step() if step is None else step
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    )
     return out.state, dict(out.data or {})
+
+  def restore_params(self, step: int | None = None) -> Any:
+    """The parameters alone, as host arrays in their saved tree (for handing a model to the next stage)."""
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out.state["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

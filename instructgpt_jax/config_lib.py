@@ -4,6 +4,7 @@ A config file defines `get_config(arg)`; `arg` is a comma-separated string such 
 `parse_arg` turns it into a ConfigDict typed by the defaults: `key=value` sets a field (converted to the
 default's type), a bare `key` sets a boolean to True.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Any config field can be overridden with `--config.<field>=<value>`. On a multi-host cluster the JAX
 distributed runtime is initialized first (`--config.distributed=true`, or automatically on TPU VMs).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,9 @@ from ml_collections import config_flags
 # Config files import `configs.common`; make the repository root importable when run from it.
 sys.path.insert(0, os.getcwd())
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file, optionally with :arg.",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path of a config file, optionally with :arg.", lock_config=False
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
 STAGES = ("pretrain",)

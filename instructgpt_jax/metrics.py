@@ -3,6 +3,7 @@
 Metrics of step s are fetched from the device while step s+1 runs (`LateFetcher`), so the host never
 makes the device wait. A non-finite loss or gradient norm stops the run with a message naming the step.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def _scalar(x) -> float:
 class MetricWriter:
   """Writes scalar metrics to metrics.jsonl and TensorBoard on process 0; a no-op on other processes."""
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, progress: bool = True,
-               tokens_per_step: int = 0):
+  def __init__(
+    self, workdir: str, *, total_steps: int, start_step: int = 0, progress: bool = True, tokens_per_step: int = 0
+  ):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
@@ -37,9 +39,11 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     if progress:
       from tqdm import tqdm
+
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
     self._last_time, self._last_step = time.perf_counter(), start_step
 
@@ -78,8 +82,10 @@ class MetricWriter:
 def check_finite(step: int, row: dict[str, float], keys=("loss", "grad_norm")) -> None:
   bad = [k for k in keys if k in row and not math.isfinite(row[k])]
   if bad:
-    raise NonFiniteError(f"step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} is not finite; "
-                         "stopping (the last good checkpoint is kept)")
+    raise NonFiniteError(
+      f"step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} is not finite; "
+      "stopping (the last good checkpoint is kept)"
+    )
 
 
 class LateFetcher:

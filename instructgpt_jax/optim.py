@@ -7,6 +7,7 @@ InstructGPT uses Adam with β = (0.9, 0.95) for every model (spec §2). Schedule
 Weight decay (decoupled, AdamW) skips biases and norm scales. The optional TF-style ε (spec §8.3) adds a
 constant ε to √v of the raw, not bias-corrected, moments, as TF1's Adam did.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -38,10 +39,12 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
 
 def weight_decay_mask(params) -> Any:
   """True for parameters that get weight decay: every matrix and embedding, not biases or norm scales."""
+
   def decays(path, _):
     last = path[-1]
     name = getattr(last, "key", getattr(last, "name", str(last)))
     return name not in NO_DECAY_LEAVES
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -57,6 +60,7 @@ def scale_by_adam_tf_style(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5)
   optax's adam divides by (√v̂ + ε) with bias-corrected v̂, whose effective ε is ε·√(1-β2^t): tiny early
   in training, so the first updates are larger (spec §8.3).
   """
+
   def init(params):
     zeros = jax.tree.map(jnp.zeros_like, params)
     return ScaleByAdamTFState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))

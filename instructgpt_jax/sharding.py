@@ -5,12 +5,14 @@ Every parameter and key activation names its axes logically (`vocab`, `embed`, `
 name onto zero or more mesh axes (`data`, `fsdp`, `tensor`). Changing the parallelism of a run is a
 config change; no model code mentions a mesh axis.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,17 +26,17 @@ LOGICAL_AXES_KEY = "logical_axes"  # the nnx.Variable metadata key that holds a 
 # MLP and vocabulary. Activations: the batch over data × fsdp (an activation's `embed` axis then finds
 # fsdp taken and stays replicated, see logical_to_spec).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("pos", None),
-    ("scalar", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("layers", None),
+  ("pos", None),
+  ("scalar", None),
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("mesh_rules", default=None)
@@ -47,8 +49,9 @@ def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
   return out
 
 
-def logical_to_spec(names: Sequence[str | None], rules, shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+  names: Sequence[str | None], rules, shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
   """PartitionSpec for logical axis `names` under `rules`.
 
   With `shape` and `mesh`, a mesh axis is dropped from a dimension it does not divide (for example
@@ -81,11 +84,13 @@ def logical_to_spec(names: Sequence[str | None], rules, shape: Sequence[int] | N
 
 def logical_axes(state) -> Any:
   """The tree of logical axis-name tuples of an nnx State (as a pure dict, like nnx.to_pure_dict)."""
+
   def names(v):
     axes = v.get_metadata().get(LOGICAL_AXES_KEY)
     if axes is None:
       raise ValueError(f"sharding: a parameter of shape {v.shape} carries no logical axis names")
     return tuple(axes)
+
   return nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
@@ -93,9 +98,11 @@ def tree_shardings(abstract_tree, names_tree, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of arrays (or ShapeDtypeStructs) whose axes are named by `names_tree`."""
   rules = rules if isinstance(rules, dict) else rules_dict(rules)
   return jax.tree.map(
-      lambda x, n: NamedSharding(mesh, logical_to_spec(n, rules, x.shape, mesh)),
-      abstract_tree, names_tree, is_leaf=lambda x: isinstance(x, tuple) and all(
-          isinstance(a, (str, type(None))) for a in x))
+    lambda x, n: NamedSharding(mesh, logical_to_spec(n, rules, x.shape, mesh)),
+    abstract_tree,
+    names_tree,
+    is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x),
+  )
 
 
 @contextlib.contextmanager
@@ -136,6 +143,7 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Devic
       raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"but {len(devices)} are present")
+    raise ValueError(
+      f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are present"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)

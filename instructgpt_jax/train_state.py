@@ -8,9 +8,11 @@ Initialization is abstract first (`jax.eval_shape`), then partition specs from t
 names, then a jitted init with `out_shardings`: every device creates only its own shards, so no host ever
 holds a whole large model.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,13 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array, *, ema: bool = False):
-    return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-               ema=jax.tree.map(jnp.copy, params) if ema else None)
+    return cls(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=rng,
+      ema=jax.tree.map(jnp.copy, params) if ema else None,
+    )
 
   def apply_gradients(self, grads, tx: optax.GradientTransformation, *, ema_decay: float | None = None):
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
@@ -51,15 +58,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh: Mesh) -> TrainState:
   """Shardings of a whole TrainState: optimizer moments shard like their parameters, scalars replicate."""
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                              transform_non_params=lambda _: replicated(mesh))
-  return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt, rng=replicated(mesh),
-                    ema=None if abstract_state.ema is None else param_shardings)
+  opt = optax.tree_map_params(
+    tx, lambda _, s: s, abstract_state.opt_state, param_shardings, transform_non_params=lambda _: replicated(mesh)
+  )
+  return TrainState(
+    step=replicated(mesh),
+    params=param_shardings,
+    opt_state=opt,
+    rng=replicated(mesh),
+    ema=None if abstract_state.ema is None else param_shardings,
+  )
 
 
-def create_sharded(model_cfg: models.ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
-                   rules, *, kind: str = "lm", ema: bool = False,
-                   init_params: Callable[[jax.Array], Any] | None = None):
+def create_sharded(
+  model_cfg: models.ModelConfig,
+  tx: optax.GradientTransformation,
+  seed: int,
+  mesh: Mesh,
+  rules,
+  *,
+  kind: str = "lm",
+  ema: bool = False,
+  init_params: Callable[[jax.Array], Any] | None = None,
+):
   """(graphdef, state, shardings): a TrainState initialized directly into its shardings.
 
   `init_params(rng)` replaces the random initialization (for example to load a checkpoint's params).
@@ -85,9 +106,13 @@ def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, *, stat
 
   Metrics come back replicated (small scalars). This is the pjit pattern: `jax.jit` with in/out shardings.
   """
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated(_mesh_of(state_shardings))),
-                 donate_argnums=(0,), static_argnums=static_argnums)
+  return jax.jit(
+    fn,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated(_mesh_of(state_shardings))),
+    donate_argnums=(0,),
+    static_argnums=static_argnums,
+  )
 
 
 def _mesh_of(tree) -> Mesh:

@@ -1,4 +1,5 @@
 """The Transformer: sizes, a slow NumPy reference forward, causality, padding, GQA, RoPE, scan and remat."""
+
 import dataclasses
 import math
 
@@ -20,8 +21,9 @@ def forward(cfg, params, graphdef, tokens, **kw):
 # ------------------------------------------------------------------------------------------ parameter counts
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("gpt3-125m", 0.125e9), ("gpt3-1.3b", 1.316e9), ("gpt3-6.7b", 6.658e9), ("gpt3-175b", 174.6e9)])
+@pytest.mark.parametrize(
+  "name, expected", [("gpt3-125m", 0.125e9), ("gpt3-1.3b", 1.316e9), ("gpt3-6.7b", 6.658e9), ("gpt3-175b", 174.6e9)]
+)
 def test_gpt3_parameter_counts_match_spec_table(name, expected):
   _, state = models.abstract(models.resolve({"size": name}))  # eval_shape: nothing is allocated
   count = models.param_count(state)
@@ -40,8 +42,10 @@ def test_every_size_matches_the_closed_form_count_and_names_every_axis(name):
   assert models.param_count(state) == sizes.param_count_formula(cfg)
   names = sharding.logical_axes(state)
   shapes = jax.tree.map(lambda v: v.shape, state)
-  for axes, shape in zip(jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
-                         jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))):
+  for axes, shape in zip(
+    jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
+    jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)),
+  ):
     assert len(axes) == len(shape) and axes[0] is not None
 
 
@@ -186,11 +190,11 @@ def test_causality_gradient_from_future_inputs_is_exactly_zero(family):
   for t in (0, 4, length - 2):
     grads = jax.grad(lambda p: models.apply(graphdef, p, tokens)[0][0, t].sum())(params)
     emb = np.asarray(grads["embed"]["embedding"])
-    assert np.all(emb[np.asarray(tokens[0, t + 1:])] == 0.0), t
-    assert np.all(np.abs(emb[np.asarray(tokens[0, :t + 1])]).sum(-1) > 0), t
+    assert np.all(emb[np.asarray(tokens[0, t + 1 :])] == 0.0), t
+    assert np.all(np.abs(emb[np.asarray(tokens[0, : t + 1])]).sum(-1) > 0), t
     if family == "gpt":
       pos = np.asarray(grads["pos_embed"]["embedding"])
-      assert np.all(pos[t + 1:] == 0.0) and np.all(np.abs(pos[:t + 1]).sum(-1) > 0), t
+      assert np.all(pos[t + 1 :] == 0.0) and np.all(np.abs(pos[: t + 1]).sum(-1) > 0), t
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
@@ -203,13 +207,18 @@ def test_left_padding_does_not_change_logits(family):
   for pad in range(8):
     rows.append(np.concatenate([np.full(pad, 257), real, np.full(7 - pad, 257)]))  # left and right pad
     segments.append(np.concatenate([np.zeros(pad), np.ones(len(real)), np.zeros(7 - pad)]))
-  logits, _ = forward(cfg, params, graphdef, jnp.asarray(np.stack(rows), jnp.int32),
-                      segment_ids=jnp.asarray(np.stack(segments), jnp.int32))
+  logits, _ = forward(
+    cfg,
+    params,
+    graphdef,
+    jnp.asarray(np.stack(rows), jnp.int32),
+    segment_ids=jnp.asarray(np.stack(segments), jnp.int32),
+  )
   logits = np.asarray(logits)
   assert logits.shape[1] == width
-  reference = logits[0, :len(real)]
+  reference = logits[0, : len(real)]
   for pad in range(1, 8):
-    np.testing.assert_allclose(logits[pad, pad:pad + len(real)], reference, atol=1e-5)
+    np.testing.assert_allclose(logits[pad, pad : pad + len(real)], reference, atol=1e-5)
 
 
 def test_packed_segments_do_not_attend_across_examples():
@@ -285,6 +294,7 @@ def test_residual_dropout_is_off_without_a_key_and_random_with_one():
 
 def test_inverted_dropout_keeps_the_expected_value():
   from instructgpt_jax.models.transformer import dropout
+
   x = jnp.ones((200_000,))
   y = np.asarray(dropout(x, 0.2, jax.random.key(0)))
   assert abs((y == 0).mean() - 0.2) < 0.005 and abs(y.mean() - 1.0) < 0.01
@@ -305,5 +315,4 @@ def test_scalar_head_init_and_final_token_value():
   assert values.shape == (3, 6) and values.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(values), np.asarray(hidden, np.float64) @ kernel[:, 0], atol=1e-4)
   mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-  np.testing.assert_allclose(np.asarray(models.final_token_value(values, mask)),
-                             [values[0, 2], values[1, 5], 0.0])
+  np.testing.assert_allclose(np.asarray(models.final_token_value(values, mask)), [values[0, 2], values[1, 5], 0.0])

@@ -5,6 +5,7 @@ Documents are tokenized, each followed by EOS, concatenated, and cut into rows o
 batched by grain. The dataset is random-access, so batch `s` is a pure function of (seed, s): the data
 iterator's whole state is the step, and a resumed run sees exactly the batches of an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,10 +52,11 @@ def _read_jsonl_texts(path: str) -> list[str]:
 
 
 def load_documents(corpus: str, *, lab_documents: int = 4000, seed: int = 0) -> list[str]:
-  """"lab": the generated world prose; else comma-separated globs of .txt (one document per file) and
+  """ "lab": the generated world prose; else comma-separated globs of .txt (one document per file) and
   .jsonl (`{"text": str}` per line) files."""
   if corpus == "lab":
     from instructgpt_jax.lab import world
+
     return world.corpus_documents(n_documents=lab_documents, seed=seed)
   if not corpus:
     raise DataError("data.corpus: empty; give comma-separated globs of .txt or .jsonl files, or 'lab'")
@@ -94,16 +96,16 @@ class TextData:
 
   def __post_init__(self):
     rows = grain.MapDataset.source(self.train_rows).shuffle(seed=self.seed).repeat(None)
-    self._train = rows[self.process_index::self.process_count].batch(self.batch_size, drop_remainder=True)
+    self._train = rows[self.process_index :: self.process_count].batch(self.batch_size, drop_remainder=True)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch of optimizer step `step` (this host's share)."""
     return to_lm_batch(self._train[step])
 
   def eval_batches(self, n: int):
-    rows = self.eval_rows[self.process_index::self.process_count]
+    rows = self.eval_rows[self.process_index :: self.process_count]
     for i in range(min(n, len(rows) // self.batch_size)):
-      yield to_lm_batch(rows[i * self.batch_size:(i + 1) * self.batch_size])
+      yield to_lm_batch(rows[i * self.batch_size : (i + 1) * self.batch_size])
 
 
 def to_lm_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -112,13 +114,16 @@ def to_lm_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
   return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones(rows[:, 1:].shape, np.float32)}
 
 
-def build_text_data(data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0,
-                    process_count: int = 1) -> TextData:
+def build_text_data(
+  data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> TextData:
   documents = load_documents(data_cfg.corpus, lab_documents=data_cfg.lab_documents, seed=seed)
   rows = pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=data_cfg.seq_len)
   n_eval = int(len(rows) * data_cfg.eval_fraction)
-  train, evals = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+  train, evals = rows[: len(rows) - n_eval], rows[len(rows) - n_eval :]
   if len(train) < data_cfg.batch_size:
-    raise DataError(f"data: {len(train)} training rows of {data_cfg.seq_len + 1} tokens are fewer than "
-                    f"one batch of {data_cfg.batch_size}")
+    raise DataError(
+      f"data: {len(train)} training rows of {data_cfg.seq_len + 1} tokens are fewer than "
+      f"one batch of {data_cfg.batch_size}"
+    )
   return TextData(train, evals, data_cfg.batch_size // process_count, seed, process_index, process_count)

@@ -4,6 +4,7 @@ The padding id is always distinct from EOS (spec §8 row 2): a tokenizer without
 appended after its vocabulary. Padding ids never reach an embedding lookup (the model replaces them), so
 a pad id at or past the model's vocabulary size is harmless.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,17 @@ DEFAULT_EOS, DEFAULT_PAD = "<|endoftext|>", "<|pad|>"
 
 
 class Tokenizer:
-  """Text <-> ids with explicit special ids. `encode` never inserts special tokens by itself."""
+  """Text <-> ids with explicit special ids.
 
-  def __init__(self, hf: tokenizers.Tokenizer, *, eos_token: str, pad_token: str,
-               bos_token: str | None = None, name: str = ""):
+  `encode` never produces a special id: the text "<|endoftext|>" inside a document is encoded as plain
+  text, so data cannot forge an EOS or a pad. Special ids are appended by the code that builds batches.
+  """
+
+  def __init__(
+    self, hf: tokenizers.Tokenizer, *, eos_token: str, pad_token: str, bos_token: str | None = None, name: str = ""
+  ):
     self.hf = hf
+    self.hf.encode_special_tokens = True
     self.name = name
     missing = [t for t in (eos_token, pad_token) if hf.token_to_id(t) is None]
     if eos_token in missing:
@@ -71,8 +78,9 @@ def _first_present(hf: tokenizers.Tokenizer, candidates) -> str | None:
   return next((t for t in candidates if hf.token_to_id(t) is not None), None)
 
 
-def from_file(path: str, *, eos_token: str | None = None, pad_token: str | None = None,
-              bos_token: str | None = None) -> Tokenizer:
+def from_file(
+  path: str, *, eos_token: str | None = None, pad_token: str | None = None, bos_token: str | None = None
+) -> Tokenizer:
   """Loads a `tokenizer.json` (or a folder holding one). Special tokens default to the usual names."""
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
@@ -82,10 +90,15 @@ def from_file(path: str, *, eos_token: str | None = None, pad_token: str | None 
   eos = eos_token or _first_present(hf, EOS_CANDIDATES)
   if eos is None:
     raise ValueError(f"{path}: no EOS token found among {EOS_CANDIDATES}; set data.eos_token")
-  return Tokenizer(hf, eos_token=eos, pad_token=pad_token or _first_present(hf, PAD_CANDIDATES) or DEFAULT_PAD,
-                   bos_token=bos_token or _first_present(hf, BOS_CANDIDATES), name=path)
+  return Tokenizer(
+    hf,
+    eos_token=eos,
+    pad_token=pad_token or _first_present(hf, PAD_CANDIDATES) or DEFAULT_PAD,
+    bos_token=bos_token or _first_present(hf, BOS_CANDIDATES),
+    name=path,
+  )
 
 
 def load(spec: str) -> Tokenizer:
-  """"bytes" for the byte-level tokenizer, else a path to a tokenizer.json or a folder with one."""
+  """ "bytes" for the byte-level tokenizer, else a path to a tokenizer.json or a folder with one."""
   return byte_tokenizer() if spec == "bytes" else from_file(spec)

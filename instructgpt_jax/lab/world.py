@@ -5,17 +5,18 @@ object is, its colour, size, place and owner) and contains no instruction follow
 pretrained on it knows the world but does not follow instructions, as GPT-3 before InstructGPT.
 Everything is a pure function of a seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
 
 CATEGORIES = {
-    "fruit": ["apple", "pear", "plum", "lemon", "mango", "peach", "cherry", "grape", "melon", "fig"],
-    "animal": ["cat", "dog", "horse", "goat", "fox", "owl", "duck", "mouse", "bear", "frog"],
-    "tool": ["hammer", "saw", "spade", "rake", "drill", "chisel", "ladder", "wrench", "axe", "brush"],
-    "vehicle": ["cart", "boat", "bicycle", "wagon", "sled", "canoe", "tram", "truck", "raft", "van"],
-    "instrument": ["drum", "flute", "harp", "lute", "horn", "bell", "fiddle", "gong", "pipe", "organ"],
+  "fruit": ["apple", "pear", "plum", "lemon", "mango", "peach", "cherry", "grape", "melon", "fig"],
+  "animal": ["cat", "dog", "horse", "goat", "fox", "owl", "duck", "mouse", "bear", "frog"],
+  "tool": ["hammer", "saw", "spade", "rake", "drill", "chisel", "ladder", "wrench", "axe", "brush"],
+  "vehicle": ["cart", "boat", "bicycle", "wagon", "sled", "canoe", "tram", "truck", "raft", "van"],
+  "instrument": ["drum", "flute", "harp", "lute", "horn", "bell", "fiddle", "gong", "pipe", "organ"],
 }
 COLORS = ["red", "blue", "green", "yellow", "white", "black", "brown", "grey", "orange", "purple"]
 SIZES = ["tiny", "small", "large", "huge"]
@@ -51,8 +52,17 @@ def make_world(seed: int = 0) -> World:
   things = []
   for category, names in CATEGORIES.items():
     for name in names:
-      things.append(Thing(name=name, category=category, color=rng.choice(COLORS), size=rng.choice(SIZES),
-                          place=rng.choice(PLACES), owner=rng.choice(OWNERS), count=rng.randint(1, 9)))
+      things.append(
+        Thing(
+          name=name,
+          category=category,
+          color=rng.choice(COLORS),
+          size=rng.choice(SIZES),
+          place=rng.choice(PLACES),
+          owner=rng.choice(OWNERS),
+          count=rng.randint(1, 9),
+        )
+      )
   return World(tuple(things))
 
 
@@ -76,14 +86,14 @@ def article(word: str) -> str:
 def _fact(thing: Thing, rng: random.Random) -> str:
   t = thing
   templates = [
-      f"The {t.name} is {t.color}.",
-      f"The {t.name} is {article(t.size)} {t.size} {t.category}.",
-      f"The {t.color} {t.name} is in the {t.place}.",
-      f"{t.owner} owns the {t.name}.",
-      f"There {'is' if t.count == 1 else 'are'} {NUMBER_WORDS[t.count]} {_plural(t.name, t.count)} in the {t.place}.",
-      f"{article(t.name).capitalize()} {t.name} is a kind of {t.category}.",
-      f"{t.owner} keeps the {t.size} {t.name} in the {t.place}.",
-      f"In the {t.place} you can find the {t.color} {t.name} of {t.owner}.",
+    f"The {t.name} is {t.color}.",
+    f"The {t.name} is {article(t.size)} {t.size} {t.category}.",
+    f"The {t.color} {t.name} is in the {t.place}.",
+    f"{t.owner} owns the {t.name}.",
+    f"There {'is' if t.count == 1 else 'are'} {NUMBER_WORDS[t.count]} {_plural(t.name, t.count)} in the {t.place}.",
+    f"{article(t.name).capitalize()} {t.name} is a kind of {t.category}.",
+    f"{t.owner} keeps the {t.size} {t.name} in the {t.place}.",
+    f"In the {t.place} you can find the {t.color} {t.name} of {t.owner}.",
   ]
   return rng.choice(templates)
 
@@ -103,8 +113,10 @@ def prose(world: World, *, n_paragraphs: int, seed: int = 0) -> str:
   rng = random.Random(seed)
   paragraphs = []
   for _ in range(n_paragraphs):
-    sentences = [_scene(world, rng) if rng.random() < 0.2 else _fact(rng.choice(world.things), rng)
-                 for _ in range(rng.randint(3, 7))]
+    sentences = [
+      _scene(world, rng) if rng.random() < 0.2 else _fact(rng.choice(world.things), rng)
+      for _ in range(rng.randint(3, 7))
+    ]
     paragraphs.append(" ".join(sentences))
   return "\n\n".join(paragraphs)
 

@@ -5,6 +5,7 @@ The functional interface keeps NNX at the boundary:
     graphdef, params = models.init(cfg, jax.random.key(0))          # params: a pure dict of arrays
     logits, hidden = models.apply(graphdef, params, tokens)         # inside any jax.jit
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,6 +50,22 @@ def param_count(tree) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-__all__ = ["KINDS", "ModelConfig", "ScalarHead", "ScalarModel", "Transformer", "abstract", "apply",
-           "apply_rope", "attention_mask", "build", "final_token_value", "init", "lookup", "param_count",
-           "positions_from_mask", "resolve", "size_names"]
+__all__ = [
+  "KINDS",
+  "ModelConfig",
+  "ScalarHead",
+  "ScalarModel",
+  "Transformer",
+  "abstract",
+  "apply",
+  "apply_rope",
+  "attention_mask",
+  "build",
+  "final_token_value",
+  "init",
+  "lookup",
+  "param_count",
+  "positions_from_mask",
+  "resolve",
+  "size_names",
+]

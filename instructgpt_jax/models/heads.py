@@ -3,6 +3,7 @@
 InstructGPT replaces the unembedding with a projection to one scalar (spec §2, §4.1). The projection is
 initialized N(0, 1/sqrt(d_model + 1)) with zero bias, as in Ziegler et al.'s code (spec §4.3, row 8).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,17 @@ class ScalarHead(nnx.Module):
   """hidden [..., D] -> float32 scalar [...]."""
 
   def __init__(self, d_model: int, *, param_dtype="float32", rngs: nnx.Rngs):
-    self.proj = nnx.Linear(d_model, 1, kernel_init=nnx.initializers.normal(1.0 / math.sqrt(d_model + 1)),
-                           bias_init=nnx.initializers.zeros, param_dtype=param_dtype, dtype=jnp.float32,
-                           kernel_metadata=_axes("embed", "scalar"), bias_metadata=_axes("scalar"),
-                           rngs=rngs)
+    self.proj = nnx.Linear(
+      d_model,
+      1,
+      kernel_init=nnx.initializers.normal(1.0 / math.sqrt(d_model + 1)),
+      bias_init=nnx.initializers.zeros,
+      param_dtype=param_dtype,
+      dtype=jnp.float32,
+      kernel_metadata=_axes("embed", "scalar"),
+      bias_metadata=_axes("scalar"),
+      rngs=rngs,
+    )
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     return self.proj(hidden.astype(jnp.float32))[..., 0]
@@ -40,8 +48,7 @@ class ScalarModel(nnx.Module):
     self.head = ScalarHead(cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_rng=None):
-    _, hidden = self.transformer(tokens, positions=positions, segment_ids=segment_ids,
-                                 dropout_rng=dropout_rng)
+    _, hidden = self.transformer(tokens, positions=positions, segment_ids=segment_ids, dropout_rng=dropout_rng)
     return self.head(hidden), hidden
 
 

@@ -9,10 +9,12 @@ published in enough detail to reproduce; every layer here is dense (a documented
 
 GPT-2 rows follow Radford et al. 2019 (n_ctx 1024). The tiny rows exist for CPU tests and demos.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 FAMILIES = ("gpt", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -66,40 +68,83 @@ class ModelConfig:
 
 
 def _gpt(n_layers, d_model, n_heads, d_head=None, *, max_len=2048, vocab_size=50257):
-  return dict(family="gpt", n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
-              d_ff=4 * d_model, max_len=max_len, vocab_size=vocab_size, tied_embeddings=True)
+  return dict(
+    family="gpt",
+    n_layers=n_layers,
+    d_model=d_model,
+    n_heads=n_heads,
+    d_head=d_head,
+    d_ff=4 * d_model,
+    max_len=max_len,
+    vocab_size=vocab_size,
+    tied_embeddings=True,
+  )
 
 
 SIZES: dict[str, dict[str, Any]] = {
-    # GPT-3 (Brown et al. 2020, Table 2.1).
-    "gpt3-125m": _gpt(12, 768, 12),
-    "gpt3-350m": _gpt(24, 1024, 16),
-    "gpt3-760m": _gpt(24, 1536, 16),
-    "gpt3-1.3b": _gpt(24, 2048, 16),  # the paper prints 24 heads × 128; see the module docstring
-    "gpt3-2.7b": _gpt(32, 2560, 32),
-    "gpt3-6.7b": _gpt(32, 4096, 32),
-    "gpt3-13b": _gpt(40, 5120, 40),  # the paper prints d_model 5140; see the module docstring
-    "gpt3-175b": _gpt(96, 12288, 96),
-    # GPT-2 (Radford et al. 2019).
-    "gpt2-124m": _gpt(12, 768, 12, max_len=1024),
-    "gpt2-355m": _gpt(24, 1024, 16, max_len=1024),
-    "gpt2-774m": _gpt(36, 1280, 20, max_len=1024),
-    "gpt2-1.5b": _gpt(48, 1600, 25, max_len=1024),
-    # Llama family: SmolLM2-135M (the real pretrained model in ../shared/data/README.md).
-    "smollm2-135m": dict(family="llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
-                         max_len=8192, vocab_size=49152, tied_embeddings=True, rope_theta=100_000.0),
-    # CPU sizes for tests and the embedded demo. Vocabulary 320 holds the byte tokenizer's 259 ids.
-    "tiny": _gpt(2, 64, 4, max_len=256, vocab_size=320),
-    "tiny-llama": dict(family="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192,
-                       max_len=256, vocab_size=320, tied_embeddings=False),
-    "mini": _gpt(6, 384, 6, max_len=512, vocab_size=320),  # about 10M parameters
-    "mini-llama": dict(family="llama", n_layers=6, d_model=384, n_heads=6, n_kv_heads=2, d_ff=1024,
-                       max_len=512, vocab_size=320, tied_embeddings=False),
+  # GPT-3 (Brown et al. 2020, Table 2.1).
+  "gpt3-125m": _gpt(12, 768, 12),
+  "gpt3-350m": _gpt(24, 1024, 16),
+  "gpt3-760m": _gpt(24, 1536, 16),
+  "gpt3-1.3b": _gpt(24, 2048, 16),  # the paper prints 24 heads × 128; see the module docstring
+  "gpt3-2.7b": _gpt(32, 2560, 32),
+  "gpt3-6.7b": _gpt(32, 4096, 32),
+  "gpt3-13b": _gpt(40, 5120, 40),  # the paper prints d_model 5140; see the module docstring
+  "gpt3-175b": _gpt(96, 12288, 96),
+  # GPT-2 (Radford et al. 2019).
+  "gpt2-124m": _gpt(12, 768, 12, max_len=1024),
+  "gpt2-355m": _gpt(24, 1024, 16, max_len=1024),
+  "gpt2-774m": _gpt(36, 1280, 20, max_len=1024),
+  "gpt2-1.5b": _gpt(48, 1600, 25, max_len=1024),
+  # Llama family: SmolLM2-135M (the real pretrained model in ../shared/data/README.md).
+  "smollm2-135m": dict(
+    family="llama",
+    n_layers=30,
+    d_model=576,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    max_len=8192,
+    vocab_size=49152,
+    tied_embeddings=True,
+    rope_theta=100_000.0,
+  ),
+  # CPU sizes for tests and the embedded demo. Vocabulary 320 holds the byte tokenizer's 259 ids.
+  "tiny": _gpt(2, 64, 4, max_len=256, vocab_size=320),
+  "tiny-llama": dict(
+    family="llama",
+    n_layers=2,
+    d_model=64,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=192,
+    max_len=256,
+    vocab_size=320,
+    tied_embeddings=False,
+  ),
+  "mini": _gpt(6, 384, 6, max_len=512, vocab_size=320),  # about 10M parameters
+  "mini-llama": dict(
+    family="llama",
+    n_layers=6,
+    d_model=384,
+    n_heads=6,
+    n_kv_heads=2,
+    d_ff=1024,
+    max_len=512,
+    vocab_size=320,
+    tied_embeddings=False,
+  ),
 }
 
 # The names InstructGPT uses for its three policy sizes.
-ALIASES = {"1.3b": "gpt3-1.3b", "6b": "gpt3-6.7b", "6.7b": "gpt3-6.7b", "175b": "gpt3-175b",
-           "125m": "gpt3-125m", "124m": "gpt2-124m"}
+ALIASES = {
+  "1.3b": "gpt3-1.3b",
+  "6b": "gpt3-6.7b",
+  "6.7b": "gpt3-6.7b",
+  "175b": "gpt3-175b",
+  "125m": "gpt3-125m",
+  "124m": "gpt2-124m",
+}
 
 
 def size_names() -> list[str]:
@@ -128,8 +173,9 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
     if key not in fields:
       raise ValueError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")
     values[key] = value
-  missing = [f.name for f in dataclasses.fields(ModelConfig)
-             if f.default is dataclasses.MISSING and f.name not in values]
+  missing = [
+    f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING and f.name not in values
+  ]
   if missing:
     raise ValueError(f"model: set model.size or the fields {', '.join(missing)}")
   return ModelConfig(**values)

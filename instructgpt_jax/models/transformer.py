@@ -15,6 +15,7 @@ Padding: `segment_ids` is 0 at padding and a positive id per packed example else
 only to earlier (or the same) positions of its own segment. Position ids default to the padding-aware
 `cumsum(mask) - mask` (spec §8.2), so left padding does not change a sequence's logits.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-  kwargs = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                scale_metadata=_axes("embed"))
+  kwargs = dict(
+    epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, scale_metadata=_axes("embed")
+  )
   if cfg.family == "llama":
     return nnx.RMSNorm(cfg.d_model, **kwargs)
   return nnx.LayerNorm(cfg.d_model, bias_metadata=_axes("embed"), **kwargs)
@@ -101,16 +103,28 @@ class Attention(nnx.Module):
     common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
     def proj(heads, head_axis):
-      return nnx.Einsum("BTD,DNH->BTNH", (d, heads, h), (heads, h) if bias else None, kernel_init=init,
-                        kernel_metadata=_axes("embed", head_axis, "kv"),
-                        bias_metadata=_axes(head_axis, "kv"), **common)
+      return nnx.Einsum(
+        "BTD,DNH->BTNH",
+        (d, heads, h),
+        (heads, h) if bias else None,
+        kernel_init=init,
+        kernel_metadata=_axes("embed", head_axis, "kv"),
+        bias_metadata=_axes(head_axis, "kv"),
+        **common,
+      )
 
     self.query = proj(n, "heads")
     self.key = proj(k, "kv_heads")
     self.value = proj(k, "kv_heads")
-    self.out = nnx.Einsum("BTNH,NHD->BTD", (n, h, d), (d,) if bias else None, kernel_init=out_init,
-                          kernel_metadata=_axes("heads", "kv", "embed"), bias_metadata=_axes("embed"),
-                          **common)
+    self.out = nnx.Einsum(
+      "BTNH,NHD->BTD",
+      (n, h, d),
+      (d,) if bias else None,
+      kernel_init=out_init,
+      kernel_metadata=_axes("heads", "kv", "embed"),
+      bias_metadata=_axes("embed"),
+      **common,
+    )
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
@@ -138,8 +152,9 @@ class Mlp(nnx.Module):
     self.up = nnx.Linear(d, ff, **up)
     if cfg.family == "llama":
       self.gate = nnx.Linear(d, ff, **up)
-    self.down = nnx.Linear(ff, d, kernel_init=out_init, kernel_metadata=_axes("mlp", "embed"),
-                           bias_metadata=_axes("embed"), **common)
+    self.down = nnx.Linear(
+      ff, d, kernel_init=out_init, kernel_metadata=_axes("mlp", "embed"), bias_metadata=_axes("embed"), **common
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.cfg.family == "llama":
@@ -167,9 +182,9 @@ class Block(nnx.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing; recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing; recompute the whole layer in the backward pass
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -183,28 +198,48 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.lm_head = lm_head
     common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(cfg.init_std),
-                           embedding_metadata=_axes("vocab", "embed"), **common)
+    self.embed = nnx.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=nnx.initializers.normal(cfg.init_std),
+      embedding_metadata=_axes("vocab", "embed"),
+      **common,
+    )
     if cfg.family == "gpt":
       # GPT-2 initializes position embeddings with std 0.01.
-      self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.01),
-                                 embedding_metadata=_axes("pos", "embed"), **common)
+      self.pos_embed = nnx.Embed(
+        cfg.max_len,
+        cfg.d_model,
+        embedding_init=nnx.initializers.normal(0.01),
+        embedding_metadata=_axes("pos", "embed"),
+        **common,
+      )
 
     @nnx.split_rngs(splits=cfg.n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0,
-              transform_metadata={nnx.PARTITION_NAME: "layers", LOGICAL_AXES_KEY: "layers"})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", LOGICAL_AXES_KEY: "layers"})
     def make_layers(rngs):
       return Block(cfg, rngs=rngs)
 
     self.layers = make_layers(rngs)
     self.final_norm = _norm(cfg, rngs)
     if lm_head and not cfg.tied_embeddings:
-      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
-                                kernel_init=nnx.initializers.normal(cfg.init_std),
-                                kernel_metadata=_axes("embed", "vocab"), **common)
+      self.unembed = nnx.Linear(
+        cfg.d_model,
+        cfg.vocab_size,
+        use_bias=False,
+        kernel_init=nnx.initializers.normal(cfg.init_std),
+        kernel_metadata=_axes("embed", "vocab"),
+        **common,
+      )
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, dropout_rng: jax.Array | None = None):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+  ):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
@@ -235,8 +270,7 @@ class Transformer(nnx.Module):
       return nnx.merge(graphdef, params)(x, positions, mask, rng)
 
     if self.cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat],
-                             prevent_cse=not self.cfg.scan_layers)
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
       x, _ = jax.lax.scan(lambda h, xs: (layer(h, *xs), None), x, (stacked, layer_rngs))
       return x

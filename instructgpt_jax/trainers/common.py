@@ -1,4 +1,5 @@
 """What every stage's trainer does the same way: validation before compiling, the workdir, the batch sharding."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,13 @@ def check(condition: bool, message: str) -> None:
 def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
   """The global batch must split evenly over the batch-parallel mesh axes (data × fsdp) and the hosts."""
   parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  check(batch_size % parallel == 0,
-        f"{name}: {batch_size} does not divide over data×fsdp = {parallel} devices of mesh {dict(mesh.shape)}")
-  check(batch_size % jax.process_count() == 0,
-        f"{name}: {batch_size} does not divide over {jax.process_count()} processes")
+  check(
+    batch_size % parallel == 0,
+    f"{name}: {batch_size} does not divide over data×fsdp = {parallel} devices of mesh {dict(mesh.shape)}",
+  )
+  check(
+    batch_size % jax.process_count() == 0, f"{name}: {batch_size} does not divide over {jax.process_count()} processes"
+  )
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
@@ -37,8 +41,7 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
   """Host-local numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-          for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in batch.items()}
 
 
 def write_config(workdir: str, config) -> None:

@@ -5,6 +5,7 @@
 Phases: setup and validation → sharded init → restore → train loop (metrics a step late, checkpoints) →
 final evaluation and save.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,10 @@ import logging
 import jax
 import optax
 
-from instructgpt_jax import checkpoint, losses, metrics as metrics_lib, models, optim, sharding, train_state
-from instructgpt_jax.data import text, tokenizer as tokenizer_lib
+from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
+from instructgpt_jax import metrics as metrics_lib
+from instructgpt_jax.data import text
+from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common
 
 
@@ -24,14 +27,19 @@ def train(config, workdir: str) -> dict[str, float]:
   tokenizer = tokenizer_lib.load(config.data.tokenizer)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = sharding.rules_dict(config.sharding_rules)
-  common.check(config.data.seq_len <= model_cfg.max_len,
-               f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}")
-  common.check(tokenizer.eos_id < model_cfg.vocab_size,
-               f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids "
-               f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})")
+  common.check(
+    config.data.seq_len <= model_cfg.max_len,
+    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
+  )
+  common.check(
+    tokenizer.eos_id < model_cfg.vocab_size,
+    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids "
+    f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})",
+  )
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = text.build_text_data(config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  data = text.build_text_data(
+    config.data, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   common.write_config(workdir, config)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
@@ -57,12 +65,17 @@ def train(config, workdir: str) -> dict[str, float]:
     rng, dropout_rng = jax.random.split(state.rng)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_rng)
     new_state = state.apply_gradients(grads, tx).replace(rng=rng)
-    return new_state, {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.global_norm(grads),
-                       "lr": lr_schedule(state.step)}
+    return new_state, {
+      "loss": loss,
+      "accuracy": aux["accuracy"],
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
 
   def eval_step(params, batch):
-    loss_sum, count = losses.lm_loss_sum(models.apply(graphdef, params, batch["inputs"])[0], batch["targets"],
-                                         batch["mask"])
+    loss_sum, count = losses.lm_loss_sum(
+      models.apply(graphdef, params, batch["inputs"])[0], batch["targets"], batch["mask"]
+    )
     return loss_sum, count
 
   batch_sh = common.batch_sharding(mesh, rules)
@@ -78,8 +91,13 @@ def train(config, workdir: str) -> dict[str, float]:
     return {"eval_loss": total / count} if count else {}
 
   # ---------------------------------------------------------------- train loop
-  writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps, start_step=start_step,
-                                    progress=config.progress_bar, tokens_per_step=tokens_per_step)
+  writer = metrics_lib.MetricWriter(
+    workdir,
+    total_steps=config.total_steps,
+    start_step=start_step,
+    progress=config.progress_bar,
+    tokens_per_step=tokens_per_step,
+  )
   fetcher = metrics_lib.LateFetcher()
   last_row: dict[str, float] = {}
 

@@ -1,0 +1,215 @@
+"""RL pieces of PPO-ptx (Ouyang et al. 2022, §3.5): per-token KL rewards, GAE, whitening, KL control.
+
+The environment is a bandit (one prompt, one response, one reward-model score), turned into a
+per-token return by spreading the KL penalty of Eq. 2 over the response tokens (spec §5.1).
+
+Arrays are [B, T]: B responses, T response positions, right-padded in practice. The mask is a bool or
+0/1 float array, 1 on the real response tokens; masked-out entries may hold anything (even NaN) and do
+not reach any output. Every function is pure and jit-able with no Python control flow on array values.
+
+docs/losses.md sets each function beside its equation and lists the choices the paper leaves open.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+AxisName = str | tuple[str, ...]
+
+# The [NID]/lm-human-preferences constant (spec §8.1); it keeps a constant input finite, not a variance floor.
+_WHITEN_EPS = 1e-8
+
+
+def _float32(x: jax.Array) -> jax.Array:
+  """Upcasts bf16/fp16 to float32 (keeps float64 when x64 is on)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def per_token_rewards(
+  score: jax.Array,
+  logprobs: jax.Array,
+  ref_logprobs: jax.Array,
+  mask: jax.Array,
+  *,
+  kl_coef: float | jax.Array,
+) -> jax.Array:
+  """Per-token rewards whose sum over a response is the bracket of Eq. 2 (spec §5.1).
+
+      r_t = −β · (log π_φ^RL(y_t | x, y_<t) − log π^SFT(y_t | x, y_<t))   for real tokens t < T_b
+      r_T = −β · (log π_φ^RL(y_T | …) − log π^SFT(y_T | …)) + r_θ(x, y)    at the last real token T_b
+      so Σ_t r_t = r_θ(x, y) − β · log(π_φ^RL(y|x) / π^SFT(y|x)).
+
+  The last real token is the last position where mask is 1, so right padding and masks with holes
+  both work. A row with no real token gets all-zero rewards (its score is dropped).
+
+  Args:
+    score: [B] r_θ(x, y), the reward model's score of each response (after the demonstration bias).
+    logprobs: [B, T] log π_φ^RL of the sampled tokens (the rollout policy's, at the sampling T).
+    ref_logprobs: [B, T] log π^SFT of the same tokens, same temperature.
+    mask: [B, T] bool or 0/1, the real response tokens.
+    kl_coef: β, a float or a scalar array (e.g. a KLControllerState's kl_coef).
+
+  Returns:
+    [B, T] float32 rewards, 0 at masked positions.
+  """
+  keep_BxT = jnp.asarray(mask).astype(bool)
+  log_ratio_BxT = jnp.where(keep_BxT, _float32(logprobs) - _float32(ref_logprobs), 0.0)
+  positions_T = jnp.arange(keep_BxT.shape[1])
+  # −1 when the row is empty, which matches no position.
+  last_index_B = jnp.max(jnp.where(keep_BxT, positions_T, -1), axis=1)
+  is_last_BxT = positions_T[None, :] == last_index_B[:, None]
+  score_BxT = jnp.where(is_last_BxT, _float32(score)[:, None], 0.0)
+  return -kl_coef * log_ratio_BxT + score_BxT
+
+
+def gae(
+  rewards: jax.Array,
+  values: jax.Array,
+  mask: jax.Array,
+  *,
+  gamma: float = 1.0,
+  lam: float = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+  """Generalized advantage estimation (Schulman et al. 2016, §3), per response, backwards in t.
+
+      δ_t = r_t + γ · V_{t+1} − V_t,      V_{T_b + 1} = 0 (the episode ends after the last real token)
+      A_t = δ_t + γ · λ · A_{t+1},        A_{T_b + 1} = 0
+      R_t = A_t + V_t
+
+  Masked positions are not steps of the episode: they get A_t = R_t = 0, and the recursion passes
+  over them, so t+1 means the next real token (for right padding, simply t+1). InstructGPT uses
+  γ = 1 (App. C.4); λ is not reported, 0.95 follows lm-human-preferences (spec §5.2).
+
+  Args:
+    rewards: [B, T] r_t (per_token_rewards, optionally whitened).
+    values: [B, T] V_t, the critic's value of the state before token t.
+    mask: [B, T] bool or 0/1, the real response tokens.
+    gamma: γ, discount.
+    lam: λ, the GAE bias-variance trade-off.
+
+  Returns:
+    (advantages, returns), each [B, T] float32, 0 at masked positions.
+  """
+  keep_BxT = jnp.asarray(mask).astype(bool)
+  values_BxT = _float32(values)
+
+  def backward_step(carry, step):
+    next_value_B, next_advantage_B = carry
+    reward_B, value_B, keep_B = step
+    delta_B = reward_B + gamma * next_value_B - value_B
+    advantage_B = delta_B + gamma * lam * next_advantage_B
+    carry = (
+      jnp.where(keep_B, value_B, next_value_B),
+      jnp.where(keep_B, advantage_B, next_advantage_B),
+    )
+    return carry, jnp.where(keep_B, advantage_B, 0.0)
+
+  batch_size = keep_BxT.shape[0]
+  zeros_B = jnp.zeros((batch_size,), values_BxT.dtype)
+  # scan walks the leading axis, so feed it time-major [T, B].
+  _, advantages_TxB = jax.lax.scan(
+    backward_step,
+    (zeros_B, zeros_B),
+    (_float32(rewards).T, values_BxT.T, keep_BxT.T),
+    reverse=True,
+  )
+  advantages_BxT = advantages_TxB.T
+  returns_BxT = jnp.where(keep_BxT, advantages_BxT + values_BxT, 0.0)
+  return advantages_BxT, returns_BxT
+
+
+def _sum_over_devices(x: jax.Array, axis_name: AxisName | None) -> jax.Array:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def whiten(
+  x: jax.Array,
+  mask: jax.Array,
+  *,
+  shift_mean: bool = True,
+  axis_name: AxisName | None = None,
+) -> jax.Array:
+  """Masked whitening with population statistics (spec §8.1).
+
+      μ = Σ m·x / Σ m,   σ² = Σ m·(x − μ)² / Σ m   (ddof 0, as TF1 and jnp.var)
+      whiten(x) = (x − μ) · rsqrt(σ² + 1e-8)        (+ μ when shift_mean=False)
+
+  μ and σ² are over every real token of the batch. Under jax.jit with sharded inputs the sums are
+  already global. Inside shard_map or pmap, where each device sees only its shard, pass the mapped
+  axis name(s): the sums and counts are then psum-ed, so every device uses the global μ and σ².
+
+  Args:
+    x: [B, T] (any shape works) values to whiten, e.g. advantages (shift_mean=True) or rewards
+      (shift_mean=False, the lm-human-preferences reward whitening).
+    mask: same shape as x, bool or 0/1.
+    shift_mean: False adds μ back, keeping the mean and rescaling only. Static under jit.
+    axis_name: mapped axis name(s) to take the statistics across, or None.
+
+  Returns:
+    float32 array shaped like x, 0 at masked positions.
+  """
+  keep = jnp.asarray(mask).astype(bool)
+  x = _float32(x)
+  count = jnp.maximum(_sum_over_devices(jnp.sum(keep).astype(x.dtype), axis_name), 1.0)
+  mean = _sum_over_devices(jnp.sum(jnp.where(keep, x, 0.0)), axis_name) / count
+  # Two passes (mean, then squared deviations) avoid the cancellation of E[x²] − E[x]².
+  squared_deviation = jnp.where(keep, jnp.square(x - mean), 0.0)
+  variance = _sum_over_devices(jnp.sum(squared_deviation), axis_name) / count
+  whitened = (x - mean) * jax.lax.rsqrt(variance + _WHITEN_EPS)
+  if not shift_mean:
+    whitened = whitened + mean
+  return jnp.where(keep, whitened, 0.0)
+
+
+class KLControllerState(NamedTuple):
+  """β of Eq. 2. A NamedTuple is a pytree, so the state lives in the train state and its checkpoint."""
+
+  kl_coef: jax.Array
+
+
+def kl_controller_init(kl_coef: float) -> KLControllerState:
+  """β₀ as a float32 scalar state (InstructGPT: β = 0.02, fixed)."""
+  return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
+
+
+def fixed_kl_update(state: KLControllerState, kl: jax.Array, n_steps: int | jax.Array) -> KLControllerState:
+  """The paper's controller: β stays fixed (App. C.4). Same signature as adaptive_kl_update.
+
+  Args:
+    state: current β.
+    kl: ignored (kept so the two controllers are interchangeable).
+    n_steps: ignored.
+  """
+  del kl, n_steps
+  return state
+
+
+def adaptive_kl_update(
+  state: KLControllerState,
+  kl: jax.Array,
+  n_steps: int | jax.Array,
+  *,
+  target: float,
+  horizon: float,
+) -> KLControllerState:
+  """Proportional β controller of Ziegler et al. 2019 (lm-human-preferences; spec §8 row 12, §8.4).
+
+      e = clip(KL / KL_target − 1, −0.2, 0.2)
+      β ← β · (1 + e · n / horizon)
+
+  Worked example (spec §8.4): β = 0.15, target 6, horizon 10,000, KL = 9.0, n = 512 → 0.151536.
+
+  Args:
+    state: current β.
+    kl: scalar, the measured KL: the batch mean over responses of Σ_t (log π_φ − log π^SFT).
+    n_steps: n, the number of episodes in this update (the rollout batch, 512 in InstructGPT).
+    target: KL_target (nats per response).
+    horizon: the number of episodes over which a constant error would change β by a factor ~e^e.
+
+  Returns:
+    The new state.
+  """
+  error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+  return state._replace(kl_coef=state.kl_coef * (1.0 + error * n_steps / horizon))

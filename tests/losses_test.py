@@ -1,0 +1,502 @@
+"""losses.py against the paper's numbers and slow pure-Python references.
+
+The references below loop over prompts, pairs and tokens in float64 on purpose: they read like the
+equations, so a disagreement points at the vectorised code.
+"""
+
+import functools
+import math
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax_checks import assert_batch_sharded_equals_single_device, count_traces
+
+from instructgpt_jax import losses
+
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slow references
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_ranking_loss(rewards, ranks, normalizer):
+  """(loss, num_pairs, accuracy) by explicit loops over prompts and ordered pairs."""
+  prompt_losses, num_pairs, num_correct = [], 0, 0
+  for r, k in zip(np.asarray(rewards, np.float64), np.asarray(ranks), strict=True):
+    present = [i for i in range(len(k)) if k[i] >= 0]
+    total, pairs = 0.0, 0
+    for winner in present:
+      for loser in present:
+        if k[winner] < k[loser]:
+          total += math.log1p(math.exp(-(r[winner] - r[loser])))
+          pairs += 1
+          num_correct += r[winner] > r[loser]
+    if pairs == 0:
+      continue
+    z = math.comb(len(present), 2) if normalizer == "binom_k" else pairs
+    prompt_losses.append(total / z)
+    num_pairs += pairs
+  loss = sum(prompt_losses) / len(prompt_losses) if prompt_losses else 0.0
+  return loss, num_pairs, num_correct / max(num_pairs, 1)
+
+
+def reference_token_logprobs_and_entropy(logits, targets, temperature=1.0):
+  logits = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  batch, length, _ = logits.shape
+  logprobs, entropy = np.zeros((batch, length)), np.zeros((batch, length))
+  for b in range(batch):
+    for t in range(length):
+      z = logits[b, t] / temperature
+      log_normalizer = z.max() + math.log(sum(math.exp(v - z.max()) for v in z))
+      logprobs[b, t] = z[targets[b, t]] - log_normalizer
+      entropy[b, t] = -sum(math.exp(v - log_normalizer) * (v - log_normalizer) for v in z)
+  return logprobs, entropy
+
+
+def reference_lm_loss(logits, targets, mask):
+  logprobs, _ = reference_token_logprobs_and_entropy(logits, targets)
+  nll, count = 0.0, 0
+  for b in range(logprobs.shape[0]):
+    for t in range(logprobs.shape[1]):
+      if mask[b, t]:
+        nll -= logprobs[b, t]
+        count += 1
+  return nll / max(count, 1), nll, count
+
+
+def reference_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+  total, clipped, kl, ratios = 0.0, 0, 0.0, []
+  for b in range(mask.shape[0]):
+    for t in range(mask.shape[1]):
+      if not mask[b, t]:
+        continue
+      log_ratio = float(logprobs[b, t]) - float(old_logprobs[b, t])
+      ratio = math.exp(log_ratio)
+      a = float(advantages[b, t])
+      unclipped = -a * ratio
+      clipped_term = -a * min(max(ratio, 1 - clip_eps), 1 + clip_eps)
+      total += max(unclipped, clipped_term)
+      clipped += clipped_term > unclipped
+      kl += 0.5 * log_ratio**2
+      ratios.append(ratio)
+  n = max(len(ratios), 1)
+  return total / n, {
+    "clip_frac": clipped / n,
+    "approx_kl": kl / n,
+    "ratio_mean": sum(ratios) / n,
+    "ratio_max": max(ratios, default=0.0),
+  }
+
+
+def reference_value_loss(values, old_values, returns, mask, clip_eps):
+  total, clipped, mse, value_sum, n = 0.0, 0, 0.0, 0.0, 0
+  for b in range(mask.shape[0]):
+    for t in range(mask.shape[1]):
+      if not mask[b, t]:
+        continue
+      v, v_old, ret = float(values[b, t]), float(old_values[b, t]), float(returns[b, t])
+      v_clipped = v_old + min(max(v - v_old, -clip_eps), clip_eps)
+      error, error_clipped = (v - ret) ** 2, (v_clipped - ret) ** 2
+      total += 0.5 * max(error, error_clipped)
+      clipped += error_clipped > error
+      mse += error
+      value_sum += v
+      n += 1
+  n = max(n, 1)
+  return total / n, {"clip_frac": clipped / n, "value_mse": mse / n, "value_mean": value_sum / n}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def random_ranks(rng, batch, max_k):
+  """Ranks with 0..max_k present responses per prompt at random slots; half the prompts have ties."""
+  ranks = np.full((batch, max_k), -1, np.int32)
+  for b in range(batch):
+    k = int(rng.integers(0, max_k + 1))
+    slots = rng.permutation(max_k)[:k]
+    ranks[b, slots] = rng.permutation(k) if b % 2 else rng.integers(0, max(k - 1, 1), size=k)
+  return ranks
+
+
+def random_mask(rng, batch, length):
+  """Right-padded rows of random length, with an empty row and a single-token row included."""
+  lengths = rng.integers(0, length + 1, size=batch)
+  lengths[0], lengths[-1] = 0, 1
+  return np.arange(length)[None, :] < lengths[:, None]
+
+
+def jitted(fn, **options):
+  return jax.jit(functools.partial(fn, **options))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ranking_loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_ranking_loss_spec_vector():
+  """Spec §9.2: K = 4, s = [2, 1, 0, −1], ranked in slot order -> 0.20704."""
+  expected = (3 * math.log1p(math.exp(-1)) + 2 * math.log1p(math.exp(-2)) + math.log1p(math.exp(-3))) / 6
+  rewards, ranks = jnp.array([[2.0, 1.0, 0.0, -1.0]]), jnp.array([[0, 1, 2, 3]])
+  for normalizer in ("binom_k", "valid_pairs"):
+    loss, metrics = jitted(losses.ranking_loss, normalizer=normalizer)(rewards, ranks)
+    assert abs(float(loss) - 0.20704) < 1e-4
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(metrics["num_pairs"]) == 6.0
+    assert float(metrics["accuracy"]) == 1.0
+    np.testing.assert_allclose(metrics["margin"], (3 * 1 + 2 * 2 + 3) / 6, rtol=1e-6)
+
+
+def test_ranking_loss_ties_and_normalizers_by_hand():
+  """One tie among K = 3: two valid pairs, divided by C(3,2) = 3 or by 2."""
+  rewards, ranks = jnp.array([[1.0, 0.0, 0.5]]), jnp.array([[0, 1, 1]])
+  pair_sum = math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-0.5))
+  binom, _ = jitted(losses.ranking_loss, normalizer="binom_k")(rewards, ranks)
+  valid, metrics = jitted(losses.ranking_loss, normalizer="valid_pairs")(rewards, ranks)
+  np.testing.assert_allclose(binom, pair_sum / 3, rtol=1e-6)
+  np.testing.assert_allclose(valid, pair_sum / 2, rtol=1e-6)
+  assert float(metrics["num_pairs"]) == 2.0
+
+
+@pytest.mark.parametrize("normalizer", ["binom_k", "valid_pairs"])
+@pytest.mark.parametrize("batch,max_k", [(1, 4), (6, 9), (16, 5)])
+def test_ranking_loss_matches_reference(normalizer, batch, max_k):
+  rng = np.random.default_rng(batch * 100 + max_k)
+  rewards = rng.normal(scale=2.0, size=(batch, max_k)).astype(np.float32)
+  ranks = random_ranks(rng, batch, max_k)
+  if batch == 1:
+    ranks[0] = rng.permutation(max_k)
+  loss, metrics = jitted(losses.ranking_loss, normalizer=normalizer)(rewards, ranks)
+  expected_loss, num_pairs, accuracy = reference_ranking_loss(rewards, ranks, normalizer)
+  np.testing.assert_allclose(loss, expected_loss, rtol=RTOL, atol=ATOL)
+  assert float(metrics["num_pairs"]) == num_pairs
+  np.testing.assert_allclose(metrics["accuracy"], accuracy, rtol=RTOL)
+
+
+_ranking_loss_binom = jitted(losses.ranking_loss, normalizer="binom_k")
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  rewards=hnp.arrays(np.float32, (3, 6), elements=st.floats(-30, 30, width=32)),
+  ranks=hnp.arrays(np.int32, (3, 6), elements=st.integers(-1, 5)),
+)
+def test_ranking_loss_matches_reference_hypothesis(rewards, ranks):
+  """Arbitrary rank patterns: ties, gaps in the rank values, empty and one-response prompts."""
+  loss, metrics = _ranking_loss_binom(rewards, ranks)
+  expected_loss, num_pairs, _ = reference_ranking_loss(rewards, ranks, "binom_k")
+  np.testing.assert_allclose(loss, expected_loss, rtol=RTOL, atol=ATOL)
+  assert float(metrics["num_pairs"]) == num_pairs
+
+
+def test_ranking_loss_invariances():
+  """Shifting one prompt's rewards, or permuting its slots together with their ranks, changes nothing."""
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=(8, 7)).astype(np.float32)
+  ranks = random_ranks(rng, 8, 7)
+  loss_fn = jitted(losses.ranking_loss, normalizer="binom_k")
+  base, _ = loss_fn(rewards, ranks)
+  assert float(base) > 0.0
+
+  shifted = rewards + rng.normal(scale=5.0, size=(8, 1)).astype(np.float32)
+  np.testing.assert_allclose(loss_fn(shifted, ranks)[0], base, rtol=1e-5)
+
+  permutation = np.stack([rng.permutation(7) for _ in range(8)])
+  permuted_rewards = np.take_along_axis(rewards, permutation, axis=1)
+  permuted_ranks = np.take_along_axis(ranks, permutation, axis=1)
+  np.testing.assert_allclose(loss_fn(permuted_rewards, permuted_ranks)[0], base, rtol=1e-6)
+
+
+def test_ranking_loss_prompts_without_pairs_are_ignored():
+  """All-tied, empty and one-response prompts add no NaN and do not dilute the mean."""
+  valid_rewards, valid_ranks = [2.0, 1.0, 0.0, -1.0], [0, 1, 2, 3]
+  rewards = jnp.array([valid_rewards, [5.0, 5.0, 1.0, 1.0], [np.nan] * 4, [3.0, 0.0, 0.0, 0.0]])
+  ranks = jnp.array([valid_ranks, [1, 1, 1, 1], [-1] * 4, [0, -1, -1, -1]])
+  loss_fn = jax.jit(losses.ranking_loss)
+  loss, metrics = loss_fn(rewards, ranks)
+  np.testing.assert_allclose(loss, 0.2070381, rtol=1e-5)
+  assert float(metrics["num_prompts"]) == 1.0
+
+  grads = jax.jit(jax.grad(lambda r: losses.ranking_loss(r, ranks)[0]))(rewards)
+  assert np.all(np.isfinite(grads))
+  np.testing.assert_array_equal(grads[1:], 0.0)
+
+  empty_loss, empty_metrics = loss_fn(rewards[1:], ranks[1:])
+  assert float(empty_loss) == 0.0 and float(empty_metrics["accuracy"]) == 0.0
+
+
+def test_ranking_loss_rejects_unknown_normalizer():
+  with pytest.raises(ValueError, match="normalizer"):
+    losses.ranking_loss(jnp.zeros((1, 2)), jnp.array([[0, 1]]), normalizer="binom_K")
+
+
+# ----------------------------------------------------------------------------------------------------
+# token_logprobs, token_entropy, lm_loss
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy_match_reference(dtype, temperature):
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 5, 13)), dtype)
+  targets = rng.integers(0, 13, size=(2, 5))
+  logprobs = jitted(losses.token_logprobs, temperature=temperature)(logits, targets)
+  entropy = jitted(losses.token_entropy, temperature=temperature)(logits)
+  expected_logprobs, expected_entropy = reference_token_logprobs_and_entropy(logits, targets, temperature)
+  assert logprobs.dtype == jnp.float32 and entropy.dtype == jnp.float32
+  np.testing.assert_allclose(logprobs, expected_logprobs, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(entropy, expected_entropy, rtol=RTOL, atol=ATOL)
+
+
+def test_token_entropy_of_uniform_and_one_hot():
+  logits = jnp.array([[[0.0] * 8, [1e4] + [-1e4] * 7]])
+  np.testing.assert_allclose(losses.token_entropy(logits)[0], [math.log(8), 0.0], atol=1e-6)
+
+
+def test_lm_loss_matches_reference_and_accumulates_exactly():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(6, 7, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, size=(6, 7))
+  mask = random_mask(rng, 6, 7)
+  loss, metrics = jax.jit(losses.lm_loss)(logits, targets, mask)
+  expected_loss, expected_sum, expected_count = reference_lm_loss(logits, targets, mask)
+  np.testing.assert_allclose(loss, expected_loss, rtol=RTOL)
+  assert float(metrics["token_count"]) == expected_count
+  argmax_correct = (logits.argmax(-1) == targets)[mask]
+  np.testing.assert_allclose(metrics["accuracy"], argmax_correct.mean(), rtol=RTOL)
+
+  # Micro-batches of different token counts: summing (nll, count) reproduces the full-batch mean.
+  lm_loss_sum = jax.jit(losses.lm_loss_sum)
+  nll_a, count_a = lm_loss_sum(logits[:3], targets[:3], mask[:3])
+  nll_b, count_b = lm_loss_sum(logits[3:], targets[3:], mask[3:])
+  assert float(count_a) != float(count_b)
+  np.testing.assert_allclose(nll_a + nll_b, expected_sum, rtol=RTOL)
+  np.testing.assert_allclose((nll_a + nll_b) / (count_a + count_b), expected_loss, rtol=RTOL)
+
+
+def test_lm_loss_all_masked_is_zero_not_nan():
+  logits = jnp.full((2, 3, 5), jnp.nan)
+  loss, metrics = jax.jit(losses.lm_loss)(logits, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)))
+  assert float(loss) == 0.0 and float(metrics["token_count"]) == 0.0
+  assert float(metrics["accuracy"]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO policy loss, value loss, KL estimators, PPO-ptx
+# ----------------------------------------------------------------------------------------------------
+
+
+def random_ppo_batch(rng, batch, length):
+  old = -rng.exponential(2.0, size=(batch, length)).astype(np.float32)
+  new = (old + rng.normal(scale=0.3, size=(batch, length))).astype(np.float32)
+  advantages = rng.normal(size=(batch, length)).astype(np.float32)
+  return new, old, advantages, random_mask(rng, batch, length)
+
+
+@pytest.mark.parametrize("clip_eps", [0.2, 0.05])
+def test_ppo_policy_loss_matches_reference(clip_eps):
+  rng = np.random.default_rng(3)
+  new, old, advantages, mask = random_ppo_batch(rng, 9, 6)
+  loss, metrics = jitted(losses.ppo_policy_loss, clip_eps=clip_eps)(new, old, advantages, mask)
+  expected_loss, expected_metrics = reference_ppo_policy_loss(new, old, advantages, mask, clip_eps)
+  np.testing.assert_allclose(loss, expected_loss, rtol=RTOL, atol=ATOL)
+  assert 0.0 < expected_metrics["clip_frac"] < 1.0
+  for name, value in expected_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_ppo_policy_loss_on_policy_is_minus_mean_advantage():
+  """First minibatch of an iteration: ρ = 1, nothing clipped, the loss is −mean(A) (spec §9.8)."""
+  rng = np.random.default_rng(4)
+  _, old, advantages, mask = random_ppo_batch(rng, 4, 5)
+  loss, metrics = jax.jit(losses.ppo_policy_loss)(old, old, advantages, mask)
+  np.testing.assert_allclose(loss, -advantages[mask].mean(), rtol=1e-6)
+  assert float(metrics["clip_frac"]) == 0.0 and float(metrics["approx_kl"]) == 0.0
+  assert float(metrics["ratio_mean"]) == 1.0 and float(metrics["ratio_max"]) == 1.0
+
+
+def test_ppo_policy_loss_caps_log_ratio_and_ignores_padding():
+  """A runaway ratio with A < 0 costs |A|·e^20 instead of overflowing; padding never reaches exp."""
+  logprobs = jnp.array([[0.0, 500.0]])
+  old_logprobs = jnp.array([[-1e4, -500.0]])
+  mask = jnp.array([[1.0, 0.0]])
+  loss, metrics = jax.jit(losses.ppo_policy_loss)(logprobs, old_logprobs, jnp.array([[-1.0, 1.0]]), mask)
+  np.testing.assert_allclose(loss, math.exp(20.0), rtol=1e-6)
+  np.testing.assert_allclose(metrics["ratio_max"], math.exp(20.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip_eps", [0.2, 0.1])
+def test_value_loss_matches_reference(clip_eps):
+  rng = np.random.default_rng(5)
+  old_values = rng.normal(size=(7, 6)).astype(np.float32)
+  values = (old_values + rng.normal(scale=0.4, size=(7, 6))).astype(np.float32)
+  returns = rng.normal(size=(7, 6)).astype(np.float32)
+  mask = random_mask(rng, 7, 6)
+  loss, metrics = jitted(losses.value_loss, clip_eps=clip_eps)(values, old_values, returns, mask)
+  expected_loss, expected_metrics = reference_value_loss(values, old_values, returns, mask, clip_eps)
+  np.testing.assert_allclose(loss, expected_loss, rtol=RTOL, atol=ATOL)
+  assert 0.0 < expected_metrics["clip_frac"] < 1.0
+  for name, value in expected_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_kl_penalty_estimators():
+  x = np.array([[-3.0, -0.5, 0.0, 0.7, 4.0]])
+  ref = np.full_like(x, -2.0)
+  logprobs = (ref + x).astype(np.float32)
+  x32 = logprobs.astype(np.float64) - ref  # the exact difference the function sees
+  np.testing.assert_allclose(losses.kl_penalty(logprobs, ref), x32, rtol=1e-6)
+  np.testing.assert_allclose(losses.kl_penalty(logprobs, ref, estimator="k2"), 0.5 * x32**2, rtol=1e-6)
+  k3 = losses.kl_penalty(logprobs, ref, estimator="k3")
+  np.testing.assert_allclose(k3, np.expm1(-x32) + x32, rtol=1e-5)
+  assert np.all(np.asarray(k3) >= 0.0)
+  with pytest.raises(ValueError, match="estimator"):
+    losses.kl_penalty(logprobs, ref, estimator="k4")
+
+
+def test_kl_penalty_k3_small_ratio_is_accurate():
+  """expm1 keeps k3 ≈ x²/2 for tiny x, where exp(−x) − 1 + x in float32 would be rounding noise."""
+  x = jnp.array([1e-3, -1e-3, 3e-4])
+  k3 = losses.kl_penalty(x, jnp.zeros_like(x), estimator="k3")
+  np.testing.assert_allclose(k3, np.asarray(x, np.float64) ** 2 / 2, rtol=2e-3)
+
+
+def test_ppo_ptx_loss_is_policy_plus_gamma_lm_and_matches_accumulated_gradients():
+  """One toy linear policy produces both terms; ∇(L_CLIP + γ L_LM) = ∇L_CLIP + γ ∇L_LM (App. C.4)."""
+  rng = np.random.default_rng(6)
+  features = rng.normal(size=(4, 5, 3)).astype(np.float32)
+  ptx_features = rng.normal(size=(4, 6, 3)).astype(np.float32)
+  weights = rng.normal(size=(3, 9)).astype(np.float32)
+  tokens = rng.integers(0, 9, size=(4, 5))
+  ptx_targets = rng.integers(0, 9, size=(4, 6))
+  ptx_mask = random_mask(rng, 4, 6)
+  _, _, advantages, mask = random_ppo_batch(rng, 4, 5)
+  old = np.asarray(losses.token_logprobs(features @ (weights + 0.1), tokens))
+
+  def policy_loss(w):
+    return losses.ppo_policy_loss(losses.token_logprobs(features @ w, tokens), old, advantages, mask)
+
+  def ptx_loss(w):
+    return losses.lm_loss(ptx_features @ w, ptx_targets, ptx_mask)
+
+  def full_loss(w):
+    logprobs = losses.token_logprobs(features @ w, tokens)
+    return losses.ppo_ptx_loss(logprobs, old, advantages, mask, ptx_features @ w, ptx_targets, ptx_mask, ptx_coef=27.8)
+
+  (loss, metrics), grad = jax.jit(jax.value_and_grad(full_loss, has_aux=True))(weights)
+  policy_value, policy_grad = jax.jit(jax.value_and_grad(lambda w: policy_loss(w)[0]))(weights)
+  ptx_value, ptx_grad = jax.jit(jax.value_and_grad(lambda w: ptx_loss(w)[0]))(weights)
+  np.testing.assert_allclose(loss, policy_value + 27.8 * ptx_value, rtol=1e-6)
+  np.testing.assert_allclose(grad, policy_grad + 27.8 * ptx_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["policy_loss"], policy_value, rtol=1e-6)
+  np.testing.assert_allclose(metrics["ptx_loss"], ptx_value, rtol=1e-6)
+  assert float(metrics["ptx_token_count"]) == ptx_mask.sum()
+  assert set(metrics) >= {"clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ptx_accuracy"}
+  logprobs = losses.token_logprobs(features @ weights, tokens)
+  gamma_zero, _ = jitted(losses.ppo_ptx_loss, ptx_coef=0.0)(
+    logprobs, old, advantages, mask, ptx_features @ weights, ptx_targets, ptx_mask
+  )
+  np.testing.assert_allclose(gamma_zero, policy_value, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Properties shared by every function: finite gradients, one trace per shape, mesh-independent values
+# ----------------------------------------------------------------------------------------------------
+
+
+def _uniform(rng, shape, scale):
+  return rng.uniform(-scale, scale, size=shape).astype(np.float32)
+
+
+def _ranking_args(rng, batch, scale):
+  return _uniform(rng, (batch, 5), scale), random_ranks(rng, batch, 5)
+
+
+def _lm_args(rng, batch, scale):
+  return _uniform(rng, (batch, 4, 7), scale), rng.integers(0, 7, (batch, 4)), random_mask(rng, batch, 4)
+
+
+def _logits_targets_args(rng, batch, scale):
+  return _uniform(rng, (batch, 4, 7), scale), rng.integers(0, 7, (batch, 4))
+
+
+def _ppo_args(rng, batch, scale):
+  """Three [B, T] float arrays (log-probs/advantages, or values/old values/returns) and a mask."""
+  return (*(_uniform(rng, (batch, 6), scale) for _ in range(3)), random_mask(rng, batch, 6))
+
+
+def _kl_args(rng, batch, scale):
+  return _uniform(rng, (batch, 6), scale), _uniform(rng, (batch, 6), scale)
+
+
+def _ppo_ptx_args(rng, batch, scale):
+  return (*_ppo_args(rng, batch, scale), *_lm_args(rng, batch, scale))
+
+
+# name -> (function with its static options bound, argument maker, indices of float arguments)
+CASES = {
+  "ranking_loss/binom_k": (functools.partial(losses.ranking_loss, normalizer="binom_k"), _ranking_args, (0,)),
+  "ranking_loss/valid_pairs": (
+    functools.partial(losses.ranking_loss, normalizer="valid_pairs"),
+    _ranking_args,
+    (0,),
+  ),
+  "token_logprobs": (functools.partial(losses.token_logprobs, temperature=0.7), _logits_targets_args, (0,)),
+  "token_entropy": (losses.token_entropy, lambda rng, b, s: _lm_args(rng, b, s)[:1], (0,)),
+  "lm_loss": (losses.lm_loss, _lm_args, (0,)),
+  "lm_loss_sum": (losses.lm_loss_sum, _lm_args, (0,)),
+  "ppo_policy_loss": (losses.ppo_policy_loss, _ppo_args, (0, 1, 2)),
+  "value_loss": (losses.value_loss, _ppo_args, (0, 1, 2)),
+  "kl_penalty/k1": (functools.partial(losses.kl_penalty, estimator="k1"), _kl_args, (0, 1)),
+  "kl_penalty/k2": (functools.partial(losses.kl_penalty, estimator="k2"), _kl_args, (0, 1)),
+  "kl_penalty/k3": (functools.partial(losses.kl_penalty, estimator="k3"), _kl_args, (0, 1)),
+  "ppo_ptx_loss": (losses.ppo_ptx_loss, _ppo_ptx_args, (0, 1, 2, 4)),
+}
+
+
+def _scalar(output):
+  """The loss of a (loss, metrics) or (sum, count) pair, or the sum of a per-token array."""
+  return output[0] if isinstance(output, tuple) else jnp.sum(output)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "kl_penalty/k3"])
+def test_gradients_are_finite_for_extreme_inputs(name):
+  fn, make_args, float_args = CASES[name]
+  args = make_args(np.random.default_rng(7), 4, 1e4)
+  grads = jax.jit(jax.grad(lambda *a: _scalar(fn(*a)), argnums=float_args))(*args)
+  for grad in grads:
+    assert np.all(np.isfinite(grad)), name
+
+
+def test_k3_gradient_is_finite_where_k3_is_representable():
+  """k3 = e^{−x} − 1 + x exceeds float32 for x < −88 (a true value, not a bug); check up to there."""
+  x = jnp.array([-80.0, -1.0, 0.0, 1.0, 1e4])
+  grad = jax.grad(lambda a: jnp.sum(losses.kl_penalty(a, jnp.zeros_like(a), estimator="k3")))(x)
+  np.testing.assert_allclose(grad, -np.expm1(-np.asarray(x, np.float64)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jit_traces_once_per_shape(name):
+  fn, make_args, _ = CASES[name]
+  rng = np.random.default_rng(8)
+  traces, (first, second) = count_traces(fn, make_args(rng, 4, 1.0), make_args(rng, 4, 1.0))
+  assert traces == 1
+  assert not np.allclose(_scalar(first), _scalar(second))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_batch_sharded_on_8_devices_equals_one_device(name):
+  fn, make_args, _ = CASES[name]
+  assert_batch_sharded_equals_single_device(fn, make_args(np.random.default_rng(9), 16, 3.0), name=name)

@@ -1,0 +1,114 @@
+"""The pretraining stage end to end: the command line, learning, metrics, checkpoints and resuming."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain
+from instructgpt_jax import checkpoint, main
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def tiny_config(**overrides):
+  c = pretrain.get_config("tiny")
+  c.progress_bar = False
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def assert_learns(workdir, fraction=0.3):
+  rows = read_metrics(workdir)
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 200
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last <= (1 - fraction) * first, (first, last)
+  assert all(np.isfinite(losses))
+  return first, last
+
+
+@pytest.mark.slow
+def test_tiny_bf16_pretraining_on_the_generated_corpus_cuts_the_loss_by_30_percent(tmp_path):
+  config = tiny_config(log_every_steps=1)
+  assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
+  final = main.run(config, str(tmp_path))
+  first, last = assert_learns(tmp_path)
+  assert first > 5.0  # near ln(320) = 5.77 at initialization
+  assert final["eval_loss"] < 0.6 * first
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 200
+
+
+@pytest.mark.slow
+def test_tiny_bf16_pretraining_on_tinyshakespeare_cuts_the_loss_by_30_percent(tmp_path, shared_data):
+  config = tiny_config(log_every_steps=1, **{"data.corpus": str(shared_data / "tinyshakespeare.txt")})
+  main.run(config, str(tmp_path))
+  assert_learns(tmp_path)
+
+
+def test_command_line_run_writes_metrics_config_and_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [
+    sys.executable,
+    "-m",
+    "instructgpt_jax.main",
+    "--config=configs/pretrain.py:tiny",
+    f"--workdir={workdir}",
+    "--config.total_steps=20",
+    "--config.log_every_steps=5",
+    "--config.progress_bar=false",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [5, 10, 15, 20]
+  assert all({"step", "loss", "grad_norm", "lr"} <= set(r) for r in rows) and "eval_loss" in rows[-1]
+  assert json.load(open(workdir / "config.json"))["total_steps"] == 20
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]
+  assert "final:" in out.stdout
+
+
+def test_rerun_resumes_from_the_newest_checkpoint_bit_exactly(tmp_path):
+  # A run interrupted after its step-8 checkpoint (simulated by deleting the final one) is rerun with the
+  # same command: it resumes at step 8 and must repeat steps 9..12 exactly as the uninterrupted run did.
+  base = dict(total_steps=12, log_every_steps=1, checkpoint_every_steps=4)
+  main.run(tiny_config(**base), str(tmp_path / "straight"))
+  main.run(tiny_config(**base), str(tmp_path / "resumed"))
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "12")
+  first = read_metrics(tmp_path / "resumed")
+  main.run(tiny_config(**base), str(tmp_path / "resumed"))
+  rerun = read_metrics(tmp_path / "resumed")[len(first) :]
+  assert [r["step"] for r in rerun] == [9, 10, 11, 12]
+  straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight")}
+  for r in rerun:
+    assert r["loss"] == straight[r["step"]]
+  straight_params = checkpoint.Checkpointer(str(tmp_path / "straight")).restore_params(12)
+  resumed_params = checkpoint.Checkpointer(str(tmp_path / "resumed")).restore_params(12)
+  jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
+
+
+def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
+  from instructgpt_jax.trainers.common import ConfigError
+
+  with pytest.raises(ConfigError, match=r"data.seq_len: 512 exceeds the model's max_len 256"):
+    main.run(tiny_config(**{"data.seq_len": 512}), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"data.batch_size: 12 does not divide over data×fsdp = 8"):
+    main.run(tiny_config(**{"data.batch_size": 12}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"mesh: \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices"):
+    main.run(tiny_config(**{"mesh.data": 3}), str(tmp_path))
+  with pytest.raises(ConfigError, match="model.vocab_size: 100 cannot hold the tokenizer's ids"):
+    main.run(tiny_config(**{"model.vocab_size": 100}), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
