@@ -2,8 +2,8 @@
 
 Documents are tokenized, each followed by EOS, concatenated, and cut into rows of `seq_len + 1` tokens
 (GPT-style packing: a row may span documents, which EOS separates). Rows are shuffled with a seed and
-batched by grain. The dataset is random-access, so batch `s` is a pure function of (seed, s): the data
-iterator's whole state is the step, and a resumed run sees exactly the batches of an uninterrupted one.
+batched by grain. The dataset is random-access, so batch `i` is a pure function of (seed, i): the iterator's whole
+state is the index of the next batch, and a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def pack(token_lists: list[list[int]], *, eos_id: int, seq_len: int) -> np.ndarr
 
 @dataclasses.dataclass
 class TextData:
-  """Packed rows split into train and eval, with batch access by step."""
+  """Packed rows split into train and eval; iterates over this host's training batches."""
 
   train_rows: np.ndarray  # [N, seq_len + 1] int32
   eval_rows: np.ndarray
@@ -98,9 +98,24 @@ class TextData:
     rows = grain.MapDataset.source(self.train_rows).shuffle(seed=self.seed).repeat(None)
     self._train = rows[self.process_index :: self.process_count].batch(self.batch_size, drop_remainder=True)
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of optimizer step `step` (this host's share)."""
-    return to_lm_batch(self._train[step])
+    self._next = 0
+
+  # The batch-iterator protocol every stage's data follows: iteration yields this host's numpy batches;
+  # get_state/set_state give a JSON-able state that goes into each checkpoint, so that a resumed run
+  # continues with exactly the batch an uninterrupted run would have seen next.
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = to_lm_batch(self._train[self._next])
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._next = int(state["next_batch"])
 
   def eval_batches(self, n: int):
     rows = self.eval_rows[self.process_index :: self.process_count]

@@ -52,7 +52,8 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- restore
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
+    state, data_state = ckpt.restore(state)
+    data.set_state(data_state)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
 
@@ -111,7 +112,7 @@ def train(config, workdir: str) -> dict[str, float]:
     last_row = writer.write(step, values)
 
   for step in range(start_step, config.total_steps):
-    batch = common.to_global(data.train_batch(step), mesh, rules)
+    batch = common.to_global(next(data), mesh, rules)
     state, step_metrics = step_fn(state, batch)
     done = step + 1
     if done % config.log_every_steps == 0 or done == config.total_steps:
@@ -120,7 +121,7 @@ def train(config, workdir: str) -> dict[str, float]:
       log(fetcher.flush(), evaluate(state.params))
     if done % config.checkpoint_every_steps == 0 and done != config.total_steps:
       log(fetcher.flush())  # metrics first: a non-finite step must not be saved as the last good state
-      ckpt.save(done, state, {"step": done})
+      ckpt.save(done, state, data.get_state())
 
   # ---------------------------------------------------------------- final evaluation and save
   final_eval = evaluate(state.params)
@@ -130,7 +131,7 @@ def train(config, workdir: str) -> dict[str, float]:
   elif final_eval:
     last_row = writer.write(int(state.step), final_eval)
   if int(state.step) > start_step or ckpt.latest_step() is None:
-    ckpt.save(int(state.step), state, {"step": int(state.step)}, force=True)
+    ckpt.save(int(state.step), state, data.get_state(), force=True)
   ckpt.close()
   writer.close()
   return last_row
