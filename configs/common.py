@@ -29,9 +29,13 @@ def run_config(
   c.eval_every_steps = 0  # 0: evaluate only at the end
   c.progress_bar = True
   c.model = config_lib.model_section(size, **model_fields)
-  # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Device mesh (data, fsdp, tensor) within a slice; -1 takes the remaining devices. dcn_* multiply an axis
+  # across slices (multi-slice TPU). docs/scaling.md says how to choose.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   c.sharding_rules = sharding.DEFAULT_RULES
+  # Multi-host: jax.distributed.initialize before anything touches a device. "auto" detects TPU VMs and
+  # SLURM; "manual" uses the three fields below (e.g. two processes on one machine); "off" is one process.
+  c.distributed = ml_collections.ConfigDict(dict(mode="off", coordinator_address="", num_processes=1, process_id=0))
   return c
 
 
@@ -46,8 +50,12 @@ def optim_config(
   clip_norm: float = 1.0,
   eps: float = 1e-8,
   tf_style_eps: bool = False,
+  microbatches: int = 1,
 ) -> ml_collections.ConfigDict:
-  """Adam with InstructGPT's β = (0.9, 0.95) (spec §2) and one of the schedules of optim.py."""
+  """Adam with InstructGPT's β = (0.9, 0.95) (spec §2) and one of the schedules of optim.py.
+
+  `microbatches` > 1 accumulates gradients over that many slices of each batch (same result, less memory).
+  """
   return ml_collections.ConfigDict(
     dict(
       lr=lr,
@@ -55,6 +63,7 @@ def optim_config(
       b2=0.95,
       eps=eps,
       tf_style_eps=tf_style_eps,
+      microbatches=microbatches,
       weight_decay=weight_decay,
       clip_norm=clip_norm,
       schedule=schedule,

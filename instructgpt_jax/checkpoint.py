@@ -8,6 +8,7 @@ complete, so a crash during a save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -52,3 +53,33 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------- model export
+# A stage hands its model to the next as parameters plus a JSON metadata file (the resolved model config,
+# and for a reward model its bias): `<dir>/params` (orbax) and `<dir>/metadata.json`.
+
+
+def export_params(directory: str, params: Any, metadata: dict) -> None:
+  """Writes params and metadata into `directory` (synchronously; every process calls it)."""
+  directory = os.path.abspath(directory)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, "params"), params, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+      json.dump(metadata, f, indent=2, sort_keys=True, default=str)
+
+
+def import_params(directory: str, target: Any | None = None) -> tuple[Any, dict]:
+  """(params, metadata) from `export_params`. With `target` (arrays or ShapeDtypeStructs carrying
+  shardings) the params load straight into those shardings; without, as host arrays."""
+  directory = os.path.abspath(directory)
+  if not os.path.isfile(os.path.join(directory, "metadata.json")):
+    raise FileNotFoundError(f"{directory}: not an exported model (no metadata.json)")
+  with open(os.path.join(directory, "metadata.json")) as f:
+    metadata = json.load(f)
+  if target is not None:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+  return params, metadata

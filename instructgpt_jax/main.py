@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,10 +26,29 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 STAGES = ("pretrain",)
 
 
+DISTRIBUTED_MODES = ("off", "auto", "manual")
+
+
+def initialize_distributed(dist) -> None:
+  """jax.distributed.initialize from the config's `distributed` section (before any device is touched)."""
+  if dist.mode not in DISTRIBUTED_MODES:
+    raise ValueError(f"config.distributed.mode: {dist.mode!r} is not one of {DISTRIBUTED_MODES}")
+  if dist.mode == "auto":  # TPU VMs, SLURM and other clusters JAX detects by itself
+    jax.distributed.initialize()
+  elif dist.mode == "manual":
+    if not dist.coordinator_address:
+      raise ValueError("config.distributed.coordinator_address: required with mode=manual (host:port)")
+    jax.distributed.initialize(
+      coordinator_address=dist.coordinator_address, num_processes=dist.num_processes, process_id=dist.process_id
+    )
+
+
 def run(config, workdir: str):
   """Runs the stage named by `config.stage` in `workdir`; returns that stage's final metrics."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage: {config.stage!r} is not one of {STAGES}")
+  if config.get("distributed") and not jax.distributed.is_initialized():
+    initialize_distributed(config.distributed)
   trainer = importlib.import_module(f"instructgpt_jax.trainers.{config.stage}")
   return trainer.train(config, workdir)
 

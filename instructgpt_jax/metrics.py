@@ -37,7 +37,9 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a")
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -77,6 +79,17 @@ class MetricWriter:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """A resumed run repeats the steps after its checkpoint: drop their rows from the interrupted run."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(rows)
+  os.replace(path + ".tmp", path)
 
 
 def check_finite(step: int, row: dict[str, float], keys=("loss", "grad_norm")) -> None:

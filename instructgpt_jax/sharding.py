@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -125,25 +126,74 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor). One size may be -1: it takes the remaining devices.
+def _fill(sizes: dict[str, int], n_devices: int, what: str) -> dict[str, int]:
+  """Replaces one -1 in `sizes` by what makes their product `n_devices`; checks the product."""
+  sizes = dict(sizes)
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: at most one {what} axis may be -1, got {sizes}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n_devices % known:
+      raise ValueError(f"mesh: {what} sizes {sizes} do not divide {n_devices} devices")
+    sizes[free[0]] = n_devices // known
+  if math.prod(sizes.values()) != n_devices:
+    raise ValueError(
+      f"mesh: {what} sizes {sizes} need {math.prod(sizes.values())} devices, but {n_devices} are present"
+    )
+  return sizes
 
-  Built with `jax.sharding.Mesh` so the axes are Auto (jax.make_mesh makes Explicit axes, which the
-  logical-constraint style above does not use).
+
+def make_mesh(mesh_cfg: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh from a config's `mesh` section.
+
+  `data`, `fsdp`, `tensor` are sizes within a slice (ICI); `dcn_data`, `dcn_fsdp`, `dcn_tensor` (default 1)
+  multiply them across slices (data-center network) for multi-slice TPU runs. One ICI size may be -1: it
+  takes the devices left. Built with `jax.sharding.Mesh`, so the axes are Auto (`jax.make_mesh` makes
+  Explicit axes, which the logical-constraint style here does not use).
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
-  if len(sizes) != len(MESH_AXES):
-    raise ValueError(f"mesh: expected sizes for {MESH_AXES}, got {sizes}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(
-      f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are present"
+  if not isinstance(mesh_cfg, dict):
+    mesh_cfg = dict(zip(MESH_AXES, mesh_cfg))
+  unknown = set(mesh_cfg) - set(MESH_AXES) - {f"dcn_{a}" for a in MESH_AXES}
+  if unknown:
+    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; use {MESH_AXES} and dcn_<axis>")
+  dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+  n_slices = math.prod(dcn.values())
+  if len(devices) % n_slices:
+    raise ValueError(f"mesh: {len(devices)} devices do not split into {n_slices} slices (dcn sizes {dcn})")
+  ici = _fill({a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}, len(devices) // n_slices, "ici")
+  ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+  if n_slices == 1:
+    grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+  elif devices[0].platform == "cpu":
+    # Fake CPU devices have no slices: lay them out as a multi-slice mesh would (slices outermost on each
+    # axis) so that multi-slice configs run in tests.
+    grid = np.asarray(devices).reshape(dcn_shape + ici_shape).transpose(0, 3, 1, 4, 2, 5)
+    grid = grid.reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+  else:
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici_shape,
+      dcn_shape,
+      devices,
+      process_is_granule=not hasattr(devices[0], "slice_index"),
+      allow_split_physical_axes=True,
     )
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  return Mesh(grid, MESH_AXES)
+
+
+def assert_large_params_sharded(params, shardings, *, min_size: int = 2**20) -> None:
+  """Raises if a parameter with at least `min_size` elements is fully replicated on a mesh of > 1 device.
+
+  With FSDP or tensor parallelism every large matrix must be split; a replicated one means a missing or
+  misspelled logical name, or a rules table that maps it nowhere.
+  """
+  replicated = []
+  for path, x, s in zip(
+    jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params), jax.tree.leaves(shardings)
+  ):
+    n_shards = math.prod(s.mesh.shape[a] for a in jax.tree.leaves(tuple(s.spec)) if a is not None)
+    if x.size >= min_size and n_shards == 1:
+      replicated.append(f"{jax.tree_util.keystr(path[0])} {tuple(x.shape)}")
+  if replicated and len(jax.tree.leaves(shardings)[0].mesh.devices.flat) > 1:
+    raise AssertionError(f"sharding: {len(replicated)} large parameters are replicated: {', '.join(replicated[:5])}")

@@ -101,6 +101,38 @@ def create_sharded(
   return graphdef, state, shardings
 
 
+def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, microbatches: int = 1):
+  """Exact gradient accumulation: (sums, grads of Σloss / Σcount) over `microbatches` slices of `batch`.
+
+  `sums_fn(params, microbatch, rng) -> (loss_sum, sums)` returns a loss summed over its tokens and a dict of
+  sums that includes "count" (the number of tokens). Summing loss sums, counts and gradients over the
+  slices and dividing once gives exactly the full-batch masked mean; averaging per-slice means would not
+  when slices hold different numbers of tokens. Slice m takes rows m, m + M, m + 2M, ..., so every device
+  of a batch-sharded mesh contributes its local rows to every slice.
+  """
+  grad_fn = jax.value_and_grad(sums_fn, has_aux=True)
+  if microbatches == 1:
+    (loss_sum, sums), grads = grad_fn(params, batch, rng)
+  else:
+
+    def split(x):
+      if x.shape[0] % microbatches:
+        raise ValueError(f"optim.microbatches: {microbatches} does not divide the batch of {x.shape[0]}")
+      return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+    def body(totals, xs):
+      (loss_sum, sums), grads = grad_fn(params, *xs)
+      return jax.tree.map(jnp.add, totals, (loss_sum, sums, grads)), None
+
+    slices = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], slices)
+    shapes = jax.eval_shape(lambda: (*grad_fn(params, first, rng)[0], params))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss_sum, sums, grads), _ = jax.lax.scan(body, zeros, (slices, jax.random.split(rng, microbatches)))
+  count = jnp.maximum(sums["count"], 1.0)
+  return loss_sum / count, sums, jax.tree.map(lambda g: g / count, grads)
+
+
 def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, *, static_argnums=()) -> Callable:
   """jit of fn(state, batch, ...) -> (state, metrics) with explicit shardings; the input state is donated.
 

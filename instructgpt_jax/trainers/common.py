@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import sharding
+from instructgpt_jax import checkpoint, sharding
+from instructgpt_jax import metrics as metrics_lib
 
 
 class ConfigError(ValueError):
@@ -50,3 +53,96 @@ def write_config(workdir: str, config) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+
+
+class Preemption:
+  """Notices SIGTERM (how TPU VMs and SLURM announce preemption) so the loop can save and exit cleanly.
+
+  `stop_requested(step)` is True once this process got SIGTERM; on several processes it also consults
+  JAX's preemption sync point, so every host stops at the same step and writes the same checkpoint.
+  """
+
+  def __enter__(self):
+    self._requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self._requested = True
+
+  def stop_requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+class LoopIO:
+  """The I/O every training loop does after a step: metrics (a step late), evaluation, checkpoints.
+
+  `end_of_step(done, state, metrics, evaluate, preempted)` is called after each optimizer step (`done` =
+  steps finished). It logs every `log_every_steps`, evaluates every `eval_every_steps`, saves every
+  `checkpoint_every_steps`, and on preemption saves and returns True. Before any save the metrics of
+  that step are fetched and checked, so a non-finite loss stops the run (NonFiniteError naming the
+  step) and is never written as the last good checkpoint.
+  """
+
+  def __init__(
+    self, config, workdir: str, ckpt: checkpoint.Checkpointer, data, *, start_step: int, tokens_per_step: int = 0
+  ):
+    self.config, self.ckpt, self.data = config, ckpt, data
+    self.start_step = self._step = start_step
+    self.writer = metrics_lib.MetricWriter(
+      workdir,
+      total_steps=config.total_steps,
+      start_step=start_step,
+      progress=config.progress_bar,
+      tokens_per_step=tokens_per_step,
+    )
+    self.fetcher = metrics_lib.LateFetcher()
+    self.last_row: dict[str, float] = {}
+
+  def _log(self, fetched, extra=None) -> None:
+    if fetched is None:
+      if extra:
+        self.last_row = self.writer.write(self._step, extra)
+      return
+    step, values = fetched
+    values = dict(values, **(extra or {}))
+    metrics_lib.check_finite(step, values)
+    self.last_row = self.writer.write(step, values)
+
+  def end_of_step(self, done: int, state, step_metrics, evaluate, *, preempted: bool = False) -> bool:
+    c = self.config
+    self._step = done
+    final = done == c.total_steps
+    save = (done % c.checkpoint_every_steps == 0 and not final) or preempted
+    evaluating = bool(c.eval_every_steps) and done % c.eval_every_steps == 0 and not final
+    if done % c.log_every_steps == 0 or final or save or evaluating:
+      self._log(self.fetcher.push(done, step_metrics))
+    if save or evaluating:
+      self._log(self.fetcher.flush(), evaluate(state.params) if evaluating else None)
+    if save:
+      self.ckpt.save(done, state, self.data.get_state(), force=preempted)
+    if preempted:
+      logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", done)
+      self.close()
+    return preempted
+
+  def finish(self, state, final_eval: dict[str, float]) -> dict[str, float]:
+    """Writes the last metrics with the final evaluation, saves the final state, closes; returns the row."""
+    self._step = int(state.step)
+    self._log(self.fetcher.flush(), final_eval)
+    if self._step > self.start_step or self.ckpt.latest_step() is None:
+      self.ckpt.save(self._step, state, self.data.get_state(), force=True)
+    self.close()
+    return self.last_row
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
-from instructgpt_jax import metrics as metrics_lib
 from instructgpt_jax.data import text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common
@@ -58,26 +58,28 @@ def train(config, workdir: str) -> dict[str, float]:
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
-  def loss_fn(params, batch, dropout_rng):
+  def loss_sums(params, batch, dropout_rng):
     logits, _ = models.apply(graphdef, params, batch["inputs"], dropout_rng=dropout_rng)
-    return losses.lm_loss(logits, batch["targets"], batch["mask"])
+    nll_sum, count = losses.lm_loss_sum(logits, batch["targets"], batch["mask"])
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["mask"])
+    return nll_sum, {"count": count, "correct": correct}
 
   def train_step(state, batch):
     rng, dropout_rng = jax.random.split(state.rng)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, dropout_rng)
-    new_state = state.apply_gradients(grads, tx).replace(rng=rng)
-    return new_state, {
+    loss, sums, grads = train_state.microbatched_grads(
+      loss_sums, state.params, batch, dropout_rng, config.optim.microbatches
+    )
+    metrics = {
       "loss": loss,
-      "accuracy": aux["accuracy"],
+      "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
       "grad_norm": optax.tree.norm(grads),
       "lr": lr_schedule(state.step),
     }
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
 
   def eval_step(params, batch):
-    loss_sum, count = losses.lm_loss_sum(
-      models.apply(graphdef, params, batch["inputs"])[0], batch["targets"], batch["mask"]
-    )
-    return loss_sum, count
+    logits, _ = models.apply(graphdef, params, batch["inputs"])
+    return losses.lm_loss_sum(logits, batch["targets"], batch["mask"])
 
   batch_sh = common.batch_sharding(mesh, rules)
   with sharding.use_mesh_rules(mesh, rules):
@@ -87,51 +89,17 @@ def train(config, workdir: str) -> dict[str, float]:
   def evaluate(params) -> dict[str, float]:
     total, count = 0.0, 0.0
     for batch in data.eval_batches(config.data.eval_batches):
-      s, c = eval_fn(params, common.to_global(batch, mesh, rules))
-      total, count = total + float(s), count + float(c)
+      loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
+      total, count = total + float(loss_sum), count + float(n)
     return {"eval_loss": total / count} if count else {}
 
   # ---------------------------------------------------------------- train loop
-  writer = metrics_lib.MetricWriter(
-    workdir,
-    total_steps=config.total_steps,
-    start_step=start_step,
-    progress=config.progress_bar,
-    tokens_per_step=tokens_per_step,
-  )
-  fetcher = metrics_lib.LateFetcher()
-  last_row: dict[str, float] = {}
-
-  def log(fetched, extra=None):
-    nonlocal last_row
-    if fetched is None:
-      return
-    step, values = fetched
-    values = dict(values, **(extra or {}))
-    metrics_lib.check_finite(step, values)
-    last_row = writer.write(step, values)
-
-  for step in range(start_step, config.total_steps):
-    batch = common.to_global(next(data), mesh, rules)
-    state, step_metrics = step_fn(state, batch)
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == config.total_steps:
-      log(fetcher.push(done, step_metrics))
-    if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
-      log(fetcher.flush(), evaluate(state.params))
-    if done % config.checkpoint_every_steps == 0 and done != config.total_steps:
-      log(fetcher.flush())  # metrics first: a non-finite step must not be saved as the last good state
-      ckpt.save(done, state, data.get_state())
+  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  with common.Preemption() as preemption:
+    for step in range(start_step, config.total_steps):
+      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
+      if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
+        return loop.last_row  # preempted: saved; rerunning the same command resumes
 
   # ---------------------------------------------------------------- final evaluation and save
-  final_eval = evaluate(state.params)
-  pending = fetcher.flush()
-  if pending is not None:
-    log(pending, final_eval)
-  elif final_eval:
-    last_row = writer.write(int(state.step), final_eval)
-  if int(state.step) > start_step or ckpt.latest_step() is None:
-    ckpt.save(int(state.step), state, data.get_state(), force=True)
-  ckpt.close()
-  writer.close()
-  return last_row
+  return loop.finish(state, evaluate(state.params))
