@@ -72,8 +72,8 @@ def logical_to_spec(
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     kept = []
     for axis in axes:
-      if axis in used or (mesh is not None and axis not in mesh.shape):
-        continue
+      if axis in used or (mesh is not None and mesh.shape.get(axis, 1) == 1):
+        continue  # an absent or size-1 mesh axis shards nothing; leaving it out keeps specs readable
       size = math.prod(mesh.shape[a] for a in kept + [axis]) if mesh is not None else 1
       if shape is not None and shape[i] % size:
         continue
