@@ -10,25 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
 from instructgpt_jax import checkpoint, main
 
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def tiny_config(**overrides):
-  c = pretrain.get_config("tiny")
-  c.progress_bar = False
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return c
+from runs import read_metrics, tiny_config
 
 
 def assert_learns(workdir, fraction=0.3):
@@ -107,7 +91,9 @@ def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
     main.run(tiny_config(**{"data.seq_len": 512}), str(tmp_path))
   with pytest.raises(ConfigError, match=r"data.batch_size: 12 does not divide over data×fsdp = 8"):
     main.run(tiny_config(**{"data.batch_size": 12}), str(tmp_path))
-  with pytest.raises(ValueError, match=r"mesh: ici sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} need 3 devices, but 8 are present"):
+  with pytest.raises(
+    ValueError, match=r"mesh: ici sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} need 3 devices, but 8 are present"
+  ):
     main.run(tiny_config(**{"mesh.data": 3}), str(tmp_path))
   with pytest.raises(ConfigError, match="model.vocab_size: 100 cannot hold the tokenizer's ids"):
     main.run(tiny_config(**{"model.vocab_size": 100}), str(tmp_path))

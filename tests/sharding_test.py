@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from instructgpt_jax import checkpoint, main, models, optim, sharding, train_state
-from pretrain_test import tiny_config
+
+from runs import tiny_config
 
 RULES = sharding.rules_dict(sharding.DEFAULT_RULES)
 
