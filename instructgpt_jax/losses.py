@@ -32,9 +32,15 @@ def _float32(x: jax.Array) -> jax.Array:
 
 
 def _masked_sum_and_count(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(Σ x over mask, number of masked-in elements); masked-out entries may hold anything, even NaN."""
-  keep = jnp.asarray(mask).astype(bool)
-  return jnp.sum(jnp.where(keep, x, 0.0)), jnp.sum(keep).astype(x.dtype)
+  """(Σ m·x, Σ m) over the entries where the mask m is nonzero.
+
+  Masked-out entries of x may hold anything, even NaN (padding garbage never leaks). A non-finite mask
+  value is invalid input and makes the result non-finite, so the trainer's NaN check sees it.
+  """
+  mask = jnp.asarray(mask)
+  keep = mask.astype(bool)
+  weight = mask.astype(x.dtype)
+  return jnp.sum(jnp.where(keep, weight * x, 0.0)), jnp.sum(jnp.where(keep, weight, 0.0))
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

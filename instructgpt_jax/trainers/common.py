@@ -86,17 +86,17 @@ class LoopIO:
   """The I/O every training loop does after a step: metrics (a step late), evaluation, checkpoints.
 
   `end_of_step(done, state, metrics, evaluate, preempted)` is called after each optimizer step (`done` =
-  steps finished). It logs every `log_every_steps`, evaluates every `eval_every_steps`, saves every
-  `checkpoint_every_steps`, and on preemption saves and returns True. Before any save the metrics of
-  that step are fetched and checked, so a non-finite loss stops the run (NonFiniteError naming the
-  step) and is never written as the last good checkpoint.
+  steps finished). Every step's metrics are fetched while the next step runs and checked, so a non-finite
+  loss or gradient norm stops the run (NonFiniteError naming that step) before it can be checkpointed;
+  rows are written every `log_every_steps`. It evaluates every `eval_every_steps`, saves every
+  `checkpoint_every_steps`, and on preemption saves and returns True. Use it as a context manager.
   """
 
   def __init__(
     self, config, workdir: str, ckpt: checkpoint.Checkpointer, data, *, start_step: int, tokens_per_step: int = 0
   ):
     self.config, self.ckpt, self.data = config, ckpt, data
-    self.start_step = self._step = start_step
+    self.start_step = start_step
     self.writer = metrics_lib.MetricWriter(
       workdir,
       total_steps=config.total_steps,
@@ -107,42 +107,47 @@ class LoopIO:
     self.fetcher = metrics_lib.LateFetcher()
     self.last_row: dict[str, float] = {}
 
-  def _log(self, fetched, extra=None) -> None:
+  def _record(self, fetched, extra: dict | None = None, *, force: bool = False) -> None:
+    """Checks a fetched (step, metrics) pair; writes it on logging steps, when forced, or with extras."""
     if fetched is None:
-      if extra:
-        self.last_row = self.writer.write(self._step, extra)
       return
     step, values = fetched
     values = dict(values, **(extra or {}))
     metrics_lib.check_finite(step, values)
-    self.last_row = self.writer.write(step, values)
+    if force or extra or step % self.config.log_every_steps == 0 or step == self.config.total_steps:
+      self.last_row = self.writer.write(step, values)
 
   def end_of_step(self, done: int, state, step_metrics, evaluate, *, preempted: bool = False) -> bool:
     c = self.config
-    self._step = done
     final = done == c.total_steps
     save = (done % c.checkpoint_every_steps == 0 and not final) or preempted
     evaluating = bool(c.eval_every_steps) and done % c.eval_every_steps == 0 and not final
-    if done % c.log_every_steps == 0 or final or save or evaluating:
-      self._log(self.fetcher.push(done, step_metrics))
-    if save or evaluating:
-      self._log(self.fetcher.flush(), evaluate(state.params) if evaluating else None)
+    self._record(self.fetcher.push(done, step_metrics))
+    if save or evaluating:  # this step's metrics now: a non-finite step must never be saved
+      self._record(self.fetcher.flush(), evaluate(state.params) if evaluating else None, force=save)
     if save:
       self.ckpt.save(done, state, self.data.get_state(), force=preempted)
     if preempted:
       logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", done)
-      self.close()
     return preempted
 
   def finish(self, state, final_eval: dict[str, float]) -> dict[str, float]:
     """Writes the last metrics with the final evaluation, saves the final state, closes; returns the row."""
-    self._step = int(state.step)
-    self._log(self.fetcher.flush(), final_eval)
-    if self._step > self.start_step or self.ckpt.latest_step() is None:
-      self.ckpt.save(self._step, state, self.data.get_state(), force=True)
-    self.close()
+    step = int(state.step)
+    pending = self.fetcher.flush()
+    if pending is not None:
+      self._record(pending, final_eval, force=True)
+    elif final_eval:  # nothing ran in this process (the run was already complete)
+      self.last_row = self.writer.write(step, final_eval)
+    if step > self.start_step or self.ckpt.latest_step() is None:
+      self.ckpt.save(step, state, self.data.get_state(), force=True)
     return self.last_row
 
-  def close(self) -> None:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    """Also on an error: saves already started are finished, so the last good checkpoint is complete."""
     self.ckpt.close()
     self.writer.close()
+    return False
