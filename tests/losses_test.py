@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax_checks import assert_batch_sharded_equals_single_device, count_traces
 
 from instructgpt_jax import losses
+
+from jax_checks import assert_batch_sharded_equals_single_device, count_traces
 
 RTOL = 1e-5
 ATOL = 1e-5

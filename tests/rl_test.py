@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jax_checks import assert_batch_sharded_equals_single_device, count_traces
 
 from instructgpt_jax import rl
+
+from jax_checks import assert_batch_sharded_equals_single_device, count_traces
 
 RTOL = 1e-5
 ATOL = 1e-5
