@@ -9,65 +9,27 @@ state is the index of the next batch, and a resumed run sees exactly the batches
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 
 import grain
 import numpy as np
 
+from instructgpt_jax.data import formats
 from instructgpt_jax.data.tokenizer import Tokenizer
 
-
-class DataError(ValueError):
-  """Bad input, reported as one line `file:line: field: problem`."""
-
-
-def _read_text(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: byte {e.start}: text: invalid UTF-8") from None
-
-
-def _read_jsonl_texts(path: str) -> list[str]:
-  texts = []
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      try:
-        obj = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError:
-        raise DataError(f"{path}:{lineno}: line: invalid UTF-8") from None
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: line: malformed JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or "text" not in obj:
-        raise DataError(f"{path}:{lineno}: text: missing")
-      if not isinstance(obj["text"], str):
-        raise DataError(f"{path}:{lineno}: text: expected a string, got {type(obj['text']).__name__}")
-      texts.append(obj["text"])
-  return texts
+DataError = formats.DataError  # where callers of this module have always found it
 
 
 def load_documents(corpus: str, *, lab_documents: int = 4000, seed: int = 0) -> list[str]:
   """ "lab": the generated world prose; else comma-separated globs of .txt (one document per file) and
-  .jsonl (`{"text": str}` per line) files."""
+  .jsonl / .jsonl.gz (`{"text": str}` per line) files, checked as formats.py describes."""
   if corpus == "lab":
     from instructgpt_jax.lab import world
 
     return world.corpus_documents(n_documents=lab_documents, seed=seed)
   if not corpus:
     raise DataError("data.corpus: empty; give comma-separated globs of .txt or .jsonl files, or 'lab'")
-  documents = []
-  for pattern in corpus.split(","):
-    paths = sorted(glob.glob(os.path.expanduser(pattern.strip())))
-    if not paths:
-      raise DataError(f"{pattern}: data.corpus: no file matches")
-    for path in paths:
-      documents.extend(_read_jsonl_texts(path) if path.endswith(".jsonl") else [_read_text(path)])
-  return documents
+  paths = formats.expand(corpus, what="data.corpus")
+  return [record["text"] for _, record in formats.read_records(paths, "text")]
 
 
 def pack(token_lists: list[list[int]], *, eos_id: int, seq_len: int) -> np.ndarray:
@@ -93,9 +55,11 @@ class TextData:
   seed: int
   process_index: int = 0
   process_count: int = 1
+  shuffle: bool = True
 
   def __post_init__(self):
-    rows = grain.MapDataset.source(self.train_rows).shuffle(seed=self.seed).repeat(None)
+    rows = grain.MapDataset.source(self.train_rows)
+    rows = (rows.shuffle(seed=self.seed) if self.shuffle else rows).repeat(None)
     self._train = rows[self.process_index :: self.process_count].batch(self.batch_size, drop_remainder=True)
 
     self._next = 0
@@ -118,8 +82,9 @@ class TextData:
     self._next = int(state["next_batch"])
 
   def eval_batches(self, n: int):
+    # Every host yields the same number of batches (a sharded eval step needs all of them).
     rows = self.eval_rows[self.process_index :: self.process_count]
-    for i in range(min(n, len(rows) // self.batch_size)):
+    for i in range(min(n, len(self.eval_rows) // self.process_count // self.batch_size)):
       yield to_lm_batch(rows[i * self.batch_size : (i + 1) * self.batch_size])
 
 

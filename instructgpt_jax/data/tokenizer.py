@@ -1,4 +1,7 @@
-"""Tokenizers: one wrapper over HuggingFace `tokenizers`, for a `tokenizer.json` or the byte-level vocabulary.
+"""Tokenizers: one wrapper over HuggingFace `tokenizers`, for a `tokenizer.json` or the byte-level vocabulary,
+and training a small byte-level BPE on a local corpus:
+
+    python -m instructgpt_jax.data.tokenizer --corpus='/data/text/*.txt' --vocab_size=8192 --out=/data/tok.json
 
 The padding id is always distinct from EOS (spec §8 row 2): a tokenizer without a pad token gets one
 appended after its vocabulary. Padding ids never reach an embedding lookup (the model replaces them), so
@@ -7,10 +10,12 @@ a pad id at or past the model's vocabulary size is harmless.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Iterable
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
@@ -64,7 +69,7 @@ def byte_tokenizer() -> Tokenizer:
   """256 byte ids (GPT-2's byte-to-character table) plus <|endoftext|> (256) and <|pad|> (257).
 
   A BPE with no merges over the byte-level alphabet: every UTF-8 byte is one token, so any text
-  round-trips exactly. Training merges on a corpus (data issue) turns it into a real BPE.
+  round-trips exactly. `train_bpe` learns merges on a corpus for a real BPE.
   """
   alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
   hf = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
@@ -72,6 +77,32 @@ def byte_tokenizer() -> Tokenizer:
   hf.decoder = decoders.ByteLevel()
   hf.add_special_tokens([DEFAULT_EOS, DEFAULT_PAD])
   return Tokenizer(hf, eos_token=DEFAULT_EOS, pad_token=DEFAULT_PAD, name="bytes")
+
+
+def train_bpe(
+  texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2, special_tokens: Iterable[str] = ()
+) -> Tokenizer:
+  """A byte-level BPE (GPT-2 style) trained on `texts`: <|endoftext|> is id 0, <|pad|> id 1, then any extra
+  `special_tokens` (e.g. the chat template's tags), the 256 byte symbols and the learned merges.
+
+  The byte alphabet is always in the vocabulary, so any text encodes and decodes exactly, even characters
+  the corpus never showed.
+  """
+  specials = [DEFAULT_EOS, DEFAULT_PAD, *(t for t in special_tokens if t not in (DEFAULT_EOS, DEFAULT_PAD))]
+  if vocab_size < len(specials) + 256:
+    raise ValueError(f"tokenizer: vocab_size {vocab_size} cannot hold 256 bytes and {len(specials)} special tokens")
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  hf.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=specials,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  hf.train_from_iterator(texts, trainer=trainer)
+  return Tokenizer(hf, eos_token=DEFAULT_EOS, pad_token=DEFAULT_PAD, name=f"bpe{vocab_size}")
 
 
 def _first_present(hf: tokenizers.Tokenizer, candidates) -> str | None:
@@ -102,3 +133,21 @@ def from_file(
 def load(spec: str) -> Tokenizer:
   """ "bytes" for the byte-level tokenizer, else a path to a tokenizer.json or a folder with one."""
   return byte_tokenizer() if spec == "bytes" else from_file(spec)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description="Train a byte-level BPE on a local corpus; save a tokenizer.json.")
+  parser.add_argument("--corpus", required=True, help="comma-separated globs of .txt / .jsonl ({'text'}) files")
+  parser.add_argument("--vocab_size", type=int, required=True)
+  parser.add_argument("--min_frequency", type=int, default=2)
+  parser.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+  args = parser.parse_args(argv)
+  from instructgpt_jax.data import text  # text imports this module
+
+  tokenizer = train_bpe(text.load_documents(args.corpus), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+  tokenizer.save(args.out)
+  print(f"tokenizer: {tokenizer.vocab_size} ids written to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

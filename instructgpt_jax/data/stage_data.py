@@ -1,0 +1,215 @@
+"""What the trainers call: a stage's `config.data` section -> its training iterator and evaluation batches.
+
+    data = stage_data.build_sft_data(config.data, tokenizer, seed=config.seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(data)                      # this host's numpy batch
+    checkpoint(..., data.get_state())       # JSON-able; data.set_state(state) resumes exactly
+    for batch in data.eval_batches(4): ...  # one pass over the eval split, padded last batch
+
+The fields each function reads (docs/data.md lists them with defaults):
+
+* every stage: `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
+  records of `train` when `eval` is empty), `data_dir` (where TFDS builds), `template` ("plain" | "chat"),
+  `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
+* SFT: `seq_len`, `pack`, `loss_on_prompt`.   RM: `seq_len`, `max_responses`.
+* PPO: `max_prompt_len` (the paper: 1024), `prompt_buckets` (e.g. "64,128,256,512,1024").
+* pretraining from TFDS: `seq_len`, `eval_fraction`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from instructgpt_jax.data import formats, pipeline, text, tfds_builders
+from instructgpt_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class StageData:
+  """A stage's data: iterates over this host's training batches (the batch-iterator protocol)."""
+
+  train: pipeline.IndexedBatches | pipeline.StreamedBatches
+  dataset: tfds_builders.Dataset
+  train_source: object  # random-access records of the training split
+  eval_source: object | None  # the same for the eval split, or None without one
+  collate: Callable  # eval records -> one batch (see pipeline.eval_batches)
+  batch_size: int  # per host
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def reports(self) -> dict[str, formats.Report]:
+    return self.dataset.reports
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> pipeline.Batch:
+    return next(self.train)
+
+  def get_state(self) -> dict:
+    return self.train.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.train.set_state(state)
+
+  def eval_batches(self, n: int | None = None):
+    """At most n batches (all when None) of one in-order pass over the eval split; nothing without one."""
+    if self.eval_source is None:
+      return iter(())
+    return pipeline.eval_batches(
+      self.eval_source,
+      self.collate,
+      batch_size=self.batch_size,
+      process_index=self.process_index,
+      process_count=self.process_count,
+      max_batches=n,
+    )
+
+
+def _per_host(data_cfg, process_count: int) -> int:
+  batch_size = int(data_cfg["batch_size"])
+  if batch_size % process_count:
+    raise formats.DataError(f"data.batch_size: {batch_size} is not divisible by the {process_count} processes")
+  return batch_size // process_count
+
+
+def _build_splits(kind: str, data_cfg, tokenizer: Tokenizer, **limits):
+  """Builds the TFDS dataset; returns it with its train and eval sources (eval None when there is none)."""
+  files = {"train": data_cfg["train"]}
+  if data_cfg.get("eval"):
+    files["eval"] = data_cfg["eval"]
+  dataset = tfds_builders.build(
+    kind,
+    files,
+    data_dir=data_cfg["data_dir"],
+    tokenizer=tokenizer,
+    template=data_cfg.get("template", "plain"),
+    on_error=data_cfg.get("on_error", "raise"),
+    **limits,
+  )
+  if "eval" in files:
+    return dataset, dataset.source("train"), dataset.source("eval")
+  held_out = int(data_cfg.get("eval_examples", 0))
+  if not held_out:
+    return dataset, dataset.source("train"), None
+  records = dataset.reports["train"].records
+  if held_out >= records:
+    raise formats.DataError(f"data.eval_examples: {held_out} leaves none of the {records} records for training")
+  return dataset, dataset.source(f"train[:-{held_out}]"), dataset.source(f"train[-{held_out}:]")
+
+
+def build_sft_data(
+  data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> StageData:
+  """Demonstrations -> SFT batches (pipeline.sft_batches); examples longer than seq_len + 1 tokens are errors."""
+  seq_len = int(data_cfg["seq_len"])
+  dataset, train, evals = _build_splits("demonstrations", data_cfg, tokenizer, max_tokens=seq_len + 1)
+  batch_size = _per_host(data_cfg, process_count)
+  loss_on_prompt = bool(data_cfg.get("loss_on_prompt", False))
+  batches = pipeline.sft_batches(
+    train,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    pad_id=tokenizer.pad_id,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    pack=bool(data_cfg.get("pack", False)),
+    loss_on_prompt=loss_on_prompt,
+    shuffle=bool(data_cfg.get("shuffle", True)),
+  )
+  collate = pipeline.sft_collate(seq_len=seq_len, pad_id=tokenizer.pad_id, loss_on_prompt=loss_on_prompt)
+  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count)
+
+
+def build_comparison_data(
+  data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> StageData:
+  """Comparisons -> K-wise RM batches (pipeline.comparison_batches); K_max = data.max_responses."""
+  seq_len, max_responses = int(data_cfg["seq_len"]), int(data_cfg["max_responses"])
+  dataset, train, evals = _build_splits(
+    "comparisons", data_cfg, tokenizer, max_tokens=seq_len, max_responses=max_responses
+  )
+  batch_size = _per_host(data_cfg, process_count)
+  layout = dict(seq_len=seq_len, max_responses=max_responses, pad_id=tokenizer.pad_id)
+  batches = pipeline.comparison_batches(
+    train,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle=bool(data_cfg.get("shuffle", True)),
+    **layout,
+  )
+  return StageData(
+    batches, dataset, train, evals, pipeline.comparison_collate(**layout), batch_size, process_index, process_count
+  )
+
+
+def prompt_buckets(data_cfg) -> tuple[int, ...]:
+  """data.prompt_buckets (a list or "64,128,..."), or by default powers of two from 64 up to max_prompt_len."""
+  max_len = int(data_cfg.get("max_prompt_len", 1024))
+  buckets = data_cfg.get("prompt_buckets", None)
+  if isinstance(buckets, str):
+    buckets = [int(b) for b in buckets.split(",") if b.strip()]
+  if not buckets:
+    buckets = [b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b < max_len] + [max_len]
+  if max(buckets) < max_len:
+    raise formats.DataError(f"data.prompt_buckets: {tuple(buckets)} cannot hold a prompt of max_prompt_len {max_len}")
+  return tuple(sorted(int(b) for b in buckets))
+
+
+def build_prompt_data(
+  data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> StageData:
+  """Prompts -> PPO batches (pipeline.prompt_batches); prompts over max_prompt_len are dropped and counted."""
+  buckets = prompt_buckets(data_cfg)
+  dataset, train, evals = _build_splits(
+    "prompts", data_cfg, tokenizer, max_tokens=int(data_cfg.get("max_prompt_len", 1024))
+  )
+  batch_size = _per_host(data_cfg, process_count)
+  batches = pipeline.prompt_batches(
+    train,
+    batch_size=batch_size,
+    buckets=buckets,
+    pad_id=tokenizer.pad_id,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  collate = pipeline.prompt_collate(buckets=buckets, pad_id=tokenizer.pad_id)
+  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count)
+
+
+def build_pretraining_data(
+  data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> text.TextData:
+  """Pretraining documents built with TFDS (tokenized once) -> packed rows, as text.build_text_data."""
+  dataset = tfds_builders.build(
+    "text",
+    {"train": data_cfg["train"]},
+    data_dir=data_cfg["data_dir"],
+    tokenizer=tokenizer,
+    on_error=data_cfg.get("on_error", "raise"),
+  )
+  source = dataset.source("train")
+  rows = text.pack(
+    [source[i]["ids"] for i in range(len(source))], eos_id=tokenizer.eos_id, seq_len=int(data_cfg["seq_len"])
+  )
+  n_eval = int(len(rows) * float(data_cfg.get("eval_fraction", 0.0)))
+  batch_size = _per_host(data_cfg, process_count)
+  if len(rows) - n_eval < batch_size * process_count:
+    raise formats.DataError(
+      f"data: {len(rows) - n_eval} training rows are fewer than one batch of {batch_size * process_count}"
+    )
+  return text.TextData(
+    rows[: len(rows) - n_eval],
+    rows[len(rows) - n_eval :],
+    batch_size,
+    seed,
+    process_index,
+    process_count,
+    shuffle=bool(data_cfg.get("shuffle", True)),
+  )
