@@ -16,6 +16,22 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs with the shardings of a tree of arrays (or of ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _saved_tree(path: str) -> Any:
+  """The tree of array metadata (shapes, dtypes) of a saved pytree."""
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  return dict(getattr(metadata, "tree", metadata))
+
+
+def _on_first_device(tree: Any) -> Any:
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
@@ -35,17 +51,26 @@ class Checkpointer:
     """Restores into the shardings carried by `abstract_state` (a tree of ShapeDtypeStructs with
     `.sharding`, or of arrays), so a checkpoint written on one mesh loads onto another."""
     step = self.latest_step() if step is None else step
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+    target = _abstract(abstract_state)
     out = self.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     )
     return out.state, dict(out.data or {})
 
-  def restore_params(self, step: int | None = None) -> Any:
-    """The parameters alone, as host arrays in their saved tree (for handing a model to the next stage)."""
+  def restore_params(self, step: int | None = None, target: Any | None = None) -> Any:
+    """The parameters alone (the optimizer state is not read), for handing a model to the next stage.
+
+    With `target` (a params tree of arrays or ShapeDtypeStructs carrying shardings) they load straight into
+    those shardings; without, onto this process's first device, whatever mesh wrote them.
+    """
     step = self.latest_step() if step is None else step
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return out.state["params"]
+    path = os.path.join(self.directory, str(step), "state")
+    if target is None:
+      target = _on_first_device(_saved_tree(path)["params"])
+    target = {"params": _abstract(target)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -73,13 +98,12 @@ def export_params(directory: str, params: Any, metadata: dict) -> None:
 
 def import_params(directory: str, target: Any | None = None) -> tuple[Any, dict]:
   """(params, metadata) from `export_params`. With `target` (arrays or ShapeDtypeStructs carrying
-  shardings) the params load straight into those shardings; without, as host arrays."""
+  shardings) the params load straight into those shardings; without, onto this process's first device."""
   directory = os.path.abspath(directory)
   if not os.path.isfile(os.path.join(directory, "metadata.json")):
     raise FileNotFoundError(f"{directory}: not an exported model (no metadata.json)")
   with open(os.path.join(directory, "metadata.json")) as f:
     metadata = json.load(f)
-  if target is not None:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
-  return params, metadata
+  path = os.path.join(directory, "params")
+  target = _abstract(target) if target is not None else _on_first_device(_saved_tree(path))
+  return ocp.StandardCheckpointer().restore(path, target), metadata
