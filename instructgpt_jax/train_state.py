@@ -96,6 +96,8 @@ def create_sharded(
 
   abstract_state = jax.eval_shape(init, key)
   param_shardings = sharding.tree_shardings(abstract_state.params, names, mesh, rules)
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # parameters are meant to be split: check they are
+    sharding.assert_large_params_sharded(abstract_state.params, param_shardings)
   shardings = state_shardings(abstract_state, param_shardings, tx, mesh)
   state = jax.jit(init, out_shardings=shardings)(key)
   return graphdef, state, shardings
