@@ -1,0 +1,93 @@
+"""The lab's datasets as JSONL files in the formats of docs/data.md: demonstrations, comparisons, prompts.
+
+A spec string names one: `lab:<kind>:<split>:<n>`, e.g. `lab:demonstrations:train:2000`. Splits never
+share a prompt: a prompt belongs to the eval split when a hash of its text falls in the lowest tenth.
+
+* demonstrations: the gold answer of each task (what a careful labeler writes).
+* comparisons: K = 4..9 responses per prompt (the gold answer and flawed ones), ranked by the gold quality
+  function, ties sharing a rank: a synthetic task with a known scoring rule for the reward model.
+* prompts: instructions alone, for PPO.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+
+from instructgpt_jax.lab import tasks as tasks_lib
+from instructgpt_jax.lab import world as world_lib
+
+KINDS = ("demonstrations", "comparisons", "prompts")
+SPLITS = ("train", "eval")
+
+
+def split_of(prompt: str) -> str:
+  digest = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+  return "eval" if digest % 10 == 0 else "train"
+
+
+def sample_tasks(n: int, *, split: str, seed: int, world: world_lib.World) -> list[tasks_lib.Task]:
+  """n tasks of one split (seeded; distinct prompts where the split has enough of them)."""
+  rng = random.Random(f"{seed}:{split}")
+  out, seen = [], set()
+  for _ in range(200 * n):
+    if len(out) == n:
+      break
+    task = tasks_lib.make_task(world, rng)
+    if split_of(task.prompt) != split:
+      continue
+    if task.prompt in seen and len(seen) < n:  # prefer new prompts, repeat only when the split runs dry
+      continue
+    seen.add(task.prompt)
+    out.append(task)
+  return out
+
+
+def dense_ranks(scores: list[float]) -> list[int]:
+  """0 for the best score, 1 for the next distinct score, ...; equal scores share a rank (a tie)."""
+  order = sorted(set(round(s, 6) for s in scores), reverse=True)
+  return [order.index(round(s, 6)) for s in scores]
+
+
+def records(kind: str, split: str, n: int, *, seed: int = 0, world_seed: int = 0) -> list[dict]:
+  world = world_lib.make_world(world_seed)
+  rng = random.Random(f"{seed}:{split}:{kind}")
+  out = []
+  for task in sample_tasks(n, split=split, seed=seed, world=world):
+    if kind == "demonstrations":
+      out.append({"prompt": task.prompt, "response": task.answer})
+    elif kind == "prompts":
+      out.append({"prompt": task.prompt})
+    elif kind == "comparisons":
+      candidates = [(task.answer, True)] + tasks_lib.flawed_responses(task, world, rng)
+      picked = rng.sample(candidates, min(rng.randint(4, 9), len(candidates)))
+      scores = [tasks_lib.quality(task, text, stopped=stopped) for text, stopped in picked]
+      if len(set(scores)) < 2:
+        continue
+      # A response that did not stop is written as it would be sampled: without EOS, up to a cut.
+      out.append({"prompt": task.prompt, "responses": [t for t, _ in picked], "ranks": dense_ranks(scores)})
+    else:
+      raise ValueError(f"lab data kind {kind!r} is not one of {KINDS}")
+  return out
+
+
+def parse_spec(spec: str) -> tuple[str, str, int]:
+  parts = spec.split(":")
+  if len(parts) != 4 or parts[0] != "lab" or parts[1] not in KINDS or parts[2] not in SPLITS or not parts[3].isdigit():
+    raise ValueError(f"{spec}: a lab dataset is named lab:<{'|'.join(KINDS)}>:<train|eval>:<count>")
+  return parts[1], parts[2], int(parts[3])
+
+
+def materialize(spec: str, directory: str, *, seed: int = 0) -> str:
+  """Writes the dataset a spec names into `directory` (once; the file name holds spec and seed)."""
+  kind, split, n = parse_spec(spec)
+  path = os.path.join(directory, f"lab_{kind}_{split}_{n}_seed{seed}.jsonl")
+  if not os.path.exists(path):
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      for record in records(kind, split, n, seed=seed):
+        f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+  return path
