@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructgpt_jax import models, sharding
@@ -70,6 +70,24 @@ def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh: Mesh)
   )
 
 
+def param_shardings_for(model_cfg: models.ModelConfig, mesh: Mesh, rules, *, kind: str = "lm"):
+  """(graphdef, abstract params with shardings) of a model: shapes, dtypes and shardings, nothing allocated."""
+  graphdef, abstract_params = models.abstract(model_cfg, kind=kind)
+  names = sharding.logical_axes(abstract_params)
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_params))
+  shardings = sharding.tree_shardings(shapes, names, mesh, rules)
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # parameters are meant to be split: check they are
+    sharding.assert_large_params_sharded(shapes, shardings)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return graphdef, target
+
+
+def random_params(model_cfg: models.ModelConfig, target, key: jax.Array, *, kind: str = "lm"):
+  """A random initialization created shard by shard into `target`'s shardings (jitted with out_shardings)."""
+  shardings = jax.tree.map(lambda t: t.sharding, target)
+  return jax.jit(lambda key: models.init(model_cfg, key, kind=kind)[1], out_shardings=shardings)(key)
+
+
 def create_sharded(
   model_cfg: models.ModelConfig,
   tx: optax.GradientTransformation,
@@ -79,27 +97,29 @@ def create_sharded(
   *,
   kind: str = "lm",
   ema: bool = False,
-  init_params: Callable[[jax.Array], Any] | None = None,
+  load_params: Callable[[Any], Any] | None = None,
 ):
-  """(graphdef, state, shardings): a TrainState initialized directly into its shardings.
+  """(graphdef, state, shardings): a TrainState created directly in its shardings.
 
-  `init_params(rng)` replaces the random initialization (for example to load a checkpoint's params).
+  Parameters come from `load_params(target)` when given (a checkpoint restored into `target`, the abstract
+  params with shardings), else from a random initialization. Either way no host holds a whole model.
   """
-  graphdef, abstract_params = models.abstract(model_cfg, kind=kind)
-  names = sharding.logical_axes(abstract_params)
-  key = jax.random.PRNGKey(seed)
+  graphdef, target = param_shardings_for(model_cfg, mesh, rules, kind=kind)
+  params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+  if load_params is None:
+    params = random_params(model_cfg, target, params_key, kind=kind)
+  else:
+    params = load_params(target)
 
-  def init(key):
-    params_key, state_key = jax.random.split(key)
-    params = init_params(params_key) if init_params else models.init(model_cfg, params_key, kind=kind)[1]
-    return TrainState.create(params, tx, state_key, ema=ema)
+  def create(params, key):
+    return TrainState.create(params, tx, key, ema=ema)
 
-  abstract_state = jax.eval_shape(init, key)
-  param_shardings = sharding.tree_shardings(abstract_state.params, names, mesh, rules)
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # parameters are meant to be split: check they are
-    sharding.assert_large_params_sharded(abstract_state.params, param_shardings)
+  param_shardings = jax.tree.map(lambda t: t.sharding, target)
+  abstract_state = jax.eval_shape(create, target, state_key)
   shardings = state_shardings(abstract_state, param_shardings, tx, mesh)
-  state = jax.jit(init, out_shardings=shardings)(key)
+  state = jax.jit(create, in_shardings=(param_shardings, replicated(mesh)), out_shardings=shardings)(
+    params, state_key
+  )
   return graphdef, state, shardings
 
 

@@ -66,6 +66,18 @@ def pad_sft_example(example: dict[str, np.ndarray], seq_len: int, pad_id: int) -
   return row
 
 
+def lm_row(row: np.ndarray) -> dict[str, np.ndarray]:
+  """A packed pretraining row [seq_len + 1] in the SFT layout: every token a target, one segment."""
+  n = len(row) - 1
+  return {
+    "inputs": np.asarray(row[:-1], np.int32),
+    "targets": np.asarray(row[1:], np.int32),
+    "mask": np.ones(n, np.float32),
+    "segment_ids": np.ones(n, np.int32),
+    "positions": np.arange(n, dtype=np.int32),
+  }
+
+
 def rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """grain's packing output (each feature with its own `_segment_ids`/`_positions`) -> the SFT layout."""
   return {

@@ -107,13 +107,21 @@ def sft_batches(
   pack: bool = False,
   loss_on_prompt: bool = False,
   shuffle: bool = True,
+  mix_rows: np.ndarray | None = None,
+  mix_fraction: float = 0.0,
 ) -> IndexedBatches | StreamedBatches:
   """Demonstration batches: inputs, targets, mask, segment_ids, positions, each [batch_size, seq_len].
 
   pack=False: one example per row. pack=True: first-fit packing of several examples per row (each keeps its
   own segment id and positions from 0, so attention never crosses examples); fewer rows per epoch.
+
+  mix_fraction > 0 mixes packed pretraining rows (`mix_rows` [N, seq_len + 1]) into the stream: a fixed
+  interleave in which that fraction of all rows are pretraining text (InstructGPT's PPO-init SFT: 10%).
+  Unpacked batches then carry `kind` [batch_size] (0 demonstration, 1 pretraining).
   """
   _check_batch(batch_size, len(source), process_count)
+  if mix_fraction and pack:
+    raise DataError("data.pretrain_mix: mixing pretraining text into packed SFT rows is not supported; set pack=false")
 
   def example(i):
     record = source[i]
@@ -123,7 +131,12 @@ def sft_batches(
     len(source), seed=seed, process_index=process_index, process_count=process_count, shuffle=shuffle
   ).map(example)
   if not pack:
-    rows = examples.map(lambda e: batching.pad_sft_example(e, seq_len, pad_id))
+    rows = examples.map(lambda e: dict(batching.pad_sft_example(e, seq_len, pad_id), kind=np.int32(0)))
+    if mix_fraction:
+      text = host_stream(
+        len(mix_rows), seed=seed + 1, process_index=process_index, process_count=process_count, shuffle=shuffle
+      ).map(lambda i: dict(batching.lm_row(mix_rows[i]), kind=np.int32(1)))
+      rows = grain.MapDataset.mix([rows, text], weights=[1.0 - mix_fraction, mix_fraction])
     return IndexedBatches(rows.batch(batch_size, drop_remainder=True))
   # One packing round fills batch_size rows (bins); the example that fits none of them starts the next.
   stream = examples.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))

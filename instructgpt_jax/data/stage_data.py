@@ -11,7 +11,8 @@ The fields each function reads (docs/data.md lists them with defaults):
 * every stage: `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
   records of `train` when `eval` is empty), `data_dir` (where TFDS builds), `template` ("plain" | "chat"),
   `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
-* SFT: `seq_len`, `pack`, `loss_on_prompt`.   RM: `seq_len`, `max_responses`.
+* SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (fraction of rows) and `pretrain_corpus`
+  (as text.load_documents).   RM: `seq_len`, `max_responses`.
 * PPO: `max_prompt_len` (the paper: 1024), `prompt_buckets` (e.g. "64,128,256,512,1024").
 * pretraining from TFDS: `seq_len`, `eval_fraction`.
 """
@@ -108,6 +109,10 @@ def build_sft_data(
   dataset, train, evals = _build_splits("demonstrations", data_cfg, tokenizer, max_tokens=seq_len + 1)
   batch_size = _per_host(data_cfg, process_count)
   loss_on_prompt = bool(data_cfg.get("loss_on_prompt", False))
+  mix_fraction, mix_rows = float(data_cfg.get("pretrain_mix", 0.0)), None
+  if mix_fraction:
+    documents = text.load_documents(data_cfg["pretrain_corpus"], seed=seed)
+    mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
   batches = pipeline.sft_batches(
     train,
     batch_size=batch_size,
@@ -119,6 +124,8 @@ def build_sft_data(
     pack=bool(data_cfg.get("pack", False)),
     loss_on_prompt=loss_on_prompt,
     shuffle=bool(data_cfg.get("shuffle", True)),
+    mix_rows=mix_rows,
+    mix_fraction=mix_fraction,
   )
   collate = pipeline.sft_collate(seq_len=seq_len, pad_id=tokenizer.pad_id, loss_on_prompt=loss_on_prompt)
   return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count)
