@@ -29,6 +29,7 @@ def run_config(
   c.eval_every_steps = 0  # 0: evaluate only at the end
   c.progress_bar = True
   c.model = config_lib.model_section(size, **model_fields)
+  c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (trainers/model_io.py)
   # Device mesh (data, fsdp, tensor) within a slice; -1 takes the remaining devices. dcn_* multiply an axis
   # across slices (multi-slice TPU). docs/scaling.md says how to choose.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))

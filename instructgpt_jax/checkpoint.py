@@ -27,6 +27,14 @@ def _saved_tree(path: str) -> Any:
   return dict(getattr(metadata, "tree", metadata))
 
 
+def _restore_subtree(path: str, target: Any) -> Any:
+  """Restores the arrays `target` names (a subtree of what was saved) into `target`'s shardings."""
+  target = _abstract(target)
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+  args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+  return ocp.PyTreeCheckpointer().restore(path, args=args)
+
+
 def _on_first_device(tree: Any) -> Any:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
@@ -67,10 +75,7 @@ class Checkpointer:
     path = os.path.join(self.directory, str(step), "state")
     if target is None:
       target = _on_first_device(_saved_tree(path)["params"])
-    target = {"params": _abstract(target)}
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
+    return _restore_subtree(path, {"params": target})["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -98,12 +103,12 @@ def export_params(directory: str, params: Any, metadata: dict) -> None:
 
 def import_params(directory: str, target: Any | None = None) -> tuple[Any, dict]:
   """(params, metadata) from `export_params`. With `target` (arrays or ShapeDtypeStructs carrying
-  shardings) the params load straight into those shardings; without, onto this process's first device."""
+  shardings, possibly a subtree of what was saved) the params load straight into those shardings; without,
+  onto this process's first device."""
   directory = os.path.abspath(directory)
   if not os.path.isfile(os.path.join(directory, "metadata.json")):
     raise FileNotFoundError(f"{directory}: not an exported model (no metadata.json)")
   with open(os.path.join(directory, "metadata.json")) as f:
     metadata = json.load(f)
   path = os.path.join(directory, "params")
-  target = _abstract(target) if target is not None else _on_first_device(_saved_tree(path))
-  return ocp.StandardCheckpointer().restore(path, target), metadata
+  return _restore_subtree(path, target if target is not None else _on_first_device(_saved_tree(path))), metadata

@@ -88,6 +88,24 @@ def random_params(model_cfg: models.ModelConfig, target, key: jax.Array, *, kind
   return jax.jit(lambda key: models.init(model_cfg, key, kind=kind)[1], out_shardings=shardings)(key)
 
 
+def abstract_state(
+  model_cfg: models.ModelConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules,
+  *,
+  kind: str = "lm",
+  ema: bool = False,
+):
+  """(graphdef, abstract TrainState carrying shardings, the shardings): a restore target; nothing allocated."""
+  graphdef, target = param_shardings_for(model_cfg, mesh, rules, kind=kind)
+  param_shardings = jax.tree.map(lambda t: t.sharding, target)
+  abstract = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(0), ema=ema), target)
+  shardings = state_shardings(abstract, param_shardings, tx, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, shardings
+
+
 def create_sharded(
   model_cfg: models.ModelConfig,
   tx: optax.GradientTransformation,
@@ -104,23 +122,18 @@ def create_sharded(
   Parameters come from `load_params(target)` when given (a checkpoint restored into `target`, the abstract
   params with shardings), else from a random initialization. Either way no host holds a whole model.
   """
-  graphdef, target = param_shardings_for(model_cfg, mesh, rules, kind=kind)
+  graphdef, abstract, shardings = abstract_state(model_cfg, tx, mesh, rules, kind=kind, ema=ema)
   params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
   if load_params is None:
-    params = random_params(model_cfg, target, params_key, kind=kind)
+    params = random_params(model_cfg, abstract.params, params_key, kind=kind)
   else:
-    params = load_params(target)
-
-  def create(params, key):
-    return TrainState.create(params, tx, key, ema=ema)
-
-  param_shardings = jax.tree.map(lambda t: t.sharding, target)
-  abstract_state = jax.eval_shape(create, target, state_key)
-  shardings = state_shardings(abstract_state, param_shardings, tx, mesh)
-  state = jax.jit(create, in_shardings=(param_shardings, replicated(mesh)), out_shardings=shardings)(
-    params, state_key
+    params = load_params(abstract.params)
+  create = jax.jit(
+    lambda params, key: TrainState.create(params, tx, key, ema=ema),
+    in_shardings=(shardings.params, replicated(mesh)),
+    out_shardings=shardings,
   )
-  return graphdef, state, shardings
+  return graphdef, create(params, state_key), shardings
 
 
 def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, microbatches: int = 1):

@@ -78,8 +78,11 @@ def make_task(world: world_lib.World, rng: random.Random, family: str | None = N
     value = getattr(thing, field)
     one_word = rng.random() < 0.5
     prompt = f"{question} the {thing.name}?" + (" Answer in one word." if one_word else "")
-    sentence = {"color": f"The {thing.name} is {value}.", "place": f"The {thing.name} is in the {value}.",
-                "owner": f"{value} owns the {thing.name}."}[field]
+    sentence = {
+      "color": f"The {thing.name} is {value}.",
+      "place": f"The {thing.name} is in the {value}.",
+      "owner": f"{value} owns the {thing.name}.",
+    }[field]
     answer = value if one_word else sentence
     return Task("attribute", prompt + "\n", answer, (value.lower(),), one_word=one_word, mentions=(thing.name,))
   if family == "count":
@@ -108,8 +111,11 @@ def make_task(world: world_lib.World, rng: random.Random, family: str | None = N
     thing = rng.choice(world.things)
     other = rng.choice([thing.place, thing.owner, thing.color])
     prompt = f"Write a sentence about the {thing.name} that mentions {other if other[0].isupper() else 'the ' + other}."
-    answer = {thing.place: f"The {thing.name} is in the {other}.", thing.owner: f"{other} owns the {thing.name}.",
-              thing.color: f"The {thing.name} is {other}."}[other]
+    answer = {
+      thing.place: f"The {thing.name} is in the {other}.",
+      thing.owner: f"{other} owns the {thing.name}.",
+      thing.color: f"The {thing.name} is {other}.",
+    }[other]
     return Task("sentence", prompt + "\n", answer, (), mentions=(thing.name, other.lower()))
   raise ValueError(f"unknown task family {family!r}; choose from {FAMILIES}")
 

@@ -168,7 +168,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   values = lookup(model_cfg["size"]) if model_cfg.get("size") else {}
   for key, value in model_cfg.items():
-    if key == "size" or value is None:
+    if key in ("size", "init_from") or value is None:  # init_from: where the weights come from (trainers)
       continue
     if key not in fields:
       raise ValueError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")

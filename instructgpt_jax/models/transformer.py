@@ -14,6 +14,11 @@ therefore loads into either mode.
 Padding: `segment_ids` is 0 at padding and a positive id per packed example elsewhere. A token attends
 only to earlier (or the same) positions of its own segment. Position ids default to the padding-aware
 `cumsum(mask) - mask` (spec §8.2), so left padding does not change a sequence's logits.
+
+Incremental decoding (`prefill`, then `decode` one step at a time) runs the same layers against an explicit
+KVCache (models/kv_cache.py) and reproduces the full forward pass's hidden states under the same padding
+convention: the cache slots are the sequence's positions, and the mask and position ids are built from
+the cached segment ids exactly as `attention_mask` and `positions_from_mask` build them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instructgpt_jax.models.kv_cache import KV_CACHE_AXES, KVCache, empty_cache
 from instructgpt_jax.models.sizes import ModelConfig
 from instructgpt_jax.sharding import LOGICAL_AXES_KEY, constrain
 
@@ -126,16 +132,45 @@ class Attention(nnx.Module):
       **common,
     )
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
+  def _project(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, D], positions [B, T] -> q [B, T, N, H], k and v [B, T, K, H], RoPE applied (llama)."""
     q = constrain(self.query(x), BTNH)
     k = constrain(self.key(x), BTKH)
     v = constrain(self.value(x), BTKH)
     if self.cfg.family == "llama":
       q = apply_rope(q, positions, self.cfg.rope_theta)
       k = apply_rope(k, positions, self.cfg.rope_theta)
+    return q, k, v
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
+    q, k, v = self._project(x, positions)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
     return self.out(constrain(out, BTNH))
+
+  def decode(self, x, positions, mask, keys, values, layer, start):
+    """Attention of T new tokens at cache slots start..start+T-1 over the cache of this layer.
+
+    x [B, T, D]; positions [B, T]; mask bool [B, 1, T, W] over the first W cache slots; keys, values
+    [L, B, K, S, H], the whole stacked cache; layer and start: int or int32 scalar.
+    Returns (out [B, T, D], keys, values) with this layer's new keys and values written.
+    """
+    q, k, v = self._project(x, positions)
+
+    def write(cache, new):  # new [B, T, K, H] -> slots start.. of layer `layer`
+      new = jnp.swapaxes(new, 1, 2)[None].astype(cache.dtype)
+      return constrain(jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, start, 0)), KV_CACHE_AXES)
+
+    def read(cache):  # -> [B, W, K, H], the layout attention takes; XLA folds the transpose into the dots
+      window = mask.shape[-1]
+      return jnp.swapaxes(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False)[:, :, :window], 1, 2)
+
+    keys, values = write(keys, k), write(values, v)
+    # One query per row is a memory-bound matrix-vector product: a flash kernel gains nothing there, and
+    # cuDNN does not take every mask shape, so single-token steps use XLA's attention.
+    implementation = self.cfg.attention_impl if x.shape[1] > 1 else None
+    out = jax.nn.dot_product_attention(q, read(keys), read(values), mask=mask, implementation=implementation)
+    return self.out(constrain(out, BTNH)), keys, values
 
 
 class Mlp(nnx.Module):
@@ -180,6 +215,13 @@ class Block(nnx.Module):
     x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.resid_dropout, mlp_rng)
     return constrain(x, BTD)
 
+  def decode(self, x, positions, mask, keys, values, layer, start):
+    """The block against a KV cache (no dropout): see Attention.decode. Returns (x, keys, values)."""
+    attn_out, keys, values = self.attn.decode(self.attn_norm(x), positions, mask, keys, values, layer, start)
+    x = x + attn_out
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, BTD), keys, values
+
 
 _REMAT_POLICIES = {
   "full": None,  # save nothing; recompute the whole layer in the backward pass
@@ -192,6 +234,8 @@ class Transformer(nnx.Module):
   """Token embedding, `n_layers` blocks, final norm, and (with `lm_head`) the unembedding.
 
   Call: tokens [B, T] int -> (logits [B, T, V] float32 or None, hidden [B, T, D]).
+  Incremental decoding: `prefill` a prompt into a fresh KVCache, then `decode` new tokens against it;
+  both return final-norm hidden states, and `logits` turns the ones a caller needs into logits.
   """
 
   def __init__(self, cfg: ModelConfig, *, lm_head: bool = True, rngs: nnx.Rngs):
@@ -240,18 +284,81 @@ class Transformer(nnx.Module):
     segment_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
   ):
+    hidden = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, dropout_rng=dropout_rng)
+    return (self.logits(hidden) if self.lm_head else None), hidden
+
+  def hidden_states(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """The full forward pass up to the final norm: tokens [B, T] -> hidden [B, T, D].
+
+    For callers that need logits at a few positions only (teacher-forced scoring of a response), which
+    then cost [B, R, V] instead of [B, T, V].
+    """
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
       positions = positions_from_mask(segment_ids > 0)
+    x = self._embed(tokens, positions, segment_ids)
+    x = self._run_layers(x, positions, attention_mask(segment_ids), dropout_rng)
+    return self.final_norm(x)
+
+  def prefill(self, tokens: jax.Array, *, segment_ids: jax.Array, cache_length: int):
+    """Runs a left-padded prompt and caches its keys and values.
+
+    tokens, segment_ids: [B, P] (segment id 1 on real tokens, 0 on padding). cache_length: S >= P slots.
+    Returns (hidden [B, P, D], KVCache with `end` = P). hidden equals `hidden_states` of the same batch.
+    """
+    if cache_length < tokens.shape[1]:
+      raise ValueError(f"prefill: cache_length {cache_length} is shorter than the prompt ({tokens.shape[1]})")
+    cache = empty_cache(self.cfg, tokens.shape[0], cache_length)
+    return self._extend(tokens, segment_ids, cache, start=0)
+
+  def decode(self, tokens: jax.Array, cache: KVCache, *, segment_ids: jax.Array):
+    """Runs T new tokens at cache slots end..end+T-1 (T = 1 for a decode step).
+
+    tokens, segment_ids: [B, T] (segment id 0 for a row whose sequence has ended). Returns
+    (hidden [B, T, D], the cache with these tokens written and `end` advanced by T).
+    """
+    return self._extend(tokens, segment_ids, cache, start=cache.end)
+
+  def _extend(self, tokens, segment_ids, cache: KVCache, *, start):
+    """Writes tokens [B, T] at slots start.. of the cache and returns their hidden states [B, T, D].
+
+    A Python-int `start` (prefill) is static: attention then reads only the slots 0..start+T-1 written so
+    far, so prefilling costs what the full forward pass costs. A traced `start` reads all S slots (the
+    unwritten ones are masked out), which keeps one compiled decode step for every position.
+    """
+    new_tokens = tokens.shape[1]
+    # Positions continue each row's count of real tokens, the cumsum(mask) - mask rule of the full pass.
+    positions = cache.real_token_counts()[:, None] + positions_from_mask(segment_ids > 0)
+    cached_segments = constrain(
+      jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start)), ("batch", "length")
+    )
+    window = start + new_tokens if isinstance(start, int) else cache.length
+    key_segments = cached_segments[:, :window]
+    causal = jnp.arange(window)[None, :] <= start + jnp.arange(new_tokens)[:, None]  # [T, W]
+    same_segment = segment_ids[:, :, None] == key_segments[:, None, :]
+    real_key = (key_segments > 0)[:, None, :]
+    mask = (causal[None] & same_segment & real_key)[:, None]  # [B, 1, T, W]
+
+    x = self._embed(tokens, positions, segment_ids)
+    x, keys, values = self._run_layers_cached(x, positions, mask, cache.keys, cache.values, start)
+    cache = KVCache(keys=keys, values=values, segment_ids=cached_segments, end=cache.end + new_tokens)
+    return self.final_norm(x), cache
+
+  def _embed(self, tokens, positions, segment_ids):
     # Padding ids may lie outside the vocabulary (spec §8 row 2); a real id keeps the lookup finite.
     tokens = jnp.where(segment_ids > 0, tokens, 0)
     x = self.embed(tokens)
     if self.cfg.family == "gpt":
       x = x + self.pos_embed(positions)
-    x = self._run_layers(constrain(x, BTD), positions, attention_mask(segment_ids), dropout_rng)
-    hidden = self.final_norm(x)
-    return (self.logits(hidden) if self.lm_head else None), hidden
+    return constrain(x, BTD)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., V]."""
@@ -278,3 +385,27 @@ class Transformer(nnx.Module):
       params_i = jax.tree.map(lambda p: p[i], stacked)
       x = layer(x, params_i, None if layer_rngs is None else layer_rngs[i])
     return x
+
+  def _run_layers_cached(self, x, positions, mask, keys, values, start):
+    """The layer loop of `_extend`: each layer writes its slice of the stacked cache [L, B, K, S, H].
+
+    Under scan the cache rides in the carry and layer i updates it at index i in place, so a step reads
+    each layer's cache once and writes only the new slots (scanning over the cache as xs/ys would rewrite
+    all of it every step).
+    """
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(x, keys, values, params, index):
+      return nnx.merge(graphdef, params).decode(x, positions, mask, keys, values, index, start)
+
+    if self.cfg.scan_layers:
+
+      def body(carry, xs):
+        return layer(*carry, *xs), None
+
+      layer_indices = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+      (x, keys, values), _ = jax.lax.scan(body, (x, keys, values), (stacked, layer_indices))
+      return x, keys, values
+    for i in range(self.cfg.n_layers):
+      x, keys, values = layer(x, keys, values, jax.tree.map(lambda p: p[i], stacked), i)
+    return x, keys, values

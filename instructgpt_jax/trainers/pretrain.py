@@ -8,22 +8,18 @@ final evaluation and save.
 
 from __future__ import annotations
 
-import logging
-
 import jax
-import jax.numpy as jnp
-import optax
 
-from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
+from instructgpt_jax import checkpoint, optim, sharding, train_state
 from instructgpt_jax.data import text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import common
+from instructgpt_jax.trainers import common, lm_steps, model_io
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  model_cfg = models.resolve(config.model)
+  model_cfg, source = model_io.resolve(config.model)
   tokenizer = tokenizer_lib.load(config.data.tokenizer)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = sharding.rules_dict(config.sharding_rules)
@@ -41,45 +37,21 @@ def train(config, workdir: str) -> dict[str, float]:
     config.data, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
   )
   common.write_config(workdir, config)
+  model_io.write_model_json(workdir, "lm", model_cfg)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
-  # ---------------------------------------------------------------- sharded init
+  # ---------------------------------------------------------------- sharded init, or restore
   tx = optim.make_optimizer(config.optim, config.total_steps)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
-  graphdef, state, state_shardings = train_state.create_sharded(model_cfg, tx, config.seed, mesh, rules)
-  logging.info("model %s: %s parameters", config.model.size, f"{models.param_count(state.params):,}")
-
-  # ---------------------------------------------------------------- restore
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    data.set_state(data_state)
-    logging.info("resumed from step %d", int(state.step))
+  graphdef, state, state_shardings = model_io.init_or_resume(
+    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="lm", data=data
+  )
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
-  def loss_sums(params, batch, dropout_rng):
-    logits, _ = models.apply(graphdef, params, batch["inputs"], dropout_rng=dropout_rng)
-    nll_sum, count = losses.lm_loss_sum(logits, batch["targets"], batch["mask"])
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["mask"])
-    return nll_sum, {"count": count, "correct": correct}
-
-  def train_step(state, batch):
-    rng, dropout_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(
-      loss_sums, state.params, batch, dropout_rng, config.optim.microbatches
-    )
-    metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-    }
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
-
-  def eval_step(params, batch):
-    logits, _ = models.apply(graphdef, params, batch["inputs"])
-    return losses.lm_loss_sum(logits, batch["targets"], batch["mask"])
+  train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
+  eval_step = lm_steps.make_eval_step(graphdef)
 
   batch_sh = common.batch_sharding(mesh, rules)
   with sharding.use_mesh_rules(mesh, rules):

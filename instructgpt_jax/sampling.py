@@ -1,0 +1,366 @@
+"""KV-cached sampling and teacher-forced scoring, jit-compiled with static shapes.
+
+Generation (PPO rollouts, evaluation): prompts are left-padded to a prompt-length bucket, so every row's
+next token goes to the same cache slot. `generate` runs one prefill over the prompts, then a
+`lax.while_loop` that samples one token per step into a fixed [B, R] buffer (R a response-length bucket)
+against an explicit KVCache (models/kv_cache.py). A run therefore compiles one program per (prompt bucket,
+response bucket) pair, whatever the actual prompt and response lengths.
+
+Layout shared by the sampler and the scorers. For prompt tokens [B, P] with segment ids (1 real, 0 pad)
+and a response [B, R] with its mask, the sequence the model sees is `prompt ‖ response` with segment ids
+`prompt_segment_ids ‖ response_mask`, and position ids `cumsum(mask) - mask` (spec §8 rows 2-4). The
+response is right-padded: a row stops after emitting EOS (which is part of the response, mask 1) or at its
+length limit, and from then on holds `pad_id` with mask 0 and log-prob 0. A row whose prompt is all padding
+(a filler row of a global batch) produces no response at all.
+
+Log-prob semantics (spec §8 row 13). The sampler returns, for each sampled token y_t,
+
+    log softmax(z_t / T)[y_t]
+
+the log-probability under the temperature-scaled **full** distribution, which is exactly what the
+teacher-forced pass (`response_logprobs`, with the same T) recomputes, so PPO's first ratio is 1 and the
+sampler-vs-scorer gap it logs measures only numerical drift. With top-k or top-p the tokens are drawn from
+the truncated, renormalized distribution instead, so those log-probs are not the log-probs of the proposal
+that drew the tokens; the InstructGPT setting (T = 1, no truncation) has the two coincide. Greedy decoding
+takes the argmax and reports its log-prob under the same scaled distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from instructgpt_jax import losses, sharding
+from instructgpt_jax.models.heads import final_token_value
+from instructgpt_jax.models.kv_cache import KVCache
+
+BT = ("batch", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """How tokens are drawn. Frozen and hashable: a static argument of the jitted sampler.
+
+  eos_id: ends a row's response (and is part of it). pad_id: fills a row after it ended (any int; it is
+  never looked up). temperature: T > 0, divides the logits before everything else. top_k: keep the k most
+  likely tokens (0 = off; tokens tied with the k-th are kept too). top_p: keep the smallest set of most
+  likely tokens whose probability reaches p, after top-k (1 = off). greedy: take the argmax instead.
+  """
+
+  eos_id: int
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  def __post_init__(self):
+    if self.eos_id == self.pad_id:
+      raise ValueError(f"sampling: pad_id must differ from eos_id ({self.eos_id}), spec §8 row 2")
+    if not self.temperature > 0:
+      raise ValueError(f"sampling.temperature: {self.temperature} must be > 0 (use greedy=True for argmax)")
+    if self.top_k < 0:
+      raise ValueError(f"sampling.top_k: {self.top_k} must be >= 0 (0 = off)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"sampling.top_p: {self.top_p} must be in (0, 1] (1 = off)")
+
+
+class Rollout(NamedTuple):
+  """What `generate` returns, all [B, R] (R = the response bucket).
+
+  tokens: int32 response tokens, pad_id after the row ended. mask: int32, 1 on the real response tokens
+  (EOS included). logprobs: float32 log softmax(z/T) of each real token (module docstring), 0 elsewhere.
+  """
+
+  tokens: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+
+
+# ------------------------------------------------------------------------------------------ buckets
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= length. Raises a one-line error when none is long enough."""
+  fitting = [b for b in sorted(buckets) if b >= length]
+  if not fitting:
+    raise ValueError(f"sampling: length {length} exceeds the largest bucket {max(buckets)}")
+  return fitting[0]
+
+
+def left_pad(
+  prompts: Sequence[Sequence[int]], *, buckets: Sequence[int], pad_id: int, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to the bucket of the longest: (tokens, segment_ids), both int32 [B, P].
+
+  With `batch_size`, rows of pure padding are appended up to it (they produce empty responses), so the
+  batch dimension is static too.
+  """
+  batch = len(prompts) if batch_size is None else batch_size
+  if batch < len(prompts):
+    raise ValueError(f"sampling: {len(prompts)} prompts do not fit batch_size {batch}")
+  width = pick_bucket(max((len(p) for p in prompts), default=1), buckets)
+  tokens = np.full((batch, width), pad_id, np.int32)
+  segment_ids = np.zeros((batch, width), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[row, width - len(prompt) :] = prompt
+      segment_ids[row, width - len(prompt) :] = 1
+  return tokens, segment_ids
+
+
+# ------------------------------------------------------------------------------------------ drawing one token
+
+
+def truncate_logits(scaled_logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets every logit outside the top-k, then outside the top-p nucleus, to -inf. [..., V] -> [..., V].
+
+  top-p keeps token j (in descending order) while the probability mass before it, under the distribution
+  left by top-k, is below p; so the most likely token is always kept and ties at the cut are kept.
+  """
+  if top_k == 0 and top_p >= 1.0:
+    return scaled_logits
+  if top_k:
+    descending = jax.lax.top_k(scaled_logits, min(top_k, scaled_logits.shape[-1]))[0]
+  else:
+    descending = -jnp.sort(-scaled_logits, axis=-1)
+  threshold = descending[..., -1:]
+  if top_p < 1.0:
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    threshold = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(scaled_logits >= threshold, scaled_logits, -jnp.inf)
+
+
+def sample_tokens(logits: jax.Array, rng: jax.Array, settings: SamplingSettings) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row. logits [B, V] -> (tokens [B] int32, log-probs [B] float32, module docstring)."""
+  scaled = logits.astype(jnp.float32) / settings.temperature
+  if settings.greedy:
+    tokens = jnp.argmax(scaled, axis=-1)
+  else:
+    tokens = jax.random.categorical(rng, truncate_logits(scaled, top_k=settings.top_k, top_p=settings.top_p))
+  tokens = tokens.astype(jnp.int32)
+  # The same function the teacher-forced pass uses, so the two agree to rounding.
+  logprobs = losses.token_logprobs(logits[:, None], tokens[:, None], temperature=settings.temperature)[:, 0]
+  return tokens, logprobs
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def prefill(model, prompt_tokens: jax.Array, prompt_segment_ids: jax.Array, *, cache_length: int):
+  """The prompt pass. model: a merged Transformer; prompts [B, P]. -> (next-token logits [B, V], KVCache)."""
+  hidden, cache = model.prefill(prompt_tokens, segment_ids=prompt_segment_ids, cache_length=cache_length)
+  return model.logits(hidden[:, -1:])[:, 0], cache
+
+
+def decode_step(model, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache):
+  """One token per row at slot `cache.end`. tokens, segment_ids [B] -> (next-token logits [B, V], cache)."""
+  hidden, cache = model.decode(tokens[:, None], cache, segment_ids=segment_ids[:, None])
+  return model.logits(hidden)[:, 0], cache
+
+
+def generate(
+  graphdef,
+  params,
+  prompt_tokens: jax.Array,
+  prompt_segment_ids: jax.Array,
+  rng: jax.Array,
+  *,
+  settings: SamplingSettings,
+  max_new_tokens: int,
+  length_limit: jax.Array | None = None,
+) -> Rollout:
+  """Samples a response for every left-padded prompt. Trace under jit with `settings`, `max_new_tokens` static.
+
+  Args:
+    graphdef, params: a language model (`models.init(cfg, key)`).
+    prompt_tokens, prompt_segment_ids: [B, P] int, left-padded (`left_pad`); segment id 1 real, 0 pad.
+    rng: a PRNG key; step t draws with fold_in(rng, t), so a row's draws depend on nothing but the key.
+    settings: SamplingSettings.
+    max_new_tokens: R, the response buffer (a response-length bucket).
+    length_limit: optional int [B] or scalar: a row also stops after this many tokens (<= R), so a run can
+      ask for any length up to the bucket without compiling again.
+
+  Returns:
+    Rollout of [B, R] arrays.
+  """
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg
+  batch, prompt_length = prompt_tokens.shape
+  if cfg.family == "gpt" and prompt_length + max_new_tokens - 1 > cfg.max_len:
+    raise ValueError(
+      f"sampling: prompt bucket {prompt_length} + response bucket {max_new_tokens} exceeds the learned "
+      f"positions (max_len {cfg.max_len})"
+    )
+  prompt_tokens = sharding.constrain(prompt_tokens, BT)
+  prompt_segment_ids = sharding.constrain(prompt_segment_ids, BT)
+  limit = jnp.broadcast_to(max_new_tokens if length_limit is None else length_limit, (batch,))
+
+  # The last generated token is never fed back, so the cache needs P + R - 1 slots.
+  logits, cache = prefill(model, prompt_tokens, prompt_segment_ids, cache_length=prompt_length + max_new_tokens - 1)
+  first, first_logprob = sample_tokens(logits, jax.random.fold_in(rng, 0), settings)
+  active = jnp.any(prompt_segment_ids > 0, axis=-1) & (limit > 0)
+
+  def write(buffers, step, tokens, logprobs, active):
+    """Stores column `step` of the response buffers; inactive rows get pad, mask 0, log-prob 0."""
+    columns = (
+      jnp.where(active, tokens, settings.pad_id),
+      active.astype(jnp.int32),
+      jnp.where(active, logprobs, 0.0),
+    )
+    return Rollout(
+      *(
+        sharding.constrain(jax.lax.dynamic_update_slice_in_dim(buffer, column[:, None], step, axis=1), BT)
+        for buffer, column in zip(buffers, columns)
+      )
+    )
+
+  empty = Rollout(
+    tokens=jnp.full((batch, max_new_tokens), settings.pad_id, jnp.int32),
+    mask=jnp.zeros((batch, max_new_tokens), jnp.int32),
+    logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+  )
+  rollout = write(empty, 0, first, first_logprob, active)
+  # A row keeps going after step t if its token t was real, was not EOS, and t + 1 is under its limit.
+  running = active & (first != settings.eos_id) & (limit > 1)
+
+  def keep_going(carry):
+    step, _, _, running = carry
+    return (step < max_new_tokens) & jnp.any(running)
+
+  def step_fn(carry):
+    step, cache, rollout, running = carry
+    previous = jax.lax.dynamic_index_in_dim(rollout.tokens, step - 1, axis=1, keepdims=False)
+    previous_mask = jax.lax.dynamic_index_in_dim(rollout.mask, step - 1, axis=1, keepdims=False)
+    logits, cache = decode_step(model, previous, previous_mask, cache)
+    tokens, logprobs = sample_tokens(logits, jax.random.fold_in(rng, step), settings)
+    rollout = write(rollout, step, tokens, logprobs, running)
+    running = running & (tokens != settings.eos_id) & (step + 1 < limit)
+    return step + 1, cache, rollout, running
+
+  _, _, rollout, _ = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(1), cache, rollout, running))
+  return rollout
+
+
+# ------------------------------------------------------------------------------------------ teacher forcing
+
+
+def _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
+  """The sequence the model sees: tokens and segment ids [B, P + R] (module docstring)."""
+  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
+  segment_ids = jnp.concatenate([prompt_segment_ids, response_mask], axis=1).astype(jnp.int32)
+  return sharding.constrain(tokens, BT), sharding.constrain(segment_ids, BT)
+
+
+def response_logprobs(
+  graphdef,
+  params,
+  prompt_tokens: jax.Array,
+  prompt_segment_ids: jax.Array,
+  response_tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  temperature: float = 1.0,
+) -> jax.Array:
+  """Per-token log softmax(z/T)[y_t] of a given response under any language model (policy, reference).
+
+  prompt_*: [B, P] left-padded; response_*: [B, R] right-padded (the Rollout layout). Logits are computed
+  only at the R positions that predict response tokens. Returns [B, R] float32, 0 where the mask is 0.
+  """
+  model = nnx.merge(graphdef, params)
+  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
+  prompt_length = prompt_tokens.shape[1]
+  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
+  # Position P - 1 + t (the last prompt token, then response token t - 1) predicts response token t.
+  logits = model.logits(hidden[:, prompt_length - 1 : -1])
+  logprobs = losses.token_logprobs(logits, response_tokens, temperature=temperature)
+  return sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
+
+
+def response_values(
+  graphdef,
+  params,
+  prompt_tokens: jax.Array,
+  prompt_segment_ids: jax.Array,
+  response_tokens: jax.Array,
+  response_mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token values and the final-token score of a response under a scalar-head model (value, reward).
+
+  prompt_*: [B, P] left-padded; response_*: [B, R] right-padded. Returns (values [B, R], scores [B]),
+  float32: values[t] is read at the state before response token t (position P - 1 + t, spec §5.4 step 5),
+  0 where the mask is 0; scores[b] is read at the last real response token (EOS when the row ended
+  there, spec §8 row 7), 0 for an empty response.
+  """
+  model = nnx.merge(graphdef, params)
+  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
+  prompt_length = prompt_tokens.shape[1]
+  scalars, _ = model(tokens, segment_ids=segment_ids)
+  values = jnp.where(response_mask > 0, scalars[:, prompt_length - 1 : -1], 0.0)
+  scores = final_token_value(scalars[:, prompt_length:], response_mask)
+  return sharding.constrain(values, BT), sharding.constrain(scores, ("batch",))
+
+
+# ------------------------------------------------------------------------------------------ jit on a mesh
+
+
+def jit_on_mesh(fn: Callable, *, mesh: Mesh | None = None, rules=None, static_argnames=()) -> Callable:
+  """jax.jit of fn whose trace runs under `sharding.use_mesh_rules(mesh, rules)`.
+
+  Entering the rules inside the traced function (not around the jax.jit call) makes every logical
+  constraint apply whenever and wherever the function is first called. Without a mesh, a plain jit.
+  Inputs keep the shardings they arrive with (params sharded by their logical axes, batches over
+  data × fsdp); the constraints inside shard the KV cache and the outputs.
+  """
+  if mesh is None:
+    return jax.jit(fn, static_argnames=static_argnames)
+  rules = sharding.DEFAULT_RULES if rules is None else rules
+
+  @functools.wraps(fn)
+  def under_rules(*args, **kwargs):
+    with sharding.use_mesh_rules(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return jax.jit(under_rules, static_argnames=static_argnames)
+
+
+class Sampler:
+  """Jitted `generate` for one model structure, with response-length buckets.
+
+  A call compiles once per (prompt bucket, response bucket); asking for `max_new_tokens` between two
+  buckets runs the larger bucket with a per-row length limit, not a new program.
+  """
+
+  def __init__(
+    self,
+    graphdef,
+    settings: SamplingSettings,
+    *,
+    response_buckets: Sequence[int],
+    mesh: Mesh | None = None,
+    rules=None,
+  ):
+    self.settings = settings
+    self.response_buckets = tuple(sorted(response_buckets))
+    self._generate = jit_on_mesh(
+      functools.partial(generate, graphdef, settings=settings),
+      mesh=mesh,
+      rules=rules,
+      static_argnames=("max_new_tokens",),
+    )
+
+  def __call__(self, params, prompt_tokens, prompt_segment_ids, rng, *, max_new_tokens: int) -> Rollout:
+    """prompts [B, P] left-padded (a prompt bucket) -> Rollout of [B, bucket(max_new_tokens)] arrays."""
+    bucket = pick_bucket(max_new_tokens, self.response_buckets)
+    # A NumPy scalar is a traced argument: its value changes no compiled program.
+    limit = np.int32(max_new_tokens)
+    return self._generate(params, prompt_tokens, prompt_segment_ids, rng, max_new_tokens=bucket, length_limit=limit)

@@ -1,0 +1,75 @@
+"""The language-model step shared by pretraining and SFT: masked next-token loss, exact accumulation.
+
+Batches hold `inputs`, `targets`, `mask` [B, L] and optionally `segment_ids`, `positions` [B, L] (padding
+and packing) and `kind` [B] (SFT with a pretraining mix: 0 demonstration, 1 pretraining row).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from instructgpt_jax import losses, models, train_state
+
+
+def forward_logits(graphdef, params, batch, dropout_rng=None):
+  logits, _ = models.apply(
+    graphdef,
+    params,
+    batch["inputs"],
+    positions=batch.get("positions"),
+    segment_ids=batch.get("segment_ids"),
+    dropout_rng=dropout_rng,
+  )
+  return logits
+
+
+def loss_sums(graphdef, params, batch, dropout_rng=None):
+  """(Σ NLL over the masked tokens, sums): token count, correct argmax predictions, and per-kind sums."""
+  logits = forward_logits(graphdef, params, batch, dropout_rng)
+  nll_sum, count = losses.lm_loss_sum(logits, batch["targets"], batch["mask"])
+  correct = jnp.sum(jnp.where(batch["mask"] > 0, jnp.argmax(logits, -1) == batch["targets"], False))
+  sums = {"count": count, "correct": correct.astype(jnp.float32)}
+  if "kind" in batch:  # the same log-softmax as above (XLA computes it once), split by row kind
+    is_pretraining = (batch["kind"] == 1)[:, None]
+    ptx_sum, ptx_count = losses.lm_loss_sum(logits, batch["targets"], batch["mask"] * is_pretraining)
+    sums.update(ptx_nll=ptx_sum, ptx_count=ptx_count, demo_nll=nll_sum - ptx_sum, demo_count=count - ptx_count)
+  return nll_sum, sums
+
+
+def make_train_step(graphdef, model_cfg: models.ModelConfig, tx, lr_schedule, *, microbatches: int = 1):
+  """train_step(state, batch) -> (state, metrics) for train_state.jit_step."""
+  use_dropout = model_cfg.resid_dropout > 0
+
+  def train_step(state: train_state.TrainState, batch):
+    rng, dropout_rng = jax.random.split(state.rng)
+    loss, sums, grads = train_state.microbatched_grads(
+      lambda p, b, r: loss_sums(graphdef, p, b, r if use_dropout else None),
+      state.params,
+      batch,
+      dropout_rng,
+      microbatches,
+    )
+    metrics = {
+      "loss": loss,
+      "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
+    if "ptx_count" in sums:
+      metrics["demo_loss"] = sums["demo_nll"] / jnp.maximum(sums["demo_count"], 1.0)
+      metrics["ptx_loss"] = sums["ptx_nll"] / jnp.maximum(sums["ptx_count"], 1.0)
+      metrics["ptx_fraction"] = jnp.mean(batch["kind"] == 1)
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """eval_step(params, batch) -> (Σ NLL, token count): sums, so evaluation over batches is exact."""
+
+  def eval_step(params, batch):
+    return losses.lm_loss_sum(forward_logits(graphdef, params, batch), batch["targets"], batch["mask"])
+
+  return eval_step

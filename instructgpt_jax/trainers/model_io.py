@@ -1,0 +1,145 @@
+"""Handing models between stages: which model a stage starts from, and what it leaves for the next.
+
+`model.init_from` names the starting point of a stage:
+  ""            a random initialization of `model.size`;
+  <workdir>     the newest checkpoint of an earlier stage's run (its `model.json` says kind and shape);
+  <directory>   an exported model (`metadata.json` + `params/`, see `export`);
+  hf:<path>     a HuggingFace model folder (models/hf.py).
+The architecture comes from the source; the current config may change only how the model runs (dtype,
+dropout, remat, scan), never its shape. A language model can start a scalar model (the RM starts from the
+SFT model: the trunk is loaded, the unembedding dropped, the scalar head initialized fresh, spec §4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+
+from instructgpt_jax import checkpoint, models, train_state
+from instructgpt_jax.trainers.common import ConfigError
+
+SHAPE_FIELDS = (
+  "family",
+  "vocab_size",
+  "n_layers",
+  "d_model",
+  "n_heads",
+  "n_kv_heads",
+  "d_head",
+  "d_ff",
+  "max_len",
+  "tied_embeddings",
+  "rope_theta",
+  "norm_eps",
+)
+NOT_MODEL_FIELDS = ("size", "init_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  kind: str  # "lm" or "scalar"
+  config: models.ModelConfig
+  path: str
+  exported: bool  # an exported model directory, else a training workdir
+  metadata: dict
+
+
+def read_source(init_from: str) -> Source | None:
+  """What `model.init_from` points at, or None for a random initialization."""
+  if not init_from:
+    return None
+  if init_from.startswith("hf:"):
+    raise ConfigError(f"model.init_from: {init_from}: HuggingFace import is not available yet (models/hf.py)")
+  path = os.path.abspath(init_from)
+  for name, exported in (("metadata.json", True), ("model.json", False)):
+    if os.path.isfile(os.path.join(path, name)):
+      with open(os.path.join(path, name)) as f:
+        info = json.load(f)
+      return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info)
+  raise ConfigError(f"model.init_from: {init_from} is neither a run's workdir (model.json) nor an exported model")
+
+
+def resolve(model_section) -> tuple[models.ModelConfig, Source | None]:
+  """The stage's ModelConfig: the source's shape with this config's runtime fields on top."""
+  section = {k: v for k, v in dict(model_section).items() if k not in NOT_MODEL_FIELDS}
+  source = read_source(model_section.get("init_from", ""))
+  if source is None:
+    return models.resolve({**section, "size": model_section["size"]}), None
+  fields = dataclasses.asdict(source.config)
+  for key, value in section.items():
+    if value is None:
+      continue
+    if key in SHAPE_FIELDS and value != fields[key]:
+      raise ConfigError(f"model.{key}: {value} differs from the model in {source.path} ({fields[key]})")
+    fields[key] = value
+  return models.ModelConfig(**fields), source
+
+
+def load(source: Source, kind: str, target, model_cfg: models.ModelConfig, seed: int) -> Any:
+  """Params of `kind` restored from `source` into `target` (abstract params with shardings)."""
+  if source.kind == kind:
+    return _restore(source, target)
+  if source.kind == "lm" and kind == "scalar":
+    trunk = _restore(source, target["transformer"])
+    head = train_state.random_params(model_cfg, target, jax.random.PRNGKey(seed), kind="scalar")["head"]
+    return {"transformer": trunk, "head": head}
+  raise ConfigError(f"model.init_from: a {source.kind} model cannot start a {kind} model")
+
+
+def _restore(source: Source, target) -> Any:
+  if source.exported:
+    return checkpoint.import_params(source.path, target)[0]
+  return checkpoint.Checkpointer(source.path).restore_params(target=target)
+
+
+def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig) -> None:
+  """Records what this run trains, so a later stage can start from its workdir."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "model.json"), "w") as f:
+      json.dump({"kind": kind, "model": dataclasses.asdict(model_cfg)}, f, indent=2)
+
+
+def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **extra) -> None:
+  """An exported model: params plus metadata (kind, model config, and extras such as the reward bias)."""
+  checkpoint.export_params(directory, params, {"kind": kind, "model": dataclasses.asdict(model_cfg), **extra})
+
+
+def init_or_resume(
+  ckpt: checkpoint.Checkpointer,
+  model_cfg,
+  source: Source | None,
+  tx,
+  mesh,
+  rules,
+  *,
+  seed: int,
+  kind: str,
+  data=None,
+  ema: bool = False,
+):
+  """(graphdef, state, shardings): resumed from this run's newest checkpoint (with the data iterator's
+  state), or else created from `model.init_from` (or randomly). Resuming allocates nothing twice."""
+  if ckpt.latest_step() is not None:
+    graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules, kind=kind, ema=ema)
+    state, data_state = ckpt.restore(abstract)
+    if data is not None:
+      data.set_state(data_state)
+    logging.info("resumed from step %d of %s", int(state.step), ckpt.directory)
+    return graphdef, state, shardings
+  load_params = None if source is None else (lambda target: load(source, kind, target, model_cfg, seed))
+  graphdef, state, shardings = train_state.create_sharded(
+    model_cfg, tx, seed, mesh, rules, kind=kind, ema=ema, load_params=load_params
+  )
+  logging.info(
+    "%s model: %s parameters, from %s",
+    kind,
+    f"{models.param_count(state.params):,}",
+    source.path if source else "a random initialization",
+  )
+  return graphdef, state, shardings
