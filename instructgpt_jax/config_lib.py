@@ -13,6 +13,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from instructgpt_jax import errors
 from instructgpt_jax.models.sizes import ModelConfig
 
 
@@ -22,13 +23,13 @@ def _convert(key: str, value: str, default):
       return True
     if value.lower() in ("0", "false", "no"):
       return False
-    raise ValueError(f"config arg {key}: {value!r} is not a boolean")
+    raise errors.ConfigError(f"config arg {key}: {value!r} is not a boolean")
   if default is None or isinstance(default, str):
     return value
   try:
     return type(default)(value)
   except ValueError:
-    raise ValueError(f"config arg {key}: {value!r} is not a {type(default).__name__}") from None
+    raise errors.ConfigError(f"config arg {key}: {value!r} is not a {type(default).__name__}") from None
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -37,7 +38,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"config arg {key!r}: not one of {sorted(defaults)}")
+      raise errors.ConfigError(f"config arg {key!r}: not one of {sorted(defaults)}")
     out[key] = _convert(key, value if "=" in item else "true", defaults[key])
   return ml_collections.ConfigDict(out)
 

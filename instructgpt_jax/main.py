@@ -15,6 +15,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from instructgpt_jax import errors
+
 # Config files import `configs.common`; make the repository root importable when run from it.
 sys.path.insert(0, os.getcwd())
 
@@ -23,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "rm")
 
 
 DISTRIBUTED_MODES = ("off", "auto", "manual")
@@ -32,12 +34,12 @@ DISTRIBUTED_MODES = ("off", "auto", "manual")
 def initialize_distributed(dist) -> None:
   """jax.distributed.initialize from the config's `distributed` section (before any device is touched)."""
   if dist.mode not in DISTRIBUTED_MODES:
-    raise ValueError(f"config.distributed.mode: {dist.mode!r} is not one of {DISTRIBUTED_MODES}")
+    raise errors.ConfigError(f"config.distributed.mode: {dist.mode!r} is not one of {DISTRIBUTED_MODES}")
   if dist.mode == "auto":  # TPU VMs, SLURM and other clusters JAX detects by itself
     jax.distributed.initialize()
   elif dist.mode == "manual":
     if not dist.coordinator_address:
-      raise ValueError("config.distributed.coordinator_address: required with mode=manual (host:port)")
+      raise errors.ConfigError("config.distributed.coordinator_address: required with mode=manual (host:port)")
     jax.distributed.initialize(
       coordinator_address=dist.coordinator_address, num_processes=dist.num_processes, process_id=dist.process_id
     )
@@ -46,7 +48,7 @@ def initialize_distributed(dist) -> None:
 def run(config, workdir: str):
   """Runs the stage named by `config.stage` in `workdir`; returns that stage's final metrics."""
   if config.stage not in STAGES:
-    raise ValueError(f"config.stage: {config.stage!r} is not one of {STAGES}")
+    raise errors.ConfigError(f"config.stage: {config.stage!r} is not one of {STAGES}")
   if config.get("distributed") and not jax.distributed.is_initialized():
     initialize_distributed(config.distributed)
   trainer = importlib.import_module(f"instructgpt_jax.trainers.{config.stage}")
@@ -59,7 +61,11 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   # Orbax reports every save step at INFO; keep its warnings and errors only.
   logging.getLogger("absl").addFilter(lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
-  final = run(_CONFIG.value, _WORKDIR.value)
+  try:
+    final = run(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:  # bad input: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print("final: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from instructgpt_jax import errors
+
 SCHEDULES = ("cosine", "constant", "linear")
 NO_DECAY_LEAVES = ("bias", "scale")  # parameter names (last path key) that weight decay skips
 
@@ -24,7 +26,7 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
   """Learning rate per optimizer step from an `optim` config section."""
   peak, warmup = cfg.lr, cfg.warmup_steps
   if cfg.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule: {cfg.schedule!r} is not one of {SCHEDULES}")
+    raise errors.ConfigError(f"optim.schedule: {cfg.schedule!r} is not one of {SCHEDULES}")
   init = peak * cfg.warmup_init_fraction
   warm = optax.linear_schedule(init, peak, warmup) if warmup else None
   decay_steps = max(total_steps - warmup, 1)

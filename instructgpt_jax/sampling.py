@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from instructgpt_jax import losses, sharding
+from instructgpt_jax import errors, losses, sharding
 from instructgpt_jax.models.heads import final_token_value
 from instructgpt_jax.models.kv_cache import KVCache
 
@@ -64,13 +64,13 @@ class SamplingSettings:
 
   def __post_init__(self):
     if self.eos_id == self.pad_id:
-      raise ValueError(f"sampling: pad_id must differ from eos_id ({self.eos_id}), spec §8 row 2")
+      raise errors.ConfigError(f"sampling: pad_id must differ from eos_id ({self.eos_id}), spec §8 row 2")
     if not self.temperature > 0:
-      raise ValueError(f"sampling.temperature: {self.temperature} must be > 0 (use greedy=True for argmax)")
+      raise errors.ConfigError(f"sampling.temperature: {self.temperature} must be > 0 (use greedy=True for argmax)")
     if self.top_k < 0:
-      raise ValueError(f"sampling.top_k: {self.top_k} must be >= 0 (0 = off)")
+      raise errors.ConfigError(f"sampling.top_k: {self.top_k} must be >= 0 (0 = off)")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"sampling.top_p: {self.top_p} must be in (0, 1] (1 = off)")
+      raise errors.ConfigError(f"sampling.top_p: {self.top_p} must be in (0, 1] (1 = off)")
 
 
 class Rollout(NamedTuple):
@@ -92,7 +92,7 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
   """The smallest bucket >= length. Raises a one-line error when none is long enough."""
   fitting = [b for b in sorted(buckets) if b >= length]
   if not fitting:
-    raise ValueError(f"sampling: length {length} exceeds the largest bucket {max(buckets)}")
+    raise errors.ConfigError(f"sampling: length {length} exceeds the largest bucket {max(buckets)}")
   return fitting[0]
 
 
@@ -106,7 +106,7 @@ def left_pad(
   """
   batch = len(prompts) if batch_size is None else batch_size
   if batch < len(prompts):
-    raise ValueError(f"sampling: {len(prompts)} prompts do not fit batch_size {batch}")
+    raise errors.ConfigError(f"sampling: {len(prompts)} prompts do not fit batch_size {batch}")
   width = pick_bucket(max((len(p) for p in prompts), default=1), buckets)
   tokens = np.full((batch, width), pad_id, np.int32)
   segment_ids = np.zeros((batch, width), np.int32)
@@ -184,7 +184,8 @@ def generate(
   Args:
     graphdef, params: a language model (`models.init(cfg, key)`).
     prompt_tokens, prompt_segment_ids: [B, P] int, left-padded (`left_pad`); segment id 1 real, 0 pad.
-    rng: a PRNG key; step t draws with fold_in(rng, t), so a row's draws depend on nothing but the key.
+    rng: a PRNG key; step t draws with fold_in(rng, t) (no RNG state: the same key and batch give the same
+      rollout).
     settings: SamplingSettings.
     max_new_tokens: R, the response buffer (a response-length bucket).
     length_limit: optional int [B] or scalar: a row also stops after this many tokens (<= R), so a run can
@@ -197,7 +198,7 @@ def generate(
   cfg = model.cfg
   batch, prompt_length = prompt_tokens.shape
   if cfg.family == "gpt" and prompt_length + max_new_tokens - 1 > cfg.max_len:
-    raise ValueError(
+    raise errors.ConfigError(
       f"sampling: prompt bucket {prompt_length} + response bucket {max_new_tokens} exceeds the learned "
       f"positions (max_len {cfg.max_len})"
     )
@@ -210,12 +211,12 @@ def generate(
   first, first_logprob = sample_tokens(logits, jax.random.fold_in(rng, 0), settings)
   active = jnp.any(prompt_segment_ids > 0, axis=-1) & (limit > 0)
 
-  def write(buffers, step, tokens, logprobs, active):
-    """Stores column `step` of the response buffers; inactive rows get pad, mask 0, log-prob 0."""
+  def write(buffers, step, tokens, logprobs, real):
+    """Stores column `step` of the response buffers; rows not `real` get pad, mask 0, log-prob 0."""
     columns = (
-      jnp.where(active, tokens, settings.pad_id),
-      active.astype(jnp.int32),
-      jnp.where(active, logprobs, 0.0),
+      jnp.where(real, tokens, settings.pad_id),
+      real.astype(jnp.int32),
+      jnp.where(real, logprobs, 0.0),
     )
     return Rollout(
       *(

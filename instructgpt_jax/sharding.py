@@ -20,6 +20,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from instructgpt_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES_KEY = "logical_axes"  # the nnx.Variable metadata key that holds a parameter's axis names
 
@@ -67,7 +69,7 @@ def logical_to_spec(
       spec.append(None)
       continue
     if name not in rules:
-      raise ValueError(f"sharding: logical axis {name!r} has no rule; rules cover {sorted(rules)}")
+      raise errors.ConfigError(f"sharding: logical axis {name!r} has no rule; rules cover {sorted(rules)}")
     axes = rules[name]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     kept = []
@@ -131,14 +133,14 @@ def _fill(sizes: dict[str, int], n_devices: int, what: str) -> dict[str, int]:
   sizes = dict(sizes)
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh: at most one {what} axis may be -1, got {sizes}")
+    raise errors.ConfigError(f"mesh: at most one {what} axis may be -1, got {sizes}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if n_devices % known:
-      raise ValueError(f"mesh: {what} sizes {sizes} do not divide {n_devices} devices")
+      raise errors.ConfigError(f"mesh: {what} sizes {sizes} do not divide {n_devices} devices")
     sizes[free[0]] = n_devices // known
   if math.prod(sizes.values()) != n_devices:
-    raise ValueError(
+    raise errors.ConfigError(
       f"mesh: {what} sizes {sizes} need {math.prod(sizes.values())} devices, but {n_devices} are present"
     )
   return sizes
@@ -157,11 +159,11 @@ def make_mesh(mesh_cfg: dict[str, int] | Sequence[int], devices: Sequence[jax.De
     mesh_cfg = dict(zip(MESH_AXES, mesh_cfg))
   unknown = set(mesh_cfg) - set(MESH_AXES) - {f"dcn_{a}" for a in MESH_AXES}
   if unknown:
-    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; use {MESH_AXES} and dcn_<axis>")
+    raise errors.ConfigError(f"mesh: unknown axes {sorted(unknown)}; use {MESH_AXES} and dcn_<axis>")
   dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
   n_slices = math.prod(dcn.values())
   if len(devices) % n_slices:
-    raise ValueError(f"mesh: {len(devices)} devices do not split into {n_slices} slices (dcn sizes {dcn})")
+    raise errors.ConfigError(f"mesh: {len(devices)} devices do not split into {n_slices} slices (dcn sizes {dcn})")
   ici = _fill({a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}, len(devices) // n_slices, "ici")
   ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
   if n_slices == 1:

@@ -78,6 +78,19 @@ def lm_row(row: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
+def sequence_rows(records: list[dict], *, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Demonstrations as whole sequences prompt ‖ response ‖ EOS, right-padded: tokens, segment_ids [N, seq_len].
+
+  The layout of a comparison row, so a reward model scores a demonstration exactly as a ranked response.
+  """
+  tokens = np.full((len(records), seq_len), pad_id, np.int32)
+  segment_ids = np.zeros((len(records), seq_len), np.int32)
+  for i, record in enumerate(records):
+    row = np.concatenate([_ids(record["prompt_ids"]), _ids(record["response_ids"])])
+    tokens[i, : len(row)], segment_ids[i, : len(row)] = row, 1
+  return {"tokens": tokens, "segment_ids": segment_ids}
+
+
 def rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """grain's packing output (each feature with its own `_segment_ids`/`_positions`) -> the SFT layout."""
   return {

@@ -25,14 +25,15 @@ import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
+from instructgpt_jax import errors
+
 KINDS = ("demonstrations", "comparisons", "prompts", "text")
 ON_ERROR = ("raise", "skip")
 HH_ASSISTANT_TURN = "\n\nAssistant:"
 MAX_LISTED_ERRORS = 20  # a report lists this many skipped lines in full and counts the rest
 
 
-class DataError(ValueError):
-  """Bad input, reported as one line `file:line: field: problem`."""
+DataError = errors.DataError  # bad input, reported as one line `file:line: field: problem`
 
 
 class FieldError(ValueError):

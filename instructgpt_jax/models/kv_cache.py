@@ -6,8 +6,9 @@ stack and each layer writes its new slots in place at its own index; unrolled la
 static index, so one cache layout serves both modes.
 
 kv_heads sits before the slots so that (batch, kv head) are the leading batch dimensions of the attention
-dots: with [B, S, K, H] XLA transposes every layer's whole cache into that order on every step (a full
-extra read and write of the cache; 2.7x slower steps at batch 64 on CPU, benchmarks/RESULTS.md).
+dots: with [B, S, K, H] the compiled step transposes every layer's whole cache into that order on every
+step, an extra read and write of the cache (about 2x slower steps for `mini` at batch 64 on CPU,
+benchmarks/RESULTS.md).
 
 A cache holds one sequence per row, laid out in slots 0..S-1 exactly as the full forward pass would see
 it: left padding first (segment id 0), then the prompt and the generated tokens (segment id 1). `end` is

@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from instructgpt_jax import errors
+
 FAMILIES = ("gpt", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -46,17 +48,17 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f"model.family: {self.family!r} is not one of {FAMILIES}")
+      raise errors.ConfigError(f"model.family: {self.family!r} is not one of {FAMILIES}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+      raise errors.ConfigError(f"model.remat: {self.remat!r} is not one of {REMAT_POLICIES}")
     if self.n_heads % self.kv_heads:
-      raise ValueError(f"model.n_kv_heads: {self.kv_heads} does not divide n_heads={self.n_heads}")
+      raise errors.ConfigError(f"model.n_kv_heads: {self.kv_heads} does not divide n_heads={self.n_heads}")
     if self.d_head is None and self.d_model % self.n_heads:
-      raise ValueError(f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model}; set d_head")
+      raise errors.ConfigError(f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model}; set d_head")
     if self.family == "llama" and self.head_dim % 2:
-      raise ValueError(f"model.d_head: RoPE needs an even head size, got {self.head_dim}")
+      raise errors.ConfigError(f"model.d_head: RoPE needs an even head size, got {self.head_dim}")
     if not 0.0 <= self.resid_dropout < 1.0:
-      raise ValueError(f"model.resid_dropout: {self.resid_dropout} is not in [0, 1)")
+      raise errors.ConfigError(f"model.resid_dropout: {self.resid_dropout} is not in [0, 1)")
 
   @property
   def kv_heads(self) -> int:
@@ -155,7 +157,7 @@ def lookup(name: str) -> dict[str, Any]:
   """The field dict of a named size (aliases resolved). Raises a one-line error naming the choices."""
   key = ALIASES.get(name, name)
   if key not in SIZES:
-    raise ValueError(f"model.size: unknown size {name!r}; choose one of {', '.join(size_names())}")
+    raise errors.ConfigError(f"model.size: unknown size {name!r}; choose one of {', '.join(size_names())}")
   return dict(SIZES[key])
 
 
@@ -171,13 +173,13 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
     if key in ("size", "init_from") or value is None:  # init_from: where the weights come from (trainers)
       continue
     if key not in fields:
-      raise ValueError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")
+      raise errors.ConfigError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")
     values[key] = value
   missing = [
     f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING and f.name not in values
   ]
   if missing:
-    raise ValueError(f"model: set model.size or the fields {', '.join(missing)}")
+    raise errors.ConfigError(f"model: set model.size or the fields {', '.join(missing)}")
   return ModelConfig(**values)
 
 

@@ -11,12 +11,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import checkpoint, sharding
+from instructgpt_jax import checkpoint, errors, sharding
 from instructgpt_jax import metrics as metrics_lib
 
-
-class ConfigError(ValueError):
-  """A config that cannot run (on this mesh, with this data), reported in one line before any compile."""
+ConfigError = errors.ConfigError
 
 
 def check(condition: bool, message: str) -> None:
@@ -36,15 +34,34 @@ def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
   )
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, length, ...] array: the batch over data × fsdp, the rest replicated."""
-  names = ("batch",) + (None,) * (ndim - 1)
-  return NamedSharding(mesh, sharding.logical_to_spec(names, rules))
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of any [batch, ...] array: the batch over data × fsdp, the other axes replicated."""
+  return NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
   """Host-local numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v) for k, v in batch.items()}
+  sharded = batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(sharded, v) for k, v in batch.items()}
+
+
+def resolve_lab_files(data_cfg, directory: str, *, seed: int):
+  """A copy of a `data` section whose `lab:<kind>:<split>:<n>` file specs are written out as JSONL files."""
+  from instructgpt_jax.lab import datasets
+
+  data_cfg = data_cfg.copy_and_resolve_references()
+  for key in ("train", "eval", "bias_demonstrations"):
+    value = data_cfg.get(key)
+    if isinstance(value, str) and value.startswith("lab:"):
+      data_cfg[key] = datasets.materialize(value, directory, seed=seed)
+  return data_cfg
+
+
+def steps_for_epochs(config, n_examples: int) -> int:
+  """config.total_steps when positive, else ceil(epochs × examples / global batch)."""
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, -(-int(config.epochs * n_examples) // config.data.batch_size))
 
 
 def write_config(workdir: str, config) -> None:
@@ -151,3 +168,13 @@ class LoopIO:
     self.ckpt.close()
     self.writer.close()
     return False
+
+
+def print_summary(stage: str, row: dict[str, float], **extra) -> None:
+  """The one-screen summary a stage ends with (process 0)."""
+  if jax.process_index() != 0:
+    return
+  lines = [f"== {stage}: done =="]
+  lines += [f"  {k:<24} {v:.6g}" if isinstance(v, float) else f"  {k:<24} {v}" for k, v in sorted(row.items())]
+  lines += [f"  {k:<24} {v:.6g}" if isinstance(v, float) else f"  {k:<24} {v}" for k, v in extra.items()]
+  print("\n".join(lines), flush=True)

@@ -1,0 +1,74 @@
+"""Stage 2: the reward model, trained with the K-wise ranking loss (InstructGPT Eq. 1, spec §4).
+
+Paper values by default: one 6B RM (the GPT-3 6.7B shape) started from the SFT model, 1 epoch, Adam
+(0.9, 0.95), lr 9e-6 with a cosine schedule to 10%, batch 64 prompts with all of a prompt's K = 4..9
+responses in one batch element (at most 64 × C(9,2) = 2,304 comparisons), no dropout; afterwards a bias
+so that the labeler demonstrations score 0 on average.
+
+    python -m instructgpt_jax.main --config=configs/rm.py --workdir=W_RM \
+        --config.model.init_from=W_SFT --config.data.train='comparisons/*.jsonl' \
+        --config.data.bias_demonstrations='demonstrations/train*.jsonl' --config.data.tokenizer=tokenizer.json
+Test / demo variant on the lab's synthetic comparisons (known scoring rule), a few minutes on CPU:
+    python -m instructgpt_jax.main --config=configs/rm.py:tiny --workdir=W_RM --config.model.init_from=W_SFT
+"""
+
+import ml_collections
+
+from configs import common
+from instructgpt_jax import config_lib
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, size="6b", tiny=False)
+  c = common.run_config(
+    stage="rm",
+    size="tiny" if a.tiny else a.size,
+    total_steps=0,  # 0: derived from epochs and the number of training prompts
+    checkpoint_every_steps=100,
+    log_every_steps=10,
+    dtype="bfloat16",
+    param_dtype="float32",
+    resid_dropout=0.0,  # RM trained without dropout (spec §4.3)
+  )
+  c.epochs = 1  # more epochs overfit quickly (spec §4.1)
+  c.eval_every_steps = 100
+  c.data = ml_collections.ConfigDict(
+    dict(
+      train="",  # comparison JSONL files (K-wise or HH-RLHF pairwise), or lab:comparisons:train:N
+      eval="",
+      eval_examples=0,  # with no eval files: hold out the last N training prompts
+      bias_demonstrations="",  # demonstrations whose mean reward becomes 0 (the SFT training set, spec §4.1)
+      data_dir="",  # where TFDS builds go; "" = <workdir>/tfds
+      tokenizer="bytes",
+      template="plain",
+      on_error="raise",
+      batch_size=64,  # prompts per batch, each with all of its K responses
+      seq_len=2048,  # prompt (<= 1k) + response (<= 1k) tokens (spec §2)
+      max_responses=9,  # K = 4..9 in the paper
+      eval_batches=0,  # 0: the whole eval split
+    )
+  )
+  c.optim = common.optim_config(lr=9e-6, schedule="cosine", final_lr_fraction=0.1, weight_decay=0.0)
+  c.rm = ml_collections.ConfigDict(
+    dict(
+      # Ties are dropped; the paper divides by C(K,2) (Eq. 1). "valid_pairs" divides by the pairs that remain,
+      # so prompts with ties keep full weight (spec §4.2 project default); "binom_k" is Eq. 1 literally.
+      pair_normalizer="valid_pairs",
+      export_dir="",  # "" = <workdir>/export: the RM for PPO, with its bias
+    )
+  )
+  if a.tiny:
+    c.model.dtype = "float32"
+    c.epochs = 3
+    c.checkpoint_every_steps = 50
+    c.eval_every_steps = 0
+    c.data.update(
+      train="lab:comparisons:train:2000",
+      eval="lab:comparisons:eval:200",
+      bias_demonstrations="lab:demonstrations:train:500",
+      batch_size=16,
+      seq_len=256,
+      max_responses=7,
+    )
+    c.optim = common.optim_config(lr=1e-3, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  return c

@@ -1,0 +1,174 @@
+"""Stage 2: the reward model (spec §4): a Transformer trunk and a scalar head trained with Eq. 1.
+
+    python -m instructgpt_jax.main --config=configs/rm.py:tiny --workdir=W_RM --config.model.init_from=W_SFT
+
+Phases: setup and validation → init (from the SFT model) or restore → train loop (all K responses of a
+prompt in one batch element; every C(K,2) pair in the loss once) → evaluation (pairwise accuracy and loss,
+overall and per K) → the bias that makes the demonstrations' mean reward 0 → export for PPO.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
+from instructgpt_jax.data import batching, stage_data, tfds_builders
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.trainers import common, model_io
+
+
+def rewards_of(graphdef, params, tokens, segment_ids):
+  """Raw rewards [...] of sequences tokens, segment_ids [..., L]: the scalar at each final real token."""
+  shape = tokens.shape
+  values, _ = models.apply(
+    graphdef, params, tokens.reshape(-1, shape[-1]), segment_ids=segment_ids.reshape(-1, shape[-1])
+  )
+  return models.final_token_value(values, segment_ids.reshape(-1, shape[-1])).reshape(shape[:-1])
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  # ---------------------------------------------------------------- setup and validation (no compile yet)
+  model_cfg, source = model_io.resolve(config.model)
+  tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.rules_dict(config.sharding_rules)
+  data_cfg = common.resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
+  data_cfg.data_dir = data_cfg.data_dir or os.path.join(workdir, "tfds")
+  common.check(
+    config.data.seq_len <= model_cfg.max_len,
+    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
+  )
+  common.check(
+    config.rm.pair_normalizer in ("binom_k", "valid_pairs"),
+    f"rm.pair_normalizer: {config.rm.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
+  )
+  common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (spec §4.1: the bias)")
+  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  data = stage_data.build_comparison_data(
+    data_cfg, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  total_steps = common.steps_for_epochs(config, len(data.train_source))
+  config.total_steps = total_steps
+  common.write_config(workdir, config)
+  model_io.write_model_json(workdir, "scalar", model_cfg)
+
+  # ---------------------------------------------------------------- init (from the SFT model) or restore
+  tx = optim.make_optimizer(config.optim, total_steps)
+  lr_schedule = optim.schedule(config.optim, total_steps)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  graphdef, state, state_shardings = model_io.init_or_resume(
+    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="scalar", data=data
+  )
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------- step functions
+  normalizer = config.rm.pair_normalizer
+
+  def loss_sums(params, batch, _rng):
+    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
+    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
+    # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
+    return loss * m["num_prompts"], {
+      "count": m["num_prompts"],
+      "pairs": m["num_pairs"],
+      "correct": m["accuracy"] * m["num_pairs"],
+    }
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    loss, sums, grads = train_state.microbatched_grads(
+      loss_sums, state.params, batch, step_rng, config.optim.microbatches
+    )
+    metrics = {
+      "loss": loss,
+      "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
+      "pairs_per_batch": sums["pairs"],
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  def eval_step(params, batch):
+    """Per prompt: (Σ pair losses, correct pairs, pairs, K present), for exact host-side aggregation."""
+    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])
+    ranks = batch["ranks"]
+    present = ranks >= 0
+    better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+    margin = rewards[:, :, None] - rewards[:, None, :]
+    pair_loss = jnp.sum(jnp.where(better, -jax.nn.log_sigmoid(margin), 0.0), axis=(1, 2))
+    correct = jnp.sum(better & (margin > 0), axis=(1, 2))
+    return pair_loss, correct, jnp.sum(better, axis=(1, 2)), jnp.sum(present, axis=1)
+
+  batch_sh = common.batch_sharding(mesh, rules)
+  with sharding.use_mesh_rules(mesh, rules):
+    step_fn = train_state.jit_step(train_step, state_shardings, batch_sh)
+    replicated = train_state.replicated(mesh)  # per-prompt results, whole on every host
+    eval_fn = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sh), out_shardings=replicated)
+    reward_sum_fn = jax.jit(
+      lambda p, b: jnp.sum(rewards_of(graphdef, p, b["tokens"], b["segment_ids"])),
+      in_shardings=(state_shardings.params, batch_sh),
+      out_shardings=replicated,
+    )
+
+  def evaluate(params) -> dict[str, float]:
+    by_k = collections.defaultdict(lambda: np.zeros(3))  # K -> (loss sum, correct, pairs)
+    for batch in data.eval_batches(config.data.eval_batches or None):
+      outs = jax.device_get(eval_fn(params, common.to_global(batch, mesh, rules)))
+      for loss_sum, correct, pairs, k in zip(*outs):
+        if pairs:
+          by_k[int(k)] += (loss_sum, correct, pairs)
+    if not by_k:
+      return {}
+    total = sum(by_k.values())
+    row = {"eval_loss": total[0] / total[2], "eval_accuracy": total[1] / total[2], "eval_pairs": total[2]}
+    row.update({f"eval_accuracy_k{k}": v[1] / v[2] for k, v in sorted(by_k.items())})
+    return row
+
+  # ---------------------------------------------------------------- train loop
+  tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
+  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  with loop, common.Preemption() as preemption:
+    for step in range(start_step, total_steps):
+      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
+      if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
+        return loop.last_row
+    final = loop.finish(state, evaluate(state.params))
+
+  # ---------------------------------------------------------------- the bias (spec §4.1) and export
+  bias, count = demonstration_reward_mean(reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules)
+  export_dir = config.rm.export_dir or os.path.join(workdir, "export")
+  model_io.export(export_dir, state.params, "scalar", model_cfg, reward_bias=bias, bias_demonstrations=count)
+  logging.info("reward bias %.6f from %d demonstrations; exported to %s", bias, count, export_dir)
+  common.print_summary("reward model", final, reward_bias=bias, export=export_dir)
+  return dict(final, reward_bias=bias)
+
+
+def demonstration_reward_mean(reward_sum_fn, params, data_cfg, tokenizer, mesh, rules) -> tuple[float, int]:
+  """Mean raw reward of the bias demonstrations (prompt ‖ response ‖ EOS, scored like a ranked response)."""
+  dataset = tfds_builders.build(
+    "demonstrations",
+    {"train": data_cfg.bias_demonstrations},
+    data_dir=data_cfg.data_dir,
+    tokenizer=tokenizer,
+    template=data_cfg.template,
+    max_tokens=data_cfg.seq_len,
+    on_error=data_cfg.on_error,
+  )
+  source = dataset.source("train")
+  rows_per_batch = data_cfg.batch_size * data_cfg.max_responses  # as many sequences as one training batch
+  total = 0.0
+  for start in range(0, len(source), rows_per_batch):
+    records = [source[i] for i in range(start, min(start + rows_per_batch, len(source)))]
+    rows = batching.sequence_rows(records, seq_len=data_cfg.seq_len, pad_id=tokenizer.pad_id)
+    # A static shape: the last batch is filled with empty rows, whose reward is 0 (no real token).
+    rows = {k: np.pad(v, ((0, rows_per_batch - len(records)), (0, 0))) for k, v in rows.items()}
+    local = {k: v[jax.process_index() :: jax.process_count()] for k, v in rows.items()}
+    total += float(reward_sum_fn(params, common.to_global(local, mesh, rules)))
+  return total / len(source), len(source)
