@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
-STAGES = ("pretrain", "rm")
+STAGES = ("pretrain", "sft", "rm")
 
 
 DISTRIBUTED_MODES = ("off", "auto", "manual")

@@ -1,0 +1,83 @@
+"""Judging a policy with a reward model: sample responses to prompts, score them (minus the RM's bias).
+
+Used for SFT checkpoint selection by RM score (spec §3.1) and for PPO's evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructgpt_jax import models, sampling, train_state
+from instructgpt_jax.data import tfds_builders
+from instructgpt_jax.data.tokenizer import Tokenizer
+from instructgpt_jax.trainers import common, model_io
+
+
+@dataclasses.dataclass
+class Judge:
+  """An exported reward model, sharded and jitted; `score` returns r_θ(x, y) − bias, [B]."""
+
+  graphdef: object
+  params: object
+  bias: float
+  model_cfg: models.ModelConfig
+  _score: object = None
+
+  @classmethod
+  def load(cls, path: str, mesh, rules, *, seed: int = 0) -> Judge:
+    source = model_io.read_source(path)
+    common.check(source is not None and source.kind == "scalar", f"{path}: not a reward model (kind scalar)")
+    graphdef, target = train_state.param_shardings_for(source.config, mesh, rules, kind="scalar")
+    params = model_io.load(source, "scalar", target, source.config, seed)
+    judge = cls(graphdef, params, float(source.metadata.get("reward_bias", 0.0)), source.config)
+    judge._score = sampling.jit_on_mesh(
+      lambda p, *rollout: sampling.response_values(graphdef, p, *rollout)[1] - judge.bias, mesh=mesh, rules=rules
+    )
+    return judge
+
+  def score(self, prompt_tokens, prompt_segment_ids, response_tokens, response_mask) -> jax.Array:
+    return self._score(self.params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
+
+
+def load_prompts(spec_or_files: str, tokenizer: Tokenizer, *, data_dir: str, max_prompt_len: int) -> list[np.ndarray]:
+  """Prompt token ids from prompt JSONL files (over-long prompts are dropped and counted by the build)."""
+  dataset = tfds_builders.build(
+    "prompts", {"train": spec_or_files}, data_dir=data_dir, tokenizer=tokenizer, max_tokens=max_prompt_len
+  )
+  source = dataset.source("train")
+  return [np.asarray(source[i]["prompt_ids"], np.int32) for i in range(len(source))]
+
+
+def mean_score(
+  sampler: sampling.Sampler,
+  params,
+  judge: Judge,
+  prompts: list[np.ndarray],
+  rng: jax.Array,
+  *,
+  batch_size: int,
+  max_new_tokens: int,
+  pad_id: int,
+  buckets=(32, 64, 128, 256, 512, 1024),
+) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+  """Mean RM score of sampled responses over `prompts`, and the (prompt, response) token pairs."""
+  scores, samples = [], []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start : start + batch_size]
+    tokens, segment_ids = sampling.left_pad(chunk, buckets=buckets, pad_id=pad_id, batch_size=batch_size)
+    rollout = sampler(
+      params,
+      jnp.asarray(tokens),
+      jnp.asarray(segment_ids),
+      jax.random.fold_in(rng, start),
+      max_new_tokens=max_new_tokens,
+    )
+    batch_scores = np.asarray(judge.score(tokens, segment_ids, rollout.tokens, rollout.mask))
+    scores.extend(batch_scores[: len(chunk)].tolist())
+    response_tokens, response_mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    samples.extend((p, response_tokens[i][response_mask[i] > 0]) for i, p in enumerate(chunk))
+  return float(np.mean(scores)), samples

@@ -1,0 +1,119 @@
+"""Stage 1: supervised fine-tuning on demonstrations (spec §3), optionally with a pretraining mix.
+
+    python -m instructgpt_jax.main --config=configs/sft.py:tiny --workdir=W_SFT
+
+Phases: setup and validation → init (from a pretrained LM) or restore → train loop (loss on response
+tokens; residual dropout 0.2) → evaluation (validation loss; with `eval_rm.rm`, the mean RM score of
+sampled responses, by which the paper selects SFT checkpoints) → final save. The workdir then starts
+the RM and PPO stages (`model.init_from=<this workdir>`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from instructgpt_jax import checkpoint, optim, sampling, sharding, train_state
+from instructgpt_jax.data import stage_data
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.trainers import common, judging, lm_steps, model_io
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  # ---------------------------------------------------------------- setup and validation (no compile yet)
+  model_cfg, source = model_io.resolve(config.model)
+  tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.rules_dict(config.sharding_rules)
+  data_cfg = common.resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
+  data_cfg.data_dir = data_cfg.data_dir or os.path.join(workdir, "tfds")
+  common.check(
+    config.data.seq_len <= model_cfg.max_len,
+    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
+  )
+  common.check(
+    tokenizer.eos_id < model_cfg.vocab_size,
+    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids (EOS {tokenizer.eos_id})",
+  )
+  common.check(
+    not (config.data.pretrain_mix and not config.data.pretrain_corpus),
+    "data.pretrain_corpus: required when data.pretrain_mix > 0",
+  )
+  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  data = stage_data.build_sft_data(
+    data_cfg, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  judge, eval_prompts = None, []
+  if config.eval_rm.rm:
+    judge = judging.Judge.load(config.eval_rm.rm, mesh, rules)
+    common.check(
+      judge.model_cfg.vocab_size == model_cfg.vocab_size,
+      f"eval_rm.rm: its vocabulary ({judge.model_cfg.vocab_size}) differs from the policy's",
+    )
+    prompts_spec = common.resolve_lab_files(
+      {"train": config.eval_rm.prompts}, os.path.join(workdir, "data"), seed=config.seed
+    )["train"]
+    eval_prompts = judging.load_prompts(
+      prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
+    )[: config.eval_rm.num_prompts]
+  total_steps = common.steps_for_epochs(config, len(data.train_source))
+  config.total_steps = total_steps
+  common.write_config(workdir, config)
+  model_io.write_model_json(workdir, "lm", model_cfg)
+
+  # ---------------------------------------------------------------- init (from a pretrained LM) or restore
+  tx = optim.make_optimizer(config.optim, total_steps)
+  lr_schedule = optim.schedule(config.optim, total_steps)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  graphdef, state, state_shardings = model_io.init_or_resume(
+    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="lm", data=data
+  )
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------- step functions
+  train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
+  batch_sh = common.batch_sharding(mesh, rules)
+  with sharding.use_mesh_rules(mesh, rules):
+    step_fn = train_state.jit_step(train_step, state_shardings, batch_sh)
+    eval_fn = jax.jit(lm_steps.make_eval_step(graphdef), in_shardings=(state_shardings.params, batch_sh))
+  sampler = None
+  if judge is not None:
+    settings = sampling.SamplingSettings(
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=config.eval_rm.temperature
+    )
+    sampler = sampling.Sampler(
+      graphdef, settings, response_buckets=(config.eval_rm.max_new_tokens,), mesh=mesh, rules=rules
+    )
+
+  def evaluate(params) -> dict[str, float]:
+    total, count = 0.0, 0.0
+    for batch in data.eval_batches(config.data.eval_batches or None):
+      loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
+      total, count = total + float(loss_sum), count + float(n)
+    row = {"eval_loss": total / count} if count else {}
+    if judge is not None:
+      # The paper selects SFT checkpoints by this score, not by validation loss (spec §3.1).
+      row["eval_rm_score"], _ = judging.mean_score(
+        sampler,
+        params,
+        judge,
+        eval_prompts,
+        jax.random.PRNGKey(config.seed),
+        batch_size=config.eval_rm.batch_size,
+        max_new_tokens=config.eval_rm.max_new_tokens,
+        pad_id=tokenizer.pad_id,
+      )
+    return row
+
+  # ---------------------------------------------------------------- train loop
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  with loop, common.Preemption() as preemption:
+    for step in range(start_step, total_steps):
+      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
+      if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
+        return loop.last_row
+    final = loop.finish(state, evaluate(state.params))
+  common.print_summary(f"SFT ({config.variant})", final, workdir=workdir)
+  return final
