@@ -325,13 +325,7 @@ def jit_on_mesh(fn: Callable, *, mesh: Mesh | None = None, rules=None, static_ar
   if mesh is None:
     return jax.jit(fn, static_argnames=static_argnames)
   rules = sharding.DEFAULT_RULES if rules is None else rules
-
-  @functools.wraps(fn)
-  def under_rules(*args, **kwargs):
-    with sharding.use_mesh_rules(mesh, rules):
-      return fn(*args, **kwargs)
-
-  return jax.jit(under_rules, static_argnames=static_argnames)
+  return jax.jit(sharding.traced_with_rules(fn, mesh, rules), static_argnames=static_argnames)
 
 
 class Sampler:

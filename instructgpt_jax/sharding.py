@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -116,6 +117,21 @@ def use_mesh_rules(mesh: Mesh, rules):
     yield
   finally:
     _ACTIVE.reset(token)
+
+
+def traced_with_rules(fn, mesh: Mesh, rules):
+  """fn, entering `use_mesh_rules(mesh, rules)` while it runs, so the constraints apply whenever it is traced.
+
+  `jax.jit` traces lazily, at the first call: wrapping the traced function (rather than the jax.jit call)
+  keeps every logical constraint active however late that call comes.
+  """
+
+  @functools.wraps(fn)
+  def under_rules(*args, **kwargs):
+    with use_mesh_rules(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return under_rules
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -168,15 +168,17 @@ def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, m
   return loss_sum / count, sums, jax.tree.map(lambda g: g / count, grads)
 
 
-def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, *, static_argnums=()) -> Callable:
+def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, rules, *, static_argnums=()) -> Callable:
   """jit of fn(state, batch, ...) -> (state, metrics) with explicit shardings; the input state is donated.
 
   Metrics come back replicated (small scalars). This is the pjit pattern: `jax.jit` with in/out shardings.
+  The activation constraints of `rules` apply inside (sharding.traced_with_rules).
   """
+  mesh = _mesh_of(state_shardings)
   return jax.jit(
-    fn,
+    sharding.traced_with_rules(fn, mesh, rules),
     in_shardings=(state_shardings, batch_shardings),
-    out_shardings=(state_shardings, replicated(_mesh_of(state_shardings))),
+    out_shardings=(state_shardings, replicated(mesh)),
     donate_argnums=(0,),
     static_argnums=static_argnums,
   )

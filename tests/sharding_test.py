@@ -178,3 +178,13 @@ def test_export_and_import_params_with_metadata(tmp_path):
   assert sharded["embed"]["embedding"].sharding.spec == P(None, "fsdp")
   with pytest.raises(FileNotFoundError, match="not an exported model"):
     checkpoint.import_params(str(tmp_path))
+
+
+def test_activation_constraints_apply_when_the_jitted_function_is_first_called_later():
+  # jax.jit traces at the first call; the rules must be active then, not only where jax.jit was written.
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  double = jax.jit(sharding.traced_with_rules(lambda x: sharding.constrain(2 * x, ("batch", None)), mesh, RULES))
+  out = double(np.ones((8, 4), np.float32))
+  assert out.sharding.spec == P("data", None) and len(out.sharding.device_set) == 8
+  plain = jax.jit(lambda x: sharding.constrain(2 * x, ("batch", None)))
+  assert len(plain(np.ones((8, 4), np.float32)).sharding.device_set) == 1  # no rules active: no constraint

@@ -1,7 +1,8 @@
 """The lab's datasets as JSONL files in the formats of docs/data.md: demonstrations, comparisons, prompts.
 
-A spec string names one: `lab:<kind>:<split>:<n>`, e.g. `lab:demonstrations:train:2000`. Splits never
-share a prompt: a prompt belongs to the eval split when a hash of its text falls in the lowest tenth.
+A spec string names one: `lab:<kind>:<split>:<n>[:<families>]`, e.g. `lab:demonstrations:train:2000` or
+`lab:comparisons:eval:200:sort+repeat` (only those task families). Splits never share a prompt: a prompt
+belongs to the eval split when a hash of its text falls in the lowest tenth.
 
 * demonstrations: the gold answer of each task (what a careful labeler writes).
 * comparisons: K = 4..9 responses per prompt (the gold answer and flawed ones), ranked by the gold quality
@@ -16,6 +17,7 @@ import json
 import os
 import random
 
+from instructgpt_jax import errors
 from instructgpt_jax.lab import tasks as tasks_lib
 from instructgpt_jax.lab import world as world_lib
 
@@ -28,14 +30,16 @@ def split_of(prompt: str) -> str:
   return "eval" if digest % 10 == 0 else "train"
 
 
-def sample_tasks(n: int, *, split: str, seed: int, world: world_lib.World) -> list[tasks_lib.Task]:
+def sample_tasks(
+  n: int, *, split: str, seed: int, world: world_lib.World, families: tuple[str, ...] = tasks_lib.FAMILIES
+) -> list[tasks_lib.Task]:
   """n tasks of one split (seeded; distinct prompts where the split has enough of them)."""
   rng = random.Random(f"{seed}:{split}")
   out, seen = [], set()
   for _ in range(200 * n):
     if len(out) == n:
       break
-    task = tasks_lib.make_task(world, rng)
+    task = tasks_lib.make_task(world, rng, rng.choice(families))
     if split_of(task.prompt) != split:
       continue
     if task.prompt in seen and len(seen) < n:  # prefer new prompts, repeat only when the split runs dry
@@ -51,11 +55,13 @@ def dense_ranks(scores: list[float]) -> list[int]:
   return [order.index(round(s, 6)) for s in scores]
 
 
-def records(kind: str, split: str, n: int, *, seed: int = 0, world_seed: int = 0) -> list[dict]:
+def records(
+  kind: str, split: str, n: int, *, seed: int = 0, world_seed: int = 0, families: tuple[str, ...] = tasks_lib.FAMILIES
+) -> list[dict]:
   world = world_lib.make_world(world_seed)
   rng = random.Random(f"{seed}:{split}:{kind}")
   out = []
-  for task in sample_tasks(n, split=split, seed=seed, world=world):
+  for task in sample_tasks(n, split=split, seed=seed, world=world, families=families):
     if kind == "demonstrations":
       out.append({"prompt": task.prompt, "response": task.answer})
     elif kind == "prompts":
@@ -73,21 +79,33 @@ def records(kind: str, split: str, n: int, *, seed: int = 0, world_seed: int = 0
   return out
 
 
-def parse_spec(spec: str) -> tuple[str, str, int]:
+def parse_spec(spec: str) -> tuple[str, str, int, tuple[str, ...]]:
   parts = spec.split(":")
-  if len(parts) != 4 or parts[0] != "lab" or parts[1] not in KINDS or parts[2] not in SPLITS or not parts[3].isdigit():
-    raise ValueError(f"{spec}: a lab dataset is named lab:<{'|'.join(KINDS)}>:<train|eval>:<count>")
-  return parts[1], parts[2], int(parts[3])
+  families = tuple(parts[4].split("+")) if len(parts) == 5 else tasks_lib.FAMILIES
+  if (
+    len(parts) not in (4, 5)
+    or parts[0] != "lab"
+    or parts[1] not in KINDS
+    or parts[2] not in SPLITS
+    or not parts[3].isdigit()
+    or not set(families) <= set(tasks_lib.FAMILIES)
+  ):
+    raise errors.ConfigError(
+      f"{spec}: a lab dataset is named lab:<{'|'.join(KINDS)}>:<train|eval>:<count>[:<family>+...], "
+      f"families from {'+'.join(tasks_lib.FAMILIES)}"
+    )
+  return parts[1], parts[2], int(parts[3]), families
 
 
 def materialize(spec: str, directory: str, *, seed: int = 0) -> str:
   """Writes the dataset a spec names into `directory` (once; the file name holds spec and seed)."""
-  kind, split, n = parse_spec(spec)
-  path = os.path.join(directory, f"lab_{kind}_{split}_{n}_seed{seed}.jsonl")
+  kind, split, n, families = parse_spec(spec)
+  name = f"lab_{kind}_{split}_{n}" + ("" if families == tasks_lib.FAMILIES else "_" + "+".join(families))
+  path = os.path.join(directory, f"{name}_seed{seed}.jsonl")
   if not os.path.exists(path):
     os.makedirs(directory, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-      for record in records(kind, split, n, seed=seed):
+      for record in records(kind, split, n, seed=seed, families=families):
         f.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
   return path

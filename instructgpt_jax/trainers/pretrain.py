@@ -54,9 +54,8 @@ def train(config, workdir: str) -> dict[str, float]:
   eval_step = lm_steps.make_eval_step(graphdef)
 
   batch_sh = common.batch_sharding(mesh, rules)
-  with sharding.use_mesh_rules(mesh, rules):
-    step_fn = train_state.jit_step(train_step, state_shardings, batch_sh)
-    eval_fn = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sh))
+  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
+  eval_fn = jax.jit(sharding.traced_with_rules(eval_step, mesh, rules), in_shardings=(state_shardings.params, batch_sh))
 
   def evaluate(params) -> dict[str, float]:
     total, count = 0.0, 0.0

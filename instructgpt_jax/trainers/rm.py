@@ -107,15 +107,20 @@ def train(config, workdir: str) -> dict[str, float]:
     return pair_loss, correct, jnp.sum(better, axis=(1, 2)), jnp.sum(present, axis=1)
 
   batch_sh = common.batch_sharding(mesh, rules)
-  with sharding.use_mesh_rules(mesh, rules):
-    step_fn = train_state.jit_step(train_step, state_shardings, batch_sh)
-    replicated = train_state.replicated(mesh)  # per-prompt results, whole on every host
-    eval_fn = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sh), out_shardings=replicated)
-    reward_sum_fn = jax.jit(
-      lambda p, b: jnp.sum(rewards_of(graphdef, p, b["tokens"], b["segment_ids"])),
-      in_shardings=(state_shardings.params, batch_sh),
-      out_shardings=replicated,
-    )
+  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
+  replicated = train_state.replicated(mesh)  # per-prompt results, whole on every host
+  eval_fn = jax.jit(
+    sharding.traced_with_rules(eval_step, mesh, rules),
+    in_shardings=(state_shardings.params, batch_sh),
+    out_shardings=replicated,
+  )
+  reward_sum_fn = jax.jit(
+    sharding.traced_with_rules(
+      lambda p, b: jnp.sum(rewards_of(graphdef, p, b["tokens"], b["segment_ids"])), mesh, rules
+    ),
+    in_shardings=(state_shardings.params, batch_sh),
+    out_shardings=replicated,
+  )
 
   def evaluate(params) -> dict[str, float]:
     by_k = collections.defaultdict(lambda: np.zeros(3))  # K -> (loss sum, correct, pairs)

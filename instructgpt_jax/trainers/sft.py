@@ -74,9 +74,11 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- step functions
   train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
   batch_sh = common.batch_sharding(mesh, rules)
-  with sharding.use_mesh_rules(mesh, rules):
-    step_fn = train_state.jit_step(train_step, state_shardings, batch_sh)
-    eval_fn = jax.jit(lm_steps.make_eval_step(graphdef), in_shardings=(state_shardings.params, batch_sh))
+  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
+  eval_fn = jax.jit(
+    sharding.traced_with_rules(lm_steps.make_eval_step(graphdef), mesh, rules),
+    in_shardings=(state_shardings.params, batch_sh),
+  )
   sampler = None
   if judge is not None:
     settings = sampling.SamplingSettings(
