@@ -42,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       tokenizer="bytes",
       template="plain",
       on_error="raise",
+      truncate_prompt="none",  # "left": an over-long example keeps the end of its prompt (counted)
       batch_size=64,  # prompts per batch, each with all of its K responses
       seq_len=2048,  # prompt (<= 1k) + response (<= 1k) tokens (spec §2)
       max_responses=9,  # K = 4..9 in the paper

@@ -56,6 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       tokenizer="bytes",
       template="plain",  # the paper's format: the prompt, then the response (spec §7.1)
       on_error="raise",
+      truncate_prompt="none",  # "left": an over-long example keeps the end of its prompt (counted)
       batch_size=batch,
       seq_len=2048,  # the paper's context (spec §2)
       pack=False,

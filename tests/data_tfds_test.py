@@ -90,8 +90,10 @@ def test_demonstrations_round_trip(corpus):
   for _ in range(3):  # one epoch: 12 examples in batches of 4
     batch = next(data)
     assert {k: v.shape for k, v in batch.items()} == {
-      k: (4, 160) for k in ("inputs", "targets", "mask", "segment_ids", "positions")
+      **{k: (4, 160) for k in ("inputs", "targets", "mask", "segment_ids", "positions")},
+      "kind": (4,),
     }
+    assert np.all(batch["kind"] == 0)  # every row a demonstration (no pretraining mix)
     for inputs, targets, mask, segments in zip(batch["inputs"], batch["targets"], batch["mask"], batch["segment_ids"]):
       n = int(segments.sum())
       ids = np.concatenate([inputs[:1], targets[:n]])

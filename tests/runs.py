@@ -12,7 +12,13 @@ def read_metrics(workdir):
 
 
 def tiny_config(**overrides):
-  c = pretrain.get_config("tiny")
+  """The tiny pretraining config with dotted overrides."""
+  return configured(pretrain, "tiny", **overrides)
+
+
+def configured(module, arg: str, **overrides):
+  """`module.get_config(arg)` with dotted overrides, the progress bar off."""
+  c = module.get_config(arg)
   c.progress_bar = False
   for key, value in overrides.items():
     target = c

@@ -52,6 +52,7 @@ class Report:
   errors: list[str] = dataclasses.field(default_factory=list)  # the first MAX_LISTED_ERRORS skipped lines
   dropped_too_long: int = 0  # prompts over the length limit (dropped by design, not an error)
   identical_responses: int = 0  # comparisons with two identical responses (kept; they carry no signal)
+  truncated_prompts: int = 0  # prompts cut from the left to fit (data.truncate_prompt=left)
 
   def skip(self, message: str) -> None:
     self.skipped += 1
@@ -59,7 +60,7 @@ class Report:
       self.errors.append(message)
 
   def notable(self) -> bool:
-    return bool(self.skipped or self.dropped_too_long or self.identical_responses)
+    return bool(self.skipped or self.dropped_too_long or self.identical_responses or self.truncated_prompts)
 
   def summary(self, name: str) -> str:
     """One paragraph: the counts on the first line, then each listed error line indented."""
@@ -68,6 +69,8 @@ class Report:
       parts.append(f"{self.skipped} skipped (data.on_error=skip)")
     if self.dropped_too_long:
       parts.append(f"{self.dropped_too_long} dropped as over-long prompts")
+    if self.truncated_prompts:
+      parts.append(f"{self.truncated_prompts} prompts truncated from the left (data.truncate_prompt=left)")
     if self.identical_responses:
       parts.append(f"{self.identical_responses} with identical responses (kept)")
     lines = [f"data: {name}: " + ", ".join(parts)]

@@ -8,7 +8,7 @@
 
 The fields each function reads (docs/data.md lists them with defaults):
 
-* every stage: `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
+* every stage: `truncate_prompt` ("none" | "left"), `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
   records of `train` when `eval` is empty), `data_dir` (where TFDS builds), `template` ("plain" | "chat"),
   `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
 * SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (fraction of rows) and `pretrain_corpus`
@@ -88,6 +88,7 @@ def _build_splits(kind: str, data_cfg, tokenizer: Tokenizer, **limits):
     tokenizer=tokenizer,
     template=data_cfg.get("template", "plain"),
     on_error=data_cfg.get("on_error", "raise"),
+    truncate_prompt=data_cfg.get("truncate_prompt", "none"),
     **limits,
   )
   if "eval" in files:

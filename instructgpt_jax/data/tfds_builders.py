@@ -122,11 +122,22 @@ BUILDERS = {"demonstrations": Demonstrations, "comparisons": Comparisons, "promp
 # ----------------------------------------------------------------------------------------------------
 
 
-def _encoder(kind: str, tokenizer: Tokenizer, template: templates.Template, max_tokens, append_eos: bool):
+def _encoder(
+  kind: str,
+  tokenizer: Tokenizer,
+  template: templates.Template,
+  max_tokens,
+  append_eos: bool,
+  truncate_prompt: str = "none",
+  report: formats.Report | None = None,
+):
   """A `check` for formats.read_records: adds the token ids to a record, enforcing the length limit.
 
   The limits: prompt + response (with EOS) for demonstrations and for every response of a comparison;
   the prompt alone for prompts (over-long prompts are dropped and counted, not errors: PPO caps them at 1k).
+  With truncate_prompt="left", a demonstration or comparison over the limit keeps only the end of its
+  prompt (the latest turns of a dialogue) so that the longest response fits; each is counted. A response
+  that alone exceeds the limit stays an error.
   """
   eos = " + EOS" if append_eos else ""
 
@@ -140,6 +151,11 @@ def _encoder(kind: str, tokenizer: Tokenizer, template: templates.Template, max_
       return max_tokens is None or len(prompt_ids) <= max_tokens
     responses = [record["response"]] if kind == "demonstrations" else record["responses"]
     response_ids = [template.encode_response(tokenizer, r, append_eos=append_eos) for r in responses]
+    room = None if max_tokens is None else max_tokens - max(len(ids) for ids in response_ids)
+    if truncate_prompt == "left" and room is not None and 0 < room < len(prompt_ids):
+      prompt_ids = record["prompt_ids"] = prompt_ids[len(prompt_ids) - room :]
+      if report is not None:
+        report.truncated_prompts += 1
     for k, ids in enumerate(response_ids):
       n = len(prompt_ids) + len(ids)
       if max_tokens is not None and n > max_tokens:
@@ -220,6 +236,7 @@ def build(
   max_responses: int | None = None,
   append_eos: bool = True,
   on_error: str = "raise",
+  truncate_prompt: str = "none",
 ) -> Dataset:
   """Builds (or reuses) the TFDS dataset of `kind` from local JSONL files.
 
@@ -232,6 +249,7 @@ def build(
     max_responses: comparisons with more responses are errors (the static K of comparison batches).
     append_eos: end every response with EOS.
     on_error: "raise" or "skip" (see formats.read_records).
+    truncate_prompt: "none" or "left": over-long prompts of demonstrations and comparisons keep their end.
 
   Returns:
     The Dataset; `dataset.source("train")` reads a split.
@@ -240,8 +258,15 @@ def build(
     raise ValueError(f"data kind {kind!r} is not one of {tuple(BUILDERS)}")
   paths_by_split = {split: formats.expand(globs, what=f"data.{split}") for split, globs in files.items()}
   template_obj = templates.get(template)
+  if truncate_prompt not in ("none", "left"):
+    raise formats.DataError(f"data.truncate_prompt: {truncate_prompt!r} is not 'none' or 'left'")
   options = dict(
-    template=template, max_tokens=max_tokens, max_responses=max_responses, append_eos=append_eos, on_error=on_error
+    template=template,
+    max_tokens=max_tokens,
+    max_responses=max_responses,
+    append_eos=append_eos,
+    on_error=on_error,
+    truncate_prompt=truncate_prompt,
   )
   config_name = f"{template}-{fingerprint(kind, paths_by_split, tokenizer, options)}"
   builder_cls = BUILDERS[kind]
@@ -250,9 +275,9 @@ def build(
     prepared = builder.is_prepared()
   if not prepared:
     examples_by_split, reports = {}, {}
-    encode = _encoder(kind, tokenizer, template_obj, max_tokens, append_eos)
     for split, paths in paths_by_split.items():
       report = formats.Report()
+      encode = _encoder(kind, tokenizer, template_obj, max_tokens, append_eos, truncate_prompt, report)
       records = formats.read_records(
         paths, kind, on_error=on_error, max_responses=max_responses, check=encode, report=report
       )
