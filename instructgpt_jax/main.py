@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
-STAGES = ("pretrain", "sft", "rm")
+STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
 DISTRIBUTED_MODES = ("off", "auto", "manual")
@@ -59,8 +59,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  # Orbax reports every save step at INFO; keep its warnings and errors only.
-  logging.getLogger("absl").addFilter(lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
+  # Orbax and TFDS report every save and every shard written at INFO; keep their warnings and errors only.
+  chatty = ("orbax", "tensorflow_datasets", "array_record", "etils")
+  logging.getLogger("absl").addFilter(
+    lambda r: r.levelno >= logging.WARNING or not any(name in r.pathname for name in chatty)
+  )
   try:
     final = run(_CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:  # bad input: one line, no traceback

@@ -262,6 +262,15 @@ def _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, res
   return sharding.constrain(tokens, BT), sharding.constrain(segment_ids, BT)
 
 
+def _response_logits(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
+  """Logits [B, R, V] at the R positions that predict the response tokens (position P - 1 + t predicts t)."""
+  model = nnx.merge(graphdef, params)
+  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
+  prompt_length = prompt_tokens.shape[1]
+  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
+  return model.logits(hidden[:, prompt_length - 1 : -1])
+
+
 def response_logprobs(
   graphdef,
   params,
@@ -271,20 +280,21 @@ def response_logprobs(
   response_mask: jax.Array,
   *,
   temperature: float = 1.0,
-) -> jax.Array:
+  with_entropy: bool = False,
+):
   """Per-token log softmax(z/T)[y_t] of a given response under any language model (policy, reference).
 
   prompt_*: [B, P] left-padded; response_*: [B, R] right-padded (the Rollout layout). Logits are computed
-  only at the R positions that predict response tokens. Returns [B, R] float32, 0 where the mask is 0.
+  only at the R positions that predict response tokens. Returns [B, R] float32, 0 where the mask is 0;
+  with `with_entropy`, also the entropy [B, R] of each of those temperature-scaled distributions.
   """
-  model = nnx.merge(graphdef, params)
-  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
-  prompt_length = prompt_tokens.shape[1]
-  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
-  # Position P - 1 + t (the last prompt token, then response token t - 1) predicts response token t.
-  logits = model.logits(hidden[:, prompt_length - 1 : -1])
+  logits = _response_logits(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
   logprobs = losses.token_logprobs(logits, response_tokens, temperature=temperature)
-  return sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
+  logprobs = sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
+  if not with_entropy:
+    return logprobs
+  entropy = jnp.where(response_mask > 0, losses.token_entropy(logits, temperature=temperature), 0.0)
+  return logprobs, sharding.constrain(entropy, BT)
 
 
 def response_values(

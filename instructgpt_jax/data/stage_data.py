@@ -8,9 +8,10 @@
 
 The fields each function reads (docs/data.md lists them with defaults):
 
-* every stage: `truncate_prompt` ("none" | "left"), `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
+* every stage: `train` (file globs), `eval` (file globs, optional), `eval_examples` (hold out the last N
   records of `train` when `eval` is empty), `data_dir` (where TFDS builds), `template` ("plain" | "chat"),
   `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
+* SFT and RM: `truncate_prompt` ("none" | "left").
 * SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (fraction of rows) and `pretrain_corpus`
   (as text.load_documents).   RM: `seq_len`, `max_responses`.
 * PPO: `max_prompt_len` (the paper: 1024), `prompt_buckets` (e.g. "64,128,256,512,1024").

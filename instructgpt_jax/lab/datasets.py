@@ -31,10 +31,19 @@ def split_of(prompt: str) -> str:
 
 
 def sample_tasks(
-  n: int, *, split: str, seed: int, world: world_lib.World, families: tuple[str, ...] = tasks_lib.FAMILIES
+  n: int,
+  *,
+  split: str,
+  seed: int,
+  world: world_lib.World,
+  families: tuple[str, ...] = tasks_lib.FAMILIES,
+  kind: str = "",
 ) -> list[tasks_lib.Task]:
-  """n tasks of one split (seeded; distinct prompts where the split has enough of them)."""
-  rng = random.Random(f"{seed}:{split}")
+  """n tasks of one split (seeded; distinct prompts where the split has enough of them).
+
+  Each kind draws its own tasks, as the paper's SFT, RM and PPO prompt sets are distinct (spec §7.1).
+  """
+  rng = random.Random(f"{seed}:{split}:{kind}")
   out, seen = [], set()
   for _ in range(200 * n):
     if len(out) == n:
@@ -61,7 +70,7 @@ def records(
   world = world_lib.make_world(world_seed)
   rng = random.Random(f"{seed}:{split}:{kind}")
   out = []
-  for task in sample_tasks(n, split=split, seed=seed, world=world, families=families):
+  for task in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind):
     if kind == "demonstrations":
       out.append({"prompt": task.prompt, "response": task.answer})
     elif kind == "prompts":
@@ -109,3 +118,10 @@ def materialize(spec: str, directory: str, *, seed: int = 0) -> str:
         f.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
   return path
+
+
+def tasks_of(spec: str, *, seed: int = 0, world_seed: int = 0) -> dict[str, tasks_lib.Task]:
+  """The tasks behind a lab prompt spec, by prompt text: what the gold scorer needs to judge responses."""
+  kind, split, n, families = parse_spec(spec)
+  world = world_lib.make_world(world_seed)
+  return {t.prompt: t for t in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind)}

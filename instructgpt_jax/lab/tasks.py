@@ -110,7 +110,8 @@ def make_task(world: world_lib.World, rng: random.Random, family: str | None = N
   if family == "sentence":
     thing = rng.choice(world.things)
     other = rng.choice([thing.place, thing.owner, thing.color])
-    prompt = f"Write a sentence about the {thing.name} that mentions {other if other[0].isupper() else 'the ' + other}."
+    mention = other if other in (thing.owner, thing.color) else f"the {other}"  # "mentions Ada", "mentions red"
+    prompt = f"Write a sentence about the {thing.name} that mentions {mention}."
     answer = {
       thing.place: f"The {thing.name} is in the {other}.",
       thing.owner: f"{other} owns the {thing.name}.",

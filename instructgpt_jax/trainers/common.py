@@ -49,7 +49,9 @@ def resolve_lab_files(data_cfg, directory: str, *, seed: int):
   """A copy of a `data` section whose `lab:<kind>:<split>:<n>` file specs are written out as JSONL files."""
   from instructgpt_jax.lab import datasets
 
-  data_cfg = data_cfg.copy_and_resolve_references()
+  data_cfg = (
+    data_cfg.copy_and_resolve_references() if hasattr(data_cfg, "copy_and_resolve_references") else dict(data_cfg)
+  )
   for key in ("train", "eval", "bias_demonstrations"):
     value = data_cfg.get(key)
     if isinstance(value, str) and value.startswith("lab:"):
@@ -103,10 +105,11 @@ class LoopIO:
   """The I/O every training loop does after a step: metrics (a step late), evaluation, checkpoints.
 
   `end_of_step(done, state, metrics, evaluate, preempted)` is called after each optimizer step (`done` =
-  steps finished). Every step's metrics are fetched while the next step runs and checked, so a non-finite
-  loss or gradient norm stops the run (NonFiniteError naming that step) before it can be checkpointed;
-  rows are written every `log_every_steps`. It evaluates every `eval_every_steps`, saves every
-  `checkpoint_every_steps`, and on preemption saves and returns True. Use it as a context manager.
+  steps finished; `evaluate(state)` returns a dict of metrics). Every step's metrics are fetched while the
+  next step runs and checked, so a non-finite loss or gradient norm stops the run (NonFiniteError naming
+  that step) before it can be checkpointed. Rows are written every `log_every_steps`; it evaluates every
+  `eval_every_steps`, saves every `checkpoint_every_steps`, and on preemption saves and returns True.
+  Use it as a context manager.
   """
 
   def __init__(
@@ -141,7 +144,7 @@ class LoopIO:
     evaluating = bool(c.eval_every_steps) and done % c.eval_every_steps == 0 and not final
     self._record(self.fetcher.push(done, step_metrics))
     if save or evaluating:  # this step's metrics now: a non-finite step must never be saved
-      self._record(self.fetcher.flush(), evaluate(state.params) if evaluating else None, force=save)
+      self._record(self.fetcher.flush(), evaluate(state) if evaluating else None, force=save)
     if save:
       self.ckpt.save(done, state, self.data.get_state(), force=preempted)
     if preempted:

@@ -43,16 +43,20 @@ class Judge:
     return self._score(self.params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
 
 
-def load_prompts(spec_or_files: str, tokenizer: Tokenizer, *, data_dir: str, max_prompt_len: int) -> list[np.ndarray]:
-  """Prompt token ids from prompt JSONL files (over-long prompts are dropped and counted by the build)."""
+def load_prompts(
+  spec_or_files: str, tokenizer: Tokenizer, *, data_dir: str, max_prompt_len: int
+) -> tuple[list[str], list[np.ndarray]]:
+  """(texts, token ids) of prompt JSONL files (over-long prompts are dropped and counted by the build)."""
   dataset = tfds_builders.build(
     "prompts", {"train": spec_or_files}, data_dir=data_dir, tokenizer=tokenizer, max_tokens=max_prompt_len
   )
   source = dataset.source("train")
-  return [np.asarray(source[i]["prompt_ids"], np.int32) for i in range(len(source))]
+  records = [source[i] for i in range(len(source))]
+  texts = [r["prompt"].decode() if isinstance(r["prompt"], bytes) else str(r["prompt"]) for r in records]
+  return texts, [np.asarray(r["prompt_ids"], np.int32) for r in records]
 
 
-def mean_score(
+def sample_and_score(
   sampler: sampling.Sampler,
   params,
   judge: Judge,
@@ -63,8 +67,8 @@ def mean_score(
   max_new_tokens: int,
   pad_id: int,
   buckets=(32, 64, 128, 256, 512, 1024),
-) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-  """Mean RM score of sampled responses over `prompts`, and the (prompt, response) token pairs."""
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+  """RM scores [n] of a response sampled for each of the n `prompts`, and the (prompt, response) token pairs."""
   scores, samples = [], []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start : start + batch_size]
@@ -80,4 +84,4 @@ def mean_score(
     scores.extend(batch_scores[: len(chunk)].tolist())
     response_tokens, response_mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     samples.extend((p, response_tokens[i][response_mask[i] > 0]) for i, p in enumerate(chunk))
-  return float(np.mean(scores)), samples
+  return np.asarray(scores), samples

@@ -57,7 +57,8 @@ def train(config, workdir: str) -> dict[str, float]:
   step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   eval_fn = jax.jit(sharding.traced_with_rules(eval_step, mesh, rules), in_shardings=(state_shardings.params, batch_sh))
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(state) -> dict[str, float]:
+    params = state.params
     total, count = 0.0, 0.0
     for batch in data.eval_batches(config.data.eval_batches):
       loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
@@ -73,4 +74,4 @@ def train(config, workdir: str) -> dict[str, float]:
         return loop.last_row  # preempted: saved; rerunning the same command resumes
 
     # -------------------------------------------------------------- final evaluation and save
-    return loop.finish(state, evaluate(state.params))
+    return loop.finish(state, evaluate(state))

@@ -122,7 +122,8 @@ def train(config, workdir: str) -> dict[str, float]:
     out_shardings=replicated,
   )
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(state) -> dict[str, float]:
+    params = state.params
     by_k = collections.defaultdict(lambda: np.zeros(3))  # K -> (loss sum, correct, pairs)
     for batch in data.eval_batches(config.data.eval_batches or None):
       outs = jax.device_get(eval_fn(params, common.to_global(batch, mesh, rules)))
@@ -144,7 +145,7 @@ def train(config, workdir: str) -> dict[str, float]:
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
         return loop.last_row
-    final = loop.finish(state, evaluate(state.params))
+    final = loop.finish(state, evaluate(state))
 
   # ---------------------------------------------------------------- the bias (spec §4.1) and export
   bias, count = demonstration_reward_mean(reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules)

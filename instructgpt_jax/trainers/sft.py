@@ -54,7 +54,7 @@ def train(config, workdir: str) -> dict[str, float]:
     prompts_spec = common.resolve_lab_files(
       {"train": config.eval_rm.prompts}, os.path.join(workdir, "data"), seed=config.seed
     )["train"]
-    eval_prompts = judging.load_prompts(
+    _, eval_prompts = judging.load_prompts(
       prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
     )[: config.eval_rm.num_prompts]
   total_steps = common.steps_for_epochs(config, len(data.train_source))
@@ -88,7 +88,8 @@ def train(config, workdir: str) -> dict[str, float]:
       graphdef, settings, response_buckets=(config.eval_rm.max_new_tokens,), mesh=mesh, rules=rules
     )
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(state) -> dict[str, float]:
+    params = state.params
     total, count = 0.0, 0.0
     for batch in data.eval_batches(config.data.eval_batches or None):
       loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
@@ -96,7 +97,7 @@ def train(config, workdir: str) -> dict[str, float]:
     row = {"eval_loss": total / count} if count else {}
     if judge is not None:
       # The paper selects SFT checkpoints by this score, not by validation loss (spec §3.1).
-      row["eval_rm_score"], _ = judging.mean_score(
+      scores, _ = judging.sample_and_score(
         sampler,
         params,
         judge,
@@ -106,6 +107,7 @@ def train(config, workdir: str) -> dict[str, float]:
         max_new_tokens=config.eval_rm.max_new_tokens,
         pad_id=tokenizer.pad_id,
       )
+      row["eval_rm_score"] = float(scores.mean())
     return row
 
   # ---------------------------------------------------------------- train loop
@@ -116,6 +118,6 @@ def train(config, workdir: str) -> dict[str, float]:
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
         return loop.last_row
-    final = loop.finish(state, evaluate(state.params))
+    final = loop.finish(state, evaluate(state))
   common.print_summary(f"SFT ({config.variant})", final, workdir=workdir)
   return final

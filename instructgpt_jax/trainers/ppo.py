@@ -1,0 +1,485 @@
+"""Stage 3: PPO-ptx (spec §5): the policy against the reward model, a per-token KL penalty to the SFT
+policy, and the pretraining log-likelihood term. docs/ppo.md maps every step below to the paper.
+
+    python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=W_PPO \
+        --config.model.init_from=W_SFT --config.ppo.reward_model=W_RM/export
+
+Four models at once, sharded by the same rules: the policy and the critic (value function, initialized
+from the RM) train with their own optimizers; the reference (the PPO-init SFT model) and the RM are frozen
+and hold no optimizer state. One iteration:
+
+  rollout    sample a response to each of `rollout_batch` prompts (KV-cached, temperature 1)
+  score      teacher-forced log-probs under the policy (old_logprobs) and the reference; values; the RM
+             score minus its bias; per-token rewards r_t = -β·KL_t (+ score at the last token); GAE;
+             advantage whitening over the whole rollout batch
+  train      `epochs` passes over the batch in minibatches; each minibatch is one jitted step: the clipped
+             policy loss + γ · the LM loss of a pretraining minibatch (one gradient, so the paper's
+             accumulation of both), the clipped value loss on the critic, and the EMA of the policy
+  control    the KL controller (fixed β by default)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from instructgpt_jax import checkpoint, losses, optim, rl, sampling, sharding, train_state
+from instructgpt_jax.data import stage_data, text
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.trainers import common, judging, lm_steps, model_io
+
+KL_CONTROLLERS = ("fixed", "adaptive")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@struct.dataclass
+class PPOState:
+  """Everything an iteration changes, checkpointed whole: step = iterations done."""
+
+  step: jax.Array
+  policy: train_state.TrainState
+  critic: train_state.TrainState
+  kl: rl.KLControllerState
+
+
+@struct.dataclass
+class Scored:
+  """A scored rollout, [B, R] unless noted; what the minibatch steps train on."""
+
+  prompt_tokens: jax.Array  # [B, P]
+  prompt_segment_ids: jax.Array  # [B, P]
+  tokens: jax.Array
+  mask: jax.Array
+  old_logprobs: jax.Array
+  old_values: jax.Array
+  advantages: jax.Array
+  returns: jax.Array
+
+
+def _masked_mean(x, mask):
+  return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _explained_variance(values, returns, mask):
+  """1 - Var[R - V] / Var[R] over the real tokens."""
+
+  def var(x):
+    return _masked_mean((x - _masked_mean(x, mask)) ** 2, mask)
+
+  return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  # ---------------------------------------------------------------- setup and validation (no compile yet)
+  p = config.ppo
+  policy_cfg, source = model_io.resolve(config.model)
+  common.check(source is not None, "model.init_from: PPO starts from the PPO-init SFT model (spec §1); set it")
+  common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
+  common.check(p.kl_controller in KL_CONTROLLERS, f"ppo.kl_controller: {p.kl_controller!r} not in {KL_CONTROLLERS}")
+  common.check(p.kl_estimator in KL_ESTIMATORS, f"ppo.kl_estimator: {p.kl_estimator!r} not in {KL_ESTIMATORS}")
+  common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
+  common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
+  tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.rules_dict(config.sharding_rules)
+  common.check_batch("ppo.minibatch", p.minibatch, mesh)
+  data_dir = os.path.join(workdir, "data")
+  data_cfg = common.resolve_lab_files(config.data, data_dir, seed=config.seed)
+  data_cfg.update(data_dir=data_cfg.data_dir or os.path.join(workdir, "tfds"), batch_size=p.rollout_batch)
+  buckets = stage_data.prompt_buckets(data_cfg)
+  if policy_cfg.family == "gpt":
+    common.check(
+      max(buckets) + p.max_new_tokens - 1 <= policy_cfg.max_len,
+      f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
+    )
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  prompts = stage_data.build_prompt_data(data_cfg, tokenizer, seed=config.seed, **process)
+  minibatches = p.rollout_batch // p.minibatch
+  ptx_rows = p.ptx_per_episode * p.minibatch  # pretraining sequences per minibatch (8 per episode, spec §5.2)
+  ptx = None
+  if p.ptx_coef or config.data.ptx_corpus:
+    ptx_cfg = ml_collections.ConfigDict(
+      dict(
+        corpus=config.data.ptx_corpus,
+        lab_documents=4000,
+        seq_len=config.data.ptx_seq_len,
+        batch_size=max(ptx_rows, 1),
+        eval_fraction=0.05,
+      )
+    )
+    ptx = text.build_text_data(ptx_cfg, tokenizer, seed=config.seed, **process)
+  iterations = config.total_steps or p.episodes // p.rollout_batch
+  config.total_steps = iterations
+  common.write_config(workdir, config)
+  model_io.write_model_json(workdir, "lm", policy_cfg)
+
+  # ---------------------------------------------------------------- four models: init or restore
+  optimizer_steps = iterations * minibatches * p.epochs
+  # The 10-iteration warmup (spec §5.2) in optimizer steps.
+  policy_optim = config.optim.copy_and_resolve_references()
+  policy_optim.warmup_steps = config.optim.warmup_steps * minibatches * p.epochs
+  policy_tx = optim.make_optimizer(policy_optim, optimizer_steps)
+  policy_lr = optim.schedule(policy_optim, optimizer_steps)
+  critic_tx = optim.make_optimizer(config.value_optim, optimizer_steps)
+  value_source = model_io.read_source(p.value_init or p.reward_model)
+  critic_cfg = value_source.config
+  reference_source = model_io.read_source(p.reference) if p.reference else source
+  judge = judging.Judge.load(p.reward_model, mesh, rules, seed=config.seed)
+  for name, cfg in (("reward model", judge.model_cfg), ("value model", critic_cfg)):
+    common.check(cfg.vocab_size == policy_cfg.vocab_size, f"ppo: the {name}'s vocabulary differs from the policy's")
+  ref_graphdef, ref_target = train_state.param_shardings_for(reference_source.config, mesh, rules)
+  ref_params = model_io.load(reference_source, "lm", ref_target, reference_source.config, config.seed)
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  policy_graphdef, policy_abstract, policy_sh = train_state.abstract_state(
+    policy_cfg, policy_tx, mesh, rules, kind="lm", ema=True
+  )
+  critic_graphdef, critic_abstract, critic_sh = train_state.abstract_state(
+    critic_cfg, critic_tx, mesh, rules, kind="scalar"
+  )
+  replicated = train_state.replicated(mesh)
+  state_sh = PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
+  if ckpt.latest_step() is not None:
+    abstract = PPOState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      policy=policy_abstract,
+      critic=critic_abstract,
+      kl=rl.KLControllerState(jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+    )
+    state, data_state = ckpt.restore(abstract)
+    prompts.set_state(data_state["prompts"])
+    if ptx is not None:
+      ptx.set_state(data_state["ptx"])
+    logging.info("resumed at iteration %d", int(state.step))
+  else:
+    _, policy, _ = train_state.create_sharded(
+      policy_cfg,
+      policy_tx,
+      config.seed,
+      mesh,
+      rules,
+      kind="lm",
+      ema=True,
+      load_params=lambda t: model_io.load(source, "lm", t, policy_cfg, config.seed),
+    )
+    _, critic, _ = train_state.create_sharded(
+      critic_cfg,
+      critic_tx,
+      config.seed + 1,
+      mesh,
+      rules,
+      kind="scalar",
+      load_params=lambda t: model_io.load(value_source, "scalar", t, critic_cfg, config.seed),
+    )
+    kl = jax.device_put(rl.kl_controller_init(p.kl_coef), replicated)
+    state = PPOState(step=jax.device_put(jnp.int32(0), replicated), policy=policy, critic=critic, kl=kl)
+  start_iteration = int(state.step)
+
+  def data_state():
+    return {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else {}}
+
+  # ---------------------------------------------------------------- rollout and scoring
+  settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=p.temperature)
+  sampler = sampling.Sampler(policy_graphdef, settings, response_buckets=(p.max_new_tokens,), mesh=mesh, rules=rules)
+
+  def score_rollout(
+    policy_params,
+    critic_params,
+    ref_params,
+    rm_params,
+    kl_coef,
+    prompt_tokens,
+    prompt_segments,
+    rollout: sampling.Rollout,
+  ):
+    """Everything one rollout needs before training (spec §5.4 steps 2-5), and its metrics."""
+    seq = (prompt_tokens, prompt_segments, rollout.tokens, rollout.mask)
+    mask = rollout.mask
+    old_logprobs, entropy = sampling.response_logprobs(
+      policy_graphdef, policy_params, *seq, temperature=p.temperature, with_entropy=True
+    )
+    ref_logprobs = sampling.response_logprobs(ref_graphdef, ref_params, *seq, temperature=p.temperature)
+    values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
+    _, raw_score = sampling.response_values(judge.graphdef, rm_params, *seq)
+    score = raw_score - judge.bias
+    ended = jnp.any((rollout.tokens == tokenizer.eos_id) & (mask > 0), axis=1)
+    if p.missing_eos_penalty:  # the "EOS trick" (spec §8 row 6): a fixed score for responses that never stop
+      score = jnp.where(ended, score, p.missing_eos_penalty)
+    # The per-token penalty -β·k_t; with k1 it is the paper's log-ratio (spec §5.1). per_token_rewards takes
+    # the log-ratio as logprobs - ref_logprobs, so the chosen estimator goes in as logprobs against zeros.
+    penalty = losses.kl_penalty(old_logprobs, ref_logprobs, estimator=p.kl_estimator)
+    rewards = rl.per_token_rewards(score, penalty, jnp.zeros_like(penalty), mask, kl_coef=kl_coef)
+    if p.whiten_rewards:
+      rewards = rl.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = rl.gae(rewards, values, mask, gamma=p.gamma, lam=p.lam)
+    if p.whiten_advantages:  # over the whole rollout batch (spec §8.5: our default, not per minibatch)
+      advantages = rl.whiten(advantages, mask)
+    log_ratio = old_logprobs - ref_logprobs
+    length = jnp.sum(mask, axis=1)
+    metrics = {
+      "score": jnp.mean(score),
+      "raw_score": jnp.mean(raw_score),
+      "kl": jnp.mean(jnp.sum(jnp.where(mask > 0, log_ratio, 0.0), axis=1)),  # k1 summed over the response
+      "kl_k3": jnp.mean(jnp.sum(losses.kl_penalty(old_logprobs, ref_logprobs, estimator="k3") * mask, axis=1)),
+      "entropy": _masked_mean(entropy, mask),
+      "response_length": jnp.mean(length),
+      "ended_with_eos": jnp.mean(ended),
+      # The sampler's log-probs against the teacher-forced ones: numerical drift only (spec §9 item 8).
+      "logprob_gap": jnp.max(jnp.abs(jnp.where(mask > 0, rollout.logprobs - old_logprobs, 0.0))),
+      "value_mean": _masked_mean(values, mask),
+      "explained_variance": _explained_variance(values, returns, mask),
+      "kl_coef": kl_coef,
+    }
+    scored = Scored(prompt_tokens, prompt_segments, rollout.tokens, mask, old_logprobs, values, advantages, returns)
+    return scored, metrics
+
+  score_fn = sampling.jit_on_mesh(score_rollout, mesh=mesh, rules=rules)
+
+  # ---------------------------------------------------------------- one minibatch: policy, ptx, critic, EMA
+  def minibatch_step(state: PPOState, scored: Scored, rows: jax.Array, ptx_batch):
+    mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
+    seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
+
+    def policy_loss(params):
+      logprobs = sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
+      if not p.ptx_coef:
+        return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+      ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
+      return losses.ppo_ptx_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.mask,
+        ptx_logits,
+        ptx_batch["targets"],
+        ptx_batch["mask"],
+        clip_eps=p.clip,
+        ptx_coef=p.ptx_coef,
+      )
+
+    def value_loss(params):
+      values, _ = sampling.response_values(critic_graphdef, params, *seq)
+      return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
+
+    (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
+    (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+    policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
+    critic = state.critic.apply_gradients(critic_grads, critic_tx)
+    metrics = {
+      "loss": loss,
+      **policy_metrics,
+      "value_loss": vf_loss,
+      "value_clip_frac": value_metrics["clip_frac"],
+      "policy_grad_norm": optax.tree.norm(policy_grads),
+      "value_grad_norm": optax.tree.norm(critic_grads),
+      "lr": policy_lr(state.policy.step),
+    }
+    return state.replace(policy=policy, critic=critic), metrics
+
+  batch_sh = common.batch_sharding(mesh, rules)
+  step_fn = jax.jit(
+    sharding.traced_with_rules(minibatch_step, mesh, rules),
+    in_shardings=(state_sh, batch_sh, replicated, batch_sh),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  )
+
+  def kl_update(kl_state, kl_value):
+    if p.kl_controller == "adaptive":
+      return rl.adaptive_kl_update(kl_state, kl_value, p.rollout_batch, target=p.kl_target, horizon=p.kl_horizon)
+    return rl.fixed_kl_update(kl_state, kl_value, p.rollout_batch)
+
+  # ---------------------------------------------------------------- evaluation on held-out prompts
+  evaluation = _Evaluation(
+    config,
+    tokenizer,
+    mesh,
+    rules,
+    data_dir,
+    data_cfg.data_dir,
+    sampler,
+    judge,
+    ref_params,
+    policy_graphdef,
+    ptx,
+    workdir,
+  )
+
+  # ---------------------------------------------------------------- the iteration loop
+  base_rng = jax.random.PRNGKey(config.seed + 17)
+  loop = common.LoopIO(config, workdir, ckpt, types.SimpleNamespace(get_state=data_state), start_step=start_iteration)
+  with loop, common.Preemption() as preemption:
+    for iteration in range(start_iteration, iterations):
+      rng = jax.random.fold_in(base_rng, iteration)  # an iteration is a pure function of (state, seed, i)
+      t0 = time.perf_counter()
+      batch = common.to_global(next(prompts), mesh, rules)
+      rollout = jax.block_until_ready(
+        sampler(
+          state.policy.params,
+          batch["tokens"],
+          batch["segment_ids"],
+          jax.random.fold_in(rng, 0),
+          max_new_tokens=p.max_new_tokens,
+        )
+      )
+      t1 = time.perf_counter()
+      scored, rollout_metrics = jax.block_until_ready(
+        score_fn(
+          state.policy.params,
+          state.critic.params,
+          ref_params,
+          judge.params,
+          state.kl.kl_coef,
+          batch["tokens"],
+          batch["segment_ids"],
+          rollout,
+        )
+      )
+      t2 = time.perf_counter()
+      train_metrics = []
+      for epoch in range(p.epochs):
+        order = jax.random.permutation(jax.random.fold_in(rng, 1 + epoch), p.rollout_batch)
+        for m in range(minibatches):
+          ptx_batch = common.to_global(next(ptx), mesh, rules) if p.ptx_coef else {}
+          state, metrics = step_fn(state, scored, order[m * p.minibatch : (m + 1) * p.minibatch], ptx_batch)
+          train_metrics.append(metrics)
+      kl_state = kl_update(state.kl, rollout_metrics["kl"])
+      state = state.replace(step=state.step + 1, kl=kl_state)
+      train_metrics = jax.block_until_ready(train_metrics)
+      t3 = time.perf_counter()
+      tokens = float(jnp.sum(rollout.mask)) + float(p.rollout_batch * batch["tokens"].shape[1])
+      row = {
+        **rollout_metrics,
+        **{k: jnp.mean(jnp.stack([m[k] for m in train_metrics])) for k in train_metrics[0]},
+        # The first minibatch trains on the rollout policy itself: its ratio must be exactly 1 (spec §9 item 8).
+        "first_minibatch_approx_kl": train_metrics[0]["approx_kl"],
+        "first_minibatch_ratio_max": train_metrics[0]["ratio_max"],
+        "time_rollout": t1 - t0,
+        "time_scoring": t2 - t1,
+        "time_training": t3 - t2,
+        "rollout_tokens_per_sec": tokens / max(t1 - t0, 1e-9),
+        "episodes_per_sec": p.rollout_batch / max(t3 - t0, 1e-9),
+      }
+      if loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1)):
+        return loop.last_row
+    final = loop.finish(state, evaluation(state))
+
+  # ---------------------------------------------------------------- export (EMA weights, spec §5.2)
+  export_dir = os.path.join(workdir, "export")
+  model_io.export(export_dir, state.policy.ema, "lm", policy_cfg, ema_decay=p.ema_decay)
+  common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
+  return final
+
+
+class _Evaluation:
+  """Held-out prompts: RM score of the policy (EMA weights) and of the SFT reference, the win rate between
+  them judged by the RM and, on the lab's prompts, by the gold scorer; the pretraining loss; sample dumps."""
+
+  def __init__(
+    self, config, tokenizer, mesh, rules, data_dir, tfds_dir, sampler, judge, ref_params, graphdef, ptx, workdir
+  ):
+    self.config, self.tokenizer, self.mesh, self.rules = config, tokenizer, mesh, rules
+    self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
+    self.texts, self.prompts, self.tasks = [], [], {}
+    if config.data.eval:
+      spec = config.data.eval
+      files = common.resolve_lab_files({"train": spec}, data_dir, seed=config.seed)["train"]
+      texts, prompts = judging.load_prompts(
+        files, tokenizer, data_dir=tfds_dir, max_prompt_len=config.data.max_prompt_len
+      )
+      self.texts, self.prompts = texts[: config.data.eval_prompts], prompts[: config.data.eval_prompts]
+      if spec.startswith("lab:"):
+        from instructgpt_jax.lab import datasets
+
+        self.tasks = datasets.tasks_of(spec, seed=config.seed)
+    self.ptx_eval = None
+    if ptx is not None:
+      self.ptx_eval = jax.jit(sharding.traced_with_rules(lm_steps.make_eval_step(graphdef), mesh, rules))
+    self.sft = {}  # the reference's numbers: computed once, at the first evaluation
+
+  def _ptx_loss(self, params) -> float:
+    total = count = 0.0
+    for batch in self.ptx.eval_batches(4):
+      loss_sum, n = self.ptx_eval(params, common.to_global(batch, self.mesh, self.rules))
+      total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+  def _sample(self, params):
+    c = self.config
+    return judging.sample_and_score(
+      self.sampler,
+      params,
+      self.judge,
+      self.prompts,
+      jax.random.PRNGKey(c.seed + 99),
+      batch_size=c.ppo.minibatch,
+      max_new_tokens=c.ppo.max_new_tokens,
+      pad_id=self.tokenizer.pad_id,
+      buckets=stage_data.prompt_buckets(c.data),
+    )
+
+  def _gold(self, samples) -> np.ndarray:
+    """The lab's gold quality of each sampled response (NaN where a prompt is not a lab task)."""
+    from instructgpt_jax.lab import tasks as tasks_lib
+
+    out = []
+    for prompt_text, (_, response) in zip(self.texts, samples):
+      task = self.tasks.get(prompt_text)
+      stopped = len(response) > 0 and int(response[-1]) == self.tokenizer.eos_id
+      out.append(tasks_lib.quality(task, self.tokenizer.decode(response), stopped=stopped) if task else np.nan)
+    return np.array(out)
+
+  def __call__(self, state: PPOState) -> dict[str, float]:
+    row = {}
+    params = state.policy.ema  # evaluation and export use the EMA weights (spec §5.2, our default)
+    if self.ptx_eval is not None:
+      if "ptx_loss" not in self.sft:
+        self.sft["ptx_loss"] = self._ptx_loss(self.ref_params)
+      row.update(eval_ptx_loss=self._ptx_loss(params), eval_ptx_loss_sft=self.sft["ptx_loss"])
+    if not self.prompts:
+      return row
+    scores, samples = self._sample(params)
+    if "scores" not in self.sft:
+      self.sft["scores"], self.sft["samples"] = self._sample(self.ref_params)
+    sft_scores = self.sft["scores"]
+    row.update(
+      eval_rm_score=float(scores.mean()),
+      eval_rm_score_sft=float(sft_scores.mean()),
+      eval_win_rate_rm=float(np.mean((scores > sft_scores) + 0.5 * (scores == sft_scores))),
+    )
+    if self.tasks:
+      if "gold" not in self.sft:
+        self.sft["gold"] = self._gold(self.sft["samples"])
+      gold, sft_gold = self._gold(samples), self.sft["gold"]
+      row.update(
+        eval_gold=float(np.nanmean(gold)),
+        eval_gold_sft=float(np.nanmean(sft_gold)),
+        eval_win_rate_gold=float(np.nanmean((gold > sft_gold) + 0.5 * (gold == sft_gold))),
+      )
+    self._dump(int(state.step), samples, scores)
+    return row
+
+  def _dump(self, step: int, samples, scores) -> None:
+    if jax.process_index() != 0:
+      return
+    os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+    with open(os.path.join(self.workdir, "samples", f"iteration_{step:06d}.jsonl"), "w") as f:
+      for i, (prompt_text, (_, response)) in enumerate(zip(self.texts, samples)):
+        record = {
+          "prompt": prompt_text,
+          "policy": self.tokenizer.decode(response),
+          "policy_score": float(scores[i]),
+          "sft": self.tokenizer.decode(self.sft["samples"][i][1]),
+          "sft_score": float(self.sft["scores"][i]),
+        }
+        f.write(json.dumps(record) + "\n")
