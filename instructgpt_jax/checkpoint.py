@@ -65,17 +65,26 @@ class Checkpointer:
     )
     return out.state, dict(out.data or {})
 
-  def restore_params(self, step: int | None = None, target: Any | None = None) -> Any:
+  def restore_params(self, step: int | None = None, target: Any | None = None, *, keys=("params",)) -> Any:
     """The parameters alone (the optimizer state is not read), for handing a model to the next stage.
 
-    With `target` (a params tree of arrays or ShapeDtypeStructs carrying shardings) they load straight into
+    `keys` is the path of the parameters inside the saved state (PPO keeps ("policy", "params")). With
+    `target` (a params tree of arrays or ShapeDtypeStructs carrying shardings) they load straight into
     those shardings; without, onto this process's first device, whatever mesh wrote them.
     """
     step = self.latest_step() if step is None else step
     path = os.path.join(self.directory, str(step), "state")
     if target is None:
-      target = _on_first_device(_saved_tree(path)["params"])
-    return _restore_subtree(path, {"params": target})["params"]
+      target = _saved_tree(path)
+      for key in keys:
+        target = target[key]
+      target = _on_first_device(target)
+    for key in reversed(keys):
+      target = {key: target}
+    restored = _restore_subtree(path, target)
+    for key in keys:
+      restored = restored[key]
+    return restored
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -68,7 +68,7 @@ def records(
   kind: str, split: str, n: int, *, seed: int = 0, world_seed: int = 0, families: tuple[str, ...] = tasks_lib.FAMILIES
 ) -> list[dict]:
   world = world_lib.make_world(world_seed)
-  rng = random.Random(f"{seed}:{split}:{kind}")
+  rng = random.Random(f"{seed}:{split}:{kind}:responses")
   out = []
   for task in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind):
     if kind == "demonstrations":

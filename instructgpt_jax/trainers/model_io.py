@@ -94,15 +94,18 @@ def load(source: Source, kind: str, target, model_cfg: models.ModelConfig, seed:
 def _restore(source: Source, target) -> Any:
   if source.exported:
     return checkpoint.import_params(source.path, target)[0]
-  return checkpoint.Checkpointer(source.path).restore_params(target=target)
+  keys = tuple(source.metadata.get("params_keys", ("params",)))
+  return checkpoint.Checkpointer(source.path).restore_params(target=target, keys=keys)
 
 
-def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig) -> None:
-  """Records what this run trains, so a later stage can start from its workdir."""
+def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig, *, params_keys=("params",)) -> None:
+  """Records what this run trains (and where its params sit in the checkpoint), so a later stage can start
+  from its workdir."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    info = {"kind": kind, "model": dataclasses.asdict(model_cfg), "params_keys": list(params_keys)}
     with open(os.path.join(workdir, "model.json"), "w") as f:
-      json.dump({"kind": kind, "model": dataclasses.asdict(model_cfg)}, f, indent=2)
+      json.dump(info, f, indent=2)
 
 
 def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **extra) -> None:

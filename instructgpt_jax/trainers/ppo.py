@@ -121,7 +121,7 @@ def train(config, workdir: str) -> dict[str, float]:
   iterations = config.total_steps or p.episodes // p.rollout_batch
   config.total_steps = iterations
   common.write_config(workdir, config)
-  model_io.write_model_json(workdir, "lm", policy_cfg)
+  model_io.write_model_json(workdir, "lm", policy_cfg, params_keys=("policy", "params"))
 
   # ---------------------------------------------------------------- four models: init or restore
   optimizer_steps = iterations * minibatches * p.epochs

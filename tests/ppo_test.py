@@ -1,0 +1,188 @@
+"""The PPO-ptx stage: paper numbers, agreement of sampler/scorer/trainer, Eq. 2 on a real batch, mesh
+independence, resuming mid-run, and (slow) learning against the RM with and without the ptx term."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ppo, rm, sft
+from instructgpt_jax import checkpoint, losses, main, rl, sampling, sharding, train_state
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.trainers import judging, model_io
+
+from runs import configured, read_metrics
+
+
+def test_config_holds_the_paper_numbers():
+  c = ppo.get_config("size=1.3b")
+  p = c.ppo
+  assert (p.kl_coef, p.kl_controller, p.ptx_coef, p.episodes, p.rollout_batch, p.minibatch, p.epochs) == (
+    0.02,
+    "fixed",
+    27.8,
+    256_000,
+    512,
+    64,
+    1,
+  )
+  assert (p.clip, p.gamma, p.lam, p.temperature, p.max_new_tokens, c.data.max_prompt_len) == (
+    0.2,
+    1.0,
+    0.95,
+    1.0,
+    1024,
+    1024,
+  )
+  assert (p.ema_decay, p.ptx_per_episode) == (0.992, 8)
+  assert (c.optim.schedule, c.optim.warmup_steps, c.optim.warmup_init_fraction) == ("constant", 10, 0.1)
+  assert (c.optim.b1, c.optim.b2, c.value_optim.lr) == (0.9, 0.95, 9e-6)
+  assert ppo.get_config("size=175b").value_optim.lr == 5e-6
+  assert ppo.get_config("ptx=false").ppo.ptx_coef == 0.0  # plain PPO
+  assert p.episodes // p.rollout_batch == 500  # iterations (spec §5.2)
+
+
+def test_sweep_covers_gamma_and_beta():
+  runs = ppo.sweep()
+  assert {(r["ppo.ptx_coef"], r["ppo.kl_coef"]) for r in runs} == {(0.0, 0.01), (0.0, 0.02), (27.8, 0.01), (27.8, 0.02)}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  """A tiny PPO-init SFT model and an RM started from it (short runs: the PPO tests need models, not skill)."""
+  root = tmp_path_factory.mktemp("chain")
+  main.run(
+    configured(sft, "tiny,variant=ppo_init", total_steps=40, **{"data.train": "lab:demonstrations:train:400"}),
+    str(root / "sft"),
+  )
+  main.run(
+    configured(
+      rm, "tiny", total_steps=20, **{"model.init_from": str(root / "sft"), "data.train": "lab:comparisons:train:400"}
+    ),
+    str(root / "rm"),
+  )
+  return root
+
+
+def ppo_flags(chain, **overrides):
+  flags = {
+    "model.init_from": str(chain / "sft"),
+    "ppo.reward_model": str(chain / "rm" / "export"),
+    "ppo.episodes": 4 * 32,
+    "checkpoint_every_steps": 2,
+    "eval_every_steps": 0,
+    "data.eval": "",
+    "progress_bar": False,
+  }
+  flags.update(overrides)
+  return flags
+
+
+@pytest.fixture(scope="module")
+def short_ppo(chain):
+  workdir = chain / "ppo_short"
+  main.run(configured(ppo, "tiny", **ppo_flags(chain)), str(workdir))
+  return workdir
+
+
+@pytest.mark.slow
+def test_first_minibatch_of_every_iteration_has_ratio_one(short_ppo):
+  rows = read_metrics(short_ppo)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    assert r["first_minibatch_approx_kl"] <= 1e-5 and abs(r["first_minibatch_ratio_max"] - 1.0) <= 1e-5, r
+    assert r["logprob_gap"] <= 1e-4  # sampler and teacher-forced scorer agree (float32)
+  assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # iteration 1 samples the reference policy itself
+  assert rows[-1]["kl"] > 0.0
+
+
+@pytest.mark.slow
+def test_per_token_rewards_sum_to_the_eq2_bracket_on_a_real_batch(chain, short_ppo):
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  policy_source, ref_source = model_io.read_source(str(short_ppo / "export")), model_io.read_source(str(chain / "sft"))
+  graphdef, target = train_state.param_shardings_for(policy_source.config, mesh, rules)
+  policy = model_io.load(policy_source, "lm", target, policy_source.config, 0)
+  reference = model_io.load(ref_source, "lm", target, ref_source.config, 0)
+  judge = judging.Judge.load(str(chain / "rm" / "export"), mesh, rules)
+  from instructgpt_jax.lab import datasets
+
+  prompts = [np.array(tokenizer.encode(r["prompt"]), np.int32) for r in datasets.records("prompts", "eval", 16)]
+  tokens, segments = sampling.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
+  settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  rollout = sampling.Sampler(graphdef, settings, response_buckets=(64,), mesh=mesh, rules=rules)(
+    policy, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=64
+  )
+  seq = (tokens, segments, rollout.tokens, rollout.mask)
+  logprobs = sampling.response_logprobs(graphdef, policy, *seq)
+  ref_logprobs = sampling.response_logprobs(graphdef, reference, *seq)
+  score = judge.score(*seq)
+  beta = 0.02
+  rewards = rl.per_token_rewards(score, logprobs, ref_logprobs, rollout.mask, kl_coef=beta)
+  k1 = np.asarray(losses.kl_penalty(logprobs, ref_logprobs)) * np.asarray(rollout.mask)
+  np.testing.assert_allclose(np.asarray(rewards).sum(1), np.asarray(score) - beta * k1.sum(1), rtol=1e-5, atol=1e-5)
+  assert np.abs(k1).sum() > 0  # a real batch: the trained policy has moved away from the reference
+
+
+def run_cli(chain, workdir, devices: int, **overrides):
+  flags = ppo_flags(chain, **overrides)
+  cmd = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/ppo.py:tiny", f"--workdir={workdir}"]
+  cmd += [f"--config.{k}={v}" for k, v in flags.items()]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return cmd, env
+
+
+@pytest.mark.slow
+def test_one_iteration_on_8_devices_equals_one_device(chain, tmp_path):
+  cmd, env = run_cli(chain, tmp_path / "one", 1, **{"ppo.episodes": 32})
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  main.run(configured(ppo, "tiny", **ppo_flags(chain, **{"ppo.episodes": 32})), str(tmp_path / "eight"))
+  one, eight = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "eight")[0]
+  for key in (
+    "score",
+    "kl",
+    "entropy",
+    "response_length",
+    "loss",
+    "policy_loss",
+    "ptx_loss",
+    "value_loss",
+    "approx_kl",
+    "clip_frac",
+    "explained_variance",
+  ):
+    assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_matches_the_uninterrupted_run(chain, tmp_path):
+  flags = {"ppo.episodes": 6 * 32}
+  cmd, env = run_cli(chain, tmp_path / "straight", 8, **flags)
+  assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+  cmd, env = run_cli(chain, tmp_path / "killed", 8, **flags)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  path = tmp_path / "killed" / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline and not (path.exists() and sum(1 for _ in open(path)) >= 3):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)  # during iteration 4: after the checkpoint of iteration 2
+  proc.wait()
+  assert checkpoint.Checkpointer(str(tmp_path / "killed")).latest_step() < 6
+  assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+  straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+  for a, b in zip(straight, resumed):
+    for key in ("score", "kl", "loss", "value_loss", "entropy"):
+      assert a[key] == b[key], (a["step"], key)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    checkpoint.Checkpointer(str(tmp_path / "straight")).restore_params(6, keys=("policy", "params")),
+    checkpoint.Checkpointer(str(tmp_path / "killed")).restore_params(6, keys=("policy", "params")),
+  )
