@@ -186,3 +186,59 @@ def test_kill_9_mid_run_then_rerun_matches_the_uninterrupted_run(chain, tmp_path
     checkpoint.Checkpointer(str(tmp_path / "straight")).restore_params(6, keys=("policy", "params")),
     checkpoint.Checkpointer(str(tmp_path / "killed")).restore_params(6, keys=("policy", "params")),
   )
+
+
+@pytest.fixture(scope="module")
+def learning_runs(chain):
+  """PPO (γ = 0) and PPO-ptx (γ = 27.8) from the same SFT model, RM and seeds: 60 iterations each."""
+  runs = {}
+  for name, gamma in (("ppo", 0.0), ("ppo_ptx", 27.8)):
+    flags = ppo_flags(
+      chain,
+      **{
+        "ppo.episodes": 60 * 32,
+        "ppo.ptx_coef": gamma,
+        "eval_every_steps": 60,
+        "data.eval": "lab:prompts:eval:64",
+        "checkpoint_every_steps": 30,
+      },
+    )
+    main.run(configured(ppo, "tiny", **flags), str(chain / name))
+    runs[name] = read_metrics(chain / name)
+  return runs
+
+
+@pytest.mark.slow
+def test_rm_score_rises_with_bounded_kl_and_ptx_limits_the_alignment_tax(learning_runs):
+  for name, rows in learning_runs.items():
+    first, last = np.mean([r["score"] for r in rows[:10]]), np.mean([r["score"] for r in rows[-10:]])
+    print(
+      f"\n{name}: RM score {first:.3f} -> {last:.3f}, KL {rows[-1]['kl']:.2f}, "
+      f"ptx loss {rows[-1]['eval_ptx_loss']:.3f} (SFT {rows[-1]['eval_ptx_loss_sft']:.3f}), "
+      f"win rate vs SFT (RM) {rows[-1]['eval_win_rate_rm']:.2f}"
+    )
+    assert last > first + 0.2, name  # the RM score of the policy's own samples rises
+  assert learning_runs["ppo"][-1]["eval_win_rate_rm"] > 0.5  # held out, EMA weights, judged by the RM
+  # β = 0.02 bounds the KL (nats per response); the ptx term, pulling towards pretraining text, bounds it more.
+  ptx_kl = max(r["kl"] for r in learning_runs["ppo_ptx"])
+  assert ptx_kl < 15.0 and ptx_kl < learning_runs["ppo"][-1]["kl"]
+  tax = {n: abs(rows[-1]["eval_ptx_loss"] - rows[-1]["eval_ptx_loss_sft"]) for n, rows in learning_runs.items()}
+  assert tax["ppo_ptx"] < tax["ppo"], tax
+
+
+@pytest.mark.slow
+def test_sft_evaluates_by_rm_score_when_given_an_rm(chain, tmp_path):
+  config = configured(
+    sft,
+    "tiny",
+    total_steps=4,
+    eval_every_steps=2,
+    **{
+      "model.init_from": str(chain / "sft"),
+      "data.train": "lab:demonstrations:train:200",
+      "eval_rm.rm": str(chain / "rm" / "export"),
+    },
+  )
+  final = main.run(config, str(tmp_path))
+  evals = [r for r in read_metrics(tmp_path) if "eval_rm_score" in r]
+  assert [r["step"] for r in evals] == [2, 4] and np.isfinite(final["eval_rm_score"])
