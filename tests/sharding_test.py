@@ -185,6 +185,6 @@ def test_activation_constraints_apply_when_the_jitted_function_is_first_called_l
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   double = jax.jit(sharding.traced_with_rules(lambda x: sharding.constrain(2 * x, ("batch", None)), mesh, RULES))
   out = double(np.ones((8, 4), np.float32))
-  assert out.sharding.spec == P("data", None) and len(out.sharding.device_set) == 8
+  assert tuple(out.sharding.spec)[:1] == ("data",) and len(out.sharding.device_set) == 8
   plain = jax.jit(lambda x: sharding.constrain(2 * x, ("batch", None)))
   assert len(plain(np.ones((8, 4), np.float32)).sharding.device_set) == 1  # no rules active: no constraint
