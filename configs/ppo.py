@@ -59,6 +59,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       whiten_advantages=True,
       missing_eos_penalty=0.0,  # 0: off; else the score of a response that never emitted EOS (e.g. -1)
       ema_decay=0.992,
+      # One trunk for policy and value (a value head on the policy, one optimizer): half the memory of a
+      # separate critic; the value loss enters the policy's loss with vf_coef (Ziegler et al.: 0.1).
+      shared_trunk=False,
+      vf_coef=0.1,
       reward_model="",  # an exported RM (rm stage's <workdir>/export); its bias is applied
       value_init="",  # "" = the reward model (spec §5.1)
       reference="",  # "" = model.init_from, the PPO-init SFT model (spec §1)

@@ -262,13 +262,26 @@ def _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, res
   return sharding.constrain(tokens, BT), sharding.constrain(segment_ids, BT)
 
 
-def _response_logits(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
-  """Logits [B, R, V] at the R positions that predict the response tokens (position P - 1 + t predicts t)."""
+def response_hidden(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
+  """(model, hidden [B, R, D]) at the R positions that predict the response tokens (P - 1 + t predicts t).
+
+  A value read from hidden[:, t] sees the state before response token t, as `response_values` does.
+  """
   model = nnx.merge(graphdef, params)
   tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
   prompt_length = prompt_tokens.shape[1]
-  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
-  return model.logits(hidden[:, prompt_length - 1 : -1])
+  return model, model.hidden_states(tokens, segment_ids=segment_ids)[:, prompt_length - 1 : -1]
+
+
+def logprobs_from_hidden(model, hidden, response_tokens, response_mask, *, temperature=1.0, with_entropy=False):
+  """The response's per-token log-probs (and entropies) from `response_hidden`'s output; 0 where masked."""
+  logits = model.logits(hidden)
+  logprobs = losses.token_logprobs(logits, response_tokens, temperature=temperature)
+  logprobs = sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
+  if not with_entropy:
+    return logprobs
+  entropy = jnp.where(response_mask > 0, losses.token_entropy(logits, temperature=temperature), 0.0)
+  return logprobs, sharding.constrain(entropy, BT)
 
 
 def response_logprobs(
@@ -288,13 +301,10 @@ def response_logprobs(
   only at the R positions that predict response tokens. Returns [B, R] float32, 0 where the mask is 0;
   with `with_entropy`, also the entropy [B, R] of each of those temperature-scaled distributions.
   """
-  logits = _response_logits(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
-  logprobs = losses.token_logprobs(logits, response_tokens, temperature=temperature)
-  logprobs = sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
-  if not with_entropy:
-    return logprobs
-  entropy = jnp.where(response_mask > 0, losses.token_entropy(logits, temperature=temperature), 0.0)
-  return logprobs, sharding.constrain(entropy, BT)
+  model, hidden = response_hidden(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
+  return logprobs_from_hidden(
+    model, hidden, response_tokens, response_mask, temperature=temperature, with_entropy=with_entropy
+  )
 
 
 def response_values(

@@ -99,11 +99,28 @@ def abstract_state(
 ):
   """(graphdef, abstract TrainState carrying shardings, the shardings): a restore target; nothing allocated."""
   graphdef, target = param_shardings_for(model_cfg, mesh, rules, kind=kind)
+  return (graphdef, *abstract_state_for(target, tx, mesh, ema=ema))
+
+
+def abstract_state_for(target, tx: optax.GradientTransformation, mesh: Mesh, *, ema: bool = False):
+  """(abstract TrainState carrying shardings, the shardings) for any abstract params with shardings."""
   param_shardings = jax.tree.map(lambda t: t.sharding, target)
   abstract = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(0), ema=ema), target)
   shardings = state_shardings(abstract, param_shardings, tx, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  return graphdef, abstract, shardings
+  return abstract, shardings
+
+
+def create_from_params(
+  params, tx: optax.GradientTransformation, key: jax.Array, shardings: TrainState, *, ema: bool = False
+) -> TrainState:
+  """A TrainState around sharded params, its optimizer state created directly in `shardings`."""
+  create = jax.jit(
+    lambda params, key: TrainState.create(params, tx, key, ema=ema),
+    in_shardings=(shardings.params, replicated(_mesh_of(shardings))),
+    out_shardings=shardings,
+  )
+  return create(params, key)
 
 
 def create_sharded(
@@ -128,12 +145,7 @@ def create_sharded(
     params = random_params(model_cfg, abstract.params, params_key, kind=kind)
   else:
     params = load_params(abstract.params)
-  create = jax.jit(
-    lambda params, key: TrainState.create(params, tx, key, ema=ema),
-    in_shardings=(shardings.params, replicated(mesh)),
-    out_shardings=shardings,
-  )
-  return graphdef, create(params, state_key), shardings
+  return graphdef, create_from_params(params, tx, state_key, shardings, ema=ema), shardings
 
 
 def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, microbatches: int = 1):

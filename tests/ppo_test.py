@@ -242,3 +242,18 @@ def test_sft_evaluates_by_rm_score_when_given_an_rm(chain, tmp_path):
   final = main.run(config, str(tmp_path))
   evals = [r for r in read_metrics(tmp_path) if "eval_rm_score" in r]
   assert [r["step"] for r in evals] == [2, 4] and np.isfinite(final["eval_rm_score"])
+
+
+@pytest.mark.slow
+def test_shared_trunk_trains_one_model_with_a_value_head(chain, tmp_path):
+  flags = ppo_flags(chain, **{"ppo.episodes": 2 * 32, "ppo.shared_trunk": True})
+  main.run(configured(ppo, "tiny", **flags), str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["first_minibatch_approx_kl"] <= 1e-5 and np.isfinite(r["value_loss"]) and r["value_grad_norm"] > 0
+  params = checkpoint.Checkpointer(str(tmp_path)).restore_params(2, keys=("policy", "params"))
+  assert set(params) == {"lm", "value_head"}  # the value head sits on the policy; there is no critic
+  assert params["value_head"]["proj"]["kernel"].shape == (64, 1)
+  source = model_io.read_source(str(tmp_path))  # a later stage can start from this workdir's policy
+  assert source.metadata["params_keys"] == ["policy", "params", "lm"]

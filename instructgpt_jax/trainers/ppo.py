@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
+from flax import nnx, struct
 
-from instructgpt_jax import checkpoint, losses, optim, rl, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, losses, models, optim, rl, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data, text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io
@@ -48,7 +48,7 @@ class PPOState:
 
   step: jax.Array
   policy: train_state.TrainState
-  critic: train_state.TrainState
+  critic: train_state.TrainState | None  # None with ppo.shared_trunk
   kl: rl.KLControllerState
 
 
@@ -64,6 +64,21 @@ class Scored:
   old_values: jax.Array
   advantages: jax.Array
   returns: jax.Array
+
+
+def _value_head_target(cfg, mesh, rules):
+  """(graphdef, abstract params with shardings) of a value head for the policy's own trunk (shared_trunk)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(0))))
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  shardings = sharding.tree_shardings(shapes, sharding.logical_axes(state), mesh, rules)
+  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _init_value_head(cfg, target, key):
+  """A fresh value head, N(0, 1/sqrt(d + 1)) like the RM's head (spec §4.3), created in `target`'s shardings."""
+  shardings = jax.tree.map(lambda t: t.sharding, target)
+  init = lambda k: nnx.to_pure_dict(nnx.split(models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(params=k)))[1])  # noqa: E731
+  return jax.jit(init, out_shardings=shardings)(key)
 
 
 def _masked_mean(x, mask):
@@ -121,7 +136,8 @@ def train(config, workdir: str) -> dict[str, float]:
   iterations = config.total_steps or p.episodes // p.rollout_batch
   config.total_steps = iterations
   common.write_config(workdir, config)
-  model_io.write_model_json(workdir, "lm", policy_cfg, params_keys=("policy", "params"))
+  params_keys = ("policy", "params", "lm") if p.shared_trunk else ("policy", "params")
+  model_io.write_model_json(workdir, "lm", policy_cfg, params_keys=params_keys)
 
   # ---------------------------------------------------------------- four models: init or restore
   optimizer_steps = iterations * minibatches * p.epochs
@@ -130,24 +146,41 @@ def train(config, workdir: str) -> dict[str, float]:
   policy_optim.warmup_steps = config.optim.warmup_steps * minibatches * p.epochs
   policy_tx = optim.make_optimizer(policy_optim, optimizer_steps)
   policy_lr = optim.schedule(policy_optim, optimizer_steps)
-  critic_tx = optim.make_optimizer(config.value_optim, optimizer_steps)
-  value_source = model_io.read_source(p.value_init or p.reward_model)
-  critic_cfg = value_source.config
+  shared = p.shared_trunk  # one trunk for policy and value: a value head on the policy, one optimizer
   reference_source = model_io.read_source(p.reference) if p.reference else source
   judge = judging.Judge.load(p.reward_model, mesh, rules, seed=config.seed)
-  for name, cfg in (("reward model", judge.model_cfg), ("value model", critic_cfg)):
-    common.check(cfg.vocab_size == policy_cfg.vocab_size, f"ppo: the {name}'s vocabulary differs from the policy's")
+  common.check(
+    judge.model_cfg.vocab_size == policy_cfg.vocab_size, "ppo: the RM's vocabulary differs from the policy's"
+  )
+  if not shared:
+    critic_tx = optim.make_optimizer(config.value_optim, optimizer_steps)
+    value_source = model_io.read_source(p.value_init or p.reward_model)
+    critic_cfg = value_source.config
   ref_graphdef, ref_target = train_state.param_shardings_for(reference_source.config, mesh, rules)
   ref_params = model_io.load(reference_source, "lm", ref_target, reference_source.config, config.seed)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  policy_graphdef, policy_abstract, policy_sh = train_state.abstract_state(
-    policy_cfg, policy_tx, mesh, rules, kind="lm", ema=True
-  )
-  critic_graphdef, critic_abstract, critic_sh = train_state.abstract_state(
-    critic_cfg, critic_tx, mesh, rules, kind="scalar"
-  )
+  policy_graphdef, lm_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
+  policy_target = lm_target
+  critic_graphdef = critic_abstract = critic_sh = None
+  if shared:
+    head_graphdef, head_target = _value_head_target(policy_cfg, mesh, rules)
+    policy_target = {"lm": lm_target, "value_head": head_target}
+  else:
+    critic_graphdef, critic_abstract, critic_sh = train_state.abstract_state(
+      critic_cfg, critic_tx, mesh, rules, kind="scalar"
+    )
+  policy_abstract, policy_sh = train_state.abstract_state_for(policy_target, policy_tx, mesh, ema=True)
   replicated = train_state.replicated(mesh)
+
+  def lm_params(params):
+    """The language model inside the policy's params (all of them without a shared value head)."""
+    return params["lm"] if shared else params
+
+  def head_values(head_params, hidden, mask):
+    values = nnx.merge(head_graphdef, head_params)(hidden)
+    return sharding.constrain(jnp.where(mask > 0, values, 0.0), ("batch", "length"))
+
   state_sh = PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
   if ckpt.latest_step() is not None:
     abstract = PPOState(
@@ -162,25 +195,22 @@ def train(config, workdir: str) -> dict[str, float]:
       ptx.set_state(data_state["ptx"])
     logging.info("resumed at iteration %d", int(state.step))
   else:
-    _, policy, _ = train_state.create_sharded(
-      policy_cfg,
-      policy_tx,
-      config.seed,
-      mesh,
-      rules,
-      kind="lm",
-      ema=True,
-      load_params=lambda t: model_io.load(source, "lm", t, policy_cfg, config.seed),
-    )
-    _, critic, _ = train_state.create_sharded(
-      critic_cfg,
-      critic_tx,
-      config.seed + 1,
-      mesh,
-      rules,
-      kind="scalar",
-      load_params=lambda t: model_io.load(value_source, "scalar", t, critic_cfg, config.seed),
-    )
+    params_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = model_io.load(source, "lm", lm_target, policy_cfg, config.seed)
+    if shared:
+      params = {"lm": params, "value_head": _init_value_head(policy_cfg, head_target, params_key)}
+    policy = train_state.create_from_params(params, policy_tx, state_key, policy_sh, ema=True)
+    critic = None
+    if not shared:
+      _, critic, _ = train_state.create_sharded(
+        critic_cfg,
+        critic_tx,
+        config.seed + 1,
+        mesh,
+        rules,
+        kind="scalar",
+        load_params=lambda t: model_io.load(value_source, "scalar", t, critic_cfg, config.seed),
+      )
     kl = jax.device_put(rl.kl_controller_init(p.kl_coef), replicated)
     state = PPOState(step=jax.device_put(jnp.int32(0), replicated), policy=policy, critic=critic, kl=kl)
   start_iteration = int(state.step)
@@ -205,11 +235,15 @@ def train(config, workdir: str) -> dict[str, float]:
     """Everything one rollout needs before training (spec §5.4 steps 2-5), and its metrics."""
     seq = (prompt_tokens, prompt_segments, rollout.tokens, rollout.mask)
     mask = rollout.mask
-    old_logprobs, entropy = sampling.response_logprobs(
-      policy_graphdef, policy_params, *seq, temperature=p.temperature, with_entropy=True
+    model, hidden = sampling.response_hidden(policy_graphdef, lm_params(policy_params), *seq)
+    old_logprobs, entropy = sampling.logprobs_from_hidden(
+      model, hidden, rollout.tokens, mask, temperature=p.temperature, with_entropy=True
     )
     ref_logprobs = sampling.response_logprobs(ref_graphdef, ref_params, *seq, temperature=p.temperature)
-    values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
+    if shared:
+      values = head_values(policy_params["value_head"], hidden, mask)
+    else:
+      values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
     _, raw_score = sampling.response_values(judge.graphdef, rm_params, *seq)
     score = raw_score - judge.bias
     ended = jnp.any((rollout.tokens == tokenizer.eos_id) & (mask > 0), axis=1)
@@ -250,8 +284,8 @@ def train(config, workdir: str) -> dict[str, float]:
     mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
     seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
 
-    def policy_loss(params):
-      logprobs = sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
+    def policy_objective(params, logprobs):
+      """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx)."""
       if not p.ptx_coef:
         return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
       ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
@@ -267,14 +301,36 @@ def train(config, workdir: str) -> dict[str, float]:
         ptx_coef=p.ptx_coef,
       )
 
-    def value_loss(params):
-      values, _ = sampling.response_values(critic_graphdef, params, *seq)
+    def value_objective(values):
       return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
 
-    (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
-    (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+    if shared:  # one forward pass, one loss: policy (+ ptx) + vf_coef · value, one optimizer
+
+      def shared_loss(params):
+        model, hidden = sampling.response_hidden(policy_graphdef, params["lm"], *seq)
+        logprobs = sampling.logprobs_from_hidden(model, hidden, mb.tokens, mb.mask, temperature=p.temperature)
+        loss, policy_metrics = policy_objective(params["lm"], logprobs)
+        vf_loss, value_metrics = value_objective(head_values(params["value_head"], hidden, mb.mask))
+        return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)
+
+      (_, (loss, policy_metrics, vf_loss, value_metrics)), policy_grads = jax.value_and_grad(shared_loss, has_aux=True)(
+        state.policy.params
+      )
+      critic, critic_grads = None, policy_grads["value_head"]
+    else:
+
+      def policy_loss(params):
+        return policy_objective(
+          params, sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
+        )
+
+      def value_loss(params):
+        return value_objective(sampling.response_values(critic_graphdef, params, *seq)[0])
+
+      (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
+      (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+      critic = state.critic.apply_gradients(critic_grads, critic_tx)
     policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
-    critic = state.critic.apply_gradients(critic_grads, critic_tx)
     metrics = {
       "loss": loss,
       **policy_metrics,
@@ -313,6 +369,7 @@ def train(config, workdir: str) -> dict[str, float]:
     policy_graphdef,
     ptx,
     workdir,
+    lm_params,
   )
 
   # ---------------------------------------------------------------- the iteration loop
@@ -325,7 +382,7 @@ def train(config, workdir: str) -> dict[str, float]:
       batch = common.to_global(next(prompts), mesh, rules)
       rollout = jax.block_until_ready(
         sampler(
-          state.policy.params,
+          lm_params(state.policy.params),
           batch["tokens"],
           batch["segment_ids"],
           jax.random.fold_in(rng, 0),
@@ -336,7 +393,7 @@ def train(config, workdir: str) -> dict[str, float]:
       scored, rollout_metrics = jax.block_until_ready(
         score_fn(
           state.policy.params,
-          state.critic.params,
+          None if shared else state.critic.params,
           ref_params,
           judge.params,
           state.kl.kl_coef,
@@ -376,7 +433,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- export (EMA weights, spec §5.2)
   export_dir = os.path.join(workdir, "export")
-  model_io.export(export_dir, state.policy.ema, "lm", policy_cfg, ema_decay=p.ema_decay)
+  model_io.export(export_dir, lm_params(state.policy.ema), "lm", policy_cfg, ema_decay=p.ema_decay)
   common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
 
@@ -386,7 +443,20 @@ class _Evaluation:
   them judged by the RM and, on the lab's prompts, by the gold scorer; the pretraining loss; sample dumps."""
 
   def __init__(
-    self, config, tokenizer, mesh, rules, data_dir, tfds_dir, sampler, judge, ref_params, graphdef, ptx, workdir
+    self,
+    config,
+    tokenizer,
+    mesh,
+    rules,
+    data_dir,
+    tfds_dir,
+    sampler,
+    judge,
+    ref_params,
+    graphdef,
+    ptx,
+    workdir,
+    lm_params,
   ):
     self.config, self.tokenizer, self.mesh, self.rules = config, tokenizer, mesh, rules
     self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
@@ -406,6 +476,7 @@ class _Evaluation:
     if ptx is not None:
       self.ptx_eval = jax.jit(sharding.traced_with_rules(lm_steps.make_eval_step(graphdef), mesh, rules))
     self.sft = {}  # the reference's numbers: computed once, at the first evaluation
+    self.lm_params = lm_params
 
   def _ptx_loss(self, params) -> float:
     total = count = 0.0
@@ -441,7 +512,7 @@ class _Evaluation:
 
   def __call__(self, state: PPOState) -> dict[str, float]:
     row = {}
-    params = state.policy.ema  # evaluation and export use the EMA weights (spec §5.2, our default)
+    params = self.lm_params(state.policy.ema)  # evaluation and export use the EMA weights (spec §5.2)
     if self.ptx_eval is not None:
       if "ptx_loss" not in self.sft:
         self.sft["ptx_loss"] = self._ptx_loss(self.ref_params)
