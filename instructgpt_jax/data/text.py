@@ -13,7 +13,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from instructgpt_jax.data import formats
+from instructgpt_jax.data import formats, pipeline
 from instructgpt_jax.data.tokenizer import Tokenizer
 
 DataError = formats.DataError  # where callers of this module have always found it
@@ -60,26 +60,22 @@ class TextData:
   def __post_init__(self):
     rows = grain.MapDataset.source(self.train_rows)
     rows = (rows.shuffle(seed=self.seed) if self.shuffle else rows).repeat(None)
-    self._train = rows[self.process_index :: self.process_count].batch(self.batch_size, drop_remainder=True)
+    batches = rows[self.process_index :: self.process_count].batch(self.batch_size, drop_remainder=True)
+    self._train = pipeline.IndexedBatches(batches.map(to_lm_batch))
 
-    self._next = 0
-
-  # The batch-iterator protocol every stage's data follows: iteration yields this host's numpy batches;
-  # get_state/set_state give a JSON-able state that goes into each checkpoint, so that a resumed run
-  # continues with exactly the batch an uninterrupted run would have seen next.
+  # The batch-iterator protocol of every stage's data (data/pipeline.py): numpy batches of this host, and a
+  # JSON-able state saved with each checkpoint so that a resumed run continues with the exact next batch.
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = to_lm_batch(self._train[self._next])
-    self._next += 1
-    return batch
+    return next(self._train)
 
   def get_state(self) -> dict:
-    return {"next_batch": self._next}
+    return self._train.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._next = int(state["next_batch"])
+    self._train.set_state(state)
 
   def eval_batches(self, n: int):
     # Every host yields the same number of batches (a sharded eval step needs all of them).

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -13,6 +14,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from instructgpt_jax import checkpoint, errors, sharding
 from instructgpt_jax import metrics as metrics_lib
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.trainers import model_io
 
 ConfigError = errors.ConfigError
 
@@ -171,6 +174,39 @@ class LoopIO:
     self.ckpt.close()
     self.writer.close()
     return False
+
+
+class Stage(NamedTuple):
+  """What every stage sets up before it builds anything (all checked before any compile)."""
+
+  model_cfg: object  # models.ModelConfig
+  source: object  # model_io.Source or None: where the weights come from
+  tokenizer: object
+  mesh: Mesh
+  rules: dict
+  data_cfg: object  # config.data with lab:... specs written out and data_dir set
+
+  @property
+  def process(self) -> dict[str, int]:
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+def setup_stage(config, workdir: str, *, seq_len: int | None = None) -> Stage:
+  """Model config (with `model.init_from`), tokenizer, mesh, rules and the data section; the shared checks."""
+  model_cfg, source = model_io.resolve(config.model)
+  tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  data_cfg = resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
+  if "data_dir" in data_cfg:
+    data_cfg["data_dir"] = data_cfg["data_dir"] or os.path.join(workdir, "tfds")
+  if seq_len is not None:
+    check(seq_len <= model_cfg.max_len, f"data.seq_len: {seq_len} exceeds the model's max_len {model_cfg.max_len}")
+  check(
+    tokenizer.eos_id < model_cfg.vocab_size,
+    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids "
+    f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})",
+  )
+  return Stage(model_cfg, source, tokenizer, mesh, sharding.rules_dict(config.sharding_rules), data_cfg)
 
 
 def print_summary(stage: str, row: dict[str, float], **extra) -> None:

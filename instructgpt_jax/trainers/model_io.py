@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from instructgpt_jax import checkpoint, models, train_state
-from instructgpt_jax.trainers.common import ConfigError
+from instructgpt_jax.errors import ConfigError
 
 SHAPE_FIELDS = (
   "family",

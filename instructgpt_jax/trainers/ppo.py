@@ -35,7 +35,6 @@ from flax import nnx, struct
 
 from instructgpt_jax import checkpoint, losses, models, optim, rl, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data, text
-from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io
 
 KL_CONTROLLERS = ("fixed", "adaptive")
@@ -97,27 +96,24 @@ def _explained_variance(values, returns, mask):
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   p = config.ppo
-  policy_cfg, source = model_io.resolve(config.model)
+  stage = common.setup_stage(config, workdir)
+  policy_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  data_cfg["batch_size"] = p.rollout_batch
   common.check(source is not None, "model.init_from: PPO starts from the PPO-init SFT model (spec §1); set it")
   common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
   common.check(p.kl_controller in KL_CONTROLLERS, f"ppo.kl_controller: {p.kl_controller!r} not in {KL_CONTROLLERS}")
   common.check(p.kl_estimator in KL_ESTIMATORS, f"ppo.kl_estimator: {p.kl_estimator!r} not in {KL_ESTIMATORS}")
   common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
   common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
-  tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.rules_dict(config.sharding_rules)
   common.check_batch("ppo.minibatch", p.minibatch, mesh)
   data_dir = os.path.join(workdir, "data")
-  data_cfg = common.resolve_lab_files(config.data, data_dir, seed=config.seed)
-  data_cfg.update(data_dir=data_cfg.data_dir or os.path.join(workdir, "tfds"), batch_size=p.rollout_batch)
   buckets = stage_data.prompt_buckets(data_cfg)
   if policy_cfg.family == "gpt":
     common.check(
       max(buckets) + p.max_new_tokens - 1 <= policy_cfg.max_len,
       f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
     )
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  process = stage.process
   prompts = stage_data.build_prompt_data(data_cfg, tokenizer, seed=config.seed, **process)
   minibatches = p.rollout_batch // p.minibatch
   ptx_rows = p.ptx_per_episode * p.minibatch  # pretraining sequences per minibatch (8 per episode, spec §5.2)

@@ -12,30 +12,16 @@ import jax
 
 from instructgpt_jax import checkpoint, optim, sharding, train_state
 from instructgpt_jax.data import text
-from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, lm_steps, model_io
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  model_cfg, source = model_io.resolve(config.model)
-  tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.rules_dict(config.sharding_rules)
-  common.check(
-    config.data.seq_len <= model_cfg.max_len,
-    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
-  )
-  common.check(
-    tokenizer.eos_id < model_cfg.vocab_size,
-    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids "
-    f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})",
-  )
+  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  model_cfg, source, tokenizer, mesh, rules, _ = stage
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = text.build_text_data(
-    config.data, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
-  )
+  data = text.build_text_data(config.data, tokenizer, seed=config.seed, **stage.process)
   common.write_config(workdir, config)
   model_io.write_model_json(workdir, "lm", model_cfg)
   tokens_per_step = config.data.batch_size * config.data.seq_len

@@ -20,7 +20,6 @@ import optax
 
 from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
-from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, model_io
 
 
@@ -35,25 +34,15 @@ def rewards_of(graphdef, params, tokens, segment_ids):
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  model_cfg, source = model_io.resolve(config.model)
-  tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.rules_dict(config.sharding_rules)
-  data_cfg = common.resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
-  data_cfg.data_dir = data_cfg.data_dir or os.path.join(workdir, "tfds")
-  common.check(
-    config.data.seq_len <= model_cfg.max_len,
-    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
-  )
+  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   common.check(
     config.rm.pair_normalizer in ("binom_k", "valid_pairs"),
     f"rm.pair_normalizer: {config.rm.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
   )
   common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (spec §4.1: the bias)")
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = stage_data.build_comparison_data(
-    data_cfg, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
-  )
+  data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   total_steps = common.steps_for_epochs(config, len(data.train_source))
   config.total_steps = total_steps
   common.write_config(workdir, config)

@@ -16,34 +16,19 @@ import jax
 
 from instructgpt_jax import checkpoint, optim, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data
-from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io
 
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  model_cfg, source = model_io.resolve(config.model)
-  tokenizer = tokenizer_lib.load(config.data.tokenizer)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  rules = sharding.rules_dict(config.sharding_rules)
-  data_cfg = common.resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
-  data_cfg.data_dir = data_cfg.data_dir or os.path.join(workdir, "tfds")
-  common.check(
-    config.data.seq_len <= model_cfg.max_len,
-    f"data.seq_len: {config.data.seq_len} exceeds the model's max_len {model_cfg.max_len}",
-  )
-  common.check(
-    tokenizer.eos_id < model_cfg.vocab_size,
-    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids (EOS {tokenizer.eos_id})",
-  )
+  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   common.check(
     not (config.data.pretrain_mix and not config.data.pretrain_corpus),
     "data.pretrain_corpus: required when data.pretrain_mix > 0",
   )
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = stage_data.build_sft_data(
-    data_cfg, tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
-  )
+  data = stage_data.build_sft_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   judge, eval_prompts = None, []
   if config.eval_rm.rm:
     judge = judging.Judge.load(config.eval_rm.rm, mesh, rules)
@@ -56,7 +41,8 @@ def train(config, workdir: str) -> dict[str, float]:
     )["train"]
     _, eval_prompts = judging.load_prompts(
       prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
-    )[: config.eval_rm.num_prompts]
+    )
+    eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
   total_steps = common.steps_for_epochs(config, len(data.train_source))
   config.total_steps = total_steps
   common.write_config(workdir, config)
