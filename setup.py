@@ -30,6 +30,7 @@ setup(
     "absl-py>=2.1",
     "tqdm>=4.66",
     "tensorboardX>=2.6.2",
+    "matplotlib>=3.8",
   ],
   extras_require={
     "test": ["pytest>=8.3", "pytest-xdist>=3.6", "hypothesis>=6.100", "portpicker>=1.6"],

@@ -1,21 +1,19 @@
 """Entry point: `python -m instructgpt_jax.main --config=configs/<stage>.py[:arg] --workdir=DIR`.
 
 Any config field can be overridden with `--config.<field>=<value>`. On a multi-host cluster the JAX
-distributed runtime is initialized first (`--config.distributed=true`, or automatically on TPU VMs).
+distributed runtime is initialized first (`--config.distributed.mode=auto` or `manual`, see stages.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, stages
 
 # Config files import `configs.common`; make the repository root importable when run from it.
 sys.path.insert(0, os.getcwd())
@@ -25,34 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
-
-
-DISTRIBUTED_MODES = ("off", "auto", "manual")
-
-
-def initialize_distributed(dist) -> None:
-  """jax.distributed.initialize from the config's `distributed` section (before any device is touched)."""
-  if dist.mode not in DISTRIBUTED_MODES:
-    raise errors.ConfigError(f"config.distributed.mode: {dist.mode!r} is not one of {DISTRIBUTED_MODES}")
-  if dist.mode == "auto":  # TPU VMs, SLURM and other clusters JAX detects by itself
-    jax.distributed.initialize()
-  elif dist.mode == "manual":
-    if not dist.coordinator_address:
-      raise errors.ConfigError("config.distributed.coordinator_address: required with mode=manual (host:port)")
-    jax.distributed.initialize(
-      coordinator_address=dist.coordinator_address, num_processes=dist.num_processes, process_id=dist.process_id
-    )
-
-
-def run(config, workdir: str):
-  """Runs the stage named by `config.stage` in `workdir`; returns that stage's final metrics."""
-  if config.stage not in STAGES:
-    raise errors.ConfigError(f"config.stage: {config.stage!r} is not one of {STAGES}")
-  if config.get("distributed") and not jax.distributed.is_initialized():
-    initialize_distributed(config.distributed)
-  trainer = importlib.import_module(f"instructgpt_jax.trainers.{config.stage}")
-  return trainer.train(config, workdir)
+run = stages.run  # `main.run(config, workdir)` runs a stage from Python
 
 
 def main(argv):

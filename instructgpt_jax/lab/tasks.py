@@ -163,8 +163,33 @@ def contains_answer(task: Task, response: str) -> bool:
   return _normalized(task.answer) in _normalized(response)
 
 
+FEATURES = ("correct", "contains_answer", "constraints", "concise", "no_hedging", "stopped")
+GOLD_WEIGHTS = {
+  "correct": 0.45,
+  "contains_answer": 0.20,
+  "constraints": 0.15,
+  "concise": 0.05,
+  "no_hedging": 0.05,
+  "stopped": 0.10,
+}
+
+
+def features(task: Task, response: str, *, stopped: bool = True) -> dict[str, float]:
+  """What a judge of `response` looks at, each in [0, 1]. Constraints count only when the response is on task."""
+  correct, contains = is_correct(task, response), contains_answer(task, response)
+  words, gold_words = len(response.split()), max(len(task.answer.split()), 1)
+  return {
+    "correct": float(correct),
+    "contains_answer": float(contains),
+    "constraints": float(correct or contains) * constraints_met(task, response),
+    "concise": float(words <= 1.5 * gold_words + 1),
+    "no_hedging": float(not any(h in response.lower() for h in HEDGES)),
+    "stopped": float(stopped),
+  }
+
+
 def quality(task: Task, response: str, *, stopped: bool = True) -> float:
-  """Gold quality in [0, 1], what the simulated labelers start from.
+  """Gold quality in [0, 1], what the simulated labelers start from:
 
       0.45 correct + 0.20 contains the gold answer + 0.15 constraints (only when on task)
       + 0.05 concise + 0.05 no hedging + 0.10 stopped
@@ -172,19 +197,8 @@ def quality(task: Task, response: str, *, stopped: bool = True) -> float:
   So an answer wrapped in hedging or rambling beats ignoring the instruction, and a clean correct answer
   beats both.
   """
-  correct, contains = is_correct(task, response), contains_answer(task, response)
-  words, gold_words = len(response.split()), max(len(task.answer.split()), 1)
-  concise = words <= 1.5 * gold_words + 1
-  hedging = any(h in response.lower() for h in HEDGES)
-  on_task = correct or contains
-  return (
-    0.45 * correct
-    + 0.20 * contains
-    + 0.15 * on_task * constraints_met(task, response)
-    + 0.05 * concise
-    + 0.05 * (not hedging)
-    + 0.10 * stopped
-  )
+  f = features(task, response, stopped=stopped)
+  return sum(GOLD_WEIGHTS[k] * f[k] for k in FEATURES)
 
 
 def _wrong_answer(task: Task, world: world_lib.World, rng: random.Random) -> str:

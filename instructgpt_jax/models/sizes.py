@@ -36,6 +36,7 @@ class ModelConfig:
   n_kv_heads: int | None = None  # None: = n_heads (multi-head attention); 1: multi-query attention.
   d_head: int | None = None  # None: d_model // n_heads.
   tied_embeddings: bool = True
+  qkv_bias: bool = False  # llama family: biases on the query/key/value projections (Qwen2). "gpt" always has them.
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
   init_std: float = 0.02
@@ -190,7 +191,7 @@ def param_count_formula(cfg: ModelConfig) -> int:
     per_layer = d * (h + 2 * kv) + (h + 2 * kv) + h * d + d + 2 * d * ff + ff + d + 4 * d
     extra = cfg.max_len * d + 2 * d
   else:
-    per_layer = d * (h + 2 * kv) + h * d + 3 * d * ff + 2 * d
+    per_layer = d * (h + 2 * kv) + h * d + 3 * d * ff + 2 * d + (h + 2 * kv if cfg.qkv_bias else 0)
     extra = d
   unembed = 0 if cfg.tied_embeddings else d * cfg.vocab_size
   return cfg.n_layers * per_layer + cfg.vocab_size * d + unembed + extra

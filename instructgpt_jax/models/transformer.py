@@ -1,7 +1,8 @@
 """A decoder-only Transformer in Flax NNX for two families, chosen by `ModelConfig.family`.
 
 * "gpt" (GPT-2 / GPT-3): learned position embeddings, pre-LayerNorm, GELU MLP, biases everywhere.
-* "llama": rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+* "llama": rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (except
+  query/key/value biases with `qkv_bias`, as in Qwen2).
 
 The modules are used functionally: build once, `graphdef, state = nnx.split(model)`, and every jitted
 function takes the parameter state as a plain pytree and calls `nnx.merge` inside (see `models/__init__.py`).
@@ -103,6 +104,7 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     bias = cfg.family == "gpt"
+    qkv_bias = bias or cfg.qkv_bias
     init = nnx.initializers.normal(cfg.init_std)
     # GPT-2's modified initialization: residual output projections scaled by 1/sqrt(2 · n_layers).
     out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -112,7 +114,7 @@ class Attention(nnx.Module):
       return nnx.Einsum(
         "BTD,DNH->BTNH",
         (d, heads, h),
-        (heads, h) if bias else None,
+        (heads, h) if qkv_bias else None,
         kernel_init=init,
         kernel_metadata=_axes("embed", head_axis, "kv"),
         bias_metadata=_axes(head_axis, "kv"),

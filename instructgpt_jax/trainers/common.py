@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import checkpoint, errors, sharding
+from instructgpt_jax import checkpoint, errors, optim, sharding
 from instructgpt_jax import metrics as metrics_lib
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import model_io
@@ -207,6 +207,31 @@ def setup_stage(config, workdir: str, *, seq_len: int | None = None) -> Stage:
     f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})",
   )
   return Stage(model_cfg, source, tokenizer, mesh, sharding.rules_dict(config.sharding_rules), data_cfg)
+
+
+class Training(NamedTuple):
+  """A stage's model and optimizer, created or resumed (`start_training`)."""
+
+  graphdef: object
+  state: object  # train_state.TrainState
+  shardings: object  # its shardings
+  ckpt: checkpoint.Checkpointer
+  tx: object  # the optax transformation
+  lr_schedule: object
+
+
+def start_training(config, workdir: str, stage: Stage, *, kind: str, total_steps: int, data) -> Training:
+  """Records the run (config.json, model.json), then creates the optimizer and the train state: resumed
+  from this run's newest checkpoint, else started from `model.init_from` (or randomly)."""
+  config.total_steps = total_steps
+  write_config(workdir, config)
+  model_io.write_model_json(workdir, kind, stage.model_cfg)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  graphdef, state, shardings = model_io.init_or_resume(
+    ckpt, stage.model_cfg, stage.source, tx, stage.mesh, stage.rules, seed=config.seed, kind=kind, data=data
+  )
+  return Training(graphdef, state, shardings, ckpt, tx, optim.schedule(config.optim, total_steps))
 
 
 def print_summary(stage: str, row: dict[str, float], **extra) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 
-from instructgpt_jax import checkpoint, optim, sharding, train_state
+from instructgpt_jax import sharding, train_state
 from instructgpt_jax.data import text
-from instructgpt_jax.trainers import common, lm_steps, model_io
+from instructgpt_jax.trainers import common, lm_steps
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -22,16 +22,11 @@ def train(config, workdir: str) -> dict[str, float]:
   model_cfg, source, tokenizer, mesh, rules, _ = stage
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = text.build_text_data(config.data, tokenizer, seed=config.seed, **stage.process)
-  common.write_config(workdir, config)
-  model_io.write_model_json(workdir, "lm", model_cfg)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
   # ---------------------------------------------------------------- sharded init, or restore
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  lr_schedule = optim.schedule(config.optim, config.total_steps)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  graphdef, state, state_shardings = model_io.init_or_resume(
-    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="lm", data=data
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+    config, workdir, stage, kind="lm", total_steps=config.total_steps, data=data
   )
   start_step = int(state.step)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instructgpt_jax import checkpoint, losses, models, optim, sharding, train_state
+from instructgpt_jax import losses, models, sharding, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
 from instructgpt_jax.trainers import common, model_io
 
@@ -44,16 +44,10 @@ def train(config, workdir: str) -> dict[str, float]:
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   total_steps = common.steps_for_epochs(config, len(data.train_source))
-  config.total_steps = total_steps
-  common.write_config(workdir, config)
-  model_io.write_model_json(workdir, "scalar", model_cfg)
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
-  tx = optim.make_optimizer(config.optim, total_steps)
-  lr_schedule = optim.schedule(config.optim, total_steps)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  graphdef, state, state_shardings = model_io.init_or_resume(
-    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="scalar", data=data
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+    config, workdir, stage, kind="scalar", total_steps=total_steps, data=data
   )
   start_step = int(state.step)
 

@@ -14,9 +14,9 @@ import os
 
 import jax
 
-from instructgpt_jax import checkpoint, optim, sampling, sharding, train_state
+from instructgpt_jax import sampling, sharding, train_state
 from instructgpt_jax.data import stage_data
-from instructgpt_jax.trainers import common, judging, lm_steps, model_io
+from instructgpt_jax.trainers import common, judging, lm_steps
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -44,16 +44,10 @@ def train(config, workdir: str) -> dict[str, float]:
     )
     eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
   total_steps = common.steps_for_epochs(config, len(data.train_source))
-  config.total_steps = total_steps
-  common.write_config(workdir, config)
-  model_io.write_model_json(workdir, "lm", model_cfg)
 
   # ---------------------------------------------------------------- init (from a pretrained LM) or restore
-  tx = optim.make_optimizer(config.optim, total_steps)
-  lr_schedule = optim.schedule(config.optim, total_steps)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  graphdef, state, state_shardings = model_io.init_or_resume(
-    ckpt, model_cfg, source, tx, mesh, rules, seed=config.seed, kind="lm", data=data
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+    config, workdir, stage, kind="lm", total_steps=total_steps, data=data
   )
   start_step = int(state.step)
 

@@ -1,0 +1,116 @@
+"""The embedded InstructGPT lab: the whole method, in miniature, offline, on a CPU (the README's main job).
+
+    python -m instructgpt_jax.main --config=configs/pipeline.py --workdir=runs/lab        # about 15 minutes
+    python -m instructgpt_jax.main --config=configs/pipeline.py:lab_quick --workdir=W     # the tests' version
+
+A generated world (lab/world.py) gives a pretraining corpus of plain prose and instruction tasks with gold
+answers (lab/tasks.py); simulated labelers (lab/labelers.py) write the demonstrations' ranking side. The
+stages, each in its own folder of the workdir and each resumable:
+
+  tokenizer   a BPE trained on the world's text
+  pretrain    a small GPT on the prose (it knows the world but does not follow instructions)
+  sft         the PPO-init SFT: demonstrations with 10% pretraining text mixed in
+  labels      K = 4..9 samples of the SFT model per prompt, ranked by the training labelers
+  rm          the reward model from the SFT model, on those rankings
+  ppo         PPO (γ = 0) and ppo_ptx: PPO-ptx (γ = 27.8), from the SFT model against the RM
+  evaluation  held-out prompts judged by held-out labelers (win rates with 95% intervals), gold quality,
+              RM accuracy beside inter-labeler agreement, the alignment tax, success by constraint count
+  report      report.md and plots in the workdir, a summary table on stdout
+
+Every stage's config is a section of this one: `--config.stages.ppo.ppo.kl_coef=0.05` changes one run.
+"""
+
+import ml_collections
+
+from configs import common, ppo, pretrain, rm, sft
+from instructgpt_jax import config_lib
+
+# The lab's model: a 4-layer GPT over the lab's BPE (about 1M parameters).
+LAB_MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, max_len=160, vocab_size=512, dtype="float32")
+
+
+def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, lab=False, lab_quick=False)
+  quick = a.lab_quick
+  c = ml_collections.ConfigDict()
+  c.stage = "pipeline"
+  c.seed = 0
+  c.progress_bar = True
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=LAB_MODEL["vocab_size"], documents=3000))
+  scale = 0.4 if quick else 1.0
+
+  def steps(n):
+    return max(1, int(n * scale))
+
+  # ---- pretraining on the world's prose
+  c.stages = ml_collections.ConfigDict()
+  pre = pretrain.get_config("tiny")
+  pre.model.update(LAB_MODEL)
+  pre.data.update(corpus="lab", lab_documents=4000, seq_len=128, batch_size=32)
+  pre.total_steps = steps(600)
+  pre.checkpoint_every_steps = 200
+  pre.log_every_steps = 20
+  pre.optim = common.optim_config(lr=3e-3, warmup_steps=30, weight_decay=0.0)
+  c.stages.pretrain = pre
+
+  # ---- SFT (the PPO-init variant: 10% pretraining text)
+  s = sft.get_config("tiny,variant=ppo_init")
+  s.epochs = 0
+  s.total_steps = steps(400)
+  s.data.update(
+    train="lab:demonstrations:train:3000",
+    eval="lab:demonstrations:eval:100",
+    seq_len=96,
+    batch_size=32,
+    pretrain_corpus="lab",
+  )
+  s.optim = common.optim_config(lr=1e-3, schedule="cosine", warmup_steps=20, final_lr_fraction=0.1)
+  s.checkpoint_every_steps = 200
+  c.stages.sft = s
+
+  # ---- labels: samples of the SFT model, ranked by the training labelers
+  c.labels = ml_collections.ConfigDict(
+    dict(
+      prompts=int(1200 * scale),
+      eval_prompts=200,
+      k_min=4,
+      k_max=9,
+      temperature=1.0,
+      max_new_tokens=32,
+      agreement_pairs=2000,
+    )
+  )
+
+  # ---- the reward model
+  r = rm.get_config("tiny")
+  r.epochs = 2
+  r.data.update(seq_len=96, max_responses=9, batch_size=16)
+  r.optim = common.optim_config(lr=5e-4, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  r.checkpoint_every_steps = 100
+  c.stages.rm = r
+
+  # ---- PPO (γ = 0) and PPO-ptx (γ = 27.8), same seeds
+  for name, gamma in (("ppo", 0.0), ("ppo_ptx", 27.8)):
+    p = ppo.get_config("tiny")
+    p.ppo.update(
+      ptx_coef=gamma, episodes=steps(80) * 64, rollout_batch=64, minibatch=16, max_new_tokens=32, ptx_per_episode=1
+    )
+    p.data.update(
+      train="lab:prompts:train:4000",
+      eval="lab:prompts:eval:128",
+      max_prompt_len=32,
+      prompt_buckets="32",
+      ptx_seq_len=128,
+      eval_prompts=128,
+    )
+    p.eval_every_steps = 20
+    p.checkpoint_every_steps = 10
+    p.optim = common.optim_config(lr=1e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1, eps=1e-5)
+    p.value_optim = common.optim_config(lr=3e-4, schedule="constant", eps=1e-5)
+    c.stages[name] = p
+
+  # ---- evaluation on held-out prompts, by held-out labelers
+  c.evaluation = ml_collections.ConfigDict(
+    dict(prompts=int(400 * scale), max_new_tokens=32, temperature=1.0, bootstrap=2000)
+  )
+  return c

@@ -1,0 +1,686 @@
+"""HuggingFace interop: load a HuggingFace model folder into our parameters, and export ours as one.
+
+A folder holds `config.json`, the weights as `*.safetensors` (one file, or shards listed by
+`model.safetensors.index.json`) and usually `tokenizer.json`. Architectures, by config.json `model_type`:
+
+  gpt2              -> family "gpt"                  (GPT2LMHeadModel, GPT2ForSequenceClassification)
+  llama, mistral    -> family "llama"                (SmolLM and SmolLM2 are llama)
+  qwen2             -> family "llama", qkv_bias=True (q/k/v projections with biases)
+
+Anything our Transformer cannot compute exactly (RoPE scaling, an output-projection or MLP bias, another
+activation) is refused with a one-line ConfigError rather than loaded approximately. A sliding attention
+window is the one exception: it changes nothing for sequences that fit in it, so `max_len` becomes the
+window. docs/hf.md has the tensor-name tables.
+
+    cfg, kind, info = hf.read_config(path)
+    graphdef, target = train_state.param_shardings_for(cfg, mesh, rules, kind=kind)
+    params = hf.load_params(path, target)            # shard by shard, onto target's shardings
+    hf.export(out_dir, params, cfg, kind=kind, tokenizer=path, token_ids=...)
+
+Loading never holds a whole model on a host: the safetensors files are memory-mapped, and each device's
+shard of each parameter is cut from a NumPy view of its HF tensor (`jax.make_array_from_callback`), so a
+host reads only the pages of the shards it owns, converting dtypes shard by shard (bfloat16 included).
+Export gathers one layer of one tensor at a time and streams it into the file, so a host holds one HF
+tensor at a time.
+
+Scalar (reward / value) models are exported as `<Arch>ForSequenceClassification` with `num_labels=1`:
+`score.weight` [1, D] is our head's kernel. HF's score layer has no bias, so our head bias goes into
+config.json under "instructgpt_jax" as `head_bias`, next to the reward model's `reward_bias`:
+
+    our scalar     = HF logit + head_bias
+    reward (judge) = HF logit + head_bias - reward_bias
+
+Transformers picks a sequence's score at its last token that is not `pad_token_id`, which is our final
+real token when the batch is padded with that id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import tokenizers
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
+
+from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models.sizes import ModelConfig
+
+CONFIG_KEY = "instructgpt_jax"  # our fields in an exported config.json: head_bias, reward_bias, other metadata
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# ------------------------------------------------------------------------------------------ safetensors files
+# The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
+# (plus "__metadata__"), then the tensors' bytes, offsets counted from the end of the header.
+
+_DTYPES = {
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class TensorFiles:
+  """The tensors of a folder's safetensors files, each a read-only NumPy view of a memory-mapped file.
+
+  Indexing a view reads only the pages it touches, so cutting one shard of a tensor costs one shard of
+  memory. (safetensors' own NumPy reader has no bfloat16, the dtype most checkpoints are published in.)
+  """
+
+  def __init__(self, folder: str):
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+      raise ConfigError(f"hf: {folder} holds no *.safetensors weights")
+    self._entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, first data byte, header entry)
+    self._maps: dict[str, np.memmap] = {}
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+      header.pop("__metadata__", None)
+      for tensor, entry in header.items():
+        self._entries[tensor] = (path, 8 + header_length, entry)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name not in self._entries:
+      raise ConfigError(f"hf: the weights hold no tensor {name!r}")
+    path, data_start, entry = self._entries[name]
+    if entry["dtype"] not in _DTYPES:
+      raise ConfigError(f"hf: tensor {name} is {entry['dtype']}; only {', '.join(_DTYPES)} are read")
+    if path not in self._maps:
+      self._maps[path] = np.memmap(path, np.uint8, mode="r")
+    begin, end = entry["data_offsets"]
+    raw = self._maps[path][data_start + begin : data_start + end]
+    return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingTensor:
+  """A tensor to write: its header entry now, its value (computed by `value()`) when its turn comes."""
+
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  value: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_safetensors(path: str, tensors: list[PendingTensor], *, write: bool = True) -> None:
+  """Streams `tensors` into one safetensors file, computing one value at a time.
+
+  Every process calls it (a value may gather across processes); only where `write` is the file written.
+  """
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers refuses files without "format"
+  offset = 0
+  for tensor in tensors:
+    header[tensor.name] = {
+      "dtype": _DTYPE_NAMES[tensor.dtype],
+      "shape": list(tensor.shape),
+      "data_offsets": [offset, offset + tensor.nbytes],
+    }
+    offset += tensor.nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)  # the format pads the header with spaces so the data is 8-aligned
+  with open(path, "wb") if write else _Discard() as f:
+    f.write(struct.pack("<Q", len(encoded)) + encoded)
+    for tensor in tensors:
+      value = np.ascontiguousarray(tensor.value(), dtype=tensor.dtype)
+      if value.shape != tensor.shape:
+        raise ValueError(f"hf export: {tensor.name} has shape {value.shape}, expected {tensor.shape}")
+      f.write(value.tobytes())
+
+
+class _Discard:
+  """A file that is not written: processes other than 0 run the export's gathers without writing."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def write(self, data) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
+  """(ModelConfig, kind) of a config.json dict. kind is "scalar" for a one-label sequence classifier."""
+  model_type = hf.get("model_type")
+  if model_type == "gpt2":
+    fields = _gpt2_fields(hf)
+  elif model_type in LLAMA_TYPES:
+    fields = _llama_fields(hf)
+  else:
+    raise ConfigError(f"hf: model_type {model_type!r} is not supported; supported: gpt2, {', '.join(LLAMA_TYPES)}")
+  kind = "lm"
+  if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+    labels = hf.get("num_labels", len(hf.get("id2label") or {0: ""}))
+    if labels != 1:
+      raise ConfigError(f"hf: a sequence classifier with {labels} labels is not a scalar model (num_labels 1)")
+    kind = "scalar"
+  return ModelConfig(**fields), kind
+
+
+def _refuse(condition: bool, message: str) -> None:
+  if condition:
+    raise ConfigError(f"hf: {message}: our Transformer cannot compute this model exactly")
+
+
+def _gpt2_fields(hf) -> dict[str, Any]:
+  activation = hf.get("activation_function", "gelu_new")
+  _refuse(activation not in ("gelu_new", "gelu_pytorch_tanh"), f"activation {activation!r} (ours: tanh GELU)")
+  _refuse(hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
+  _refuse(not hf.get("scale_attn_weights", True), "scale_attn_weights=False")
+  d_model = hf["n_embd"]
+  return dict(
+    family="gpt",
+    vocab_size=hf["vocab_size"],
+    n_layers=hf["n_layer"],
+    d_model=d_model,
+    n_heads=hf["n_head"],
+    d_ff=hf.get("n_inner") or 4 * d_model,
+    max_len=hf["n_positions"],
+    tied_embeddings=hf.get("tie_word_embeddings", True),
+    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+  )
+
+
+def _llama_fields(hf) -> dict[str, Any]:
+  _refuse(hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r} (ours: SiLU)")
+  _refuse(hf.get("attention_bias", False), "attention_bias (an output-projection bias)")
+  _refuse(hf.get("mlp_bias", False), "mlp_bias")
+  # transformers 5 writes rope_parameters; 4 wrote rope_theta and rope_scaling.
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  _refuse(rope_type != "default", f"RoPE scaling {rope_type!r}")
+  n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
+  head_dim = hf.get("head_dim") or d_model // n_heads
+  kv_heads = hf.get("num_key_value_heads") or n_heads
+  max_len = hf.get("max_position_embeddings", 2048)
+  # A sliding window changes nothing for sequences that fit in it: cap the length there.
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  if window and window < max_len:
+    max_len = window
+  return dict(
+    family="llama",
+    vocab_size=hf["vocab_size"],
+    n_layers=hf["num_hidden_layers"],
+    d_model=d_model,
+    n_heads=n_heads,
+    n_kv_heads=None if kv_heads == n_heads else kv_heads,
+    d_head=None if head_dim * n_heads == d_model else head_dim,
+    d_ff=hf["intermediate_size"],
+    max_len=max_len,
+    tied_embeddings=hf.get("tie_word_embeddings", False),
+    rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10_000.0))),
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+    qkv_bias=hf["model_type"] == "qwen2",
+  )
+
+
+def hf_config(
+  cfg: ModelConfig,
+  *,
+  kind: str = "lm",
+  dtype: str = "float32",
+  token_ids: dict[str, int] | None = None,
+  metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """The config.json of our model: GPT2 for "gpt", Llama for "llama", Qwen2 for "llama" with qkv_bias.
+
+  `token_ids` may hold bos_token_id, eos_token_id, pad_token_id; `metadata` goes under CONFIG_KEY.
+  """
+  head = "ForSequenceClassification" if kind == "scalar" else None
+  if cfg.family == "gpt":
+    _refuse_export(cfg.kv_heads != cfg.n_heads, "GPT-2 has no grouped-query attention")
+    _refuse_export(cfg.head_dim * cfg.n_heads != cfg.d_model, "GPT-2's head size is d_model / n_heads")
+    out = dict(
+      architectures=["GPT2" + (head or "LMHeadModel")],
+      model_type="gpt2",
+      vocab_size=cfg.vocab_size,
+      n_positions=cfg.max_len,
+      n_embd=cfg.d_model,
+      n_layer=cfg.n_layers,
+      n_head=cfg.n_heads,
+      n_inner=cfg.d_ff,
+      activation_function="gelu_new",
+      layer_norm_epsilon=cfg.norm_eps,
+      scale_attn_weights=True,
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+    )
+  else:
+    arch = "Qwen2" if cfg.qkv_bias else "Llama"
+    out = dict(
+      architectures=[arch + (head or "ForCausalLM")],
+      model_type=arch.lower(),
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.kv_heads,
+      head_dim=cfg.head_dim,
+      max_position_embeddings=cfg.max_len,
+      rms_norm_eps=cfg.norm_eps,
+      hidden_act="silu",
+      # Both spellings, so that readers written for transformers 4 (rope_theta) and 5 (rope_parameters) agree.
+      rope_theta=cfg.rope_theta,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      attention_dropout=0.0,
+    )
+    out.update(dict(use_sliding_window=False) if cfg.qkv_bias else dict(attention_bias=False, mlp_bias=False))
+  out["tie_word_embeddings"] = cfg.tied_embeddings
+  if kind == "scalar":
+    out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  out.update(torch_dtype=dtype, dtype=dtype)  # transformers 4 reads torch_dtype, 5 reads dtype
+  out.update({k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS and v is not None})
+  if metadata:
+    out[CONFIG_KEY] = metadata
+  return out
+
+
+def _refuse_export(condition: bool, message: str) -> None:
+  if condition:
+    raise ConfigError(f"hf export: {message}")
+
+
+def read_config(path: str) -> tuple[ModelConfig, str, dict[str, Any]]:
+  """(ModelConfig, kind, info) of a HuggingFace model folder.
+
+  info: the token ids config.json names, and our exported fields (head_bias, reward_bias, ...).
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConfigError(f"hf: {path} is not a HuggingFace model folder (no config.json)")
+  with open(config_path) as f:
+    hf = json.load(f)
+  cfg, kind = config_from_hf(hf)
+  info = {k: hf[k] for k in TOKEN_ID_FIELDS if hf.get(k) is not None}
+  info.update(hf.get(CONFIG_KEY) or {})
+  return cfg, kind, info
+
+
+# ------------------------------------------------------------------------------------------ tensor names
+
+
+def _same(x):
+  return x
+
+
+def _transposed(x):
+  return x.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """One of our parameters and where it lives in the HF checkpoint.
+
+  ours: its path in our params tree ("layers" leaves are stacked [L, ...] and read layer by layer).
+  hf: the HF tensor name; "{p}" is the trunk prefix ("model.", "transformer." or ""), "{i}" the layer.
+  to_ours: HF tensor -> ours, by reshapes and transposes only (NumPy views, so a shard reads only its part).
+  to_hf: ours -> HF tensor. Links that share an HF name are concatenated along its last axis, in order.
+  """
+
+  ours: tuple[str, ...]
+  hf: str
+  to_ours: Callable[[np.ndarray], np.ndarray] = _same
+  to_hf: Callable[[np.ndarray], np.ndarray] = _same
+
+  @property
+  def layered(self) -> bool:
+    return "{i}" in self.hf
+
+
+def _llama_links(cfg: ModelConfig) -> list[Link]:
+  """Llama / Mistral / Qwen2. HF Linear weights are [out, in]; our kernels are [in, ...out]."""
+  d, h = cfg.d_model, cfg.head_dim
+  layer = "{p}layers.{i}."
+
+  def projection(name, heads):  # HF [heads·H, D] <-> ours [D, heads, H]
+    kernel = Link(
+      ("layers", "attn", name, "kernel"),
+      layer + f"self_attn.{name[0]}_proj.weight",
+      lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
+      lambda k: k.transpose(1, 2, 0).reshape(heads * h, d),
+    )
+    bias = Link(
+      ("layers", "attn", name, "bias"),
+      layer + f"self_attn.{name[0]}_proj.bias",
+      lambda b: b.reshape(heads, h),
+      lambda b: b.reshape(heads * h),
+    )
+    return [kernel, bias] if cfg.qkv_bias else [kernel]
+
+  def mlp(name):
+    return Link(("layers", "mlp", name, "kernel"), layer + f"mlp.{name}_proj.weight", _transposed, _transposed)
+
+  return [
+    Link(("embed", "embedding"), "{p}embed_tokens.weight"),
+    Link(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight"),
+    *projection("query", cfg.n_heads),
+    *projection("key", cfg.kv_heads),
+    *projection("value", cfg.kv_heads),
+    Link(
+      ("layers", "attn", "out", "kernel"),
+      layer + "self_attn.o_proj.weight",
+      lambda w: w.reshape(d, cfg.n_heads, h).transpose(1, 2, 0),  # [D, N·H] -> [N, H, D]
+      lambda k: k.transpose(2, 0, 1).reshape(d, cfg.n_heads * h),
+    ),
+    Link(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight"),
+    mlp("gate"),
+    mlp("up"),
+    mlp("down"),
+    Link(("final_norm", "scale"), "{p}norm.weight"),
+  ]
+
+
+def _gpt2_links(cfg: ModelConfig) -> list[Link]:
+  """GPT-2. Its Conv1D weights are already [in, out]; c_attn holds [q | k | v] along the output axis."""
+  d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+  layer = "{p}h.{i}."
+
+  def qkv(j, name):
+    kernel = Link(
+      ("layers", "attn", name, "kernel"),
+      layer + "attn.c_attn.weight",
+      lambda w: w[:, j * d : (j + 1) * d].reshape(d, n, h),
+      lambda k: k.reshape(d, n * h),
+    )
+    bias = Link(
+      ("layers", "attn", name, "bias"),
+      layer + "attn.c_attn.bias",
+      lambda b: b[j * d : (j + 1) * d].reshape(n, h),
+      lambda b: b.reshape(n * h),
+    )
+    return kernel, bias
+
+  def norm(ours, hf):
+    return [Link((*ours, "scale"), hf + ".weight"), Link((*ours, "bias"), hf + ".bias")]
+
+  (q, q_bias), (k, k_bias), (v, v_bias) = qkv(0, "query"), qkv(1, "key"), qkv(2, "value")
+  return [
+    Link(("embed", "embedding"), "{p}wte.weight"),
+    Link(("pos_embed", "embedding"), "{p}wpe.weight"),
+    *norm(("layers", "attn_norm"), layer + "ln_1"),
+    q,
+    k,
+    v,
+    q_bias,
+    k_bias,
+    v_bias,
+    Link(
+      ("layers", "attn", "out", "kernel"),
+      layer + "attn.c_proj.weight",
+      lambda w: w.reshape(n, h, d),
+      lambda k: k.reshape(n * h, d),
+    ),
+    Link(("layers", "attn", "out", "bias"), layer + "attn.c_proj.bias"),
+    *norm(("layers", "mlp_norm"), layer + "ln_2"),
+    Link(("layers", "mlp", "up", "kernel"), layer + "mlp.c_fc.weight"),
+    Link(("layers", "mlp", "up", "bias"), layer + "mlp.c_fc.bias"),
+    Link(("layers", "mlp", "down", "kernel"), layer + "mlp.c_proj.weight"),
+    Link(("layers", "mlp", "down", "bias"), layer + "mlp.c_proj.bias"),
+    *norm(("final_norm",), "{p}ln_f"),
+  ]
+
+
+UNEMBED = Link(("unembed", "kernel"), "lm_head.weight", _transposed, _transposed)
+SCORE = Link(("head", "proj", "kernel"), "score.weight", _transposed, _transposed)  # [1, D] <-> [D, 1]
+TRUNK_PREFIXES = {"gpt": "transformer.", "llama": "model."}
+
+
+def trunk_links(cfg: ModelConfig, *, unembed: bool) -> list[Link]:
+  """The links of a Transformer's parameters; with `unembed`, its untied unembedding too."""
+  links = _gpt2_links(cfg) if cfg.family == "gpt" else _llama_links(cfg)
+  return links + [UNEMBED] if unembed else links
+
+
+def _trunk_prefix(cfg: ModelConfig, files: TensorFiles) -> str:
+  """The prefix of the trunk's tensor names: "model." / "transformer." from a task model, "" from a base one."""
+  embed = "{p}wte.weight" if cfg.family == "gpt" else "{p}embed_tokens.weight"
+  for prefix in (TRUNK_PREFIXES[cfg.family], ""):
+    if embed.format(p=prefix) in files:
+      return prefix
+  raise ConfigError(f"hf: no token embedding {embed.format(p=TRUNK_PREFIXES[cfg.family])!r} in the weights")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _put(tree: dict, path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _leaf_paths(tree, prefix=()) -> set[tuple[str, ...]]:
+  if isinstance(tree, dict):
+    return set().union(*(_leaf_paths(v, (*prefix, k)) for k, v in tree.items()))
+  return {prefix}
+
+
+def _sharding_of(target) -> jax.sharding.Sharding:
+  return getattr(target, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _read_parameter(link: Link, files: TensorFiles, prefix: str, target, n_layers: int) -> jax.Array:
+  """One of our parameters on `target`'s sharding (and dtype), each shard cut from its HF tensor(s)."""
+  dtype = np.dtype(target.dtype)
+  names = [link.hf.format(p=prefix, i=i) for i in range(n_layers)] if link.layered else [link.hf.format(p=prefix)]
+  expected = tuple(target.shape[1:] if link.layered else target.shape)
+  got = link.to_ours(files[names[0]]).shape if names[0] in files else None
+  if got is None:
+    raise ConfigError(f"hf: the weights hold no tensor {names[0]!r}")
+  if got != expected:
+    raise ConfigError(f"hf: {names[0]} gives {link.ours} of shape {got}, expected {expected}")
+  shards: dict[tuple, np.ndarray] = {}  # replicated shards are cut once
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in shards:
+      if link.layered:
+        layers, rest = range(n_layers)[index[0]], index[1:]
+        shards[key] = np.stack([link.to_ours(files[names[i]])[rest] for i in layers], dtype=dtype)
+      else:
+        shards[key] = np.asarray(link.to_ours(files[names[0]])[index], dtype=dtype)
+    return shards[key]
+
+  return jax.make_array_from_callback(tuple(target.shape), _sharding_of(target), shard)
+
+
+def load_params(path: str, target) -> Any:
+  """Our params from a HuggingFace folder, each created shard by shard in `target`'s shardings.
+
+  target: abstract params (ShapeDtypeStructs, usually carrying shardings: `train_state.param_shardings_for`)
+  of a language model, a Transformer trunk without unembedding (a scalar model's trunk, which `model_io`
+  loads from a language model), or a scalar model (from a sequence classifier). Its dtypes are the dtypes
+  the parameters are converted to. The HF model's shape must be `read_config(path)`'s.
+  """
+  cfg, kind, info = read_config(path)
+  files = TensorFiles(path)
+  scalar = isinstance(target, dict) and "head" in target
+  if scalar and kind != "scalar":
+    raise ConfigError(f"hf: {path} is a language model; a scalar model starts from its trunk (model_io.load)")
+  trunk_target = target["transformer"] if scalar else target
+  links = trunk_links(cfg, unembed="unembed" in trunk_target)
+  missing = _leaf_paths(trunk_target) - {link.ours for link in links}
+  if missing:
+    raise ConfigError(f"hf: the target has parameters no HF tensor maps to: {sorted(missing)}")
+  prefix = _trunk_prefix(cfg, files)
+  trunk: dict = {}
+  for link in links:
+    _put(trunk, link.ours, _read_parameter(link, files, prefix, _get(trunk_target, link.ours), cfg.n_layers))
+  if not scalar:
+    return trunk
+  kernel = _read_parameter(SCORE, files, "", _get(target, SCORE.ours), cfg.n_layers)
+  bias_target = target["head"]["proj"]["bias"]
+  bias = np.full(bias_target.shape, info.get("head_bias", 0.0), np.dtype(bias_target.dtype))
+  bias = jax.make_array_from_callback(bias.shape, _sharding_of(bias_target), bias.__getitem__)
+  return {"transformer": trunk, "head": {"proj": {"kernel": kernel, "bias": bias}}}
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _host_array(x) -> np.ndarray:
+  """A whole array on this host (every process must call it: a multi-host array is gathered)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _layer_struct(leaf, i: int | None) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(leaf.shape if i is None else leaf.shape[1:], leaf.dtype)
+
+
+def _pending_tensors(params, links: list[Link], cfg: ModelConfig, prefix: str, dtype) -> list[PendingTensor]:
+  """The HF tensors of `links` over `params`, one per (name, layer), in the links' order."""
+  by_name: dict[str, list[Link]] = {}
+  for link in links:
+    by_name.setdefault(link.hf, []).append(link)
+
+  def layer_of(link, i):  # our parameter, or its layer i (sliced on the devices: only that layer is gathered)
+    leaf = _get(params, link.ours)
+    return leaf if i is None else leaf[i]
+
+  def value(group, i):
+    parts = [link.to_hf(_host_array(layer_of(link, i))) for link in group]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+  tensors = []
+  for template, group in by_name.items():
+    for i in range(cfg.n_layers) if group[0].layered else (None,):
+      shapes = [jax.eval_shape(link.to_hf, _layer_struct(_get(params, link.ours), i)).shape for link in group]
+      shape = (*shapes[0][:-1], sum(s[-1] for s in shapes))
+      out_dtype = np.dtype(dtype or _get(params, group[0].ours).dtype)
+      name = template.format(p=prefix, i=i)
+      tensors.append(PendingTensor(name, shape, out_dtype, functools.partial(value, group, i)))
+  return tensors
+
+
+def export(
+  directory: str,
+  params,
+  cfg: ModelConfig,
+  *,
+  kind: str = "lm",
+  tokenizer: str | None = None,
+  token_ids: dict[str, int] | None = None,
+  metadata: dict[str, Any] | None = None,
+  dtype: str | None = None,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+  """Writes our params as a HuggingFace model folder that transformers and vLLM load.
+
+  Writes config.json, model.safetensors (or model-0000k-of-0000n.safetensors shards of at most
+  `max_shard_bytes` with model.safetensors.index.json) and, with `tokenizer` (a tokenizer.json or a folder
+  holding one), the tokenizer files. kind "scalar" writes a sequence classifier (module docstring);
+  `metadata` (e.g. reward_bias) goes under CONFIG_KEY in config.json. `dtype` casts the tensors on write
+  (e.g. "bfloat16"); by default they keep the params' dtype. Every process calls it; process 0 writes.
+  """
+  if kind not in ("lm", "scalar"):
+    raise ConfigError(f"hf export: kind {kind!r} is not lm or scalar")
+  trunk = params["transformer"] if kind == "scalar" else params
+  links = trunk_links(cfg, unembed=kind == "lm" and not cfg.tied_embeddings)
+  tensors = _pending_tensors(trunk, links, cfg, TRUNK_PREFIXES[cfg.family], dtype)
+  metadata = dict(metadata or {})
+  if kind == "scalar":
+    tensors += _pending_tensors(params, [SCORE], cfg, "", dtype)
+    metadata["head_bias"] = float(_host_array(params["head"]["proj"]["bias"]).reshape(-1)[0])
+  written_dtype = str(np.dtype(dtype or jax.tree.leaves(trunk)[0].dtype))
+  config = hf_config(cfg, kind=kind, dtype=written_dtype, token_ids=token_ids, metadata=metadata or None)
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+  files = _split_into_files(tensors, max_shard_bytes)
+  for name, group in files.items():
+    write_safetensors(os.path.join(directory, name), group, write=writer)
+  if writer and len(files) > 1:
+    index = {
+      "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+      "weight_map": {t.name: name for name, group in files.items() for t in group},
+    }
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+  if writer and tokenizer:
+    copy_tokenizer(tokenizer, directory, token_ids or {})
+
+
+def _split_into_files(tensors: list[PendingTensor], max_shard_bytes: int) -> dict[str, list[PendingTensor]]:
+  """{file name: tensors}: consecutive tensors packed into files of at most max_shard_bytes (a larger
+  tensor gets a file of its own), named as transformers names them."""
+  groups: list[list[PendingTensor]] = [[]]
+  for tensor in tensors:
+    if groups[-1] and sum(t.nbytes for t in groups[-1]) + tensor.nbytes > max_shard_bytes:
+      groups.append([])
+    groups[-1].append(tensor)
+  if len(groups) == 1:
+    return {"model.safetensors": groups[0]}
+  return {f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups)}
+
+
+def copy_tokenizer(tokenizer: str, directory: str, token_ids: dict[str, int]) -> None:
+  """Copies tokenizer.json (and, from a folder, tokenizer_config.json, special_tokens_map.json,
+  chat_template.jinja) into `directory`. Without a tokenizer_config.json, writes one naming the special
+  tokens of `token_ids`, so that transformers' AutoTokenizer knows EOS and padding."""
+  folder = tokenizer if os.path.isdir(tokenizer) else None
+  source = os.path.join(tokenizer, "tokenizer.json") if folder else tokenizer
+  if not os.path.isfile(source):
+    raise ConfigError(f"hf export: tokenizer {source} does not exist")
+  extras = [os.path.join(folder, name) for name in TOKENIZER_FILES] if folder else []
+  for path in [source] + [p for p in extras if os.path.isfile(p)]:
+    destination = os.path.join(directory, os.path.basename(path))
+    if not os.path.exists(destination) or not os.path.samefile(path, destination):
+      shutil.copyfile(path, destination)
+  if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+    vocab = tokenizers.Tokenizer.from_file(source)
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for field, token_id in token_ids.items():
+      token = vocab.id_to_token(token_id) if field in TOKEN_ID_FIELDS and token_id is not None else None
+      if token is not None:
+        tokenizer_config[field.removesuffix("_id")] = token
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(tokenizer_config, f, indent=2, sort_keys=True)

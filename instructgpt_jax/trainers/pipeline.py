@@ -1,0 +1,246 @@
+"""The embedded lab, end to end: tokenizer → pretrain → SFT → labels → RM → PPO and PPO-ptx → evaluation → report.
+
+    python -m instructgpt_jax.main --config=configs/pipeline.py --workdir=runs/lab
+
+Each step runs in its own folder of the workdir and leaves `done.json` when it finishes; a rerun skips
+finished steps, and the training stages resume from their own checkpoints, so kill -9 at any point and
+the same command continues. Every number of the report is computed here, from the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+
+import jax
+import numpy as np
+
+from instructgpt_jax import sampling, sharding, train_state
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.lab import datasets, labelers, report, tasks, world
+from instructgpt_jax.trainers import model_io
+
+MODELS = ("SFT", "PPO", "PPO-ptx")
+
+
+def _step(workdir: str, name: str, fn):
+  """Runs fn() once per workdir: its result is kept in <workdir>/<name>/done.json."""
+  done = os.path.join(workdir, name, "done.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  logging.info("lab: %s", name)
+  result = fn(os.path.join(workdir, name))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(done), exist_ok=True)
+    with open(done + ".tmp", "w") as f:
+      json.dump(result, f, indent=2, default=float)
+    os.replace(done + ".tmp", done)
+  return result
+
+
+def _run_stage(stage_config, directory: str) -> dict:
+  from instructgpt_jax import stages  # imported here: stages imports this module's siblings by name
+
+  return {k: float(v) for k, v in stages.run(stage_config, directory).items() if np.isscalar(v)}
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  stages = config.stages
+
+  # ---------------------------------------------------------------- a BPE of the world's text
+  def train_tokenizer(directory):
+    w = world.make_world(0)
+    texts = world.corpus_documents(n_documents=config.tokenizer.documents, seed=config.seed)
+    rng = random.Random(config.seed)
+    for _ in range(3000):
+      task = tasks.make_task(w, rng)
+      texts += [task.prompt, task.answer] + [r for r, _ in tasks.flawed_responses(task, w, rng)]
+    tokenizer = tokenizer_lib.train_bpe(texts, vocab_size=config.tokenizer.vocab_size)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return {"path": os.path.join(directory, "tokenizer.json"), "vocab_size": tokenizer.vocab_size}
+
+  tokenizer_path = _step(workdir, "tokenizer", train_tokenizer)["path"]
+  for stage in stages.values():
+    stage.data.tokenizer = tokenizer_path
+    stage.seed = config.seed
+    stage.progress_bar = config.progress_bar
+  path = {name: os.path.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx")}
+
+  # ---------------------------------------------------------------- the stages
+  results = {"pretrain": _step(workdir, "pretrain", lambda d: _run_stage(stages.pretrain, d))}
+  stages.sft.model.init_from = path["pretrain"]
+  results["sft"] = _step(workdir, "sft", lambda d: _run_stage(stages.sft, d))
+  results["labels"] = _step(workdir, "labels", lambda d: label_comparisons(config, path["sft"], tokenizer_path, d))
+  stages.rm.model.init_from = path["sft"]
+  stages.rm.data.update(
+    train=results["labels"]["train"], eval=results["labels"]["eval"], bias_demonstrations=stages.sft.data.train
+  )
+  results["rm"] = _step(workdir, "rm", lambda d: _run_stage(stages.rm, d))
+  for name in ("ppo", "ppo_ptx"):
+    stages[name].model.init_from = path["sft"]
+    stages[name].ppo.reward_model = os.path.join(path["rm"], "export")
+    results[name] = _step(workdir, name, lambda d, name=name: _run_stage(stages[name], d))
+
+  # ---------------------------------------------------------------- evaluation and report
+  exports = {
+    "SFT": path["sft"],
+    "PPO": os.path.join(path["ppo"], "export"),
+    "PPO-ptx": os.path.join(path["ppo_ptx"], "export"),
+  }
+  results["evaluation"] = _step(workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d))
+  summary = report.write(workdir, results)
+  print(summary, flush=True)
+  return report.headline(results)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class _Policy:
+  """A language model loaded from a workdir or an export, and a sampler for it."""
+
+  def __init__(self, source_path: str, tokenizer, *, temperature: float, max_new_tokens: int):
+    self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    self.rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+    source = model_io.read_source(source_path)
+    self.graphdef, target = train_state.param_shardings_for(source.config, self.mesh, self.rules)
+    self.params = model_io.load(source, "lm", target, source.config, 0)
+    settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature)
+    self.sampler = sampling.Sampler(
+      self.graphdef, settings, response_buckets=(max_new_tokens,), mesh=self.mesh, rules=self.rules
+    )
+    self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+
+  def sample(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144) -> list[list[tuple[str, bool]]]:
+    """`copies` responses per prompt as (text, stopped) pairs, in prompt order. Deterministic in `seed`."""
+    ids = [np.array(self.tokenizer.encode(p), np.int32) for p in prompts]
+    rows = [i for i in ids for _ in range(copies)]
+    rows_per_call = max(copies, batch_rows // copies * copies)
+    outputs = []
+    for start in range(0, len(rows), rows_per_call):
+      chunk = rows[start : start + rows_per_call]
+      tokens, segments = sampling.left_pad(
+        chunk, buckets=(32, 64, 128), pad_id=self.tokenizer.pad_id, batch_size=rows_per_call
+      )
+      rollout = self.sampler(
+        self.params, tokens, segments, jax.random.PRNGKey(seed + start), max_new_tokens=self.max_new_tokens
+      )
+      response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+      for i in range(len(chunk)):
+        real = response[i][mask[i] > 0]
+        stopped = len(real) > 0 and int(real[-1]) == self.tokenizer.eos_id
+        outputs.append((self.tokenizer.decode(real), bool(stopped)))
+    return [outputs[i * copies : (i + 1) * copies] for i in range(len(prompts))]
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str) -> dict:
+  """K samples of the SFT model per prompt, ranked: the training split by the training labelers, the eval
+  split by the held-out labelers (so the RM's eval accuracy is the paper's held-out-labeler accuracy)."""
+  c = config.labels
+  tokenizer = tokenizer_lib.from_file(tokenizer_path)
+  policy = _Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+  w = world.make_world(0)
+  rng = random.Random(config.seed)
+  os.makedirs(directory, exist_ok=True)
+  out = {}
+  pairs = []
+  for split, n, group in (
+    ("train", c.prompts, labelers.TRAINING_LABELERS),
+    ("eval", c.eval_prompts, labelers.HELD_OUT_LABELERS),
+  ):
+    split_tasks = datasets.sample_tasks(n, split=split, seed=config.seed, world=w, kind="labels")
+    samples = policy.sample([t.prompt for t in split_tasks], c.k_max, seed=config.seed + (split == "eval"))
+    path, written, no_pairs = os.path.join(directory, f"comparisons_{split}.jsonl"), 0, 0
+    with open(path, "w") as f:
+      for i, (task, responses) in enumerate(zip(split_tasks, samples)):
+        responses = responses[: rng.randint(c.k_min, c.k_max)]
+        ranks = group[i % len(group)].rank(task, responses, rng)
+        if len(set(ranks)) < 2:
+          no_pairs += 1  # every response the same: nothing to compare (counted)
+          continue
+        f.write(json.dumps({"prompt": task.prompt, "responses": [r for r, _ in responses], "ranks": ranks}) + "\n")
+        written += 1
+        if split == "train":
+          a, b = rng.sample(responses, 2)
+          pairs.append((task, a, b))
+    out[split], out[f"{split}_prompts"], out[f"{split}_without_pairs"] = path, written, no_pairs
+  pairs = pairs[: c.agreement_pairs]
+  out["agreement_training_labelers"] = labelers.agreement(labelers.TRAINING_LABELERS, pairs, seed=config.seed)
+  out["agreement_held_out_labelers"] = labelers.agreement(labelers.HELD_OUT_LABELERS, pairs, seed=config.seed)
+  return out
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
+  """95% interval of the mean over prompts, by resampling prompts."""
+  rng = np.random.default_rng(seed)
+  means = per_prompt[rng.integers(0, len(per_prompt), (draws, len(per_prompt)))].mean(axis=1)
+  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict, directory: str) -> dict:
+  """The human-evaluation analogue on held-out prompts, and the numbers the report sets side by side."""
+  c = config.evaluation
+  tokenizer = tokenizer_lib.from_file(tokenizer_path)
+  eval_tasks = datasets.sample_tasks(
+    c.prompts, split="eval", seed=config.seed, world=world.make_world(0), kind="evaluation"
+  )
+  prompts = [t.prompt for t in eval_tasks]
+  responses = {}
+  for name in MODELS:
+    policy = _Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+    responses[name] = [r[0] for r in policy.sample(prompts, 1, seed=config.seed + 7)]
+  out = {"prompts": len(prompts)}
+  gold = {
+    n: np.array([tasks.quality(t, *r[:1], stopped=r[1]) for t, r in zip(eval_tasks, responses[n])]) for n in MODELS
+  }
+  correct = {n: np.array([tasks.is_correct(t, r[0]) for t, r in zip(eval_tasks, responses[n])]) for n in MODELS}
+  for n in MODELS:
+    out[f"gold_{n}"] = float(gold[n].mean())
+    out[f"correct_{n}"] = float(correct[n].mean())
+    by_constraints = {}
+    for k in sorted({t.n_constraints for t in eval_tasks}):
+      chosen = np.array([t.n_constraints == k for t in eval_tasks])
+      by_constraints[str(k)] = float(correct[n][chosen].mean())
+    out[f"correct_by_constraints_{n}"] = by_constraints
+  rng = random.Random(config.seed)
+  for n in ("PPO", "PPO-ptx"):
+    per_prompt = np.array(
+      [
+        np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
+        for t, a, b in zip(eval_tasks, responses[n], responses["SFT"])
+      ]
+    )
+    out[f"win_rate_{n}"] = float(per_prompt.mean())
+    out[f"win_rate_{n}_interval"] = _bootstrap_interval(per_prompt, c.bootstrap, config.seed)
+    out[f"gold_win_rate_{n}"] = float(np.mean((gold[n] > gold["SFT"]) + 0.5 * (gold[n] == gold["SFT"])))
+  with open(os.path.join(_mkdir(directory), "samples.jsonl"), "w") as f:
+    for i, task in enumerate(eval_tasks):
+      f.write(
+        json.dumps(
+          {
+            "prompt": task.prompt,
+            "gold_answer": task.answer,
+            **{
+              n: {"response": responses[n][i][0], "stopped": responses[n][i][1], "gold": float(gold[n][i])}
+              for n in MODELS
+            },
+          }
+        )
+        + "\n"
+      )
+  return out
+
+
+def _mkdir(directory: str) -> str:
+  os.makedirs(directory, exist_ok=True)
+  return directory
