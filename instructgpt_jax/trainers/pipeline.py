@@ -157,12 +157,16 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
   ):
     split_tasks = datasets.sample_tasks(n, split=split, seed=config.seed, world=w, kind="labels")
     samples = policy.sample([t.prompt for t in split_tasks], c.k_max, seed=config.seed + (split == "eval"))
-    path, written, no_pairs = os.path.join(directory, f"comparisons_{split}.jsonl"), 0, 0
+    path, written, no_pairs, empty = os.path.join(directory, f"comparisons_{split}.jsonl"), 0, 0, 0
     with open(path, "w") as f:
       for i, (task, responses) in enumerate(zip(split_tasks, samples)):
         responses = responses[: rng.randint(c.k_min, c.k_max)]
-        ranks = group[i % len(group)].rank(task, responses, rng)
-        if len(set(ranks)) < 2:
+        # A sample that is EOS alone has no text a comparison file can hold (empty responses are errors in
+        # the data formats): it leaves the set, counted.
+        empty += sum(not text for text, _ in responses)
+        responses = [(text, stopped) for text, stopped in responses if text]
+        ranks = group[i % len(group)].rank(task, responses, rng) if len(responses) >= 2 else [0]
+        if len(responses) < 2 or len(set(ranks)) < 2:
           no_pairs += 1  # every response the same: nothing to compare (counted)
           continue
         f.write(json.dumps({"prompt": task.prompt, "responses": [r for r, _ in responses], "ranks": ranks}) + "\n")
@@ -171,6 +175,7 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
           a, b = rng.sample(responses, 2)
           pairs.append((task, a, b))
     out[split], out[f"{split}_prompts"], out[f"{split}_without_pairs"] = path, written, no_pairs
+    out[f"{split}_empty_samples_dropped"] = empty
   pairs = pairs[: c.agreement_pairs]
   out["agreement_training_labelers"] = labelers.agreement(labelers.TRAINING_LABELERS, pairs, seed=config.seed)
   out["agreement_held_out_labelers"] = labelers.agreement(labelers.HELD_OUT_LABELERS, pairs, seed=config.seed)
