@@ -84,7 +84,9 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   # ---- the reward model
   r = rm.get_config("tiny")
   r.epochs = 2
-  r.data.update(seq_len=96, max_responses=9, batch_size=16)
+  # A sampled response, decoded and encoded again, can take more tokens than it was sampled with; the rare
+  # comparison that no longer fits is skipped and counted rather than stopping the pipeline.
+  r.data.update(seq_len=160, max_responses=9, batch_size=16, on_error="skip")
   r.optim = common.optim_config(lr=5e-4, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
   r.checkpoint_every_steps = 100
   c.stages.rm = r

@@ -1,0 +1,106 @@
+"""The embedded lab: tasks and their gold judge, the simulated labelers, and the pipeline end to end."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from configs import pipeline
+from instructgpt_jax import main
+from instructgpt_jax.lab import datasets, labelers, tasks, world
+
+
+def test_gold_answers_score_one_and_flawed_answers_less():
+  w, rng = world.make_world(0), random.Random(0)
+  worse = total = 0
+  for _ in range(500):
+    task = tasks.make_task(w, rng)
+    assert tasks.quality(task, task.answer) == pytest.approx(1.0)
+    for text, stopped in tasks.flawed_responses(task, w, rng):
+      worse += tasks.quality(task, text, stopped=stopped) < 1.0
+      total += 1
+  assert worse / total > 0.99  # a flawed response can be right by accident (prose that states the fact)
+
+
+def test_features_weigh_into_the_gold_quality():
+  task = tasks.make_task(world.make_world(0), random.Random(3), "attribute")
+  f = tasks.features(task, "I think maybe " + task.answer, stopped=False)
+  assert f["no_hedging"] == 0.0 and f["stopped"] == 0.0 and f["contains_answer"] == 1.0
+  assert tasks.quality(task, "I think maybe " + task.answer, stopped=False) == pytest.approx(
+    sum(tasks.GOLD_WEIGHTS[k] * v for k, v in f.items())
+  )
+
+
+def test_labelers_agree_about_three_times_in_four_and_follow_quality():
+  w, rng = world.make_world(0), random.Random(1)
+  pairs = []
+  for _ in range(1500):
+    task = tasks.make_task(w, rng)
+    a, b = rng.sample([(task.answer, True), *tasks.flawed_responses(task, w, rng)], 2)
+    pairs.append((task, a, b))
+  for group in (labelers.TRAINING_LABELERS, labelers.HELD_OUT_LABELERS):
+    assert 0.68 <= labelers.agreement(group, pairs) <= 0.85
+  # A labeler prefers the gold answer to a flawed one most of the time, but not always (noise).
+  choices = [
+    labelers.TRAINING_LABELERS[0].prefers(t, (t.answer, True), b, rng) for t, _, b in pairs if b[0] != t.answer
+  ]
+  assert 0.75 < np.mean(choices) < 1.0
+
+
+def test_rankings_are_plackett_luce_draws_with_ties_for_identical_responses():
+  task = tasks.make_task(world.make_world(0), random.Random(2), "repeat")
+  responses = [(task.answer, True), ("no", True), (task.answer, True)]
+  ranks = labelers.TRAINING_LABELERS[0].rank(task, responses, random.Random(0))
+  assert ranks[0] == ranks[2] and sorted(set(ranks)) == sorted(set(ranks)) and len(ranks) == 3
+
+
+def test_lab_splits_never_share_a_prompt_and_kinds_draw_their_own():
+  w = world.make_world(0)
+  train = {t.prompt for t in datasets.sample_tasks(400, split="train", seed=0, world=w, kind="prompts")}
+  evals = {t.prompt for t in datasets.sample_tasks(100, split="eval", seed=0, world=w, kind="prompts")}
+  demos = [t.prompt for t in datasets.sample_tasks(50, split="train", seed=0, world=w, kind="demonstrations")]
+  assert not train & evals
+  assert demos != [t.prompt for t in datasets.sample_tasks(50, split="train", seed=0, world=w, kind="prompts")]
+
+
+MICRO = {
+  "stages.pretrain.total_steps": 20,
+  "stages.sft.total_steps": 16,
+  "labels.prompts": 32,
+  "labels.eval_prompts": 16,
+  "stages.rm.epochs": 1,
+  "stages.ppo.ppo.episodes": 2 * 64,
+  "stages.ppo_ptx.ppo.episodes": 2 * 64,
+  "stages.ppo.eval_every_steps": 0,
+  "stages.ppo_ptx.eval_every_steps": 0,
+  "evaluation.prompts": 32,
+  "evaluation.bootstrap": 200,
+  "progress_bar": False,
+}
+
+
+def micro_config():
+  c = pipeline.get_config("lab_quick")
+  for key, value in MICRO.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(tmp_path):
+  first = main.run(micro_config(), str(tmp_path / "a"))
+  second = main.run(micro_config(), str(tmp_path / "b"))
+  assert first == second  # same seed, same machine: the same numbers
+  report = (tmp_path / "a" / "report.md").read_text()
+  evaluation = json.loads((tmp_path / "a" / "evaluation" / "done.json").read_text())
+  assert f"{100 * evaluation['win_rate_PPO-ptx']:.1f}%" in report  # the report prints what was computed
+  for name in ("reward_vs_kl.png", "win_rates.png", "learning_curves.png"):
+    assert (tmp_path / "a" / name).stat().st_size > 1000
+  assert 0.0 <= first["win_rate_ppo_ptx_vs_sft"] <= 1.0 and evaluation["prompts"] == 32
+  # A rerun of a finished pipeline recomputes nothing and reports the same.
+  assert main.run(micro_config(), str(tmp_path / "a")) == first
