@@ -20,6 +20,7 @@ def assert_learns(workdir, fraction=0.3):
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 200
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  print(f"\n{workdir}: loss {first:.3f} (first 5 steps) -> {last:.3f} (last 5), a drop of {1 - last / first:.0%}")
   assert last <= (1 - fraction) * first, (first, last)
   assert all(np.isfinite(losses))
   return first, last
