@@ -56,7 +56,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   # ---- SFT (the PPO-init variant: 10% pretraining text)
   s = sft.get_config("tiny,variant=ppo_init")
   s.epochs = 0
-  s.total_steps = steps(400)
+  s.total_steps = steps(1000)  # enough for the small model to copy from its prompt (reverse, repeat, ...)
   s.data.update(
     train="lab:demonstrations:train:3000",
     eval="lab:demonstrations:eval:100",
@@ -64,7 +64,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
     batch_size=32,
     pretrain_corpus="lab",
   )
-  s.optim = common.optim_config(lr=1e-3, schedule="cosine", warmup_steps=20, final_lr_fraction=0.1)
+  s.optim = common.optim_config(lr=2e-3, schedule="cosine", warmup_steps=20, final_lr_fraction=0.1)
   s.checkpoint_every_steps = 200
   c.stages.sft = s
 
