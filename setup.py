@@ -33,7 +33,7 @@ setup(
     "matplotlib>=3.8",
   ],
   extras_require={
-    "test": ["pytest>=8.3", "pytest-xdist>=3.6", "hypothesis>=6.100", "portpicker>=1.6"],
+    "test": ["pytest>=8.3", "pytest-xdist>=3.6", "hypothesis>=6.100", "portpicker>=1.6", "jinja2>=3.1"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
   },

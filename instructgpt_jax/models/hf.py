@@ -508,9 +508,7 @@ def _read_parameter(link: Link, files: TensorFiles, prefix: str, target, n_layer
   dtype = np.dtype(target.dtype)
   names = [link.hf.format(p=prefix, i=i) for i in range(n_layers)] if link.layered else [link.hf.format(p=prefix)]
   expected = tuple(target.shape[1:] if link.layered else target.shape)
-  got = link.to_ours(files[names[0]]).shape if names[0] in files else None
-  if got is None:
-    raise ConfigError(f"hf: the weights hold no tensor {names[0]!r}")
+  got = link.to_ours(files[names[0]]).shape
   if got != expected:
     raise ConfigError(f"hf: {names[0]} gives {link.ours} of shape {got}, expected {expected}")
   shards: dict[tuple, np.ndarray] = {}  # replicated shards are cut once
@@ -633,6 +631,9 @@ def export(
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(directory, exist_ok=True)
+    # Weights of an earlier export into this folder (another shard count) would be read with ours.
+    for stale in glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, INDEX_FILE)):
+      os.remove(stale)
     with open(os.path.join(directory, "config.json"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
   files = _split_into_files(tensors, max_shard_bytes)
@@ -670,9 +671,12 @@ def copy_tokenizer(tokenizer: str, directory: str, token_ids: dict[str, int]) ->
   source = os.path.join(tokenizer, "tokenizer.json") if folder else tokenizer
   if not os.path.isfile(source):
     raise ConfigError(f"hf export: tokenizer {source} does not exist")
-  extras = [os.path.join(folder, name) for name in TOKENIZER_FILES] if folder else []
-  for path in [source] + [p for p in extras if os.path.isfile(p)]:
-    destination = os.path.join(directory, os.path.basename(path))
+  copies = {source: "tokenizer.json"}
+  for name in TOKENIZER_FILES if folder else ():
+    if os.path.isfile(os.path.join(folder, name)):
+      copies[os.path.join(folder, name)] = name
+  for path, name in copies.items():
+    destination = os.path.join(directory, name)
     if not os.path.exists(destination) or not os.path.samefile(path, destination):
       shutil.copyfile(path, destination)
   if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):

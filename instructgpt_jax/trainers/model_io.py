@@ -22,6 +22,7 @@ import jax
 
 from instructgpt_jax import checkpoint, models, train_state
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models import hf
 
 SHAPE_FIELDS = (
   "family",
@@ -34,10 +35,12 @@ SHAPE_FIELDS = (
   "d_ff",
   "max_len",
   "tied_embeddings",
+  "qkv_bias",
   "rope_theta",
   "norm_eps",
 )
 NOT_MODEL_FIELDS = ("size", "init_from")
+HF_FORMAT = "huggingface"  # Source.metadata["format"] of an hf: source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,9 @@ def read_source(init_from: str) -> Source | None:
   if not init_from:
     return None
   if init_from.startswith("hf:"):
-    raise ConfigError(f"model.init_from: {init_from}: HuggingFace import is not available yet (models/hf.py)")
+    path = os.path.abspath(init_from[len("hf:") :])
+    config, kind, info = hf.read_config(path)  # info: token ids, and head_bias / reward_bias of our exports
+    return Source(kind, config, path, False, {"format": HF_FORMAT, **info})
   path = os.path.abspath(init_from)
   for name, exported in (("metadata.json", True), ("model.json", False)):
     if os.path.isfile(os.path.join(path, name)):
@@ -92,6 +97,8 @@ def load(source: Source, kind: str, target, model_cfg: models.ModelConfig, seed:
 
 
 def _restore(source: Source, target) -> Any:
+  if source.metadata.get("format") == HF_FORMAT:
+    return hf.load_params(source.path, target)
   if source.exported:
     return checkpoint.import_params(source.path, target)[0]
   keys = tuple(source.metadata.get("params_keys", ("params",)))
