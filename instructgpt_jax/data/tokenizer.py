@@ -120,7 +120,7 @@ def from_file(
   hf = tokenizers.Tokenizer.from_file(path)
   eos = eos_token or _first_present(hf, EOS_CANDIDATES)
   if eos is None:
-    raise ValueError(f"{path}: no EOS token found among {EOS_CANDIDATES}; set data.eos_token")
+    raise errors.DataError(f"{path}: no EOS token among {EOS_CANDIDATES}; add one to the tokenizer as a special token")
   return Tokenizer(
     hf,
     eos_token=eos,
