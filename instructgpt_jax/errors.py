@@ -11,3 +11,15 @@ class ConfigError(UserError):
 
 class DataError(UserError):
   """Bad data, as one line `file:line: field: problem`."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: the run saved a checkpoint at `step` and stops; the same command resumes it.
+
+  An exception rather than a return, so that nothing above a stage (the lab pipeline) can mistake a
+  preempted stage for a finished one.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved; rerun the same command to resume")
+    self.step = step

@@ -40,6 +40,9 @@ def main(argv):
   except errors.UserError as e:  # bad input: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except errors.Preempted as e:  # saved; exit 0 so a scheduler that resubmits the job resumes it
+    logging.warning("%s", e)
+    return
   print("final: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import pipeline
-from instructgpt_jax import main
+from instructgpt_jax import errors, main
 from instructgpt_jax.lab import datasets, labelers, tasks, world
+from instructgpt_jax.trainers import pipeline as pipeline_lib
 
 
 def test_gold_answers_score_one_and_flawed_answers_less():
@@ -104,3 +105,15 @@ def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(
   assert 0.0 <= first["win_rate_ppo_ptx_vs_sft"] <= 1.0 and evaluation["prompts"] == 32
   # A rerun of a finished pipeline recomputes nothing and reports the same.
   assert main.run(micro_config(), str(tmp_path / "a")) == first
+
+
+def test_a_preempted_stage_is_not_recorded_as_done(tmp_path):
+  def preempted(directory):
+    raise errors.Preempted(7)
+
+  with pytest.raises(errors.Preempted, match="step 7"):
+    pipeline_lib._step(str(tmp_path), "sft", preempted)
+  assert not (tmp_path / "sft" / "done.json").exists()
+  # The rerun runs the stage (it resumes from its checkpoint) and only then records it.
+  assert pipeline_lib._step(str(tmp_path), "sft", lambda d: {"loss": 1.5}) == {"loss": 1.5}
+  assert pipeline_lib._step(str(tmp_path), "sft", preempted) == {"loss": 1.5}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 from typing import NamedTuple
@@ -111,7 +110,8 @@ class LoopIO:
   steps finished; `evaluate(state)` returns a dict of metrics). Every step's metrics are fetched while the
   next step runs and checked, so a non-finite loss or gradient norm stops the run (NonFiniteError naming
   that step) before it can be checkpointed. Rows are written every `log_every_steps`; it evaluates every
-  `eval_every_steps`, saves every `checkpoint_every_steps`, and on preemption saves and returns True.
+  `eval_every_steps`, saves every `checkpoint_every_steps`, and on preemption saves and raises
+  errors.Preempted (the checkpoint completes as the `with` block closes).
   Use it as a context manager.
   """
 
@@ -151,8 +151,7 @@ class LoopIO:
     if save:
       self.ckpt.save(done, state, self.data.get_state(), force=preempted)
     if preempted:
-      logging.warning("preempted (SIGTERM) at step %d: checkpoint saved, exiting", done)
-    return preempted
+      raise errors.Preempted(done)
 
   def finish(self, state, final_eval: dict[str, float]) -> dict[str, float]:
     """Writes the last metrics with the final evaluation, saves the final state, closes; returns the row."""

@@ -423,8 +423,7 @@ def train(config, workdir: str) -> dict[str, float]:
         "rollout_tokens_per_sec": tokens / max(t1 - t0, 1e-9),
         "episodes_per_sec": p.rollout_batch / max(t3 - t0, 1e-9),
       }
-      if loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1)):
-        return loop.last_row
+      loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
     final = loop.finish(state, evaluation(state))
 
   # ---------------------------------------------------------------- export (EMA weights, spec §5.2)

@@ -51,8 +51,7 @@ def train(config, workdir: str) -> dict[str, float]:
   with loop, common.Preemption() as preemption:
     for step in range(start_step, config.total_steps):
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
-      if loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1)):
-        return loop.last_row  # preempted: saved; rerunning the same command resumes
+      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
 
     # -------------------------------------------------------------- final evaluation and save
     return loop.finish(state, evaluate(state))

@@ -1,0 +1,492 @@
+"""Ahead-of-time compilation of each stage's step for a target topology, and what it needs per device.
+
+    python -m launch.aot --target=v5p-1024 --config=configs/sft.py:size=175b \
+        --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.data.batch_size=64 --config.model.remat=full
+
+The same configs and overrides as `main.py`; nothing runs and no accelerator is needed. A TPU target's
+devices come from libtpu's topology description (`jax.experimental.topologies`, installed with
+`jax[tpu]`), so XLA:TPU compiles the real sharded program and `memory_analysis()` gives its per-device
+buffers; a program that does not fit fails to compile with RESOURCE_EXHAUSTED, which is reported as such.
+A `cpu` target uses fake CPU devices: parameter, optimizer and batch sizes are exact (they follow from the
+shardings), but XLA:CPU's temporary memory is far from an accelerator's, so it is not reported.
+
+Per device, for each program a stage runs:
+  params      parameters (frozen models included: PPO's reference and reward model)
+  opt_state   optimizer state (Adam moments), and PPO's EMA of the policy
+  kv_cache    keys and values of the sampler's cache (PPO rollouts), from the cache's shardings
+  temp        XLA's temporary buffers: activations, gradients, logits; the KV cache lives here too
+  peak        everything resident while the program runs: all stage state + the program's other inputs,
+              its outputs that are not donated inputs, and temp
+
+The SFT step is `lm_steps.make_train_step` under `train_state.jit_step`, exactly as `trainers/sft.py`
+builds it; the rollout program is `sampling.generate`, as `sampling.Sampler` jits it. The RM step and the
+PPO minibatch step are closures inside `trainers/rm.py` and `trainers/ppo.py`; until those trainers export
+them, `rm_train_step` and `ppo_minibatch_step` below restate them from the same library functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from instructgpt_jax import losses, models, optim, rl, sampling, sharding, train_state
+from instructgpt_jax.trainers import common, lm_steps, ppo, rm
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A pod or cluster to compile for. platform "tpu": libtpu's topology `topology`; "cpu": fake CPU devices."""
+
+  name: str
+  platform: str
+  devices: int
+  hbm_gib: float  # memory per device (chip) that a program may use
+  topology: str = ""
+  chip_config: str = "default"
+  note: str = ""
+
+
+TARGETS = {
+  t.name: t
+  for t in (
+    Target("v4-8", "tpu", 4, 32.0, "v4:2x2x1", "megacore"),
+    Target("v4-512", "tpu", 256, 32.0, "v4:4x8x8", "megacore"),
+    Target("v5e-256", "tpu", 256, 16.0, "v5e:16x16"),
+    Target("v5p-8", "tpu", 4, 95.0, "v5p:2x2x1"),
+    Target("v5p-1024", "tpu", 512, 95.0, "v5p:8x8x8"),
+    # No GPU topology can be compiled for offline: the same program compiled by XLA:TPU for 64 v5p chips
+    # (same mesh, same shardings) stands in, judged against the H100's 80 GiB.
+    Target("64xH100", "tpu", 64, 80.0, "v5p:4x4x4", note="XLA:TPU proxy (64 v5p chips) for XLA:GPU"),
+    Target("cpu-8", "cpu", 8, 16.0, note="fake CPU devices: temp not measured"),
+    Target("cpu-64xH100", "cpu", 64, 80.0, note="fake CPU devices: temp not measured"),
+  )
+}
+
+
+def target_devices(target: Target) -> list:
+  if target.platform == "cpu":
+    devices = jax.devices("cpu")
+    if len(devices) < target.devices:
+      raise ValueError(
+        f"target {target.name}: needs {target.devices} CPU devices, {len(devices)} present; set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={target.devices} before jax starts"
+      )
+    return devices[: target.devices]
+  from jax.experimental import topologies
+
+  topology = topologies.get_topology_desc(
+    topology_name=target.topology, platform=target.platform, chip_config_name=target.chip_config
+  )
+  devices = list(topology.devices)
+  if len(devices) != target.devices:
+    raise ValueError(f"target {target.name}: topology {target.topology} has {len(devices)} devices")
+  return devices
+
+
+# ------------------------------------------------------------------------------------------ bytes per device
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with NamedShardings (the largest shard of each)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if isinstance(x.sharding, NamedSharding) else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def batch_spec(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract batch arrays {name: (shape, dtype)} sharded over the batch axes like `common.to_global`."""
+  sh = common.batch_sharding(mesh, rules)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
+
+
+@dataclasses.dataclass
+class Program:
+  """One jitted program of a stage, lowered with abstract arguments. `state_args`: which positional
+  arguments are stage state (counted in the stage's resident bytes), the others are per-call inputs."""
+
+  name: str
+  jitted: Any
+  args: tuple
+  state_args: tuple[int, ...]
+  static_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StagePlan:
+  """What a stage keeps on the devices (per-device bytes, exact) and the programs it runs."""
+
+  stage: str
+  params: int
+  opt_state: int
+  kv_cache: int
+  programs: list[Program]
+  models: dict[str, int]  # model name -> parameter count
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _tx(config):
+  return optim.make_optimizer(config.optim, 1000)
+
+
+def sft_plan(config, mesh, rules) -> StagePlan:
+  """The SFT (and pretraining) step: lm_steps.make_train_step under train_state.jit_step, as trainers/sft.py."""
+  model_cfg = models.resolve(config.model.to_dict())
+  tx = _tx(config)
+  graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules)
+  step = lm_steps.make_train_step(
+    graphdef, model_cfg, tx, optim.schedule(config.optim, 1000), microbatches=config.optim.microbatches
+  )
+  b, n = config.data.batch_size, config.data.seq_len
+  common.check_batch("data.batch_size", b, mesh)
+  keys = {k: ((b, n), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+  keys["mask"] = ((b, n), jnp.float32)
+  if config.data.get("pretrain_mix"):
+    keys["kind"] = ((b,), jnp.int32)
+  batch = batch_spec(keys, mesh, rules)
+  jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  return StagePlan(
+    "sft",
+    params=device_bytes(abstract.params),
+    opt_state=device_bytes(abstract.opt_state),
+    kv_cache=0,
+    programs=[Program("train_step", jitted, (abstract, batch), (0,))],
+    models={"policy": models.param_count(abstract.params)},
+  )
+
+
+def rm_train_step(graphdef, tx, microbatches: int, normalizer: str):
+  """trainers/rm.py's train step: Eq. 1 over each prompt's K responses, exact accumulation."""
+
+  def loss_sums(params, batch, _rng):
+    rewards = rm.rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])
+    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
+    return loss * m["num_prompts"], {"count": m["num_prompts"], "pairs": m["num_pairs"]}
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
+    metrics = {"loss": loss, "pairs_per_batch": sums["pairs"], "grad_norm": optax.tree.norm(grads)}
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  return train_step
+
+
+def rm_plan(config, mesh, rules) -> StagePlan:
+  model_cfg = models.resolve(config.model.to_dict())
+  tx = _tx(config)
+  graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules, kind="scalar")
+  step = rm_train_step(graphdef, tx, config.optim.microbatches, config.rm.pair_normalizer)
+  b, k, n = config.data.batch_size, config.data.max_responses, config.data.seq_len
+  common.check_batch("data.batch_size", b, mesh)
+  batch = batch_spec(
+    {"tokens": ((b, k, n), jnp.int32), "segment_ids": ((b, k, n), jnp.int32), "ranks": ((b, k), jnp.int32)},
+    mesh,
+    rules,
+  )
+  jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  return StagePlan(
+    "rm",
+    params=device_bytes(abstract.params),
+    opt_state=device_bytes(abstract.opt_state),
+    kv_cache=0,
+    programs=[Program("train_step", jitted, (abstract, batch), (0,))],
+    models={"reward model": models.param_count(abstract.params)},
+  )
+
+
+def ppo_minibatch_step(p, policy_graphdef, critic_graphdef, policy_tx, critic_tx):
+  """trainers/ppo.py's minibatch step (separate critic): clipped policy loss + γ·ptx, clipped value loss, EMA."""
+
+  def step(state: ppo.PPOState, scored: ppo.Scored, rows: jax.Array, ptx_batch):
+    mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
+    seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
+
+    def policy_loss(params):
+      logprobs = sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
+      if not p.ptx_coef:
+        return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+      ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
+      return losses.ppo_ptx_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.mask,
+        ptx_logits,
+        ptx_batch["targets"],
+        ptx_batch["mask"],
+        clip_eps=p.clip,
+        ptx_coef=p.ptx_coef,
+      )
+
+    def value_loss(params):
+      values = sampling.response_values(critic_graphdef, params, *seq)[0]
+      return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
+
+    (loss, _), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
+    (vf_loss, _), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+    critic = state.critic.apply_gradients(critic_grads, critic_tx)
+    policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
+    return state.replace(policy=policy, critic=critic), {"loss": loss, "value_loss": vf_loss}
+
+  return step
+
+
+def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
+  """PPO-ptx: policy (with optimizer and EMA), reference, reward model and critic (`rm_size`, the critic
+  starts from the RM); programs: the rollout sampler (KV cache) and the minibatch step."""
+  p = config.ppo
+  policy_cfg = models.resolve(config.model.to_dict())
+  rm_section = dict(config.model.to_dict(), size=rm_size, n_layers=None, d_model=None, n_heads=None, d_ff=None)
+  rm_cfg = models.resolve(rm_section)
+  policy_tx, critic_tx = _tx(config), optim.make_optimizer(config.value_optim, 1000)
+  policy_graphdef, policy_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
+  policy_abstract, policy_sh = train_state.abstract_state_for(policy_target, policy_tx, mesh, ema=True)
+  critic_graphdef, critic_abstract, critic_sh = train_state.abstract_state(
+    rm_cfg, critic_tx, mesh, rules, kind="scalar"
+  )
+  _, reference = train_state.param_shardings_for(policy_cfg, mesh, rules)
+  _, reward_model = train_state.param_shardings_for(rm_cfg, mesh, rules, kind="scalar")
+  replicated = train_state.replicated(mesh)
+  state_sh = ppo.PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
+  state = ppo.PPOState(
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    policy=policy_abstract,
+    critic=critic_abstract,
+    kl=rl.KLControllerState(jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+  )
+
+  # Rollout: the largest prompt bucket and the response bucket, as sampling.Sampler jits generate.
+  prompt_len, rollout, minibatch = config.data.max_prompt_len, p.rollout_batch, p.minibatch
+  common.check_batch("ppo.minibatch", minibatch, mesh)
+  settings = sampling.SamplingSettings(eos_id=0, pad_id=1, temperature=p.temperature)  # ids change no buffer
+  generate = sampling.jit_on_mesh(
+    functools.partial(sampling.generate, policy_graphdef, settings=settings),
+    mesh=mesh,
+    rules=rules,
+    static_argnames=("max_new_tokens",),
+  )
+  prompts = batch_spec({k: ((rollout, prompt_len), jnp.int32) for k in ("tokens", "segment_ids")}, mesh, rules)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  rollout_program = Program(
+    "rollout",
+    generate,
+    (policy_abstract.params, prompts["tokens"], prompts["segment_ids"], key),
+    (0,),
+    {"max_new_tokens": p.max_new_tokens, "length_limit": limit},
+  )
+  cache_len = prompt_len + p.max_new_tokens - 1
+  cache_spec = sharding.logical_to_spec(
+    ("layers", "batch", "kv_heads", "length", "kv"),
+    rules,
+    (policy_cfg.n_layers, rollout, policy_cfg.kv_heads, cache_len, policy_cfg.head_dim),
+    mesh,
+  )
+  cache_shape = (policy_cfg.n_layers, rollout, policy_cfg.kv_heads, cache_len, policy_cfg.head_dim)
+  cache = jax.ShapeDtypeStruct(cache_shape, policy_cfg.dtype, sharding=NamedSharding(mesh, cache_spec))
+  kv_cache = 2 * device_bytes(cache)
+
+  # Training: one minibatch of the scored rollout and its pretraining rows.
+  r = p.max_new_tokens
+  scored_shapes = {
+    "prompt_tokens": ((rollout, prompt_len), jnp.int32),
+    "prompt_segment_ids": ((rollout, prompt_len), jnp.int32),
+    "tokens": ((rollout, r), jnp.int32),
+    "mask": ((rollout, r), jnp.int32),
+    **{k: ((rollout, r), jnp.float32) for k in ("old_logprobs", "old_values", "advantages", "returns")},
+  }
+  scored = ppo.Scored(**batch_spec(scored_shapes, mesh, rules))
+  rows = jax.ShapeDtypeStruct((minibatch,), jnp.int32, sharding=replicated)
+  ptx_batch = {}
+  if p.ptx_coef:
+    ptx_rows, n = p.ptx_per_episode * minibatch, config.data.ptx_seq_len
+    keys = {k: ((ptx_rows, n), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    ptx_batch = batch_spec(dict(keys, mask=((ptx_rows, n), jnp.float32)), mesh, rules)
+  batch_sh = common.batch_sharding(mesh, rules)
+  step = jax.jit(
+    sharding.traced_with_rules(
+      ppo_minibatch_step(p, policy_graphdef, critic_graphdef, policy_tx, critic_tx), mesh, rules
+    ),
+    in_shardings=(state_sh, batch_sh, replicated, batch_sh),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  )
+  train_program = Program("train_step", step, (state, scored, rows, ptx_batch), (0,))
+
+  return StagePlan(
+    "ppo",
+    params=device_bytes((policy_abstract.params, critic_abstract.params, reference, reward_model)),
+    opt_state=device_bytes((policy_abstract.opt_state, policy_abstract.ema, critic_abstract.opt_state)),
+    kv_cache=kv_cache,
+    programs=[rollout_program, train_program],
+    models={
+      "policy": models.param_count(policy_abstract.params),
+      "reference": models.param_count(reference),
+      "reward model": models.param_count(reward_model),
+      "critic": models.param_count(critic_abstract.params),
+    },
+  )
+
+
+PLANS = {"sft": sft_plan, "pretrain": sft_plan, "rm": rm_plan, "ppo": ppo_plan}
+
+
+# ------------------------------------------------------------------------------------------ compile and report
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+  name: str
+  arguments: int  # bytes per device, as the compiled program counts them
+  outputs: int
+  aliased: int  # outputs written into donated inputs
+  temp: int | None  # None: not measured (fake CPU devices)
+  peak: int | None  # resident stage state + this program's other inputs + new outputs + temp
+  compile_s: float
+  error: str = ""  # the compiler's message when the program does not fit
+
+
+@dataclasses.dataclass
+class Report:
+  target: Target
+  stage: str
+  mesh: dict[str, int]
+  plan: StagePlan
+  programs: list[ProgramMemory]
+
+  @property
+  def peak(self) -> int | None:
+    peaks = [m.peak for m in self.programs]
+    return None if any(p is None for p in peaks) else max(peaks)
+
+  @property
+  def fits(self) -> bool | None:
+    if any(m.error for m in self.programs):
+      return False
+    resident = self.plan.params + self.plan.opt_state
+    if self.peak is None:  # temp unmeasured: the state alone decides only when it does not fit
+      return False if resident > self.target.hbm_gib * GiB else None
+    return self.peak <= self.target.hbm_gib * GiB
+
+
+_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED|exceed|Ran out of memory", re.IGNORECASE)
+
+
+def compile_program(program: Program, resident: int, *, measure_temp: bool) -> ProgramMemory:
+  """Lowers and compiles `program`; its per-device memory from `memory_analysis()` only."""
+  t0 = time.perf_counter()
+  state_in_args = device_bytes([program.args[i] for i in program.state_args])
+  try:
+    compiled = program.jitted.lower(*program.args, **program.static_kwargs).compile()
+  except Exception as e:  # XLA reports a program that cannot fit as a compile error
+    message = str(e)
+    if not _EXHAUSTED.search(message):
+      raise
+    first = next((line for line in message.splitlines() if _EXHAUSTED.search(line)), message.splitlines()[0])
+    return ProgramMemory(program.name, 0, 0, 0, None, None, time.perf_counter() - t0, error=first.strip()[:300])
+  m = compiled.memory_analysis()
+  temp = int(m.temp_size_in_bytes) if measure_temp else None
+  outputs, aliased, arguments = int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.argument_size_in_bytes)
+  peak = None
+  if temp is not None:
+    peak = resident + (arguments - state_in_args) + (outputs - aliased) + temp
+  return ProgramMemory(program.name, arguments, outputs, aliased, temp, peak, time.perf_counter() - t0)
+
+
+def report(config, target: Target, *, rm_size: str = "6b", devices=None) -> Report:
+  """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage."""
+  devices = target_devices(target) if devices is None else devices
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+  rules = sharding.rules_dict(config.sharding_rules)
+  plan_fn = PLANS[config.stage]
+  plan = plan_fn(config, mesh, rules, rm_size=rm_size) if config.stage == "ppo" else plan_fn(config, mesh, rules)
+  resident = plan.params + plan.opt_state + 2 * device_bytes(jax.ShapeDtypeStruct((), jnp.int32))
+  programs = [compile_program(p, resident, measure_temp=target.platform != "cpu") for p in plan.programs]
+  return Report(target, config.stage, dict(mesh.shape), plan, programs)
+
+
+def _gib(n: int | None) -> str:
+  """Bytes as GiB, or MiB below 0.01 GiB (tiny test models)."""
+  if n is None:
+    return "n/m"
+  return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else f"{n / 2**20:.2f} MiB"
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+TABLE_HEADER = (
+  "| target | stage | models | mesh (data, fsdp, tensor) | program | params | opt state | KV cache | temp | "
+  "peak | HBM | fits |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_rows(r: Report) -> list[str]:
+  """Markdown rows, one per program, GiB per device."""
+  mesh = f"{r.mesh['data']}, {r.mesh['fsdp']}, {r.mesh['tensor']}"
+  models_text = " + ".join(f"{_count(n)} {name}" for name, n in r.plan.models.items())
+  words = {True: "yes", False: "**no**", None: "state only: yes"}
+  out = []
+  for m in r.programs:
+    if m.error or m.peak is not None:
+      fit = words[not m.error and m.peak <= r.target.hbm_gib * GiB]
+    else:
+      fit = words[r.fits]
+    peak = f"> HBM: {m.error}" if m.error else _gib(m.peak)
+    kv = _gib(r.plan.kv_cache) if m.name == "rollout" else "-"
+    out.append(
+      f"| {r.target.name} | {r.stage} | {models_text} | {mesh} | {m.name} | {_gib(r.plan.params)} | "
+      f"{_gib(r.plan.opt_state)} | {kv} | {_gib(m.temp)} | {peak} | {r.target.hbm_gib:g} | {fit} |"
+    )
+  return out
+
+
+def summary(r: Report) -> str:
+  lines = [f"{r.stage} on {r.target.name} ({r.target.devices} devices, {r.target.hbm_gib:g} GiB each), mesh {r.mesh}"]
+  if r.target.note:
+    lines.append(f"  note: {r.target.note}")
+  lines.append("  models: " + ", ".join(f"{name} {_count(n)} params" for name, n in r.plan.models.items()))
+  lines.append(
+    f"  per device: params {_gib(r.plan.params)}, optimizer state {_gib(r.plan.opt_state)}"
+    + (f", KV cache {_gib(r.plan.kv_cache)}" if r.plan.kv_cache else "")
+  )
+  for m in r.programs:
+    if m.error:
+      lines.append(f"  {m.name}: does not fit ({m.error}) [{m.compile_s:.0f} s]")
+    else:
+      lines.append(
+        f"  {m.name}: arguments {_gib(m.arguments)}, temp {_gib(m.temp)}, peak {_gib(m.peak)} "
+        f"[compiled in {m.compile_s:.1f} s]"
+      )
+  verdict = {True: "fits", False: "does NOT fit", None: "state fits; activations not measured"}[r.fits]
+  lines.append(f"  => {verdict}")
+  return "\n".join(lines)
+
+
+def libtpu_version() -> str:
+  try:
+    import importlib.metadata
+
+    return importlib.metadata.version("libtpu")
+  except Exception:
+    return "none"
