@@ -98,9 +98,12 @@ def target_devices(target: Target) -> list:
 
 
 def device_bytes(tree) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with NamedShardings (the largest shard of each)."""
+  """Bytes one device holds of the ShapeDtypeStructs in `tree` (the largest shard of each); other leaves
+  (static Python values) hold none."""
   total = 0
   for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      continue
     shape = x.sharding.shard_shape(x.shape) if isinstance(x.sharding, NamedSharding) else x.shape
     total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
   return total
@@ -125,7 +128,14 @@ class Program:
   jitted: Any
   args: tuple
   state_args: tuple[int, ...]
-  static_kwargs: dict = dataclasses.field(default_factory=dict)
+  kwargs: dict = dataclasses.field(default_factory=dict)  # abstract keyword arguments and static values
+
+  def lower(self):
+    return self.jitted.lower(*self.args, **self.kwargs)
+
+  @property
+  def argument_bytes(self) -> int:
+    return device_bytes((self.args, self.kwargs))
 
 
 @dataclasses.dataclass
@@ -396,7 +406,7 @@ def compile_program(program: Program, resident: int, *, measure_temp: bool) -> P
   t0 = time.perf_counter()
   state_in_args = device_bytes([program.args[i] for i in program.state_args])
   try:
-    compiled = program.jitted.lower(*program.args, **program.static_kwargs).compile()
+    compiled = program.lower().compile()
   except Exception as e:  # XLA reports a program that cannot fit as a compile error
     message = str(e)
     if not _EXHAUSTED.search(message):
@@ -412,13 +422,18 @@ def compile_program(program: Program, resident: int, *, measure_temp: bool) -> P
   return ProgramMemory(program.name, arguments, outputs, aliased, temp, peak, time.perf_counter() - t0)
 
 
-def report(config, target: Target, *, rm_size: str = "6b", devices=None) -> Report:
-  """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage."""
-  devices = target_devices(target) if devices is None else devices
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+def plan_for(config, target: Target, *, rm_size: str = "6b") -> tuple[Any, StagePlan]:
+  """(mesh, the stage's plan) on `target`'s devices: exact state sizes and the programs, nothing compiled."""
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices=target_devices(target))
   rules = sharding.rules_dict(config.sharding_rules)
   plan_fn = PLANS[config.stage]
   plan = plan_fn(config, mesh, rules, rm_size=rm_size) if config.stage == "ppo" else plan_fn(config, mesh, rules)
+  return mesh, plan
+
+
+def report(config, target: Target, *, rm_size: str = "6b") -> Report:
+  """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage."""
+  mesh, plan = plan_for(config, target, rm_size=rm_size)
   resident = plan.params + plan.opt_state + 2 * device_bytes(jax.ShapeDtypeStruct((), jnp.int32))
   programs = [compile_program(p, resident, measure_temp=target.platform != "cpu") for p in plan.programs]
   return Report(target, config.stage, dict(mesh.shape), plan, programs)

@@ -1,0 +1,179 @@
+"""launch/: the exact gcloud and srun command lines of dry runs, sweep expansion, and a 2×2 tiny PPO sweep
+run here whose comparison table must hold each run's own metrics."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from configs import rm, sft
+from instructgpt_jax import main, sweep
+from launch import sweep as sweep_cli
+from launch import tpu
+
+from runs import configured, read_metrics
+
+ZONE = "us-central2-b"
+
+
+def dry_run(capsys, *argv):
+  assert tpu.main([argv[0], "--dry-run", *argv[1:]]) == 0
+  return capsys.readouterr().out.splitlines()
+
+
+def test_tpu_create_prints_the_gcloud_command(capsys):
+  assert dry_run(capsys, "create", "--name=igpt", f"--zone={ZONE}", "--accelerator=v4-512", "--project=p1") == [
+    "gcloud compute tpus tpu-vm create igpt --zone=us-central2-b --project=p1 --accelerator-type=v4-512 "
+    "--version=tpu-ubuntu2204-base"
+  ]
+  assert dry_run(capsys, "create", "--name=igpt", f"--zone={ZONE}", "--accelerator=v5p-1024", "--queued", "--spot") == [
+    "gcloud compute tpus queued-resources create igpt --node-id=igpt --zone=us-central2-b "
+    "--accelerator-type=v5p-1024 --runtime-version=tpu-ubuntu2204-base --spot"
+  ]
+
+
+def test_tpu_setup_copies_the_code_and_runs_the_worker_script_everywhere(capsys):
+  assert dry_run(capsys, "setup", "--name=igpt", f"--zone={ZONE}", "--bucket=my-bucket") == [
+    "bash -c 'git ls-files -z | tar --null -T - -czf /tmp/instructgpt_jax.tgz'",
+    "gcloud compute tpus tpu-vm scp /tmp/instructgpt_jax.tgz igpt:/tmp/instructgpt_jax.tgz --zone=us-central2-b "
+    "--worker=all",
+    "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=mkdir -p ~/instructgpt_jax "
+    "&& tar -xzf /tmp/instructgpt_jax.tgz -C ~/instructgpt_jax && bash ~/instructgpt_jax/launch/setup_worker.sh "
+    "my-bucket'",
+  ]
+
+
+def test_tpu_run_starts_the_stage_on_all_workers_with_the_workdir_on_gcs(capsys):
+  lines = dry_run(
+    capsys,
+    "run",
+    "--name=igpt",
+    f"--zone={ZONE}",
+    "--",
+    "--config=configs/sft.py:size=175b",
+    "--workdir=gs://my-bucket/sft175b",
+    "--config.mesh.fsdp=64",
+    "--config.data.train=demos/train*.jsonl",
+  )
+  assert lines == [
+    "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=cd ~/instructgpt_jax && "
+    ".venv/bin/python -m instructgpt_jax.main --config=configs/sft.py:size=175b --workdir=/gcs/my-bucket/sft175b "
+    "--config.mesh.fsdp=64 '\"'\"'--config.data.train=demos/train*.jsonl'\"'\"' --config.distributed.mode=auto "
+    "2>&1 | tee -a ~/run.log'"
+  ]
+
+
+def test_tpu_delete(capsys):
+  assert dry_run(capsys, "delete", "--name=igpt", f"--zone={ZONE}") == [
+    "gcloud compute tpus tpu-vm delete igpt --zone=us-central2-b --quiet"
+  ]
+  assert dry_run(capsys, "delete", "--name=igpt", f"--zone={ZONE}", "--queued") == [
+    "gcloud compute tpus queued-resources delete igpt --zone=us-central2-b --force --quiet"
+  ]
+
+
+def test_slurm_script_builds_the_srun_command():
+  env = dict(os.environ, DRY_RUN="1", SLURM_SUBMIT_DIR="/shared/igpt")
+  args = ["--config=configs/sft.py:size=6.7b", "--workdir=/shared/runs/sft6b", "--config.data.train=d/train*.jsonl"]
+  out = subprocess.run(["bash", "launch/slurm.sbatch", *args], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout == (
+    "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir=/shared/igpt /shared/igpt/.venv/bin/python -m "
+    "instructgpt_jax.main --config=configs/sft.py:size=6.7b --workdir=/shared/runs/sft6b "
+    "--config.data.train=d/train\\*.jsonl --config.distributed.mode=auto\n"
+  )
+  manual = subprocess.run(
+    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py", "--config.distributed.mode=manual"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert manual.stdout.split()[-2:] == ["--config=configs/sft.py", "--config.distributed.mode=manual"]
+
+
+def test_sweep_expands_the_config_sweep_into_named_runs(capsys):
+  runs = sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), "/runs")
+  assert [r.name for r in runs] == [
+    "ptx_coef=0.0,kl_coef=0.01",
+    "ptx_coef=0.0,kl_coef=0.02",
+    "ptx_coef=27.8,kl_coef=0.01",
+    "ptx_coef=27.8,kl_coef=0.02",
+  ]
+  assert runs[2].workdir == "/runs/ptx_coef=27.8,kl_coef=0.01"
+  grid = sweep.grid_points(["optim.lr=1e-3,2e-3", "config.value_optim.lr=3e-4", "data.template=plain"])
+  assert grid == [
+    {"optim.lr": 1e-3, "value_optim.lr": 3e-4, "data.template": "plain"},
+    {"optim.lr": 2e-3, "value_optim.lr": 3e-4, "data.template": "plain"},
+  ]
+  assert sweep.run_name(grid[0]) == "optim.lr=0.001,value_optim.lr=0.0003,template=plain"  # shared leaf: full name
+  argv = ["--config=configs/ppo.py:tiny", "--root=/runs", "--print", "--config.model.init_from=/w/sft"]
+  assert sweep_cli.main(argv) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[3] == (
+    "python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=27.8,kl_coef=0.02 "
+    "--config.model.init_from=/w/sft --config.ppo.ptx_coef=27.8 --config.ppo.kl_coef=0.02"
+  )
+  assert sweep_cli.main([*argv, "--launcher=tpu", "--tpu=igpt", f"--zone={ZONE}"]) == 0
+  assert capsys.readouterr().out.splitlines()[0] == (
+    "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=cd ~/instructgpt_jax && "
+    ".venv/bin/python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=0.0,kl_coef=0.01 "
+    "--config.model.init_from=/w/sft --config.ppo.ptx_coef=0.0 --config.ppo.kl_coef=0.01 "
+    "--config.distributed.mode=auto 2>&1 | tee -a ~/run.log'"
+  )
+
+
+def test_load_config_applies_overrides_like_the_command_line():
+  c = sweep.load_config("configs/ppo.py:tiny", ["--config.ppo.kl_coef=0.05", "--config.mesh.fsdp=2"])
+  assert (c.ppo.kl_coef, c.mesh.fsdp, c.ppo.rollout_batch) == (0.05, 2, 32)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  """A tiny PPO-init SFT model and an RM from it: the models a PPO run needs (no skill required)."""
+  root = tmp_path_factory.mktemp("sweep_chain")
+  sft_overrides = {"data.train": "lab:demonstrations:train:200", "data.eval": "lab:demonstrations:eval:16"}
+  main.run(configured(sft, "tiny,variant=ppo_init", total_steps=10, **sft_overrides), str(root / "sft"))
+  rm_overrides = {
+    "model.init_from": str(root / "sft"),
+    "data.train": "lab:comparisons:train:200",
+    "data.eval": "lab:comparisons:eval:16",
+    "data.bias_demonstrations": "lab:demonstrations:train:64",
+  }
+  main.run(configured(rm, "tiny", total_steps=5, **rm_overrides), str(root / "rm"))
+  return root
+
+
+@pytest.mark.slow
+def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(chain, tmp_path, capsys):
+  fixed = [
+    f"--config.model.init_from={chain / 'sft'}",
+    f"--config.ppo.reward_model={chain / 'rm' / 'export'}",
+    "--config.ppo.episodes=64",  # 2 iterations of 32 rollouts
+    "--config.eval_every_steps=0",
+    "--config.data.eval=",
+    "--config.progress_bar=false",
+  ]
+  start = time.perf_counter()
+  assert sweep_cli.main(["--config=configs/ppo.py:tiny", f"--root={tmp_path}", "--run", *fixed]) == 0
+  out = capsys.readouterr().out
+  print(f"\n2x2 tiny PPO sweep: {time.perf_counter() - start:.1f} s\n" + out[out.index("| run |") :])
+  table = [line for line in out.splitlines() if line.startswith("| ")]
+  header = [c.strip() for c in table[0].strip("|").split("|")]
+  assert header[:4] == ["run", "ppo.ptx_coef", "ppo.kl_coef", "step"] and "score" in header and "kl" in header
+  rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[1:]]
+  assert [r["run"] for r in rows] == [r.name for r in sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), "")]
+  for row in rows:
+    metrics = read_metrics(tmp_path / row["run"])
+    assert [m["step"] for m in metrics] == [1, 2]
+    last = metrics[-1]
+    assert float(row["ppo.kl_coef"]) == last["kl_coef"]  # the override reached the run
+    for key in header[4:]:
+      if key in last:
+        assert row[key] == f"{last[key]:.6g}", (row["run"], key)
+      else:
+        assert row[key] == "-", (row["run"], key)
+    assert (row["ptx_loss"] != "-") == (float(row["ppo.ptx_coef"]) > 0)  # only PPO-ptx trains on pretraining text
+  _, structured = sweep.compare(sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), str(tmp_path)))
+  for r in structured:
+    assert r["score"] == read_metrics(tmp_path / r["run"])[-1]["score"]
