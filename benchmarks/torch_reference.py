@@ -7,7 +7,8 @@ trl==1.12.0; requirements-ref.txt), never imported by the package. It prints one
 
 SPEC holds the model shape (n_layers, d_model, n_heads, vocab_size, max_len) and the run's sizes; the ppo
 spec also holds the prompt ids and the token ids of EOS and padding, so both sides see the same prompts.
-Everything is float32 with random weights; torch runs on `threads` CPU threads; dropout is off.
+Random weights, dropout off; float32 on `threads` CPU threads, unless the ppo spec says "device": "cuda"
+(and "bf16": true for autocast), as benchmarks/gpu_suite.py does.
 """
 
 import json
@@ -160,9 +161,9 @@ def ppo(spec) -> dict:
       learning_rate=spec["lr"],
       num_sample_generations=0,
       gradient_checkpointing=False,  # no recomputation on either side
-      bf16=False,
+      bf16=spec.get("bf16", False),  # autocast on a GPU (ours: bf16 compute, float32 parameters)
       fp16=False,
-      use_cpu=True,
+      use_cpu=spec.get("device", "cpu") == "cpu",
       report_to=[],
       logging_steps=1,
       save_strategy="no",
