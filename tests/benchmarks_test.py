@@ -1,0 +1,61 @@
+"""The benchmarks: the PaLM FLOP count by hand, and the CPU side by side against TRL at the smallest sizes.
+
+The side by side needs the reference venv (torch, transformers, trl==1.12.0 of requirements-ref.txt), named
+by INSTRUCTGPT_JAX_REF_PYTHON or at .cache/venv-ref (.ci/run creates it); without it that test skips.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from instructgpt_jax import flops, models
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_palm_flops_of_the_tiny_model_match_the_hand_count():
+  cfg = models.resolve({"size": "tiny"})  # 2 layers, d 64, 4 heads × 16, d_ff 256, vocabulary 320, max_len 256
+  per_layer = (64 * 192 + 192) + (64 * 64 + 64) + (2 * 64 * 256 + 256 + 64) + 4 * 64
+  assert per_layer == 49_984
+  n = 2 * per_layer + 320 * 64 + 2 * 64  # the tied unembedding and the final norm; no position table
+  assert flops.matmul_params(cfg) == n == 120_576
+  assert flops.train_flops_per_token(cfg, 128) == 6 * 120_576 + 12 * 2 * 4 * 16 * 128 == 920_064
+  assert flops.forward_flops_per_token(cfg, 128) * 3 == flops.train_flops_per_token(cfg, 128)
+  # N is every parameter of the real model but the position table.
+  _, params = models.init(cfg, jax.random.key(0))
+  assert models.param_count(params) - 256 * 64 == n
+
+
+def test_palm_n_of_gpt2_124m_and_an_untied_model():
+  assert flops.matmul_params(models.resolve({"size": "124m"})) == 124_439_808 - 1024 * 768
+  untied = models.resolve({"size": "tiny-llama"})  # no position table; the input embedding is a lookup
+  _, params = models.init(untied, jax.random.key(0))
+  assert flops.matmul_params(untied) == models.param_count(params) - 320 * 64
+  assert flops.peak_tflops("NVIDIA H200") == 989.4 and flops.peak_tflops("cpu") is None
+
+
+def reference_python() -> str:
+  path = os.environ.get("INSTRUCTGPT_JAX_REF_PYTHON") or str(REPO_ROOT / ".cache" / "venv-ref" / "bin" / "python")
+  if not os.path.isfile(path):
+    pytest.skip(f"TRL side by side: no reference venv at {path} (.ci/run creates it from requirements-ref.txt)")
+  if subprocess.run([path, "-c", "import trl.experimental.ppo"], capture_output=True).returncode:
+    pytest.skip(f"TRL side by side: {path} has no trl.experimental.ppo (trl==1.12.0, requirements-ref.txt)")
+  return path
+
+
+def test_cpu_side_by_side_against_trl_prints_the_ratio():
+  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "side_by_side.py"), "--what", "ppo", "--size", "tiny"]
+  command += ["--rollout_batch", "8", "--minibatch", "4", "--prompt_len", "16", "--response_len", "16"]
+  command += ["--num_prompts", "32", "--iterations", "1", "--rounds", "1", "--ref_python", reference_python()]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  print(done.stdout)
+  match = re.search(r"^RATIO ppo tiny: ours / TRL 1\.12 PPOTrainer = ([0-9.]+)x", done.stdout, re.MULTILINE)
+  assert match, done.stdout
+  assert float(match.group(1)) > 0
+  assert "| ppo | tiny | instructgpt_jax |" in done.stdout and "| ppo | tiny | TRL 1.12 PPOTrainer |" in done.stdout
