@@ -39,7 +39,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from instructgpt_jax import losses, models, optim, rl, sampling, sharding, train_state
-from instructgpt_jax.trainers import common, lm_steps, ppo, rm
+from instructgpt_jax.trainers import common, lm_steps, model_io, ppo, rm
 
 GiB = 2**30
 
@@ -148,6 +148,7 @@ class StagePlan:
   kv_cache: int
   programs: list[Program]
   models: dict[str, int]  # model name -> parameter count
+  resident: int  # all state kept between programs: params, optimizer state, EMA, step counters, RNG keys
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -180,6 +181,7 @@ def sft_plan(config, mesh, rules) -> StagePlan:
     kv_cache=0,
     programs=[Program("train_step", jitted, (abstract, batch), (0,))],
     models={"policy": models.param_count(abstract.params)},
+    resident=device_bytes(abstract),
   )
 
 
@@ -220,6 +222,7 @@ def rm_plan(config, mesh, rules) -> StagePlan:
     kv_cache=0,
     programs=[Program("train_step", jitted, (abstract, batch), (0,))],
     models={"reward model": models.param_count(abstract.params)},
+    resident=device_bytes(abstract),
   )
 
 
@@ -265,8 +268,9 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   starts from the RM); programs: the rollout sampler (KV cache) and the minibatch step."""
   p = config.ppo
   policy_cfg = models.resolve(config.model.to_dict())
-  rm_section = dict(config.model.to_dict(), size=rm_size, n_layers=None, d_model=None, n_heads=None, d_ff=None)
-  rm_cfg = models.resolve(rm_section)
+  # The RM and critic: the shape of `rm_size`, the policy's runtime fields (dtypes, remat, scanned layers).
+  runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
+  rm_cfg = models.resolve(dict(runtime, size=rm_size))
   policy_tx, critic_tx = _tx(config), optim.make_optimizer(config.value_optim, 1000)
   policy_graphdef, policy_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
   policy_abstract, policy_sh = train_state.abstract_state_for(policy_target, policy_tx, mesh, ema=True)
@@ -354,6 +358,7 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
       "reward model": models.param_count(reward_model),
       "critic": models.param_count(critic_abstract.params),
     },
+    resident=device_bytes((state, reference, reward_model)),
   )
 
 
@@ -392,9 +397,8 @@ class Report:
   def fits(self) -> bool | None:
     if any(m.error for m in self.programs):
       return False
-    resident = self.plan.params + self.plan.opt_state
     if self.peak is None:  # temp unmeasured: the state alone decides only when it does not fit
-      return False if resident > self.target.hbm_gib * GiB else None
+      return False if self.plan.resident > self.target.hbm_gib * GiB else None
     return self.peak <= self.target.hbm_gib * GiB
 
 
@@ -434,8 +438,7 @@ def plan_for(config, target: Target, *, rm_size: str = "6b") -> tuple[Any, Stage
 def report(config, target: Target, *, rm_size: str = "6b") -> Report:
   """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage."""
   mesh, plan = plan_for(config, target, rm_size=rm_size)
-  resident = plan.params + plan.opt_state + 2 * device_bytes(jax.ShapeDtypeStruct((), jnp.int32))
-  programs = [compile_program(p, resident, measure_temp=target.platform != "cpu") for p in plan.programs]
+  programs = [compile_program(p, plan.resident, measure_temp=target.platform != "cpu") for p in plan.programs]
   return Report(target, config.stage, dict(mesh.shape), plan, programs)
 
 

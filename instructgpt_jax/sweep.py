@@ -4,8 +4,9 @@
         --config.model.init_from=W_SFT --config.ppo.reward_model=W_RM/export
 
 A sweep point is a dict of dotted config fields, `{"ppo.ptx_coef": 27.8, "ppo.kl_coef": 0.02}`, the form
-`sweep()` beside a config returns. Its run is named by its overrides (`ptx_coef=27.8,kl_coef=0.02`, the
-last component of each field unless two fields share it) and writes to `<root>/<name>`. Each run is the
+`sweep()` beside a config returns. Its run is named by its overrides (`ptx_coef=27.8+kl_coef=0.02`, the
+last component of each field unless two fields share it) and writes to `<root>/<name>`. No commas in
+names: the data fields take comma-separated globs, and lab data files are written below the workdir. Each run is the
 ordinary `main.py` command plus `--config.<field>=<value>` flags, so a sweep can be printed and launched
 anywhere a single run can.
 """
@@ -97,7 +98,7 @@ def grid_points(grid: Sequence[str]) -> list[dict[str, Any]]:
 def run_name(point: dict[str, Any]) -> str:
   leaves = [field.rsplit(".", 1)[-1] for field in point]
   names = [leaf if leaves.count(leaf) == 1 else field for leaf, field in zip(leaves, point)]
-  return ",".join(f"{name}={value}" for name, value in zip(names, point.values()))
+  return "+".join(f"{name}={value}" for name, value in zip(names, point.values()))
 
 
 def expand(points: Sequence[dict[str, Any]], root: str) -> list[Run]:

@@ -29,7 +29,7 @@ def test_sft_step_compiles_with_exact_per_device_state_and_batch():
   # XLA's count of the compiled step's arguments on one device: the state (params, Adam, step, rng) and
   # this device's 2 of the 16 rows of 256 tokens in 5 arrays of 4 bytes.
   assert m.arguments == r.plan.params + r.plan.opt_state + 4 + 8 + 2 * 256 * 5 * 4
-  assert m.aliased == r.plan.params + r.plan.opt_state + 4 + 8  # the state is donated
+  assert m.aliased == r.plan.resident == r.plan.params + r.plan.opt_state + 4 + 8  # the state is donated
   assert r.fits is None  # the state fits in 16 GiB; activations are not measured on CPU
   print(f"\nSFT tiny per device: params {plan.params} B replicated, {r.plan.params} B with fsdp=8")
 
@@ -62,6 +62,9 @@ def test_ppo_holds_four_models_and_a_sharded_kv_cache():
   assert r.plan.params == 2 * aot.device_bytes(state.policy.params) + 2 * aot.device_bytes(state.critic.params)
   assert r.plan.opt_state == aot.device_bytes((state.policy.opt_state, state.policy.ema, state.critic.opt_state))
   assert train.aliased == aot.device_bytes(state)  # the whole PPO state is donated
+  assert r.plan.resident == train.aliased + aot.device_bytes(state.policy.params) + aot.device_bytes(
+    state.critic.params
+  )
   assert r.fits is None
 
 

@@ -95,29 +95,29 @@ def test_slurm_script_builds_the_srun_command():
 def test_sweep_expands_the_config_sweep_into_named_runs(capsys):
   runs = sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), "/runs")
   assert [r.name for r in runs] == [
-    "ptx_coef=0.0,kl_coef=0.01",
-    "ptx_coef=0.0,kl_coef=0.02",
-    "ptx_coef=27.8,kl_coef=0.01",
-    "ptx_coef=27.8,kl_coef=0.02",
+    "ptx_coef=0.0+kl_coef=0.01",
+    "ptx_coef=0.0+kl_coef=0.02",
+    "ptx_coef=27.8+kl_coef=0.01",
+    "ptx_coef=27.8+kl_coef=0.02",
   ]
-  assert runs[2].workdir == "/runs/ptx_coef=27.8,kl_coef=0.01"
+  assert runs[2].workdir == "/runs/ptx_coef=27.8+kl_coef=0.01"
   grid = sweep.grid_points(["optim.lr=1e-3,2e-3", "config.value_optim.lr=3e-4", "data.template=plain"])
   assert grid == [
     {"optim.lr": 1e-3, "value_optim.lr": 3e-4, "data.template": "plain"},
     {"optim.lr": 2e-3, "value_optim.lr": 3e-4, "data.template": "plain"},
   ]
-  assert sweep.run_name(grid[0]) == "optim.lr=0.001,value_optim.lr=0.0003,template=plain"  # shared leaf: full name
+  assert sweep.run_name(grid[0]) == "optim.lr=0.001+value_optim.lr=0.0003+template=plain"  # shared leaf: full name
   argv = ["--config=configs/ppo.py:tiny", "--root=/runs", "--print", "--config.model.init_from=/w/sft"]
   assert sweep_cli.main(argv) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[3] == (
-    "python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=27.8,kl_coef=0.02 "
+    "python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=27.8+kl_coef=0.02 "
     "--config.model.init_from=/w/sft --config.ppo.ptx_coef=27.8 --config.ppo.kl_coef=0.02"
   )
   assert sweep_cli.main([*argv, "--launcher=tpu", "--tpu=igpt", f"--zone={ZONE}"]) == 0
   assert capsys.readouterr().out.splitlines()[0] == (
     "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=cd ~/instructgpt_jax && "
-    ".venv/bin/python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=0.0,kl_coef=0.01 "
+    ".venv/bin/python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=/runs/ptx_coef=0.0+kl_coef=0.01 "
     "--config.model.init_from=/w/sft --config.ppo.ptx_coef=0.0 --config.ppo.kl_coef=0.01 "
     "--config.distributed.mode=auto 2>&1 | tee -a ~/run.log'"
   )
@@ -167,7 +167,7 @@ def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(ch
     metrics = read_metrics(tmp_path / row["run"])
     assert [m["step"] for m in metrics] == [1, 2]
     last = metrics[-1]
-    assert float(row["ppo.kl_coef"]) == last["kl_coef"]  # the override reached the run
+    assert last["kl_coef"] == pytest.approx(float(row["ppo.kl_coef"]), rel=1e-6)  # the override reached the run
     for key in header[4:]:
       if key in last:
         assert row[key] == f"{last[key]:.6g}", (row["run"], key)
