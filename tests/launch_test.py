@@ -78,7 +78,7 @@ def test_slurm_script_builds_the_srun_command():
   args = ["--config=configs/sft.py:size=6.7b", "--workdir=/shared/runs/sft6b", "--config.data.train=d/train*.jsonl"]
   out = subprocess.run(["bash", "launch/slurm.sbatch", *args], env=env, capture_output=True, text=True, check=True)
   assert out.stdout == (
-    "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir=/shared/igpt /shared/igpt/.venv/bin/python -m "
+    "srun --kill-on-bad-exit=1 --chdir=/shared/igpt /shared/igpt/.venv/bin/python -m "
     "instructgpt_jax.main --config=configs/sft.py:size=6.7b --workdir=/shared/runs/sft6b "
     "--config.data.train=d/train\\*.jsonl --config.distributed.mode=auto\n"
   )
