@@ -39,6 +39,8 @@ PLAN = dict(
   | dict(warmup=2, iterations=3),
   peer=dict(device="cuda", bf16=True, threads=8),
   peer_python=PY,  # the GPU image has torch and transformers in the same python as jax
+  env={},
+  labels=("124m", "1.3b"),
 )
 # --smoke: the same jobs at the tiny size on any machine, to check the plumbing in a minute or two.
 SMOKE = dict(
@@ -50,12 +52,14 @@ SMOKE = dict(
   ppo=dict(rollout_batch=8, minibatch=4, epochs=1, prompt_len=16, response_len=16, num_prompts=32)
   | dict(warmup=2, iterations=1),
   peer=dict(device="cpu", bf16=False, threads=2),
+  env=dict(OMP_WAIT_POLICY="PASSIVE"),  # see side_by_side.child_env
+  labels=("tiny (smoke)", "tiny (smoke)"),
 )
 
 
 def run(command: list[str], timeout: float) -> tuple[str, str]:
   """(stdout, error or ''): a job's output, or why it has none."""
-  env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1")
+  env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", **PLAN["env"])
   env["PYTHONPATH"] = os.pathsep.join(p for p in (side_by_side.REPO_ROOT, env.get("PYTHONPATH", "")) if p)
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
@@ -86,7 +90,7 @@ def decode_rows(deadline: float) -> list[dict]:
   command = [PY, os.path.join(HERE, "decode.py"), *PLAN["decode"], "--repeats", "3"]
   stdout, error = run(command, deadline - time.time())
   if error:
-    return [row("decode 1.3b", " ".join(PLAN["decode"]), error, "≥ 60% of bound", None)]
+    return [row(f"decode {PLAN['labels'][1]}", " ".join(PLAN["decode"]), error, "≥ 60% of bound", None)]
   lines = [line for line in stdout.splitlines() if line.startswith("| ")]
   keys = [k.strip() for k in lines[0].strip("|").split("|")]
   rows = []
@@ -94,7 +98,9 @@ def decode_rows(deadline: float) -> list[dict]:
     r = dict(zip(keys, (v.strip() for v in line.strip("|").split("|"))))
     fraction = float(r["of bound"].rstrip("%")) / 100
     figure = f"{r['decode tok/s']} tokens/s, step {r['step ms']} ms, {r['GB/s']} GB/s = {r['of bound']} of bound"
-    rows.append(row("decode 1.3b", f"batch {r['batch']}, bf16", figure, "≥ 60% of bound", fraction >= 0.6))
+    rows.append(
+      row(f"decode {PLAN['labels'][1]}", f"batch {r['batch']}, {r['dtype']}", figure, "≥ 60% of bound", fraction >= 0.6)
+    )
   return rows
 
 
@@ -163,9 +169,9 @@ def main(argv=None):
     """The end of a job's share: `share_s` from now, but never past the suite's deadline."""
     return min(time.time() + share_s, deadline)
 
-  rows = train_rows("124m", [("bf16, batch 16 × 1024", PLAN["train_124m"])], 0.35, until(90))
+  rows = train_rows(PLAN["labels"][0], [("bf16, batch 16 × 1024", PLAN["train_124m"])], 0.35, until(90))
   rows += train_rows(
-    "1.3b",
+    PLAN["labels"][1],
     [
       ("bf16, batch 8 × 2048, cuDNN attention", [*PLAN["train_1_3b"], "--attention", "cudnn"]),
       ("bf16, batch 8 × 2048, XLA attention", PLAN["train_1_3b"]),

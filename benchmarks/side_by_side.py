@@ -35,7 +35,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: configs/
 
 from benchmarks import _common, ppo_iteration  # noqa: E402
-from instructgpt_jax import models  # noqa: E402
+from instructgpt_jax import flops, models  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -162,6 +162,14 @@ def compare(args, what: str, size: str, spec_dir: str) -> tuple[list[dict], str]
     }
     for t in time_keys:
       row[t.replace("_s", " s")] = f"{statistics.median(r[t] for r in results[side]):.3f}"
+    # What the first iteration or step costs beyond a steady one: compilation on our side, first-call set-up on
+    # the peer's (torch compiles nothing).
+    first = [r["compile_s"] if side == "ours" else r[f"first_{time_keys[0]}"] - r[time_keys[0]] for r in results[side]]
+    row["first extra s"] = f"{statistics.median(first):.1f}"
+    if what == "sft":  # both sides against the same model FLOPs and the same measured matmul peak
+      peak = statistics.median(r["peak_tflops"] for r in results["ours"])
+      per_token = flops.train_flops_per_token(models.resolve({"size": size}), args.seq_len)
+      row["MFU"] = f"{statistics.median(r[key] for r in results[side]) * per_token / (peak * 1e12):.1%}"
     rows.append(row)
   ratio = statistics.median(r[key] for r in results["ours"]) / statistics.median(r[key] for r in results["peer"])
   return rows, f"RATIO {what} {size}: ours / {peer_name} = {ratio:.2f}x ({unit}, median of {args.rounds} rounds)"
