@@ -59,10 +59,12 @@ SMOKE = dict(
 
 def run(command: list[str], timeout: float) -> tuple[str, str]:
   """(stdout, error or ''): a job's output, or why it has none."""
+  if timeout < 1:
+    return "", "not run: the suite's time budget was spent"
   env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", **PLAN["env"])
   env["PYTHONPATH"] = os.pathsep.join(p for p in (side_by_side.REPO_ROOT, env.get("PYTHONPATH", "")) if p)
   try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
     return "", f"timeout after {timeout:.0f} s"
   if done.returncode:

@@ -27,7 +27,8 @@ from instructgpt_jax.models.sizes import ModelConfig, param_count_formula
 # Dense (no structured sparsity) bf16 matrix-multiply peaks in TFLOP/s, from the vendors' datasheets,
 # matched against jax's device_kind in this order (more specific names first).
 PEAK_BF16_TFLOPS = (
-  ("H200", 989.4),  # SXM; the NVL part is 835
+  ("H200 NVL", 836.0),
+  ("H200", 989.4),  # SXM
   ("H100 NVL", 835.0),
   ("H100 PCIe", 756.0),
   ("H100", 989.4),  # SXM, "NVIDIA H100 80GB HBM3"
