@@ -459,6 +459,15 @@ TABLE_HEADER = (
 )
 
 
+_TEMP_OVER = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _short_error(error: str) -> str:
+  """libtpu's out-of-memory message as a table cell: 'temp 31.05 G > 30.75 G usable'."""
+  found = _TEMP_OVER.search(error)
+  return f"no compile: temp {found[1]} G > {found[2]} G usable" if found else error
+
+
 def table_rows(r: Report) -> list[str]:
   """Markdown rows, one per program, GiB per device."""
   mesh = f"{r.mesh['data']}, {r.mesh['fsdp']}, {r.mesh['tensor']}"
@@ -470,7 +479,7 @@ def table_rows(r: Report) -> list[str]:
       fit = words[not m.error and m.peak <= r.target.hbm_gib * GiB]
     else:
       fit = words[r.fits]
-    peak = f"> HBM: {m.error}" if m.error else _gib(m.peak)
+    peak = _short_error(m.error) if m.error else _gib(m.peak)
     kv = _gib(r.plan.kv_cache) if m.name == "rollout" else "-"
     out.append(
       f"| {r.target.name} | {r.stage} | {models_text} | {mesh} | {m.name} | {_gib(r.plan.params)} | "

@@ -81,6 +81,11 @@ def test_a_state_larger_than_memory_does_not_fit_and_the_cli_prints_the_row(caps
   assert row.startswith("| cpu-8 | rm | 0.1M reward model | 1, 8, 1 | train_step |")
   assert row.endswith("| - | n/m | n/m | 16 | state only: yes |")
   assert "=> state fits; activations not measured" in out
+  libtpu_message = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (31.05G) "
+    "exceeds available HBM (30.75G)."
+  )
+  assert aot._short_error(libtpu_message) == "no compile: temp 31.05 G > 30.75 G usable"
 
 
 def test_a_batch_the_mesh_does_not_divide_fails_before_compiling():
