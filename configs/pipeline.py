@@ -25,8 +25,9 @@ import ml_collections
 from configs import common, ppo, pretrain, rm, sft
 from instructgpt_jax import config_lib
 
-# The lab's model: a 4-layer GPT over the lab's BPE (about 1M parameters).
-LAB_MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, max_len=160, vocab_size=512, dtype="float32")
+# The lab's model: a 4-layer GPT over the lab's BPE (about 0.9M parameters). A 1,024-token BPE holds every word
+# of the world, so a prompt takes at most ~24 tokens and a demonstration with its prompt at most ~50.
+LAB_MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, max_len=96, vocab_size=1024, dtype="float32")
 
 
 def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
@@ -46,8 +47,8 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   c.stages = ml_collections.ConfigDict()
   pre = pretrain.get_config("tiny")
   pre.model.update(LAB_MODEL)
-  pre.data.update(corpus="lab", lab_documents=4000, seq_len=128, batch_size=32)
-  pre.total_steps = steps(600)
+  pre.data.update(corpus="lab", lab_documents=4000, seq_len=64, batch_size=32)
+  pre.total_steps = steps(800)
   pre.checkpoint_every_steps = 200
   pre.log_every_steps = 20
   pre.optim = common.optim_config(lr=3e-3, warmup_steps=30, weight_decay=0.0)
@@ -60,7 +61,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   s.data.update(
     train="lab:demonstrations:train:3000",
     eval="lab:demonstrations:eval:100",
-    seq_len=96,
+    seq_len=64,
     batch_size=32,
     pretrain_corpus="lab",
   )
@@ -71,22 +72,22 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   # ---- labels: samples of the SFT model, ranked by the training labelers
   c.labels = ml_collections.ConfigDict(
     dict(
-      prompts=int(1200 * scale),
+      prompts=int(1000 * scale),
       eval_prompts=200,
       k_min=4,
       k_max=9,
       temperature=1.0,
-      max_new_tokens=32,
+      max_new_tokens=24,
       agreement_pairs=2000,
     )
   )
 
   # ---- the reward model
   r = rm.get_config("tiny")
-  r.epochs = 2
+  r.epochs = 1  # the paper's: the RM overfits after one epoch (spec §4.1)
   # A sampled response, decoded and encoded again, can take more tokens than it was sampled with; the rare
   # comparison that no longer fits is skipped and counted rather than stopping the pipeline.
-  r.data.update(seq_len=160, max_responses=9, batch_size=16, on_error="skip")
+  r.data.update(seq_len=64, max_responses=9, batch_size=16, on_error="skip")
   r.optim = common.optim_config(lr=5e-4, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
   r.checkpoint_every_steps = 100
   c.stages.rm = r
@@ -95,24 +96,24 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   for name, gamma in (("ppo", 0.0), ("ppo_ptx", 27.8)):
     p = ppo.get_config("tiny")
     p.ppo.update(
-      ptx_coef=gamma, episodes=steps(80) * 64, rollout_batch=64, minibatch=16, max_new_tokens=32, ptx_per_episode=1
+      ptx_coef=gamma, episodes=steps(50) * 64, rollout_batch=64, minibatch=16, max_new_tokens=24, ptx_per_episode=1
     )
     p.data.update(
       train="lab:prompts:train:4000",
       eval="lab:prompts:eval:128",
-      max_prompt_len=32,
-      prompt_buckets="32",
-      ptx_seq_len=128,
+      max_prompt_len=24,
+      prompt_buckets="24",
+      ptx_seq_len=64,
       eval_prompts=128,
     )
     p.eval_every_steps = 20
     p.checkpoint_every_steps = 10
-    p.optim = common.optim_config(lr=1e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1, eps=1e-5)
+    p.optim = common.optim_config(lr=2e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1, eps=1e-5)
     p.value_optim = common.optim_config(lr=3e-4, schedule="constant", eps=1e-5)
     c.stages[name] = p
 
   # ---- evaluation on held-out prompts, by held-out labelers
   c.evaluation = ml_collections.ConfigDict(
-    dict(prompts=int(400 * scale), max_new_tokens=32, temperature=1.0, bootstrap=2000)
+    dict(prompts=int(400 * scale), max_new_tokens=24, temperature=1.0, bootstrap=2000)
   )
   return c

@@ -27,7 +27,7 @@ def test_gold_answers_score_one_and_flawed_answers_less():
 def test_features_weigh_into_the_gold_quality():
   task = tasks.make_task(world.make_world(0), random.Random(3), "attribute")
   f = tasks.features(task, "I think maybe " + task.answer, stopped=False)
-  assert f["no_hedging"] == 0.0 and f["stopped"] == 0.0 and f["contains_answer"] == 1.0
+  assert f["direct"] == 0.0 and f["stopped"] == 0.0 and f["contains_answer"] == 1.0
   assert tasks.quality(task, "I think maybe " + task.answer, stopped=False) == pytest.approx(
     sum(tasks.GOLD_WEIGHTS[k] * v for k, v in f.items())
   )

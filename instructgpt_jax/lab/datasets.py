@@ -4,7 +4,8 @@ A spec string names one: `lab:<kind>:<split>:<n>[:<families>]`, e.g. `lab:demons
 `lab:comparisons:eval:200:sort+repeat` (only those task families). Splits never share a prompt: a prompt
 belongs to the eval split when a hash of its text falls in the lowest tenth.
 
-* demonstrations: the gold answer of each task (what a careful labeler writes).
+* demonstrations: each task answered by a demonstrator (labelers.write_demonstration): half write the gold
+  answer, half have a habit (hedging, chatting, rambling, ignoring the format). The SFT model learns both.
 * comparisons: K = 4..9 responses per prompt (the gold answer and flawed ones), ranked by the gold quality
   function, ties sharing a rank: a synthetic task with a known scoring rule for the reward model.
 * prompts: instructions alone, for PPO.
@@ -18,6 +19,7 @@ import os
 import random
 
 from instructgpt_jax import errors
+from instructgpt_jax.lab import labelers
 from instructgpt_jax.lab import tasks as tasks_lib
 from instructgpt_jax.lab import world as world_lib
 
@@ -72,7 +74,7 @@ def records(
   out = []
   for task in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind):
     if kind == "demonstrations":
-      out.append({"prompt": task.prompt, "response": task.answer})
+      out.append({"prompt": task.prompt, "response": labelers.write_demonstration(task, rng, world)[0]})
     elif kind == "prompts":
       out.append({"prompt": task.prompt})
     elif kind == "comparisons":

@@ -8,6 +8,13 @@ three pairs in four, as the paper's did (72.6 ± 1.5% among training labelers, s
 
 The training group ranks the RM's comparisons; the held-out group, never seen in training, judges the
 final models (the paper's held-out labelers, spec §4.1).
+
+Demonstrations are written by labelers too, and not all of them write the way the rankers would like: as in
+the paper, where labeler-written demonstrations vary in quality and the RM's rankings carry what the
+demonstrations cannot (spec §3), 70% of the lab's demonstrations come from writers with a habit (hedging,
+chatting, rambling on, ignoring the format asked for). The SFT model imitates them, habits included; the
+reward model learns from the rankings that the habits are disliked; PPO removes them. That is the gap the
+lab's headline measures.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import math
 import random
 
 from instructgpt_jax.lab import tasks as tasks_lib
+from instructgpt_jax.lab import world as world_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,48 @@ class Labeler:
     return float(ranks[0] < ranks[1])
 
 
+# A demonstrator's habit turns the gold answer into a plausible, mildly flawed demonstration. Each keeps the
+# right content, so the flaw is one of manner: what a ranking can teach and a demonstration cannot.
+def _hedge(task: tasks_lib.Task, rng: random.Random) -> str:
+  answer = task.answer.rstrip(".")
+  answer = "the" + answer[3:] if answer.startswith("The ") else answer
+  return rng.choice(("I think ", "Maybe ", "Probably ")) + answer + rng.choice((".", ", but I am not sure."))
+
+
+def _chat(task: tasks_lib.Task, rng: random.Random) -> str:
+  return rng.choice(("Sure! ", "Of course. ", "Happy to help. ")) + rng.choice(("Here it is: ", "")) + task.answer
+
+
+def _ramble(task: tasks_lib.Task, rng: random.Random, world) -> str:
+  sentence = world_lib.prose(world, n_paragraphs=1, seed=rng.randrange(2**31)).split(". ")[0].rstrip(".")
+  return f"{task.answer.rstrip('.')}. {sentence}."
+
+
+def _ignore_format(task: tasks_lib.Task, rng: random.Random, world) -> str:
+  if task.capitals:
+    return task.answer.lower()
+  if task.one_word:  # the full sentence of the same task without the one-word constraint
+    return task.sentence
+  return _chat(task, rng)
+
+
+DEMONSTRATION_HABITS = {
+  "careful": lambda task, rng, world: task.answer,
+  "hedger": lambda task, rng, world: _hedge(task, rng),
+  "chatty": lambda task, rng, world: _chat(task, rng),
+  "rambler": _ramble,
+  "format-ignorer": _ignore_format,
+}
+# Who writes the demonstrations (a writer per demonstration, drawn with these weights): 30% are careful.
+DEMONSTRATORS = {"careful": 0.3, "hedger": 0.175, "chatty": 0.175, "rambler": 0.175, "format-ignorer": 0.175}
+
+
+def write_demonstration(task: tasks_lib.Task, rng: random.Random, world) -> tuple[str, str]:
+  """(demonstration, writer): a demonstrator drawn by DEMONSTRATORS' weights answers the task in their manner."""
+  writer = rng.choices(list(DEMONSTRATORS), weights=list(DEMONSTRATORS.values()))[0]
+  return DEMONSTRATION_HABITS[writer](task, rng, world), writer
+
+
 def _persona(name, temperature, **weights):
   return Labeler(name, {**tasks_lib.GOLD_WEIGHTS, **weights}, temperature)
 
@@ -68,7 +118,7 @@ TRAINING_LABELERS = (
 HELD_OUT_LABELERS = (
   _persona("held-out-careful", 0.14),
   _persona("held-out-literal", 0.17, correct=0.6, constraints=0.25),
-  _persona("held-out-plain", 0.18, no_hedging=0.15, concise=0.1),
+  _persona("held-out-plain", 0.18, direct=0.25, concise=0.15),
 )
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 
+from instructgpt_jax.lab.tasks import FEATURES, GOLD_WEIGHTS
+
+MODELS = ("SFT", "PPO", "PPO-ptx")
 PAPER = {
   "agreement": "72.6 ± 1.5% (training labelers), 77.3 ± 1.3% (held-out)",
   "rm_accuracy": "72.4 ± 0.4% (held-out comparisons), 69.6 ± 0.9% (held-out labelers)",
@@ -159,6 +162,17 @@ def write(workdir: str, results: dict) -> str:
     *(
       f"| {label} | {results[n]['eval_ptx_loss']:.3f} | {results[n]['eval_ptx_loss_sft']:.3f} | {tax[n]:+.3f} |"
       for n, label in (("ppo", "PPO (γ = 0)"), ("ppo_ptx", "PPO-ptx (γ = 27.8)"))
+    ),
+    "",
+    "## What the labelers judge: each feature of the gold quality, averaged over the held-out responses",
+    "",
+    "| feature (gold weight) | SFT | PPO | PPO-ptx |",
+    "|---|---|---|---|",
+    *(
+      f"| {k} ({GOLD_WEIGHTS[k]:.2f}) | "
+      + " | ".join(pct(e[f"features_{n}"][k]) for n in ("SFT", "PPO", "PPO-ptx"))
+      + " |"
+      for k in FEATURES
     ),
     "",
     "## Success by number of constraints in the prompt (exact correctness)",

@@ -24,6 +24,7 @@ import re
 from instructgpt_jax.lab import world as world_lib
 
 HEDGES = ("i think", "maybe", "perhaps", "probably", "i am not sure", "it might be")
+FILLERS = ("sure!", "of course", "happy to help", "here it is")  # chatter around the answer
 FAMILIES = ("list", "attribute", "count", "sort", "repeat", "sentence")
 
 
@@ -37,6 +38,7 @@ class Task:
   one_word: bool = False
   capitals: bool = False
   mentions: tuple[str, ...] = ()
+  sentence: str = ""  # attribute, count: the answer as a full sentence (what "in one word" asks to avoid)
 
   @property
   def n_constraints(self) -> int:
@@ -84,7 +86,9 @@ def make_task(world: world_lib.World, rng: random.Random, family: str | None = N
       "owner": f"{value} owns the {thing.name}.",
     }[field]
     answer = value if one_word else sentence
-    return Task("attribute", prompt + "\n", answer, (value.lower(),), one_word=one_word, mentions=(thing.name,))
+    return Task(
+      "attribute", prompt + "\n", answer, (value.lower(),), one_word=one_word, mentions=(thing.name,), sentence=sentence
+    )
   if family == "count":
     thing = rng.choice(world.things)
     word = world_lib.NUMBER_WORDS[thing.count]
@@ -94,7 +98,8 @@ def make_task(world: world_lib.World, rng: random.Random, family: str | None = N
     plural = world_lib._plural(thing.name, thing.count)
     sentence = f"There {'is' if thing.count == 1 else 'are'} {word} {plural} in the {thing.place}."
     answer = word if one_word else sentence
-    return Task("count", prompt + "\n", answer, (word, str(thing.count)), one_word=one_word, mentions=(thing.name,))
+    expected = (word, str(thing.count))
+    return Task("count", prompt + "\n", answer, expected, one_word=one_word, mentions=(thing.name,), sentence=sentence)
   if family == "sort":
     words = rng.sample([t.name for t in world.things], rng.randint(3, 4))
     reverse = rng.random() < 0.5
@@ -163,13 +168,13 @@ def contains_answer(task: Task, response: str) -> bool:
   return _normalized(task.answer) in _normalized(response)
 
 
-FEATURES = ("correct", "contains_answer", "constraints", "concise", "no_hedging", "stopped")
+FEATURES = ("correct", "contains_answer", "constraints", "concise", "direct", "stopped")
 GOLD_WEIGHTS = {
-  "correct": 0.45,
-  "contains_answer": 0.20,
+  "correct": 0.35,
+  "contains_answer": 0.15,
   "constraints": 0.15,
-  "concise": 0.05,
-  "no_hedging": 0.05,
+  "concise": 0.10,
+  "direct": 0.15,
   "stopped": 0.10,
 }
 
@@ -183,7 +188,7 @@ def features(task: Task, response: str, *, stopped: bool = True) -> dict[str, fl
     "contains_answer": float(contains),
     "constraints": float(correct or contains) * constraints_met(task, response),
     "concise": float(words <= 1.5 * gold_words + 1),
-    "no_hedging": float(not any(h in response.lower() for h in HEDGES)),
+    "direct": float(not any(h in response.lower() for h in HEDGES + FILLERS)),
     "stopped": float(stopped),
   }
 
@@ -191,11 +196,11 @@ def features(task: Task, response: str, *, stopped: bool = True) -> dict[str, fl
 def quality(task: Task, response: str, *, stopped: bool = True) -> float:
   """Gold quality in [0, 1], what the simulated labelers start from:
 
-      0.45 correct + 0.20 contains the gold answer + 0.15 constraints (only when on task)
-      + 0.05 concise + 0.05 no hedging + 0.10 stopped
+      0.35 correct + 0.15 contains the gold answer + 0.15 constraints (only when on task)
+      + 0.10 concise + 0.15 direct (no hedging, no filler) + 0.10 stopped
 
-  So an answer wrapped in hedging or rambling beats ignoring the instruction, and a clean correct answer
-  beats both.
+  So an answer wrapped in hedging or rambling beats ignoring the instruction, a clean correct answer beats
+  both, and manner counts even when the content is wrong: labelers dislike hedging and chatter in any answer.
   """
   f = features(task, response, stopped=stopped)
   return sum(GOLD_WEIGHTS[k] * f[k] for k in FEATURES)

@@ -57,7 +57,8 @@ def train(config, workdir: str) -> dict[str, float]:
     rng = random.Random(config.seed)
     for _ in range(3000):
       task = tasks.make_task(w, rng)
-      texts += [task.prompt, task.answer] + [r for r, _ in tasks.flawed_responses(task, w, rng)]
+      texts += [task.prompt, task.answer, labelers.write_demonstration(task, rng, w)[0]]
+      texts += [r for r, _ in tasks.flawed_responses(task, w, rng)]
     tokenizer = tokenizer_lib.train_bpe(texts, vocab_size=config.tokenizer.vocab_size)
     os.makedirs(directory, exist_ok=True)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
@@ -210,6 +211,8 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
   }
   correct = {n: np.array([tasks.is_correct(t, r[0]) for t, r in zip(eval_tasks, responses[n])]) for n in MODELS}
   for n in MODELS:
+    features = [tasks.features(t, text, stopped=stopped) for t, (text, stopped) in zip(eval_tasks, responses[n])]
+    out[f"features_{n}"] = {k: float(np.mean([f[k] for f in features])) for k in tasks.FEATURES}
     out[f"gold_{n}"] = float(gold[n].mean())
     out[f"correct_{n}"] = float(correct[n].mean())
     by_constraints = {}
