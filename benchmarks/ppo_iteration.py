@@ -37,6 +37,7 @@ from benchmarks import _common  # noqa: E402
 from configs import ppo as ppo_config  # noqa: E402
 from instructgpt_jax import models, stages  # noqa: E402
 from instructgpt_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from instructgpt_jax.models import sizes  # noqa: E402
 from instructgpt_jax.trainers import model_io  # noqa: E402
 
 
@@ -110,7 +111,7 @@ def measure(args) -> dict:
   in_loop_s = statistics.median(r["time_rollout"] + r["time_scoring"] + r["time_training"] for r in steady)
   return {
     "size": args.size,
-    "params_m": round(models.param_count(models.init(cfg, jax.random.key(0))[1]) / 1e6, 2),
+    "params_m": round(sizes.param_count_formula(cfg) / 1e6, 2),
     "iteration_s": iteration_s,
     "episodes_per_s": args.rollout_batch / iteration_s,
     "rollout_s": split["rollout"],
