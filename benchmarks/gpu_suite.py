@@ -41,6 +41,7 @@ PLAN = dict(
   peer_python=PY,  # the GPU image has torch and transformers in the same python as jax
   env={},
   labels=("124m", "1.3b"),
+  settings=("bf16, batch 16 × 1024", "bf16, batch 8 × 2048"),
 )
 # --smoke: the same jobs at the tiny size on any machine, to check the plumbing in a minute or two.
 SMOKE = dict(
@@ -54,6 +55,7 @@ SMOKE = dict(
   peer=dict(device="cpu", bf16=False, threads=2),
   env=dict(OMP_WAIT_POLICY="PASSIVE"),  # see side_by_side.child_env
   labels=("tiny (smoke)", "tiny (smoke)"),
+  settings=("float32, batch 2 × 64", "float32, batch 2 × 64"),
 )
 
 
@@ -171,12 +173,12 @@ def main(argv=None):
     """The end of a job's share: `share_s` from now, but never past the suite's deadline."""
     return min(time.time() + share_s, deadline)
 
-  rows = train_rows(PLAN["labels"][0], [("bf16, batch 16 × 1024", PLAN["train_124m"])], 0.35, until(90))
+  rows = train_rows(PLAN["labels"][0], [(PLAN["settings"][0], PLAN["train_124m"])], 0.35, until(90))
   rows += train_rows(
     PLAN["labels"][1],
     [
-      ("bf16, batch 8 × 2048, cuDNN attention", [*PLAN["train_1_3b"], "--attention", "cudnn"]),
-      ("bf16, batch 8 × 2048, XLA attention", PLAN["train_1_3b"]),
+      (f"{PLAN['settings'][1]}, cuDNN attention", [*PLAN["train_1_3b"], "--attention", "cudnn"]),
+      (f"{PLAN['settings'][1]}, XLA attention", PLAN["train_1_3b"]),
     ],
     0.45,
     until(150),
