@@ -18,10 +18,10 @@ Per device, for each program a stage runs:
   peak        everything resident while the program runs: all stage state + the program's other inputs,
               its outputs that are not donated inputs, and temp
 
-The SFT step is `lm_steps.make_train_step` under `train_state.jit_step`, exactly as `trainers/sft.py`
-builds it; the rollout program is `sampling.generate`, as `sampling.Sampler` jits it. The RM step and the
-PPO minibatch step are closures inside `trainers/rm.py` and `trainers/ppo.py`; until those trainers export
-them, `rm_train_step` and `ppo_minibatch_step` below restate them from the same library functions.
+The steps are the trainers' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
+`trainers/sft.py` builds it; the RM's `rm.make_train_step`, as `trainers/rm.py`; PPO's
+`ppo.make_minibatch_step` (separate critic), as `trainers/ppo.py`; the rollout program is `sampling.generate`,
+as `sampling.Sampler` jits it.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import NamedSharding
 
-from instructgpt_jax import losses, models, optim, rl, sampling, sharding, train_state
+from instructgpt_jax import models, optim, rl, sampling, sharding, train_state
 from instructgpt_jax.trainers import common, lm_steps, model_io, ppo, rm
 
 GiB = 2**30
@@ -185,28 +184,13 @@ def sft_plan(config, mesh, rules) -> StagePlan:
   )
 
 
-def rm_train_step(graphdef, tx, microbatches: int, normalizer: str):
-  """trainers/rm.py's train step: Eq. 1 over each prompt's K responses, exact accumulation."""
-
-  def loss_sums(params, batch, _rng):
-    rewards = rm.rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])
-    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
-    return loss * m["num_prompts"], {"count": m["num_prompts"], "pairs": m["num_pairs"]}
-
-  def train_step(state, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
-    metrics = {"loss": loss, "pairs_per_batch": sums["pairs"], "grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
-
-  return train_step
-
-
 def rm_plan(config, mesh, rules) -> StagePlan:
   model_cfg = models.resolve(config.model.to_dict())
   tx = _tx(config)
   graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules, kind="scalar")
-  step = rm_train_step(graphdef, tx, config.optim.microbatches, config.rm.pair_normalizer)
+  step = rm.make_train_step(
+    graphdef, tx, optim.schedule(config.optim, 1000), config.optim.microbatches, config.rm.pair_normalizer
+  )
   b, k, n = config.data.batch_size, config.data.max_responses, config.data.seq_len
   common.check_batch("data.batch_size", b, mesh)
   batch = batch_spec(
@@ -226,47 +210,11 @@ def rm_plan(config, mesh, rules) -> StagePlan:
   )
 
 
-def ppo_minibatch_step(p, policy_graphdef, critic_graphdef, policy_tx, critic_tx):
-  """trainers/ppo.py's minibatch step (separate critic): clipped policy loss + γ·ptx, clipped value loss, EMA."""
-
-  def step(state: ppo.PPOState, scored: ppo.Scored, rows: jax.Array, ptx_batch):
-    mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
-    seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
-
-    def policy_loss(params):
-      logprobs = sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
-      if not p.ptx_coef:
-        return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
-      ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
-      return losses.ppo_ptx_loss(
-        logprobs,
-        mb.old_logprobs,
-        mb.advantages,
-        mb.mask,
-        ptx_logits,
-        ptx_batch["targets"],
-        ptx_batch["mask"],
-        clip_eps=p.clip,
-        ptx_coef=p.ptx_coef,
-      )
-
-    def value_loss(params):
-      values = sampling.response_values(critic_graphdef, params, *seq)[0]
-      return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
-
-    (loss, _), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
-    (vf_loss, _), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
-    critic = state.critic.apply_gradients(critic_grads, critic_tx)
-    policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
-    return state.replace(policy=policy, critic=critic), {"loss": loss, "value_loss": vf_loss}
-
-  return step
-
-
 def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   """PPO-ptx: policy (with optimizer and EMA), reference, reward model and critic (`rm_size`, the critic
   starts from the RM); programs: the rollout sampler (KV cache) and the minibatch step."""
   p = config.ppo
+  common.check(not p.shared_trunk, "ppo.shared_trunk: the AOT plan holds a separate critic; set it False")
   policy_cfg = models.resolve(config.model.to_dict())
   # The RM and critic: the shape of `rm_size`, the policy's runtime fields (dtypes, remat, scanned layers).
   runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
@@ -338,7 +286,16 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   batch_sh = common.batch_sharding(mesh, rules)
   step = jax.jit(
     sharding.traced_with_rules(
-      ppo_minibatch_step(p, policy_graphdef, critic_graphdef, policy_tx, critic_tx), mesh, rules
+      ppo.make_minibatch_step(
+        p,
+        policy_graphdef,
+        policy_tx,
+        optim.schedule(config.optim, 1000),
+        critic_graphdef=critic_graphdef,
+        critic_tx=critic_tx,
+      ),
+      mesh,
+      rules,
     ),
     in_shardings=(state_sh, batch_sh, replicated, batch_sh),
     out_shardings=(state_sh, replicated),

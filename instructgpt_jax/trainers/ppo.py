@@ -93,6 +93,91 @@ def _explained_variance(values, returns, mask):
   return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
+def head_values(head_graphdef, head_params, hidden, mask):
+  """Values [B, R] of the shared trunk's value head on the policy's response hidden states, 0 off the mask."""
+  values = nnx.merge(head_graphdef, head_params)(hidden)
+  return sharding.constrain(jnp.where(mask > 0, values, 0.0), ("batch", "length"))
+
+
+def make_minibatch_step(
+  p, policy_graphdef, policy_tx, policy_lr, *, critic_graphdef=None, critic_tx=None, head_graphdef=None
+):
+  """The PPO minibatch step (state, scored, rows, ptx_batch) -> (state, metrics): the clipped policy loss
+  (+ γ · the LM loss of `ptx_batch` when p.ptx_coef), the clipped value loss, Adam and the policy's EMA; the
+  step `train` runs and `aot` compiles. `p`: the config's ppo section. A separate critic: `critic_graphdef`
+  and `critic_tx`; a shared trunk (p.shared_trunk): `head_graphdef`, the value head inside the policy's
+  params, trained with the policy's optimizer on policy + vf_coef · value."""
+  shared = bool(p.shared_trunk)
+  if shared and head_graphdef is None:
+    raise ValueError("make_minibatch_step: ppo.shared_trunk needs head_graphdef")
+  if not shared and (critic_graphdef is None or critic_tx is None):
+    raise ValueError("make_minibatch_step: a separate critic needs critic_graphdef and critic_tx")
+
+  def minibatch_step(state: PPOState, scored: Scored, rows: jax.Array, ptx_batch):
+    mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
+    seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
+
+    def policy_objective(params, logprobs):
+      """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx)."""
+      if not p.ptx_coef:
+        return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+      ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
+      return losses.ppo_ptx_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.mask,
+        ptx_logits,
+        ptx_batch["targets"],
+        ptx_batch["mask"],
+        clip_eps=p.clip,
+        ptx_coef=p.ptx_coef,
+      )
+
+    def value_objective(values):
+      return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
+
+    if shared:  # one forward pass, one loss: policy (+ ptx) + vf_coef · value, one optimizer
+
+      def shared_loss(params):
+        model, hidden = sampling.response_hidden(policy_graphdef, params["lm"], *seq)
+        logprobs = sampling.logprobs_from_hidden(model, hidden, mb.tokens, mb.mask, temperature=p.temperature)
+        loss, policy_metrics = policy_objective(params["lm"], logprobs)
+        vf_loss, value_metrics = value_objective(head_values(head_graphdef, params["value_head"], hidden, mb.mask))
+        return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)
+
+      (_, (loss, policy_metrics, vf_loss, value_metrics)), policy_grads = jax.value_and_grad(shared_loss, has_aux=True)(
+        state.policy.params
+      )
+      critic, critic_grads = None, policy_grads["value_head"]
+    else:
+
+      def policy_loss(params):
+        return policy_objective(
+          params, sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
+        )
+
+      def value_loss(params):
+        return value_objective(sampling.response_values(critic_graphdef, params, *seq)[0])
+
+      (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
+      (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+      critic = state.critic.apply_gradients(critic_grads, critic_tx)
+    policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
+    metrics = {
+      "loss": loss,
+      **policy_metrics,
+      "value_loss": vf_loss,
+      "value_clip_frac": value_metrics["clip_frac"],
+      "policy_grad_norm": optax.tree.norm(policy_grads),
+      "value_grad_norm": optax.tree.norm(critic_grads),
+      "lr": policy_lr(state.policy.step),
+    }
+    return state.replace(policy=policy, critic=critic), metrics
+
+  return minibatch_step
+
+
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   p = config.ppo
@@ -158,7 +243,7 @@ def train(config, workdir: str) -> dict[str, float]:
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   policy_graphdef, lm_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
   policy_target = lm_target
-  critic_graphdef = critic_abstract = critic_sh = None
+  critic_graphdef = critic_abstract = critic_sh = head_graphdef = None
   if shared:
     head_graphdef, head_target = _value_head_target(policy_cfg, mesh, rules)
     policy_target = {"lm": lm_target, "value_head": head_target}
@@ -172,10 +257,6 @@ def train(config, workdir: str) -> dict[str, float]:
   def lm_params(params):
     """The language model inside the policy's params (all of them without a shared value head)."""
     return params["lm"] if shared else params
-
-  def head_values(head_params, hidden, mask):
-    values = nnx.merge(head_graphdef, head_params)(hidden)
-    return sharding.constrain(jnp.where(mask > 0, values, 0.0), ("batch", "length"))
 
   state_sh = PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
   if ckpt.latest_step() is not None:
@@ -237,7 +318,7 @@ def train(config, workdir: str) -> dict[str, float]:
     )
     ref_logprobs = sampling.response_logprobs(ref_graphdef, ref_params, *seq, temperature=p.temperature)
     if shared:
-      values = head_values(policy_params["value_head"], hidden, mask)
+      values = head_values(head_graphdef, policy_params["value_head"], hidden, mask)
     else:
       values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
     _, raw_score = sampling.response_values(judge.graphdef, rm_params, *seq)
@@ -276,67 +357,15 @@ def train(config, workdir: str) -> dict[str, float]:
   score_fn = sampling.jit_on_mesh(score_rollout, mesh=mesh, rules=rules)
 
   # ---------------------------------------------------------------- one minibatch: policy, ptx, critic, EMA
-  def minibatch_step(state: PPOState, scored: Scored, rows: jax.Array, ptx_batch):
-    mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
-    seq = (mb.prompt_tokens, mb.prompt_segment_ids, mb.tokens, mb.mask)
-
-    def policy_objective(params, logprobs):
-      """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx)."""
-      if not p.ptx_coef:
-        return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
-      ptx_logits = lm_steps.forward_logits(policy_graphdef, params, ptx_batch)
-      return losses.ppo_ptx_loss(
-        logprobs,
-        mb.old_logprobs,
-        mb.advantages,
-        mb.mask,
-        ptx_logits,
-        ptx_batch["targets"],
-        ptx_batch["mask"],
-        clip_eps=p.clip,
-        ptx_coef=p.ptx_coef,
-      )
-
-    def value_objective(values):
-      return losses.value_loss(values, mb.old_values, mb.returns, mb.mask, clip_eps=p.value_clip)
-
-    if shared:  # one forward pass, one loss: policy (+ ptx) + vf_coef · value, one optimizer
-
-      def shared_loss(params):
-        model, hidden = sampling.response_hidden(policy_graphdef, params["lm"], *seq)
-        logprobs = sampling.logprobs_from_hidden(model, hidden, mb.tokens, mb.mask, temperature=p.temperature)
-        loss, policy_metrics = policy_objective(params["lm"], logprobs)
-        vf_loss, value_metrics = value_objective(head_values(params["value_head"], hidden, mb.mask))
-        return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)
-
-      (_, (loss, policy_metrics, vf_loss, value_metrics)), policy_grads = jax.value_and_grad(shared_loss, has_aux=True)(
-        state.policy.params
-      )
-      critic, critic_grads = None, policy_grads["value_head"]
-    else:
-
-      def policy_loss(params):
-        return policy_objective(
-          params, sampling.response_logprobs(policy_graphdef, params, *seq, temperature=p.temperature)
-        )
-
-      def value_loss(params):
-        return value_objective(sampling.response_values(critic_graphdef, params, *seq)[0])
-
-      (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
-      (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
-      critic = state.critic.apply_gradients(critic_grads, critic_tx)
-    policy = state.policy.apply_gradients(policy_grads, policy_tx, ema_decay=p.ema_decay)
-    metrics = {
-      "loss": loss,
-      **policy_metrics,
-      "value_loss": vf_loss,
-      "value_clip_frac": value_metrics["clip_frac"],
-      "policy_grad_norm": optax.tree.norm(policy_grads),
-      "value_grad_norm": optax.tree.norm(critic_grads),
-      "lr": policy_lr(state.policy.step),
-    }
-    return state.replace(policy=policy, critic=critic), metrics
+  minibatch_step = make_minibatch_step(
+    p,
+    policy_graphdef,
+    policy_tx,
+    policy_lr,
+    critic_graphdef=critic_graphdef,
+    critic_tx=None if shared else critic_tx,
+    head_graphdef=head_graphdef,
+  )
 
   batch_sh = common.batch_sharding(mesh, rules)
   step_fn = jax.jit(

@@ -32,6 +32,35 @@ def rewards_of(graphdef, params, tokens, segment_ids):
   return models.final_token_value(values, segment_ids.reshape(-1, shape[-1])).reshape(shape[:-1])
 
 
+def make_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: str):
+  """The RM train step (state, batch) -> (state, metrics): Eq. 1 over each prompt's K responses (every
+  C(K,2) pair once), exact over `microbatches`; the step `train` runs and `aot` compiles."""
+
+  def loss_sums(params, batch, _rng):
+    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
+    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
+    # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
+    return loss * m["num_prompts"], {
+      "count": m["num_prompts"],
+      "pairs": m["num_pairs"],
+      "correct": m["accuracy"] * m["num_pairs"],
+    }
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
+    metrics = {
+      "loss": loss,
+      "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
+      "pairs_per_batch": sums["pairs"],
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  return train_step
+
+
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
@@ -52,31 +81,7 @@ def train(config, workdir: str) -> dict[str, float]:
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
-  normalizer = config.rm.pair_normalizer
-
-  def loss_sums(params, batch, _rng):
-    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
-    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
-    # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
-    return loss * m["num_prompts"], {
-      "count": m["num_prompts"],
-      "pairs": m["num_pairs"],
-      "correct": m["accuracy"] * m["num_pairs"],
-    }
-
-  def train_step(state, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(
-      loss_sums, state.params, batch, step_rng, config.optim.microbatches
-    )
-    metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
-      "pairs_per_batch": sums["pairs"],
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-    }
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+  train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer)
 
   def eval_step(params, batch):
     """Per prompt: (Σ pair losses, correct pairs, pairs, K present), for exact host-side aggregation."""
