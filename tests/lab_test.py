@@ -117,3 +117,22 @@ def test_a_preempted_stage_is_not_recorded_as_done(tmp_path):
   # The rerun runs the stage (it resumes from its checkpoint) and only then records it.
   assert pipeline_lib._step(str(tmp_path), "sft", lambda d: {"loss": 1.5}) == {"loss": 1.5}
   assert pipeline_lib._step(str(tmp_path), "sft", preempted) == {"loss": 1.5}
+
+
+@pytest.mark.slow
+def test_lab_quick_shows_each_finding_in_its_direction(tmp_path):
+  """The paper's findings, in direction, from `lab_quick` (the README's `lab` shows them in size)."""
+  config = pipeline.get_config("lab_quick")
+  config.progress_bar = False
+  found = main.run(config, str(tmp_path))
+  evaluation = json.loads((tmp_path / "evaluation" / "done.json").read_text())
+  # Held-out labelers prefer PPO-ptx to SFT, beyond the interval's reach of a coin flip.
+  assert evaluation["win_rate_PPO-ptx_interval"][0] > 0.5, evaluation
+  assert found["gold_ppo_ptx"] > found["gold_sft"]
+  # The RM agrees with held-out labelers better than chance, and not far below how they agree with each other.
+  assert (
+    0.5 < found["rm_accuracy_held_out_labelers"]
+    and found["labeler_agreement"] - found["rm_accuracy_held_out_labelers"] < 0.10
+  )
+  # The pretraining mix pays less alignment tax than plain PPO.
+  assert found["alignment_tax_ppo_ptx"] < found["alignment_tax_ppo"]
