@@ -58,7 +58,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   s = sft.get_config("tiny,variant=ppo_init")
   s.epochs = 0
   s.total_steps = steps(1200)
-  s.model.resid_dropout = 0.0  # the paper's 0.2 is for 1.3B-175B models; it starves a model of 0.9M  # enough for the small model to copy from its prompt (reverse, repeat, ...)
+  s.model.resid_dropout = 0.0  # the paper's 0.2 is for 1.3B-175B models; it starves a model of 0.9M
   s.data.update(
     train="lab:demonstrations:train:3000",
     eval="lab:demonstrations:eval:100",
