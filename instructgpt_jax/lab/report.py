@@ -15,7 +15,7 @@ MODELS = ("SFT", "PPO", "PPO-ptx")
 PAPER = {
   "agreement": "72.6 ± 1.5% (training labelers), 77.3 ± 1.3% (held-out)",
   "rm_accuracy": "72.4 ± 0.4% (held-out comparisons), 69.6 ± 0.9% (held-out labelers)",
-  "win_rate": "175B InstructGPT preferred to 175B GPT-3 85 ± 3% of the time",
+  "win_rate": "InstructGPT preferred to the 175B SFT baseline 73.4 ± 2% of the time (to 175B GPT-3: 85 ± 3%)",
 }
 
 
