@@ -2,6 +2,10 @@
 
 import json
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -92,11 +96,30 @@ def micro_config():
   return c
 
 
+def kill_9_inside(stage: str, workdir) -> None:
+  """Runs the micro pipeline's command line and SIGKILLs it once `stage` has started (its folder exists)."""
+  flags = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MICRO.items()]
+  command = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick", *flags]
+  proc = subprocess.Popen([*command, f"--workdir={workdir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while not (workdir / stage).exists():
+    assert proc.poll() is None and time.time() < deadline, (stage, proc.stderr.read()[-3000:])
+    time.sleep(0.05)
+  time.sleep(float(np.random.default_rng().uniform(0.0, 1.0)))  # somewhere inside the stage
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "evaluation" / "done.json").exists(), "the run finished before the kill"
+
+
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(tmp_path):
   first = main.run(micro_config(), str(tmp_path / "a"))
+  # The same pipeline again, killed with SIGKILL inside a random stage and rerun: the same numbers, so two runs
+  # agree (same seed, same machine) and a run resumes from any stage.
+  stage = str(np.random.default_rng().choice(["pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx"]))
+  kill_9_inside(stage, tmp_path / "b")
   second = main.run(micro_config(), str(tmp_path / "b"))
-  assert first == second  # same seed, same machine: the same numbers
+  assert first == second, f"killed inside {stage}"
   report = (tmp_path / "a" / "report.md").read_text()
   evaluation = json.loads((tmp_path / "a" / "evaluation" / "done.json").read_text())
   assert f"{100 * evaluation['win_rate_PPO-ptx']:.1f}%" in report  # the report prints what was computed
