@@ -202,7 +202,11 @@ def quality(task: Task, response: str, *, stopped: bool = True) -> float:
   So an answer wrapped in hedging or rambling beats ignoring the instruction, a clean correct answer beats
   both, and manner counts even when the content is wrong: labelers dislike hedging and chatter in any answer.
   """
-  f = features(task, response, stopped=stopped)
+  return gold_score(features(task, response, stopped=stopped))
+
+
+def gold_score(f: dict[str, float]) -> float:
+  """The gold quality of a response from its `features` (for callers that already have them)."""
   return sum(GOLD_WEIGHTS[k] * f[k] for k in FEATURES)
 
 

@@ -206,13 +206,14 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
     policy = _Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
     responses[name] = [r[0] for r in policy.sample(prompts, 1, seed=config.seed + 7)]
   out = {"prompts": len(prompts)}
-  gold = {
-    n: np.array([tasks.quality(t, *r[:1], stopped=r[1]) for t, r in zip(eval_tasks, responses[n])]) for n in MODELS
+  features = {  # each response judged once; gold quality and correctness read from its features
+    n: [tasks.features(t, text, stopped=stopped) for t, (text, stopped) in zip(eval_tasks, responses[n])]
+    for n in MODELS
   }
-  correct = {n: np.array([tasks.is_correct(t, r[0]) for t, r in zip(eval_tasks, responses[n])]) for n in MODELS}
+  gold = {n: np.array([tasks.gold_score(f) for f in features[n]]) for n in MODELS}
+  correct = {n: np.array([f["correct"] for f in features[n]]) for n in MODELS}
   for n in MODELS:
-    features = [tasks.features(t, text, stopped=stopped) for t, (text, stopped) in zip(eval_tasks, responses[n])]
-    out[f"features_{n}"] = {k: float(np.mean([f[k] for f in features])) for k in tasks.FEATURES}
+    out[f"features_{n}"] = {k: float(np.mean([f[k] for f in features[n]])) for k in tasks.FEATURES}
     out[f"gold_{n}"] = float(gold[n].mean())
     out[f"correct_{n}"] = float(correct[n].mean())
     by_constraints = {}
