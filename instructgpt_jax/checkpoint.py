@@ -3,17 +3,18 @@
 Layout: `workdir/checkpoints/<step>/{state,data}`. `state` is the TrainState pytree (params, optimizer
 state, step, RNG key); `data` is the JSON state of the data iterator, so a resumed run sees exactly the
 batches an uninterrupted run would. Orbax writes each step into a temporary folder and renames it when
-complete, so a crash during a save leaves the previous checkpoint intact.
+complete (on GCS, which has no rename, it writes a commit marker last), so a crash during a save leaves
+the previous checkpoint intact. Every path may be local or gs:// (orbax writes through epath and tensorstore).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from instructgpt_jax import paths
 
 
 def _abstract(tree: Any) -> Any:
@@ -21,13 +22,13 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _saved_tree(path: str) -> Any:
+def _saved_tree(path) -> Any:
   """The tree of array metadata (shapes, dtypes) of a saved pytree."""
   metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
   return dict(getattr(metadata, "tree", metadata))
 
 
-def _restore_subtree(path: str, target: Any) -> Any:
+def _restore_subtree(path, target: Any) -> Any:
   """Restores the arrays `target` names (a subtree of what was saved) into `target`'s shardings."""
   target = _abstract(target)
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
@@ -44,9 +45,17 @@ class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = paths.path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  @staticmethod
+  def steps_in(workdir: str) -> list[int]:
+    """The steps saved under `workdir/checkpoints` (without opening a manager, which would create it)."""
+    directory = paths.path(workdir) / "checkpoints"
+    if not directory.is_dir():
+      return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -73,7 +82,7 @@ class Checkpointer:
     those shardings; without, onto this process's first device, whatever mesh wrote them.
     """
     step = self.latest_step() if step is None else step
-    path = os.path.join(self.directory, str(step), "state")
+    path = self.directory / str(step) / "state"
     if target is None:
       target = _saved_tree(path)
       for key in keys:
@@ -101,23 +110,21 @@ class Checkpointer:
 
 def export_params(directory: str, params: Any, metadata: dict) -> None:
   """Writes params and metadata into `directory` (synchronously; every process calls it)."""
-  directory = os.path.abspath(directory)
+  directory = paths.path(directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, "params"), params, force=True)
+  checkpointer.save(directory / "params", params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "metadata.json"), "w") as f:
-      json.dump(metadata, f, indent=2, sort_keys=True, default=str)
+    paths.write_json(directory / "metadata.json", metadata)
 
 
 def import_params(directory: str, target: Any | None = None) -> tuple[Any, dict]:
   """(params, metadata) from `export_params`. With `target` (arrays or ShapeDtypeStructs carrying
   shardings, possibly a subtree of what was saved) the params load straight into those shardings; without,
   onto this process's first device."""
-  directory = os.path.abspath(directory)
-  if not os.path.isfile(os.path.join(directory, "metadata.json")):
+  directory = paths.path(directory)
+  metadata = paths.read_json(directory / "metadata.json")
+  if metadata is None:
     raise FileNotFoundError(f"{directory}: not an exported model (no metadata.json)")
-  with open(os.path.join(directory, "metadata.json")) as f:
-    metadata = json.load(f)
-  path = os.path.join(directory, "params")
+  path = directory / "params"
   return _restore_subtree(path, target if target is not None else _on_first_device(_saved_tree(path))), metadata

@@ -30,8 +30,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  # Orbax and TFDS report every save and every shard written at INFO; keep their warnings and errors only.
-  chatty = ("orbax", "tensorflow_datasets", "array_record", "etils")
+  # Orbax, TFDS and the GCS clients report every save, shard and read at INFO; keep their warnings and errors.
+  chatty = ("orbax", "tensorflow_datasets", "array_record", "etils", "fsspec", "gcsfs")
   logging.getLogger("absl").addFilter(
     lambda r: r.levelno >= logging.WARNING or not any(name in r.pathname for name in chatty)
   )

@@ -1,5 +1,11 @@
 """Metrics: `workdir/metrics.jsonl`, TensorBoard event files and a progress bar, written by process 0.
 
+The workdir may be a bucket. Objects cannot be appended to, so there metrics.jsonl is rewritten whole at
+every `flush()` (each checkpoint save calls it, and rows older than FLUSH_SECONDS trigger it); a local file
+gets each row at once. Either way every row up to a saved checkpoint is in the file before that checkpoint
+can be resumed from. TensorBoard events in a bucket are written the same way (`_BucketEventFile`, rewritten
+at each of tensorboardX's flushes, every 2 minutes by default).
+
 Metrics of step s are fetched from the device while step s+1 runs (`LateFetcher`), so the host never
 makes the device wait. A non-finite loss or gradient norm stops the run with a message naming the step.
 """
@@ -8,12 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from instructgpt_jax import paths
+
+FLUSH_SECONDS = 30.0  # the longest a row waits before a bucket's metrics.jsonl is rewritten
 
 
 class NonFiniteError(RuntimeError):
@@ -36,13 +45,12 @@ class MetricWriter:
     self._jsonl = self._tb = self._bar = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    _drop_rows_after(path, start_step)
-    self._jsonl = open(path, "a")
-    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    self._jsonl = _JsonlFile(paths.join(workdir, "metrics.jsonl"), keep_rows_upto=start_step)
+    from tensorboardX import SummaryWriter, record_writer  # imported here: only process 0 writes events
 
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    for scheme in ("gs", "s3"):  # in place of tensorboardX's own cloud writers: one client, epath's
+      record_writer.register_writer_factory(scheme, _BucketEventFiles())
+    self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
     if progress:
       from tqdm import tqdm
 
@@ -63,8 +71,7 @@ class MetricWriter:
       if self.tokens_per_step:
         row["tokens_per_sec"] = row["steps_per_sec"] * self.tokens_per_step
     self._last_time, self._last_step = now, step
-    self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append({"step": int(step), **row})
     for k, v in row.items():
       self._tb.add_scalar(k, v, step)
     if self._bar is not None:
@@ -72,6 +79,11 @@ class MetricWriter:
       shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_sec") if k in row}
       self._bar.set_postfix(shown)
     return row
+
+  def flush(self) -> None:
+    """Makes every row written so far durable (called before each checkpoint save)."""
+    if self._jsonl:
+      self._jsonl.flush()
 
   def close(self) -> None:
     if self._jsonl:
@@ -81,15 +93,79 @@ class MetricWriter:
       self._bar.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-  """A resumed run repeats the steps after its checkpoint: drop their rows from the interrupted run."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(rows)
-  os.replace(path + ".tmp", path)
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket: the records are kept and the object rewritten at each flush."""
+
+  def __init__(self, path: str):
+    self.path, self.data, self.dirty = path, bytearray(), False
+
+  def write(self, data: bytes) -> None:
+    self.data += data
+    self.dirty = True
+
+  def flush(self) -> None:
+    if self.dirty:
+      paths.write_bytes(self.path, bytes(self.data))
+      self.dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  """The factory tensorboardX asks for a writer of a gs:// (or s3://) event file."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    pass  # a bucket has no folders to create
+
+
+class _JsonlFile:
+  """metrics.jsonl: one JSON row a line. A resumed run repeats the steps after its checkpoint, so the rows of
+  the interrupted run after `keep_rows_upto` are dropped when it opens."""
+
+  def __init__(self, path: str, *, keep_rows_upto: int):
+    self.path, self.remote = path, paths.is_remote(path)
+    self.rows = [row for row in read_rows_of(path) if row["step"] <= keep_rows_upto]
+    paths.write_text(path, "".join(json.dumps(row) + "\n" for row in self.rows))
+    self._unflushed_since: float | None = None
+    self._file = None if self.remote else paths.path(path).open("a")
+
+  def append(self, row: dict) -> None:
+    if self._file is not None:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+      return
+    self.rows.append(row)
+    now = time.monotonic()
+    self._unflushed_since = self._unflushed_since or now
+    if now - self._unflushed_since > FLUSH_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._file is None and self._unflushed_since is not None:
+      paths.write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+      self._unflushed_since = None
+
+  def close(self) -> None:
+    self.flush()
+    if self._file is not None:
+      self._file.close()
+
+
+def read_rows_of(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl file ([] when there is none)."""
+  p = paths.path(path)
+  if not p.exists():
+    return []
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_rows(workdir: str) -> list[dict]:
+  """The rows of a run's `workdir/metrics.jsonl`."""
+  return read_rows_of(paths.join(workdir, "metrics.jsonl"))
 
 
 def check_finite(step: int, row: dict[str, float], keys=("loss", "grad_norm")) -> None:

@@ -22,7 +22,6 @@ model's EOS ids) or after --max_new_tokens tokens; only the completion is printe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
-from instructgpt_jax import errors, sampling, sharding, train_state
+from instructgpt_jax import errors, paths, sampling, sharding, train_state
 from instructgpt_jax.data import templates
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import model_io
@@ -77,20 +76,16 @@ def _special_token(value) -> str | None:
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path, {})
 
 
 def chat_template(folder: str) -> str | None:
   """The folder's chat template: tokenizer_config.json's `chat_template` or chat_template.jinja."""
-  template = _read_json(os.path.join(folder, "tokenizer_config.json")).get("chat_template")
+  template = _read_json(paths.join(folder, "tokenizer_config.json")).get("chat_template")
   if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
     template = next((t["template"] for t in template if t.get("name") == "default"), None)
-  if template is None and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
-    with open(os.path.join(folder, "chat_template.jinja")) as f:
-      template = f.read()
+  if template is None and paths.path(folder, "chat_template.jinja").exists():
+    template = paths.read_text(paths.join(folder, "chat_template.jinja"))
   return template
 
 
@@ -112,7 +107,7 @@ def render_chat(folder: str, prompt: str) -> str:
     trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
   )
   environment.globals["raise_exception"] = raise_exception
-  special = _read_json(os.path.join(folder, "tokenizer_config.json"))
+  special = _read_json(paths.join(folder, "tokenizer_config.json"))
   return environment.from_string(template).render(
     messages=[{"role": "user", "content": prompt}],
     add_generation_prompt=True,
@@ -125,7 +120,7 @@ def hf_prompt_ids(folder: str, prompt: str, *, chat: bool) -> list[int]:
   """The prompt's ids as transformers makes them from the tokenizer folder: `tokenizer(prompt)`, or the
   rendered chat template tokenized with its special tokens recognized and nothing added (as
   apply_chat_template does)."""
-  raw = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  raw = tokenizers.Tokenizer.from_str(paths.read_text(paths.join(folder, "tokenizer.json")))
   if chat:
     return raw.encode(render_chat(folder, prompt), add_special_tokens=False).ids
   return raw.encode(prompt).ids
@@ -134,7 +129,7 @@ def hf_prompt_ids(folder: str, prompt: str, *, chat: bool) -> list[int]:
 def _hf_eos_ids(folder: str) -> set[int]:
   """The EOS ids generation stops at: generation_config.json's, else config.json's (an id or a list)."""
   for name in ("generation_config.json", "config.json"):
-    eos = _read_json(os.path.join(folder, name)).get("eos_token_id")
+    eos = _read_json(paths.join(folder, name)).get("eos_token_id")
     if eos is not None:
       return set(eos) if isinstance(eos, list) else {eos}
   return set()
@@ -142,8 +137,8 @@ def _hf_eos_ids(folder: str) -> set[int]:
 
 def _run_config(path: str) -> dict:
   """config.json of the run that wrote `path` (a workdir, or an export directory inside one)."""
-  for folder in (path, os.path.dirname(path)):
-    config = _read_json(os.path.join(folder, "config.json"))
+  for folder in (paths.path(path), paths.path(path).parent):
+    config = _read_json(folder / "config.json")
     if "data" in config:
       return config
   return {}
@@ -178,16 +173,17 @@ def sample(args: argparse.Namespace) -> list[int]:
   """Prints the completion as it is generated; returns its token ids (EOS excluded)."""
   if args.max_new_tokens < 1:
     raise errors.UserError(f"--max_new_tokens: {args.max_new_tokens} must be at least 1")
-  source = model_io.read_source(args.init_from or os.path.abspath(args.checkpoint))
+  field = "--init_from" if args.init_from else "--checkpoint"
+  source = model_io.read_source(args.init_from or args.checkpoint, field)
   if source.kind != "lm":
     raise errors.UserError(f"{source.path}: a {source.kind} model has no tokens to sample (kind lm needed)")
   is_hf = source.metadata.get("format") == model_io.HF_FORMAT
   if is_hf:
     folder = args.tokenizer or source.path
-    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    folder = folder if paths.path(folder).is_dir() else os.fspath(paths.path(folder).parent)
+    if not paths.path(folder, "tokenizer.json").exists():
       raise errors.UserError(f"{folder} holds no tokenizer.json; pass --tokenizer=FOLDER")
-    tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    tokenizer_config = _read_json(paths.join(folder, "tokenizer_config.json"))
     eos_ids = _hf_eos_ids(source.path)
     eos_token = _special_token(tokenizer_config.get("eos_token"))
     tokenizer = tokenizer_lib.from_file(folder, eos_token=eos_token)

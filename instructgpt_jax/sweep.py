@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -26,7 +25,8 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, paths
+from instructgpt_jax import metrics as metrics_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ def _config_path(config_arg: str) -> str:
 
 
 def _importable_repo(config_arg: str) -> None:
-  """Config files import `configs.common`: make the repository that holds the config file importable."""
+  """Config files import `configs.common`: make the repository that holds the config file importable.
+  (A config file is Python code imported from the local disk, never a gs:// path.)"""
   root = os.path.dirname(os.path.dirname(os.path.abspath(_config_path(config_arg))))
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -102,7 +103,7 @@ def run_name(point: dict[str, Any]) -> str:
 
 
 def expand(points: Sequence[dict[str, Any]], root: str) -> list[Run]:
-  runs = [Run(run_name(p), os.path.join(root, run_name(p)), dict(p)) for p in points]
+  runs = [Run(run_name(p), paths.join(root, run_name(p)), dict(p)) for p in points]
   if len({r.name for r in runs}) != len(runs):
     raise errors.ConfigError("sweep: two points have the same overrides")
   return runs
@@ -156,14 +157,6 @@ DEFAULT_METRICS = (
 )
 
 
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def final_values(rows: Sequence[dict[str, float]]) -> dict[str, float]:
   """Each metric's last logged value (evaluation metrics come only on some rows), and the last step."""
   out: dict[str, float] = {}
@@ -174,7 +167,7 @@ def final_values(rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def compare(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
   """(columns, one row per run): the sweep's overrides, the last step, and each metric's final value."""
-  finals = {r.name: final_values(read_metrics(r.workdir)) for r in runs}
+  finals = {r.name: final_values(metrics_lib.read_rows(r.workdir)) for r in runs}
   if metrics is None:
     present = set().union(*finals.values()) if finals else set()
     metrics = [m for m in DEFAULT_METRICS if m in present]

@@ -8,6 +8,8 @@ import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs reads this when imported: without it, it probes every bucket over gRPC (the GCS emulator never answers).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
@@ -15,9 +17,14 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-# Repeat compiles are 3-4x faster from a persistent cache; tests compile many small programs.
-jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Repeat compiles are 3-4x faster from a persistent cache; tests compile many small programs. Set through the
+# environment too, so that the command lines the tests start in subprocesses share it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+  "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +33,41 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real-data test: {SHARED_DATA} is absent (it exists in the project's CI)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local GCS server (tests/gcs_server.py), its environment set for this process and its subprocesses."""
+  from gcs_server import GCSServer
+
+  server = GCSServer()
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_data_or_none():
+  """../shared/data where it exists (real text), else None: for tests that run either way."""
+  return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def ppo_models(tmp_path_factory):
+  """A tiny PPO-init SFT model and an RM from it: the models a PPO run needs (briefly trained, no skill):
+  `<root>/sft` (a workdir) and `<root>/rm/export`."""
+  from configs import rm, sft
+  from instructgpt_jax import main
+
+  from runs import configured
+
+  root = tmp_path_factory.mktemp("ppo_models")
+  sft_overrides = {"data.train": "lab:demonstrations:train:200", "data.eval": "lab:demonstrations:eval:16"}
+  main.run(configured(sft, "tiny,variant=ppo_init", total_steps=10, **sft_overrides), str(root / "sft"))
+  rm_overrides = {
+    "model.init_from": str(root / "sft"),
+    "data.train": "lab:comparisons:train:200",
+    "data.eval": "lab:comparisons:eval:16",
+    "data.bias_demonstrations": "lab:demonstrations:train:64",
+  }
+  main.run(configured(rm, "tiny", total_steps=5, **rm_overrides), str(root / "rm"))
+  return root

@@ -7,12 +7,11 @@ import time
 
 import pytest
 
-from configs import rm, sft
-from instructgpt_jax import main, sweep
+from instructgpt_jax import sweep
 from launch import sweep as sweep_cli
 from launch import tpu
 
-from runs import configured, read_metrics
+from runs import read_metrics
 
 ZONE = "us-central2-b"
 
@@ -128,24 +127,9 @@ def test_load_config_applies_overrides_like_the_command_line():
   assert (c.ppo.kl_coef, c.mesh.fsdp, c.ppo.rollout_batch) == (0.05, 2, 32)
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-  """A tiny PPO-init SFT model and an RM from it: the models a PPO run needs (no skill required)."""
-  root = tmp_path_factory.mktemp("sweep_chain")
-  sft_overrides = {"data.train": "lab:demonstrations:train:200", "data.eval": "lab:demonstrations:eval:16"}
-  main.run(configured(sft, "tiny,variant=ppo_init", total_steps=10, **sft_overrides), str(root / "sft"))
-  rm_overrides = {
-    "model.init_from": str(root / "sft"),
-    "data.train": "lab:comparisons:train:200",
-    "data.eval": "lab:comparisons:eval:16",
-    "data.bias_demonstrations": "lab:demonstrations:train:64",
-  }
-  main.run(configured(rm, "tiny", total_steps=5, **rm_overrides), str(root / "rm"))
-  return root
-
-
 @pytest.mark.slow
-def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(chain, tmp_path, capsys):
+def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(ppo_models, tmp_path, capsys):
+  chain = ppo_models
   fixed = [
     f"--config.model.init_from={chain / 'sft'}",
     f"--config.ppo.reward_model={chain / 'rm' / 'export'}",

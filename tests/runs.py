@@ -1,14 +1,12 @@
 """Helpers for tests that run whole stages: small configs and reading what a run wrote."""
 
-import json
-import os
-
 from configs import pretrain
+from instructgpt_jax import metrics
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  """The rows of `workdir/metrics.jsonl` (a local folder or gs://)."""
+  return metrics.read_rows(str(workdir))
 
 
 def tiny_config(**overrides):

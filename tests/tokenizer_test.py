@@ -2,6 +2,7 @@
 
 import pytest
 
+from instructgpt_jax import errors
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 
 
@@ -31,7 +32,7 @@ def test_from_file_finds_eos_and_adds_a_distinct_pad(tmp_path):
   loaded = tokenizer_lib.from_file(str(tmp_path))
   assert loaded.eos_id == 256 and loaded.pad_id == 257 and loaded.pad_id != loaded.eos_id
   assert loaded.decode(loaded.encode("abc")) == "abc"
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(errors.ConfigError, match=r"^data.tokenizer: .*missing.json does not exist; give a tokenizer"):
     tokenizer_lib.from_file(str(tmp_path / "missing.json"))
 
 

@@ -10,22 +10,22 @@ Four kinds, one JSON object a line, in `.jsonl` or gzip-compressed `.jsonl.gz` f
 * "text": `{"text": str}` lines, or plain text files (any other extension, e.g. `.txt`) of one document
   each (pretraining).
 
-Fields other than these are ignored; blank lines are skipped. Any problem is one line
-`file:line: field: problem` (a DataError by default, never a traceback and never a silent drop); with
-`on_error="skip"` the record is skipped, counted and listed in the `Report`, whose summary is printed.
+Files may be local or gs:// (read through etils.epath). Fields other than these are ignored; blank lines
+are skipped. Any problem is one line `file:line: field: problem` (a DataError by default, never a
+traceback and never a silent drop); with `on_error="skip"` the record is skipped, counted and listed in
+the `Report`, whose summary is printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import json
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, paths
 
 KINDS = ("demonstrations", "comparisons", "prompts", "text")
 ON_ERROR = ("raise", "skip")
@@ -87,13 +87,13 @@ def expand(patterns: str | Sequence[str], *, what: str) -> list[str]:
     patterns = [p for p in patterns.split(",") if p.strip()]
   if not patterns:
     raise DataError(f"{what}: empty; give comma-separated globs of .jsonl or .jsonl.gz files")
-  paths = []
+  files = []
   for pattern in patterns:
-    matches = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    matches = paths.glob(pattern)
     if not matches:
       raise DataError(f"{pattern}: {what}: no file matches")
-    paths.extend(matches)
-  return paths
+    files.extend(matches)
+  return files
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,10 +103,10 @@ def expand(patterns: str | Sequence[str], *, what: str) -> list[str]:
 
 def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
   """(line number, bytes) of a .jsonl or .jsonl.gz file, reporting unreadable files as one line."""
-  opener = gzip.open if path.endswith(".gz") else open
   try:
-    with opener(path, "rb") as f:
-      yield from enumerate(f, start=1)
+    with paths.path(path).open("rb") as raw:
+      with gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw as f:
+        yield from enumerate(f, start=1)
   except (gzip.BadGzipFile, EOFError, zlib.error) as e:
     raise DataError(f"{path}: file: not a readable gzip file ({e})") from None
   except OSError as e:
@@ -142,8 +142,7 @@ def _json_objects(path: str) -> Iterator[tuple[int, dict | FieldError]]:
 def read_text_file(path: str) -> str:
   """A whole .txt file as one document; invalid UTF-8 is reported with its line."""
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = paths.path(path).read_bytes()
   except OSError as e:
     raise DataError(f"{path}: file: cannot be read ({e.strerror or e})") from None
   try:

@@ -1,4 +1,4 @@
-"""TFDS dataset builders for the RLHF formats, from local JSONL files, without TensorFlow.
+"""TFDS dataset builders for the RLHF formats, from JSONL files (local or gs://), without TensorFlow.
 
 `build(kind, {"train": files, "eval": files}, data_dir=..., tokenizer=...)` reads and validates the files
 (formats.py), encodes every record with the tokenizer and the template (templates.py), and writes one
@@ -12,9 +12,14 @@ A build is named by a fingerprint of everything that shapes it: the kind, the fi
 the tokenizer, the template and the limits. Changing any of them builds a new variant
 (`data_dir/<kind>/<template>-<fingerprint>/1.0.0/`); an unchanged one is reused without reading the files
 again. The counts of each split (records, skipped, dropped, identical responses) are stored with the build
-and printed whenever something was skipped, dropped or identical. On a multi-host job the build is
-deterministic: every host may build into its own `data_dir`, or one host builds a shared `data_dir` before
-the others read it.
+and printed whenever something was skipped, dropped or identical.
+
+A `data_dir` in a bucket is mirrored, because array_record (TFDS's file format here) reads and writes local
+files only: its C++ reader has no GCS client unless TensorFlow registers one. TFDS then builds into a local
+cache folder (`local_cache_dir(data_dir)`, under the system's temporary folder); process 0 uploads the
+prepared variant to `data_dir`, a `_COMPLETE` object last; and a host that lacks the variant locally (a new
+VM after a preemption, another worker) downloads it when `_COMPLETE` is there instead of reading and
+tokenizing the JSONL again. The build is deterministic, so hosts that build the same variant agree.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import io
 import json
 import logging
 import os
+import tempfile
 
+import jax
+import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
+from instructgpt_jax import paths
 from instructgpt_jax.data import formats, templates
 from instructgpt_jax.data.tokenizer import Tokenizer
 
@@ -190,6 +199,17 @@ class Dataset:
     return self.builder.as_data_source(split=split)
 
 
+MIRROR_COMPLETE = "_COMPLETE"
+
+
+def local_cache_dir(data_dir: str) -> str:
+  """Where TFDS builds for `data_dir`: itself when local, else a local folder named after it."""
+  if not paths.is_remote(data_dir):
+    return os.fspath(paths.path(data_dir))
+  name = hashlib.sha256(data_dir.encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "instructgpt_jax-tfds", name)
+
+
 def fingerprint(kind: str, files_by_split: dict[str, list[str]], tokenizer: Tokenizer, options: dict) -> str:
   digest = hashlib.sha256()
   settings = {"kind": kind, "version": BUILD_VERSION, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id, **options}
@@ -197,9 +217,9 @@ def fingerprint(kind: str, files_by_split: dict[str, list[str]], tokenizer: Toke
   digest.update(tokenizer.hf.to_str().encode())
   for split in sorted(files_by_split):
     for path in files_by_split[split]:
-      digest.update(f"{split}/{os.path.basename(path)}".encode())
+      digest.update(f"{split}/{paths.path(path).name}".encode())
       try:
-        with open(path, "rb") as f:
+        with paths.path(path).open("rb") as f:
           for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
       except OSError as e:
@@ -270,24 +290,39 @@ def build(
   )
   config_name = f"{template}-{fingerprint(kind, paths_by_split, tokenizer, options)}"
   builder_cls = BUILDERS[kind]
-  with _quiet_tfds():
-    builder = builder_cls(data_dir=data_dir, config=config_name)
-    prepared = builder.is_prepared()
-  if not prepared:
-    examples_by_split, reports = {}, {}
-    for split, paths in paths_by_split.items():
-      report = formats.Report()
-      encode = _encoder(kind, tokenizer, template_obj, max_tokens, append_eos, truncate_prompt, report)
-      records = formats.read_records(
-        paths, kind, on_error=on_error, max_responses=max_responses, check=encode, report=report
-      )
-      examples_by_split[split] = [dict(record, source=source) for source, record in records]
-      if not examples_by_split[split]:
-        raise formats.DataError(f"{','.join(paths)}: file: no valid records for split {split!r}")
-      reports[split] = dataclasses.asdict(report)
+  remote, local_dir = paths.is_remote(data_dir), local_cache_dir(data_dir)
+  os.makedirs(local_dir, exist_ok=True)
+  # Processes that share a disk (one machine, or NFS) would build the same variant at once: one builds.
+  with filelock.FileLock(os.path.join(local_dir, f".{kind}-{config_name}.lock")):
     with _quiet_tfds():
-      builder = builder_cls(examples_by_split=examples_by_split, reports=reports, data_dir=data_dir, config=config_name)
-      builder.download_and_prepare()
+      builder = builder_cls(data_dir=local_dir, config=config_name)
+      prepared = builder.is_prepared()
+    variant = f"{builder.name}/{config_name}"
+    if not prepared and remote and paths.path(data_dir, variant, MIRROR_COMPLETE).exists():
+      paths.copy_tree(paths.join(data_dir, variant), os.path.join(local_dir, variant))
+      with _quiet_tfds():
+        builder = builder_cls(data_dir=local_dir, config=config_name)
+        prepared = builder.is_prepared()
+    if not prepared:
+      examples_by_split, reports = {}, {}
+      for split, split_files in paths_by_split.items():
+        report = formats.Report()
+        encode = _encoder(kind, tokenizer, template_obj, max_tokens, append_eos, truncate_prompt, report)
+        records = formats.read_records(
+          split_files, kind, on_error=on_error, max_responses=max_responses, check=encode, report=report
+        )
+        examples_by_split[split] = [dict(record, source=source) for source, record in records]
+        if not examples_by_split[split]:
+          raise formats.DataError(f"{','.join(split_files)}: file: no valid records for split {split!r}")
+        reports[split] = dataclasses.asdict(report)
+      with _quiet_tfds():
+        builder = builder_cls(
+          examples_by_split=examples_by_split, reports=reports, data_dir=local_dir, config=config_name
+        )
+        builder.download_and_prepare()
+  if remote and jax.process_index() == 0 and not paths.path(data_dir, variant, MIRROR_COMPLETE).exists():
+    paths.copy_tree(os.path.join(local_dir, variant), paths.join(data_dir, variant))
+    paths.write_text(paths.join(data_dir, variant, MIRROR_COMPLETE), "")
   reports = {split: formats.Report(**r) for split, r in builder.info.metadata.items()}
   for split, report in reports.items():
     name = f"{kind}/{split}"

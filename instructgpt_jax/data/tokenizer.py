@@ -11,13 +11,12 @@ a pad id at or past the model's vocabulary size is harmless.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, paths
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
@@ -64,7 +63,7 @@ class Tokenizer:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str) -> None:
-    self.hf.save(path)
+    paths.write_text(path, self.hf.to_str(pretty=True))
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -114,12 +113,15 @@ def _first_present(hf: tokenizers.Tokenizer, candidates) -> str | None:
 def from_file(
   path: str, *, eos_token: str | None = None, pad_token: str | None = None, bos_token: str | None = None
 ) -> Tokenizer:
-  """Loads a `tokenizer.json` (or a folder holding one). Special tokens default to the usual names."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "tokenizer.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"tokenizer: {path} does not exist")
-  hf = tokenizers.Tokenizer.from_file(path)
+  """Loads a `tokenizer.json` (or a folder holding one; local or gs://). Special tokens default to the usual
+  names."""
+  if paths.path(path).is_dir():
+    path = paths.join(path, "tokenizer.json")
+  if not paths.path(path).exists():
+    raise errors.ConfigError(
+      f"data.tokenizer: {path} does not exist; give a tokenizer.json, a folder holding one, or 'bytes'"
+    )
+  hf = tokenizers.Tokenizer.from_str(paths.read_text(path))
   eos = eos_token or _first_present(hf, EOS_CANDIDATES)
   if eos is None:
     raise errors.DataError(f"{path}: no EOS token among {EOS_CANDIDATES}; add one to the tokenizer as a special token")

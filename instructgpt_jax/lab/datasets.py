@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, paths
 from instructgpt_jax.lab import labelers
 from instructgpt_jax.lab import tasks as tasks_lib
 from instructgpt_jax.lab import world as world_lib
@@ -112,13 +111,10 @@ def materialize(spec: str, directory: str, *, seed: int = 0) -> str:
   """Writes the dataset a spec names into `directory` (once; the file name holds spec and seed)."""
   kind, split, n, families = parse_spec(spec)
   name = f"lab_{kind}_{split}_{n}" + ("" if families == tasks_lib.FAMILIES else "_" + "+".join(families))
-  path = os.path.join(directory, f"{name}_seed{seed}.jsonl")
-  if not os.path.exists(path):
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      for record in records(kind, split, n, seed=seed, families=families):
-        f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
+  path = paths.join(directory, f"{name}_seed{seed}.jsonl")
+  if not paths.path(path).exists():
+    lines = (json.dumps(record) + "\n" for record in records(kind, split, n, seed=seed, families=families))
+    paths.write_text(path, "".join(lines))
   return path
 
 

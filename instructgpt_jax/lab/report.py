@@ -6,9 +6,10 @@ returned) or from the runs' metrics.jsonl files.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
+from instructgpt_jax import paths
 from instructgpt_jax.lab.tasks import FEATURES, GOLD_WEIGHTS
 
 MODELS = ("SFT", "PPO", "PPO-ptx")
@@ -20,11 +21,10 @@ PAPER = {
 
 
 def _rows(workdir: str, stage: str) -> list[dict]:
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.path(workdir, stage, "metrics.jsonl")
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def headline(results: dict) -> dict[str, float]:
@@ -91,7 +91,9 @@ def _plots(workdir: str, results: dict) -> list[str]:
 
 def _save(fig, workdir: str, name: str) -> str:
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, name), dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  paths.write_bytes(paths.join(workdir, name), png.getvalue())
   import matplotlib.pyplot as plt
 
   plt.close(fig)
@@ -116,7 +118,7 @@ def write(workdir: str, results: dict) -> str:
       f"  labeler agreement (training / held-out)   {pct(labels['agreement_training_labelers'])} / "
       f"{pct(labels['agreement_held_out_labelers'])}",
       f"  pretraining loss change  PPO / PPO-ptx    {tax['ppo']:+.3f} / {tax['ppo_ptx']:+.3f} nats per token",
-      f"  report: {os.path.join(workdir, 'report.md')}",
+      f"  report: {paths.join(workdir, 'report.md')}",
     ]
   )
   constraint_rows = []
@@ -188,6 +190,5 @@ def write(workdir: str, results: dict) -> str:
     "Samples: `evaluation/samples.jsonl` (every held-out prompt with the three models' responses and gold scores);",
     "the PPO runs dump samples against SFT in `ppo*/samples/`.",
   ]
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(paths.join(workdir, "report.md"), "\n".join(lines) + "\n")
   return summary

@@ -17,11 +17,13 @@ window. docs/hf.md has the tensor-name tables.
     params = hf.load_params(path, target)            # shard by shard, onto target's shardings
     hf.export(out_dir, params, cfg, kind=kind, tokenizer=path, token_ids=...)
 
-Loading never holds a whole model on a host: the safetensors files are memory-mapped, and each device's
-shard of each parameter is cut from a NumPy view of its HF tensor (`jax.make_array_from_callback`), so a
-host reads only the pages of the shards it owns, converting dtypes shard by shard (bfloat16 included).
-Export gathers one layer of one tensor at a time and streams it into the file, so a host holds one HF
-tensor at a time.
+Loading never holds a whole model on a host: local safetensors files are memory-mapped, and each
+device's shard of each parameter is cut from a NumPy view of its HF tensor (`jax.make_array_from_callback`),
+so a host reads only the pages of the shards it owns, converting dtypes shard by shard (bfloat16 included).
+A folder in a bucket (gs://) cannot be memory-mapped: each host reads whole HF tensors there (one ranged
+request each) and keeps the most recent ones up to REMOTE_CACHE_BYTES. Export gathers one layer of one
+tensor at a time and streams it into the file (a bucket object is uploaded as it is written), so a host
+holds one HF tensor at a time.
 
 Scalar (reward / value) models are exported as `<Arch>ForSequenceClassification` with `num_labels=1`:
 `score.weight` [1, D] is our head's kernel. HF's score layer has no bias, so our head bias goes into
@@ -36,13 +38,11 @@ real token when the batch is padded with that id.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-import glob
 import json
 import math
-import os
-import shutil
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -54,12 +54,14 @@ import tokenizers
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
+from instructgpt_jax import paths
 from instructgpt_jax.errors import ConfigError
 from instructgpt_jax.models.sizes import ModelConfig
 
 CONFIG_KEY = "instructgpt_jax"  # our fields in an exported config.json: head_bias, reward_bias, other metadata
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
+REMOTE_CACHE_BYTES = 8 * 2**30  # HF tensors read from a bucket and kept (a stacked parameter's layers fit)
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -78,26 +80,27 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class TensorFiles:
-  """The tensors of a folder's safetensors files, each a read-only NumPy view of a memory-mapped file.
+  """The tensors of a folder's safetensors files: read-only NumPy views of memory-mapped local files, or
+  tensors read whole from a bucket (an LRU of REMOTE_CACHE_BYTES).
 
   Indexing a view reads only the pages it touches, so cutting one shard of a tensor costs one shard of
   memory. (safetensors' own NumPy reader has no bfloat16, the dtype most checkpoints are published in.)
   """
 
   def __init__(self, folder: str):
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+    index = paths.read_json(paths.join(folder, INDEX_FILE))
+    if index is not None:
+      files = sorted(set(index["weight_map"].values()))
     else:
-      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+      files = sorted(paths.path(p).name for p in paths.glob(paths.join(folder, "*.safetensors")))
     if not files:
       raise ConfigError(f"hf: {folder} holds no *.safetensors weights")
     self._entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, first data byte, header entry)
     self._maps: dict[str, np.memmap] = {}
+    self._remote: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     for name in files:
-      path = os.path.join(folder, name)
-      with open(path, "rb") as f:
+      path = paths.join(folder, name)
+      with paths.path(path).open("rb") as f:
         (header_length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_length))
       header.pop("__metadata__", None)
@@ -113,11 +116,24 @@ class TensorFiles:
     path, data_start, entry = self._entries[name]
     if entry["dtype"] not in _DTYPES:
       raise ConfigError(f"hf: tensor {name} is {entry['dtype']}; only {', '.join(_DTYPES)} are read")
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, np.uint8, mode="r")
     begin, end = entry["data_offsets"]
-    raw = self._maps[path][data_start + begin : data_start + end]
+    if paths.is_remote(path):
+      raw = self._read_remote(name, path, data_start + begin, data_start + end)
+    else:
+      if path not in self._maps:
+        self._maps[path] = np.memmap(path, np.uint8, mode="r")
+      raw = self._maps[path][data_start + begin : data_start + end]
     return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+  def _read_remote(self, name: str, path: str, begin: int, end: int) -> np.ndarray:
+    if name not in self._remote:
+      with paths.path(path).open("rb") as f:
+        f.seek(begin)
+        self._remote[name] = np.frombuffer(f.read(end - begin), np.uint8)
+      while sum(a.nbytes for a in self._remote.values()) > REMOTE_CACHE_BYTES and len(self._remote) > 1:
+        self._remote.popitem(last=False)
+    self._remote.move_to_end(name)
+    return self._remote[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +166,7 @@ def write_safetensors(path: str, tensors: list[PendingTensor], *, write: bool = 
     offset += tensor.nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # the format pads the header with spaces so the data is 8-aligned
-  with open(path, "wb") if write else _Discard() as f:
+  with paths.path(path).open("wb") if write else _Discard() as f:
     f.write(struct.pack("<Q", len(encoded)) + encoded)
     for tensor in tensors:
       value = np.ascontiguousarray(tensor.value(), dtype=tensor.dtype)
@@ -323,11 +339,9 @@ def read_config(path: str) -> tuple[ModelConfig, str, dict[str, Any]]:
 
   info: the token ids config.json names, and our exported fields (head_bias, reward_bias, ...).
   """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
+  hf = paths.read_json(paths.join(path, "config.json"))
+  if hf is None:
     raise ConfigError(f"hf: {path} is not a HuggingFace model folder (no config.json)")
-  with open(config_path) as f:
-    hf = json.load(f)
   cfg, kind = config_from_hf(hf)
   info = {k: hf[k] for k in TOKEN_ID_FIELDS if hf.get(k) is not None}
   info.update(hf.get(CONFIG_KEY) or {})
@@ -630,22 +644,20 @@ def export(
 
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(directory, exist_ok=True)
+    paths.make_dir(directory)
     # Weights of an earlier export into this folder (another shard count) would be read with ours.
-    for stale in glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, INDEX_FILE)):
-      os.remove(stale)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
+    for stale in paths.glob(paths.join(directory, "*.safetensors")) + paths.glob(paths.join(directory, INDEX_FILE)):
+      paths.path(stale).unlink()
+    paths.write_json(paths.join(directory, "config.json"), config)
   files = _split_into_files(tensors, max_shard_bytes)
   for name, group in files.items():
-    write_safetensors(os.path.join(directory, name), group, write=writer)
+    write_safetensors(paths.join(directory, name), group, write=writer)
   if writer and len(files) > 1:
     index = {
       "metadata": {"total_size": sum(t.nbytes for t in tensors)},
       "weight_map": {t.name: name for name, group in files.items() for t in group},
     }
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-      json.dump(index, f, indent=2, sort_keys=True)
+    paths.write_json(paths.join(directory, INDEX_FILE), index)
   if writer and tokenizer:
     copy_tokenizer(tokenizer, directory, token_ids or {})
 
@@ -667,24 +679,22 @@ def copy_tokenizer(tokenizer: str, directory: str, token_ids: dict[str, int]) ->
   """Copies tokenizer.json (and, from a folder, tokenizer_config.json, special_tokens_map.json,
   chat_template.jinja) into `directory`. Without a tokenizer_config.json, writes one naming the special
   tokens of `token_ids`, so that transformers' AutoTokenizer knows EOS and padding."""
-  folder = tokenizer if os.path.isdir(tokenizer) else None
-  source = os.path.join(tokenizer, "tokenizer.json") if folder else tokenizer
-  if not os.path.isfile(source):
+  folder = tokenizer if paths.path(tokenizer).is_dir() else None
+  source = paths.join(tokenizer, "tokenizer.json") if folder else tokenizer
+  if not paths.path(source).exists():
     raise ConfigError(f"hf export: tokenizer {source} does not exist")
   copies = {source: "tokenizer.json"}
   for name in TOKENIZER_FILES if folder else ():
-    if os.path.isfile(os.path.join(folder, name)):
-      copies[os.path.join(folder, name)] = name
+    if paths.path(folder, name).exists():
+      copies[paths.join(folder, name)] = name
   for path, name in copies.items():
-    destination = os.path.join(directory, name)
-    if not os.path.exists(destination) or not os.path.samefile(path, destination):
-      shutil.copyfile(path, destination)
-  if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-    vocab = tokenizers.Tokenizer.from_file(source)
+    if not paths.same_file(path, paths.join(directory, name)):
+      paths.path(directory, name).write_bytes(paths.path(path).read_bytes())
+  if not paths.path(directory, "tokenizer_config.json").exists():
+    vocab = tokenizers.Tokenizer.from_str(paths.read_text(source))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for field, token_id in token_ids.items():
       token = vocab.id_to_token(token_id) if field in TOKEN_ID_FIELDS and token_id is not None else None
       if token is not None:
         tokenizer_config[field.removesuffix("_id")] = token
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-      json.dump(tokenizer_config, f, indent=2, sort_keys=True)
+    paths.write_json(paths.join(directory, "tokenizer_config.json"), tokenizer_config)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 from typing import NamedTuple
 
@@ -11,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import checkpoint, errors, optim, sharding
+from instructgpt_jax import checkpoint, errors, optim, paths, sharding
 from instructgpt_jax import metrics as metrics_lib
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import model_io
@@ -71,35 +69,41 @@ def steps_for_epochs(config, n_examples: int) -> int:
 def write_config(workdir: str, config) -> None:
   """Process 0 writes the resolved config as JSON next to the checkpoints."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+    paths.write_json(paths.join(workdir, "config.json"), config.to_dict())
 
 
 class Preemption:
-  """Notices SIGTERM (how TPU VMs and SLURM announce preemption) so the loop can save and exit cleanly.
+  """Notices a preemption notice (SIGTERM: how TPU VMs, GKE and SLURM announce one) so that the loop saves and
+  exits cleanly; `stop_requested(step)` is asked after every step.
 
-  `stop_requested(step)` is True once this process got SIGTERM; on several processes it also consults
-  JAX's preemption sync point, so every host stops at the same step and writes the same checkpoint.
+  One process: a Python SIGTERM handler sets a flag. Several processes (jax.distributed): the notice may reach
+  only one of them. JAX's preemption sync manager, started by `jax.distributed.initialize`, catches SIGTERM in
+  C++ and tells the coordination service, which picks a step that no process has passed yet;
+  `reached_preemption_sync_point(step)` is True at that step on every process, so all of them save the same
+  checkpoint and exit. No Python handler is installed then: it would replace the C++ one, and the notice
+  would never leave the process that got it.
   """
 
   def __enter__(self):
     self._requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
     self._requested = True
 
   def stop_requested(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._multi:
       from jax.experimental import multihost_utils
 
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
     return False
 
 
@@ -149,6 +153,7 @@ class LoopIO:
     if save or evaluating:  # this step's metrics now: a non-finite step must never be saved
       self._record(self.fetcher.flush(), evaluate(state) if evaluating else None, force=save)
     if save:
+      self.writer.flush()  # the rows up to this checkpoint are durable before it can be resumed from
       self.ckpt.save(done, state, self.data.get_state(), force=preempted)
     if preempted:
       raise errors.Preempted(done)
@@ -161,6 +166,7 @@ class LoopIO:
       self._record(pending, final_eval, force=True)
     elif final_eval:  # nothing ran in this process (the run was already complete)
       self.last_row = self.writer.write(step, final_eval)
+    self.writer.flush()
     if step > self.start_step or self.ckpt.latest_step() is None:
       self.ckpt.save(step, state, self.data.get_state(), force=True)
     return self.last_row
@@ -190,14 +196,17 @@ class Stage(NamedTuple):
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
-def setup_stage(config, workdir: str, *, seq_len: int | None = None) -> Stage:
-  """Model config (with `model.init_from`), tokenizer, mesh, rules and the data section; the shared checks."""
+def setup_stage(config, workdir: str, *, kind: str = "lm", seq_len: int | None = None) -> Stage:
+  """Model config (with `model.init_from`), tokenizer, mesh, rules and the data section; the shared checks:
+  the workdir can be written (its bucket exists, or its local parent folder) and holds no other run."""
+  paths.check_output_dir(workdir, "--workdir")
   model_cfg, source = model_io.resolve(config.model)
+  model_io.check_same_run(workdir, config.stage, kind, model_cfg)
   tokenizer = tokenizer_lib.load(config.data.tokenizer)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  data_cfg = resolve_lab_files(config.data, os.path.join(workdir, "data"), seed=config.seed)
+  data_cfg = resolve_lab_files(config.data, paths.join(workdir, "data"), seed=config.seed)
   if "data_dir" in data_cfg:
-    data_cfg["data_dir"] = data_cfg["data_dir"] or os.path.join(workdir, "tfds")
+    data_cfg["data_dir"] = data_cfg["data_dir"] or paths.join(workdir, "tfds")
   if seq_len is not None:
     check(seq_len <= model_cfg.max_len, f"data.seq_len: {seq_len} exceeds the model's max_len {model_cfg.max_len}")
   check(

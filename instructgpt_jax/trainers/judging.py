@@ -28,9 +28,11 @@ class Judge:
   _score: object = None
 
   @classmethod
-  def load(cls, path: str, mesh, rules, *, seed: int = 0) -> Judge:
-    source = model_io.read_source(path)
-    common.check(source is not None and source.kind == "scalar", f"{path}: not a reward model (kind scalar)")
+  def load(cls, path: str, mesh, rules, *, seed: int = 0, field: str = "ppo.reward_model") -> Judge:
+    source = model_io.read_source(path, field)
+    common.check(
+      source is not None and source.kind == "scalar", f"{field}: {path} is a {source.kind} model, not a reward model"
+    )
     graphdef, target = train_state.param_shardings_for(source.config, mesh, rules, kind="scalar")
     params = model_io.load(source, "scalar", target, source.config, seed)
     judge = cls(graphdef, params, float(source.metadata.get("reward_bias", 0.0)), source.config)

@@ -5,6 +5,7 @@
   <workdir>     the newest checkpoint of an earlier stage's run (its `model.json` says kind and shape);
   <directory>   an exported model (`metadata.json` + `params/`, see `export`);
   hf:<path>     a HuggingFace model folder (models/hf.py).
+Any of them may be local or gs://.
 The architecture comes from the source; the current config may change only how the model runs (dtype,
 dropout, remat, scan), never its shape. A language model can start a scalar model (the RM starts from the
 SFT model: the trunk is loaded, the unembedding dropped, the scalar head initialized fresh, spec §4.1).
@@ -13,14 +14,12 @@ SFT model: the trunk is loaded, the unembedding dropped, the scalar head initial
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Any
 
 import jax
 
-from instructgpt_jax import checkpoint, models, train_state
+from instructgpt_jax import checkpoint, models, paths, train_state
 from instructgpt_jax.errors import ConfigError
 from instructgpt_jax.models import hf
 
@@ -52,21 +51,54 @@ class Source:
   metadata: dict
 
 
-def read_source(init_from: str) -> Source | None:
-  """What `model.init_from` points at, or None for a random initialization."""
+def read_source(init_from: str, field: str = "model.init_from") -> Source | None:
+  """What `init_from` points at, or None for a random initialization. A path that holds no model is a
+  one-line ConfigError naming `field` and what the path should hold."""
   if not init_from:
     return None
   if init_from.startswith("hf:"):
-    path = os.path.abspath(init_from[len("hf:") :])
+    path = init_from[len("hf:") :]
+    paths.check_exists(path, field, "HuggingFace model folder")
     config, kind, info = hf.read_config(path)  # info: token ids, and head_bias / reward_bias of our exports
     return Source(kind, config, path, False, {"format": HF_FORMAT, **info})
-  path = os.path.abspath(init_from)
-  for name, exported in (("metadata.json", True), ("model.json", False)):
-    if os.path.isfile(os.path.join(path, name)):
-      with open(os.path.join(path, name)) as f:
-        info = json.load(f)
-      return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info)
-  raise ConfigError(f"model.init_from: {init_from} is neither a run's workdir (model.json) nor an exported model")
+  path = init_from
+  paths.check_exists(path, field, "run workdir or exported model")
+  exported, info = True, paths.read_json(paths.join(path, "metadata.json"))
+  if info is None:
+    exported, info = False, paths.read_json(paths.join(path, "model.json"))
+  if info is None:
+    hint = f"; it looks like a HuggingFace folder: write hf:{path}" if paths.path(path, "config.json").exists() else ""
+    raise ConfigError(
+      f"{field}: {path} holds no model: neither a run's workdir (model.json) nor an exported model "
+      f"(metadata.json){hint}"
+    )
+  if not exported and checkpoint.Checkpointer.steps_in(path) == []:
+    raise ConfigError(f"{field}: {path}: the run has saved no checkpoint yet; finish or resume that run first")
+  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info)
+
+
+def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelConfig) -> None:
+  """A workdir with checkpoints resumes only the run that wrote them: same stage, same model shape."""
+  if not checkpoint.Checkpointer.steps_in(workdir):
+    return
+  config = paths.read_json(paths.join(workdir, "config.json"), {})
+  written = config.get("stage")
+  if written and written != stage:
+    raise ConfigError(
+      f"--workdir: {workdir} holds checkpoints of a {written} run (config.json); give this {stage} run a new workdir"
+    )
+  info = paths.read_json(paths.join(workdir, "model.json"))
+  if info is None:
+    return
+  theirs, ours = info["model"], dataclasses.asdict(model_cfg)
+  changed = [f"{k}={theirs.get(k)} (now {ours[k]})" for k in SHAPE_FIELDS if theirs.get(k) != ours[k]]
+  if info["kind"] != kind:
+    changed.insert(0, f"kind={info['kind']} (now {kind})")
+  if changed:
+    raise ConfigError(
+      f"--workdir: {workdir} holds checkpoints of another model: {', '.join(changed)}; "
+      "give this run a new workdir, or the model config that wrote them"
+    )
 
 
 def resolve(model_section) -> tuple[models.ModelConfig, Source | None]:
@@ -109,10 +141,8 @@ def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig, *, 
   """Records what this run trains (and where its params sit in the checkpoint), so a later stage can start
   from its workdir."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     info = {"kind": kind, "model": dataclasses.asdict(model_cfg), "params_keys": list(params_keys)}
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-      json.dump(info, f, indent=2)
+    paths.write_json(paths.join(workdir, "model.json"), info)
 
 
 def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **extra) -> None:

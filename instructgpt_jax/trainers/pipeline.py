@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 
 import jax
 import numpy as np
 
-from instructgpt_jax import sampling, sharding, train_state
+from instructgpt_jax import paths, sampling, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, report, tasks, world
 from instructgpt_jax.trainers import model_io
@@ -27,17 +26,14 @@ MODELS = ("SFT", "PPO", "PPO-ptx")
 
 def _step(workdir: str, name: str, fn):
   """Runs fn() once per workdir: its result is kept in <workdir>/<name>/done.json."""
-  done = os.path.join(workdir, name, "done.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
+  done = paths.join(workdir, name, "done.json")
+  result = paths.read_json(done)
+  if result is not None:
+    return result
   logging.info("lab: %s", name)
-  result = fn(os.path.join(workdir, name))
+  result = fn(paths.join(workdir, name))
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(done), exist_ok=True)
-    with open(done + ".tmp", "w") as f:
-      json.dump(result, f, indent=2, default=float)
-    os.replace(done + ".tmp", done)
+    paths.write_text(done, json.dumps(result, indent=2, default=float))
   return result
 
 
@@ -49,6 +45,8 @@ def _run_stage(stage_config, directory: str) -> dict:
 
 def train(config, workdir: str) -> dict[str, float]:
   stages = config.stages
+  paths.check_output_dir(workdir, "--workdir")
+  paths.make_dir(workdir)
 
   # ---------------------------------------------------------------- a BPE of the world's text
   def train_tokenizer(directory):
@@ -60,16 +58,15 @@ def train(config, workdir: str) -> dict[str, float]:
       texts += [task.prompt, task.answer, labelers.write_demonstration(task, rng, w)[0]]
       texts += [r for r, _ in tasks.flawed_responses(task, w, rng)]
     tokenizer = tokenizer_lib.train_bpe(texts, vocab_size=config.tokenizer.vocab_size)
-    os.makedirs(directory, exist_ok=True)
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    return {"path": os.path.join(directory, "tokenizer.json"), "vocab_size": tokenizer.vocab_size}
+    tokenizer.save(paths.join(directory, "tokenizer.json"))
+    return {"path": paths.join(directory, "tokenizer.json"), "vocab_size": tokenizer.vocab_size}
 
   tokenizer_path = _step(workdir, "tokenizer", train_tokenizer)["path"]
   for stage in stages.values():
     stage.data.tokenizer = tokenizer_path
     stage.seed = config.seed
     stage.progress_bar = config.progress_bar
-  path = {name: os.path.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx")}
+  path = {name: paths.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx")}
 
   # ---------------------------------------------------------------- the stages
   results = {"pretrain": _step(workdir, "pretrain", lambda d: _run_stage(stages.pretrain, d))}
@@ -83,14 +80,14 @@ def train(config, workdir: str) -> dict[str, float]:
   results["rm"] = _step(workdir, "rm", lambda d: _run_stage(stages.rm, d))
   for name in ("ppo", "ppo_ptx"):
     stages[name].model.init_from = path["sft"]
-    stages[name].ppo.reward_model = os.path.join(path["rm"], "export")
+    stages[name].ppo.reward_model = paths.join(path["rm"], "export")
     results[name] = _step(workdir, name, lambda d, name=name: _run_stage(stages[name], d))
 
   # ---------------------------------------------------------------- evaluation and report
   exports = {
     "SFT": path["sft"],
-    "PPO": os.path.join(path["ppo"], "export"),
-    "PPO-ptx": os.path.join(path["ppo_ptx"], "export"),
+    "PPO": paths.join(path["ppo"], "export"),
+    "PPO-ptx": paths.join(path["ppo_ptx"], "export"),
   }
   results["evaluation"] = _step(workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d))
   summary = report.write(workdir, results)
@@ -149,7 +146,6 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
   policy = _Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
   w = world.make_world(0)
   rng = random.Random(config.seed)
-  os.makedirs(directory, exist_ok=True)
   out = {}
   pairs = []
   for split, n, group in (
@@ -158,23 +154,24 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
   ):
     split_tasks = datasets.sample_tasks(n, split=split, seed=config.seed, world=w, kind="labels")
     samples = policy.sample([t.prompt for t in split_tasks], c.k_max, seed=config.seed + (split == "eval"))
-    path, written, no_pairs, empty = os.path.join(directory, f"comparisons_{split}.jsonl"), 0, 0, 0
-    with open(path, "w") as f:
-      for i, (task, responses) in enumerate(zip(split_tasks, samples)):
-        responses = responses[: rng.randint(c.k_min, c.k_max)]
-        # A sample that is EOS alone has no text a comparison file can hold (empty responses are errors in
-        # the data formats): it leaves the set, counted.
-        empty += sum(not text for text, _ in responses)
-        responses = [(text, stopped) for text, stopped in responses if text]
-        ranks = group[i % len(group)].rank(task, responses, rng) if len(responses) >= 2 else [0]
-        if len(responses) < 2 or len(set(ranks)) < 2:
-          no_pairs += 1  # every response the same: nothing to compare (counted)
-          continue
-        f.write(json.dumps({"prompt": task.prompt, "responses": [r for r, _ in responses], "ranks": ranks}) + "\n")
-        written += 1
-        if split == "train":
-          a, b = rng.sample(responses, 2)
-          pairs.append((task, a, b))
+    path, written, no_pairs, empty = paths.join(directory, f"comparisons_{split}.jsonl"), 0, 0, 0
+    lines = []
+    for i, (task, responses) in enumerate(zip(split_tasks, samples)):
+      responses = responses[: rng.randint(c.k_min, c.k_max)]
+      # A sample that is EOS alone has no text a comparison file can hold (empty responses are errors in
+      # the data formats): it leaves the set, counted.
+      empty += sum(not text for text, _ in responses)
+      responses = [(text, stopped) for text, stopped in responses if text]
+      ranks = group[i % len(group)].rank(task, responses, rng) if len(responses) >= 2 else [0]
+      if len(responses) < 2 or len(set(ranks)) < 2:
+        no_pairs += 1  # every response the same: nothing to compare (counted)
+        continue
+      lines.append(json.dumps({"prompt": task.prompt, "responses": [r for r, _ in responses], "ranks": ranks}) + "\n")
+      written += 1
+      if split == "train":
+        a, b = rng.sample(responses, 2)
+        pairs.append((task, a, b))
+    paths.write_text(path, "".join(lines))
     out[split], out[f"{split}_prompts"], out[f"{split}_without_pairs"] = path, written, no_pairs
     out[f"{split}_empty_samples_dropped"] = empty
   pairs = pairs[: c.agreement_pairs]
@@ -232,24 +229,13 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
     out[f"win_rate_{n}"] = float(per_prompt.mean())
     out[f"win_rate_{n}_interval"] = _bootstrap_interval(per_prompt, c.bootstrap, config.seed)
     out[f"gold_win_rate_{n}"] = float(np.mean((gold[n] > gold["SFT"]) + 0.5 * (gold[n] == gold["SFT"])))
-  with open(os.path.join(_mkdir(directory), "samples.jsonl"), "w") as f:
-    for i, task in enumerate(eval_tasks):
-      f.write(
-        json.dumps(
-          {
-            "prompt": task.prompt,
-            "gold_answer": task.answer,
-            **{
-              n: {"response": responses[n][i][0], "stopped": responses[n][i][1], "gold": float(gold[n][i])}
-              for n in MODELS
-            },
-          }
-        )
-        + "\n"
-      )
+  records = [
+    {
+      "prompt": task.prompt,
+      "gold_answer": task.answer,
+      **{n: {"response": responses[n][i][0], "stopped": responses[n][i][1], "gold": float(gold[n][i])} for n in MODELS},
+    }
+    for i, task in enumerate(eval_tasks)
+  ]
+  paths.write_text(paths.join(directory, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
   return out
-
-
-def _mkdir(directory: str) -> str:
-  os.makedirs(directory, exist_ok=True)
-  return directory

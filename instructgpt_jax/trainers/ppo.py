@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import types
 
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from instructgpt_jax import checkpoint, losses, models, optim, rl, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, losses, models, optim, paths, rl, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data, text
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io
 
@@ -186,12 +185,14 @@ def train(config, workdir: str) -> dict[str, float]:
   data_cfg["batch_size"] = p.rollout_batch
   common.check(source is not None, "model.init_from: PPO starts from the PPO-init SFT model (spec §1); set it")
   common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
+  for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
+    model_io.read_source(p[field], f"ppo.{field}")
   common.check(p.kl_controller in KL_CONTROLLERS, f"ppo.kl_controller: {p.kl_controller!r} not in {KL_CONTROLLERS}")
   common.check(p.kl_estimator in KL_ESTIMATORS, f"ppo.kl_estimator: {p.kl_estimator!r} not in {KL_ESTIMATORS}")
   common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
   common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
   common.check_batch("ppo.minibatch", p.minibatch, mesh)
-  data_dir = os.path.join(workdir, "data")
+  data_dir = paths.join(workdir, "data")
   buckets = stage_data.prompt_buckets(data_cfg)
   if policy_cfg.family == "gpt":
     common.check(
@@ -456,7 +457,7 @@ def train(config, workdir: str) -> dict[str, float]:
     final = loop.finish(state, evaluation(state))
 
   # ---------------------------------------------------------------- export (EMA weights, spec §5.2)
-  export_dir = os.path.join(workdir, "export")
+  export_dir = paths.join(workdir, "export")
   model_io.export(export_dir, lm_params(state.policy.ema), "lm", policy_cfg, ema_decay=p.ema_decay)
   common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
@@ -567,14 +568,14 @@ class _Evaluation:
   def _dump(self, step: int, samples, scores) -> None:
     if jax.process_index() != 0:
       return
-    os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
-    with open(os.path.join(self.workdir, "samples", f"iteration_{step:06d}.jsonl"), "w") as f:
-      for i, (prompt_text, (_, response)) in enumerate(zip(self.texts, samples)):
-        record = {
-          "prompt": prompt_text,
-          "policy": self.tokenizer.decode(response),
-          "policy_score": float(scores[i]),
-          "sft": self.tokenizer.decode(self.sft["samples"][i][1]),
-          "sft_score": float(self.sft["scores"][i]),
-        }
-        f.write(json.dumps(record) + "\n")
+    lines = []
+    for i, (prompt_text, (_, response)) in enumerate(zip(self.texts, samples)):
+      record = {
+        "prompt": prompt_text,
+        "policy": self.tokenizer.decode(response),
+        "policy_score": float(scores[i]),
+        "sft": self.tokenizer.decode(self.sft["samples"][i][1]),
+        "sft_score": float(self.sft["scores"][i]),
+      }
+      lines.append(json.dumps(record) + "\n")
+    paths.write_text(paths.join(self.workdir, "samples", f"iteration_{step:06d}.jsonl"), "".join(lines))

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instructgpt_jax import losses, models, sharding, train_state
+from instructgpt_jax import losses, models, paths, sharding, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
 from instructgpt_jax.trainers import common, model_io
 
@@ -63,13 +62,15 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: st
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  stage = common.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   common.check(
     config.rm.pair_normalizer in ("binom_k", "valid_pairs"),
     f"rm.pair_normalizer: {config.rm.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
   )
   common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (spec §4.1: the bias)")
+  if config.rm.export_dir:
+    paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   total_steps = common.steps_for_epochs(config, len(data.train_source))
@@ -136,7 +137,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- the bias (spec §4.1) and export
   bias, count = demonstration_reward_mean(reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules)
-  export_dir = config.rm.export_dir or os.path.join(workdir, "export")
+  export_dir = config.rm.export_dir or paths.join(workdir, "export")
   model_io.export(export_dir, state.params, "scalar", model_cfg, reward_bias=bias, bias_demonstrations=count)
   logging.info("reward bias %.6f from %d demonstrations; exported to %s", bias, count, export_dir)
   common.print_summary("reward model", final, reward_bias=bias, export=export_dir)

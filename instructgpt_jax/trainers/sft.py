@@ -10,11 +10,9 @@ the RM and PPO stages (`model.init_from=<this workdir>`).
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from instructgpt_jax import sampling, sharding, train_state
+from instructgpt_jax import paths, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.trainers import common, judging, lm_steps
 
@@ -31,13 +29,13 @@ def train(config, workdir: str) -> dict[str, float]:
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   judge, eval_prompts = None, []
   if config.eval_rm.rm:
-    judge = judging.Judge.load(config.eval_rm.rm, mesh, rules)
+    judge = judging.Judge.load(config.eval_rm.rm, mesh, rules, field="eval_rm.rm")
     common.check(
       judge.model_cfg.vocab_size == model_cfg.vocab_size,
       f"eval_rm.rm: its vocabulary ({judge.model_cfg.vocab_size}) differs from the policy's",
     )
     prompts_spec = common.resolve_lab_files(
-      {"train": config.eval_rm.prompts}, os.path.join(workdir, "data"), seed=config.seed
+      {"train": config.eval_rm.prompts}, paths.join(workdir, "data"), seed=config.seed
     )["train"]
     _, eval_prompts = judging.load_prompts(
       prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
