@@ -1,7 +1,7 @@
 """TPU VMs: create one (or a queued resource), set up every worker, run a stage on all workers, delete it.
 
     python -m launch.tpu create --name=igpt --zone=us-central2-b --accelerator=v4-512 [--queued] [--spot]
-    python -m launch.tpu setup  --name=igpt --zone=us-central2-b --bucket=my-bucket
+    python -m launch.tpu setup  --name=igpt --zone=us-central2-b
     python -m launch.tpu run    --name=igpt --zone=us-central2-b -- \
         --config=configs/sft.py:size=175b --workdir=gs://my-bucket/sft175b --config.mesh.fsdp=64
     python -m launch.tpu delete --name=igpt --zone=us-central2-b
@@ -9,12 +9,11 @@ Add --dry-run to print the exact gcloud commands instead of running them.
 
 setup copies the working tree's tracked files (`git ls-files`, uncommitted edits included) to every
 worker and runs launch/setup_worker.sh there: a Python 3.11 venv with `pip install -e .[tpu]` (pinned by
-requirements-lock.txt) and, with --bucket, the bucket mounted by gcsfuse at /gcs/<bucket>. Both steps are
-idempotent: rerun setup after every code change. run executes the same main.py command on every worker
-(`--worker=all`) with `--config.distributed.mode=auto` (jax.distributed finds the other workers itself);
-a `gs://bucket/path` workdir becomes the mounted `/gcs/bucket/path`, since the metrics and config writers
-use local file APIs. Preempted or stopped: run the same command again and it resumes from the newest
-checkpoint in the workdir.
+requirements-lock.txt). It is idempotent: rerun setup after every code change. run executes the same
+main.py command on every worker (`--worker=all`) with `--config.distributed.mode=auto` (jax.distributed
+finds the other workers itself). Paths go through unchanged: the package reads and writes gs:// itself
+(the workdir, data, models; no gcsfuse mount), with the VM's service account. Preempted or stopped: run
+the same command again and it resumes from the newest checkpoint in the workdir.
 """
 
 from __future__ import annotations
@@ -72,27 +71,18 @@ def ssh_command(name: str, zone: str, remote: str, *, project: str = "") -> list
   ]
 
 
-def setup_commands(name: str, zone: str, *, project: str = "", bucket: str = "") -> list[list[str]]:
+def setup_commands(name: str, zone: str, *, project: str = "") -> list[list[str]]:
   """Pack the tracked files here, copy them to every worker, unpack and run setup_worker.sh there."""
   pack = ["bash", "-c", f"git ls-files -z | tar --null -T - -czf {ARCHIVE}"]
   copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", ARCHIVE, f"{name}:{ARCHIVE}", *_where(zone, project)]
   copy.append("--worker=all")
   remote = f"mkdir -p {REMOTE_DIR} && tar -xzf {ARCHIVE} -C {REMOTE_DIR} && bash {REMOTE_DIR}/launch/setup_worker.sh"
-  if bucket:
-    remote += f" {shlex.quote(bucket)}"
   return [pack, copy, ssh_command(name, zone, remote, project=project)]
-
-
-def worker_path(workdir: str) -> str:
-  """gs://bucket/path -> /gcs/bucket/path, where setup_worker.sh mounts the bucket; other paths unchanged."""
-  return "/gcs/" + workdir.removeprefix("gs://") if workdir.startswith("gs://") else workdir
 
 
 def run_command(name: str, zone: str, main_args: Sequence[str], *, project: str = "", log: str = "run.log"):
   """main.py with `main_args` on every worker, multi-host (`distributed.mode=auto`), output also in ~/<log>."""
-  args = [
-    f"--workdir={worker_path(a.removeprefix('--workdir='))}" if a.startswith("--workdir=") else a for a in main_args
-  ]
+  args = list(main_args)
   if not any(a.startswith("--config.distributed.mode=") for a in args):
     args.append("--config.distributed.mode=auto")
   main = shell([".venv/bin/python", "-m", "instructgpt_jax.main", *args])
@@ -125,7 +115,7 @@ def commands(args, main_args: Sequence[str]) -> list[list[str]]:
       )
     ]
   if args.action == "setup":
-    return setup_commands(args.name, args.zone, bucket=args.bucket, **where)
+    return setup_commands(args.name, args.zone, **where)
   if args.action == "run":
     if not main_args:
       raise SystemExit("run: give main.py's arguments after --, e.g. -- --config=configs/sft.py --workdir=gs://b/w")
@@ -146,7 +136,6 @@ def main(argv=None) -> int:
   parser.add_argument("--version", default=DEFAULT_VERSION, help="create: the TPU VM runtime version")
   parser.add_argument("--queued", action="store_true", help="create/delete: a queued resource")
   parser.add_argument("--spot", action="store_true", help="create: preemptible (spot) capacity")
-  parser.add_argument("--bucket", default="", help="setup: a GCS bucket to mount at /gcs/<bucket> on every worker")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(argv)
   for cmd in commands(args, main_args):

@@ -168,3 +168,33 @@ def test_stage_chain_and_hf_folders_through_a_bucket(gcs, bucket, tmp_path, monk
   assert imported.config == source.config
   reloaded = model_io.load(imported, "lm", target, imported.config, 0)
   jax.tree.map(np.testing.assert_array_equal, reloaded, params)
+
+
+def test_a_tfds_build_in_a_bucket_is_mirrored_and_a_new_host_downloads_it(gcs, bucket, tmp_path, monkeypatch):
+  import json
+  import shutil
+  import tempfile
+
+  from instructgpt_jax.data import formats, tfds_builders
+  from instructgpt_jax.data import tokenizer as tokenizer_lib
+
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the local cache goes under tmp_path
+  demos = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(20)]
+  paths.write_text(f"gs://{bucket}/demos.jsonl", "".join(json.dumps(d) + "\n" for d in demos))
+  data_dir, tokenizer = f"gs://{bucket}/tfds", tokenizer_lib.byte_tokenizer()
+
+  def build():
+    dataset = tfds_builders.build(
+      "demonstrations", {"train": f"gs://{bucket}/demos.*"}, data_dir=data_dir, tokenizer=tokenizer
+    )
+    source = dataset.source("train")
+    return [(bytes(source[i]["prompt"]), list(source[i]["response_ids"])) for i in range(len(source))]
+
+  first = build()
+  assert [p.decode() for p, _ in first] == [d["prompt"] for d in demos]
+  local = tfds_builders.local_cache_dir(data_dir)
+  assert local.startswith(str(tmp_path)) and not os.path.exists(data_dir.replace("gs://", ""))
+  assert sum(o.endswith("/_COMPLETE") for o in gcs.objects(bucket)) == 1
+  shutil.rmtree(local)  # a new host, or a new VM after a preemption: nothing local
+  monkeypatch.setattr(formats, "read_records", lambda *a, **k: pytest.fail("read the JSONL again"))
+  assert build() == first

@@ -33,17 +33,16 @@ def test_tpu_create_prints_the_gcloud_command(capsys):
 
 
 def test_tpu_setup_copies_the_code_and_runs_the_worker_script_everywhere(capsys):
-  assert dry_run(capsys, "setup", "--name=igpt", f"--zone={ZONE}", "--bucket=my-bucket") == [
+  assert dry_run(capsys, "setup", "--name=igpt", f"--zone={ZONE}") == [
     "bash -c 'git ls-files -z | tar --null -T - -czf /tmp/instructgpt_jax.tgz'",
     "gcloud compute tpus tpu-vm scp /tmp/instructgpt_jax.tgz igpt:/tmp/instructgpt_jax.tgz --zone=us-central2-b "
     "--worker=all",
     "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=mkdir -p ~/instructgpt_jax "
-    "&& tar -xzf /tmp/instructgpt_jax.tgz -C ~/instructgpt_jax && bash ~/instructgpt_jax/launch/setup_worker.sh "
-    "my-bucket'",
+    "&& tar -xzf /tmp/instructgpt_jax.tgz -C ~/instructgpt_jax && bash ~/instructgpt_jax/launch/setup_worker.sh'",
   ]
 
 
-def test_tpu_run_starts_the_stage_on_all_workers_with_the_workdir_on_gcs(capsys):
+def test_tpu_run_starts_the_stage_on_all_workers_with_gcs_paths_passed_through(capsys):
   lines = dry_run(
     capsys,
     "run",
@@ -53,12 +52,13 @@ def test_tpu_run_starts_the_stage_on_all_workers_with_the_workdir_on_gcs(capsys)
     "--config=configs/sft.py:size=175b",
     "--workdir=gs://my-bucket/sft175b",
     "--config.mesh.fsdp=64",
-    "--config.data.train=demos/train*.jsonl",
+    "--config.data.train=gs://my-bucket/demos/train*.jsonl",
   )
   assert lines == [
     "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=cd ~/instructgpt_jax && "
-    ".venv/bin/python -m instructgpt_jax.main --config=configs/sft.py:size=175b --workdir=/gcs/my-bucket/sft175b "
-    "--config.mesh.fsdp=64 '\"'\"'--config.data.train=demos/train*.jsonl'\"'\"' --config.distributed.mode=auto "
+    ".venv/bin/python -m instructgpt_jax.main --config=configs/sft.py:size=175b --workdir=gs://my-bucket/sft175b "
+    "--config.mesh.fsdp=64 '\"'\"'--config.data.train=gs://my-bucket/demos/train*.jsonl'\"'\"' "
+    "--config.distributed.mode=auto "
     "2>&1 | tee -a ~/run.log'"
   ]
 

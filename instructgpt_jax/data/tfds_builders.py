@@ -33,8 +33,8 @@ import logging
 import os
 import tempfile
 
-import jax
 import filelock
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
