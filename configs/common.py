@@ -30,6 +30,9 @@ def run_config(
   c.progress_bar = True
   c.model = config_lib.model_section(size, **model_fields)
   c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (trainers/model_io.py)
+  # Which checkpoint of an init_from workdir: "" = the one that run selected (SFT: best RM score or validation
+  # loss; selected.json), else its newest; "latest"; or a step number.
+  c.model.init_from_step = ""
   # Device mesh (data, fsdp, tensor) within a slice; -1 takes the remaining devices. dcn_* multiply an axis
   # across slices (multi-slice TPU). docs/scaling.md says how to choose.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
@@ -53,7 +56,7 @@ def optim_config(
   tf_style_eps: bool = False,
   microbatches: int = 1,
 ) -> ml_collections.ConfigDict:
-  """Adam with InstructGPT's β = (0.9, 0.95) (spec §2) and one of the schedules of optim.py.
+  """Adam with InstructGPT's β = (0.9, 0.95) (docs/paper.md §2) and one of the schedules of optim.py.
 
   `microbatches` > 1 accumulates gradients over that many slices of each batch (same result, less memory).
   """

@@ -85,7 +85,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
 
   # ---- the reward model
   r = rm.get_config("tiny")
-  r.epochs = 1  # the paper's: the RM overfits after one epoch (spec §4.1)
+  r.epochs = 1  # the paper's: the RM overfits after one epoch (docs/paper.md §4.1)
   # A sampled response, decoded and encoded again, can take more tokens than it was sampled with; the rare
   # comparison that no longer fits is skipped and counted rather than stopping the pipeline.
   r.data.update(seq_len=64, max_responses=9, batch_size=16, on_error="skip")

@@ -1,11 +1,22 @@
-"""Stage 3: PPO-ptx against the reward model, with a per-token KL penalty to the SFT policy (spec §5).
+"""Stage 3: PPO-ptx against the reward model, with a per-token KL penalty to the SFT policy (docs/paper.md §5).
 
-Paper values by default (InstructGPT, App. C.4): β = 0.02 fixed, γ = 27.8 (γ = 0 is plain "PPO"), 256k
-episodes in rollout batches of 512 (500 iterations), minibatch 64 (8 per batch), 1 inner epoch, clip 0.2,
-GAE with γ = 1 (λ = 0.95, not reported), temperature 1, prompts ≤ 1k and responses ≤ 1k tokens, a constant
-policy lr after a 10-iteration warmup from 0.1×, a value function initialized from the RM with its own lr
-9e-6 (5e-6 for the 175B policy), EMA of the policy weights 0.992, and 8 pretraining examples per episode
-whose γ-scaled gradient is added to every minibatch's.
+The paper's values (App. C.4): β = 0.02 fixed, γ = 27.8 (γ = 0 is plain "PPO"), 256k episodes in rollout
+batches of 512 (500 iterations), minibatch 64 (8 per batch), 1 inner epoch, clip 0.2, GAE discount 1,
+temperature 1, prompts ≤ 1k and responses ≤ 1k tokens, a constant policy lr after a 10-iteration warmup
+from 0.1×, a value function initialized from the RM (its normalization bias included) with its own lr 9e-6
+(5e-6 for the 175B policy), EMA of the policy weights 0.992, and 8 pretraining examples per episode whose
+γ-scaled gradient is added to every minibatch's.
+
+γ = 27.8 is read as Eq. 2 writes it (`ppo.ptx_reduction="sequence_sum"`, the default): the ptx term is the
+summed log-likelihood of each pretraining sequence, weighed against the per-episode objective; since the
+PPO loss is a per-token mean, the code divides the ptx term by the minibatch's mean response length.
+"token_mean" makes γ a weight on the per-token mean instead; the same run then needs γ_token = γ_paper ·
+(pretraining tokens per sequence) / (mean response tokens) (docs/losses.md, docs/paper.md §5.4). The paper
+states neither reduction, so 27.8 in the first reading is our best reading, not a measured equivalence.
+
+Not in the paper (our choices, docs/paper.md §5.2-§5.3): λ = 0.95, the policy lr (the paper only gives its
+sweep, 2.55e-6..2.55e-5; we use 5e-6), Adam ε 1e-5, gradients clipped to global norm 1.0, no weight decay,
+no dropout, the KL penalty's estimator k1.
 
     python -m instructgpt_jax.main --config=configs/ppo.py:size=1.3b --workdir=W_PPO \
         --config.model.init_from=W_SFT_PPO_INIT --config.ppo.reward_model=W_RM/export \
@@ -33,7 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     log_every_steps=1,
     dtype="bfloat16",
     param_dtype="float32",
-    resid_dropout=0.0,  # dropout off in PPO (spec §8 row 14)
+    resid_dropout=0.0,  # dropout off in PPO (our choice, docs/paper.md §8 row 14)
   )
   c.eval_every_steps = 25
   c.ppo = ml_collections.ConfigDict(
@@ -44,17 +55,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       epochs=1,
       clip=0.2,  # ε of the clipped surrogate
       value_clip=0.2,
-      gamma=1.0,  # GAE discount: none (spec §5.2)
+      gamma=1.0,  # GAE discount: none (App. C.4)
       lam=0.95,  # GAE λ: not reported; lm-human-preferences' value
       kl_coef=0.02,  # β
-      kl_controller="fixed",  # "fixed" (paper) or "adaptive" (Ziegler et al. 2019, spec §8.4)
+      kl_controller="fixed",  # "fixed" (paper) or "adaptive" (Ziegler et al. 2019, docs/paper.md §8.4)
       kl_target=6.0,
       kl_horizon=10_000,
       kl_estimator="k1",  # the per-token penalty: k1 (the paper's log-ratio), k2 or k3
       ptx_coef=27.8 if a.ptx else 0.0,  # γ
+      ptx_reduction="sequence_sum",  # how γ is read: "sequence_sum" (Eq. 2) or "token_mean" (docstring)
       ptx_per_episode=8,  # pretraining sequences per RL episode, added to every minibatch
       temperature=1.0,
-      max_new_tokens=1024,  # responses capped at 1k tokens (spec §2)
+      max_new_tokens=1024,  # responses capped at 1k tokens (App. C)
       whiten_rewards=False,
       whiten_advantages=True,
       missing_eos_penalty=0.0,  # 0: off; else the score of a response that never emitted EOS (e.g. -1)
@@ -64,8 +76,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       shared_trunk=False,
       vf_coef=0.1,
       reward_model="",  # an exported RM (rm stage's <workdir>/export); its bias is applied
-      value_init="",  # "" = the reward model (spec §5.1)
-      reference="",  # "" = model.init_from, the PPO-init SFT model (spec §1)
+      value_init="",  # "" = the reward model (docs/paper.md §5.1)
+      reference="",  # "" = model.init_from, the PPO-init SFT model (docs/paper.md §1)
     )
   )
   c.data = ml_collections.ConfigDict(
@@ -76,18 +88,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       tokenizer="bytes",
       template="plain",
       on_error="raise",
-      max_prompt_len=1024,  # longer prompts are dropped and counted (spec §2)
+      max_prompt_len=1024,  # longer prompts are dropped and counted (App. C)
       prompt_buckets="",  # "" = powers of two up to max_prompt_len
       ptx_corpus="",  # pretraining text ("lab" or globs); required when ptx_coef > 0
       ptx_seq_len=2048,
       eval_prompts=256,
     )
   )
-  # The policy's lr is not reported (spec §5.2: swept 2.55e-6 .. 2.55e-5; above 8.05e-6 diverged without ptx).
+  # The policy's lr is not reported (App. E.9: swept 2.55e-6 .. 2.55e-5; above 8.05e-6 diverged without ptx).
+  # ε 1e-5, clip 1.0, no weight decay: our choice for policy and critic (the paper gives none).
   c.optim = common.optim_config(
-    lr=5e-6, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1, weight_decay=0.0, eps=1e-5
+    lr=5e-6, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1, weight_decay=0.0, eps=1e-5, clip_norm=1.0
   )  # warmup_steps counts iterations; the trainer turns it into optimizer steps
-  c.value_optim = common.optim_config(lr=5e-6 if size == "gpt3-175b" else 9e-6, schedule="constant", eps=1e-5)
+  c.value_optim = common.optim_config(
+    lr=5e-6 if size == "gpt3-175b" else 9e-6, schedule="constant", weight_decay=0.0, eps=1e-5, clip_norm=1.0
+  )
   if a.tiny:
     c.model.dtype = "float32"
     c.checkpoint_every_steps = 5

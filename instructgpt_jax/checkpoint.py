@@ -1,10 +1,14 @@
 """Checkpoints with orbax: async saves, the last K kept, resume from the newest, restore onto any mesh.
 
-Layout: `workdir/checkpoints/<step>/{state,data}`. `state` is the TrainState pytree (params, optimizer
-state, step, RNG key); `data` is the JSON state of the data iterator, so a resumed run sees exactly the
-batches an uninterrupted run would. Orbax writes each step into a temporary folder and renames it when
-complete (on GCS, which has no rename, it writes a commit marker last), so a crash during a save leaves
-the previous checkpoint intact. Every path may be local or gs:// (orbax writes through epath and tensorstore).
+Layout: `workdir/checkpoints/<step>/{state,data[,metrics]}`. `state` is the TrainState pytree (params,
+optimizer state, step, RNG key); `data` is the JSON state of the data iterator, so a resumed run sees
+exactly the batches an uninterrupted run would. A run that selects a checkpoint (SFT: by RM score or
+validation loss) saves each evaluated step with its `metrics`; retention then keeps the `keep` newest steps
+and, always, the best one, which `workdir/selected.json` names (`Selection`).
+
+Orbax writes each step into a temporary folder and renames it when complete (on GCS, which has no rename,
+it writes a commit marker last), so a crash during a save leaves the previous checkpoint intact. Every path
+may be local or gs:// (orbax writes through epath and tensorstore).
 """
 
 from __future__ import annotations
@@ -36,6 +40,37 @@ def _restore_subtree(path, target: Any) -> Any:
   return ocp.PyTreeCheckpointer().restore(path, args=args)
 
 
+class Selection:
+  """Which checkpoint of a run the next stage starts from: the step with the best `metric` (largest for
+  mode "max", smallest for "min") among the evaluated ones, recorded in `workdir/selected.json` as
+  {"step", "metric", "value"} by process 0 whenever a better step is saved."""
+
+  FILE = "selected.json"
+
+  def __init__(self, workdir: str, metric: str, mode: str):
+    if mode not in ("max", "min"):
+      raise ValueError(f"selection mode {mode!r} is not 'max' or 'min'")
+    self.path, self.metric, self.mode = paths.join(workdir, self.FILE), metric, mode
+    recorded = paths.read_json(self.path)
+    self.best = recorded if recorded and recorded.get("metric") == metric else None
+
+  def better(self, value: float) -> bool:
+    if self.best is None:
+      return True
+    return value > self.best["value"] if self.mode == "max" else value < self.best["value"]
+
+  def record(self, step: int, value: float) -> None:
+    self.best = {"step": int(step), "metric": self.metric, "value": float(value)}
+    if jax.process_index() == 0:
+      paths.write_json(self.path, self.best)
+
+  @classmethod
+  def step_of(cls, workdir: str) -> int | None:
+    """The step `workdir/selected.json` names, or None without one."""
+    recorded = paths.read_json(paths.join(workdir, cls.FILE))
+    return None if recorded is None else int(recorded["step"])
+
+
 def _on_first_device(tree: Any) -> Any:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
@@ -44,9 +79,20 @@ def _on_first_device(tree: Any) -> Any:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, select: Selection | None = None):
     self.directory = paths.path(workdir) / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    policy = ocp.checkpoint_managers.LatestN(n=keep)
+    if select is not None:  # the best evaluated step survives retention, whatever its age
+      best = ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m[select.metric],
+        reverse=select.mode == "min",  # BestN keeps the last n after sorting
+        n=1,
+        keep_checkpoints_without_metrics=False,
+      )
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, best])
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=async_save, create=True
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   @staticmethod
@@ -60,9 +106,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False, metrics: dict | None = None
+  ) -> bool:
+    """Saves `step` (asynchronously); `metrics` (evaluation results) are kept with it for retention."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=force, metrics=metrics)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores into the shardings carried by `abstract_state` (a tree of ShapeDtypeStructs with

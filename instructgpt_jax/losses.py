@@ -3,7 +3,8 @@
 Every loss takes arrays and explicit masks (never a model) and returns ``(loss, metrics)``: a float32
 scalar and a dict of float32 scalar diagnostics. A mask is a bool or 0/1 float array, 1 on the tokens
 that count; a "masked mean" is the mean over every unmasked token of the whole batch, so a minibatch of
-long and short responses weights each token equally (spec §5.4: per-token means for both PPO and ptx).
+long and short responses weights each token equally (the PPO loss; the ptx term's reduction is an option of
+ppo_ptx_loss, docs/paper.md §5.4).
 
 All functions are jit-able with no Python control flow on array values; string options
 (``normalizer``, ``estimator``) select code at trace time, so jit them as static arguments. Under
@@ -83,6 +84,33 @@ def ranking_loss(
     "num_prompts" (prompts holding at least one valid pair), "margin" (mean r_w − r_l over pairs).
     A prompt without a valid pair contributes nothing and produces no NaN.
   """
+  terms = ranking_prompt_terms(rewards, ranks, normalizer=normalizer)
+  has_pairs_B = terms["num_pairs"] > 0
+  loss = _masked_mean(terms["loss"], has_pairs_B)
+  num_pairs = jnp.sum(terms["num_pairs"])
+  metrics = {
+    "accuracy": jnp.sum(terms["correct"]) / jnp.maximum(num_pairs, 1.0),
+    "num_pairs": num_pairs,
+    "num_prompts": jnp.sum(has_pairs_B).astype(jnp.float32),
+    "margin": jnp.sum(terms["margin_sum"]) / jnp.maximum(num_pairs, 1.0),
+  }
+  return loss, metrics
+
+
+def ranking_prompt_terms(
+  rewards: jax.Array,
+  ranks: jax.Array,
+  *,
+  normalizer: Literal["binom_k", "valid_pairs"] = "binom_k",
+) -> dict[str, jax.Array]:
+  """Eq. 1 per prompt, the pieces `ranking_loss` averages and an evaluation sums over a whole split.
+
+  Args: as `ranking_loss`.
+
+  Returns:
+    {"loss": L_b (0 without pairs), "num_pairs": |P_b|, "correct": pairs with r_w > r_l, "margin_sum":
+    Σ (r_w − r_l) over P_b, "num_present": K_b}, each [B] float32.
+  """
   if normalizer not in ("binom_k", "valid_pairs"):
     raise ValueError(f"normalizer must be 'binom_k' or 'valid_pairs', got {normalizer!r}")
   ranks = jnp.asarray(ranks)
@@ -95,23 +123,16 @@ def ranking_loss(
   margin_BxKxK = rewards_BxK[:, :, None] - rewards_BxK[:, None, :]
   pair_loss_BxKxK = jnp.where(is_pair_BxKxK, -jax.nn.log_sigmoid(margin_BxKxK), 0.0)
 
-  num_pairs_B = jnp.sum(is_pair_BxKxK, axis=(1, 2)).astype(rewards_BxK.dtype)
-  if normalizer == "binom_k":
-    num_present_B = jnp.sum(present_BxK, axis=1).astype(rewards_BxK.dtype)
-    denominator_B = num_present_B * (num_present_B - 1.0) / 2.0
-  else:
-    denominator_B = num_pairs_B
-  has_pairs_B = num_pairs_B > 0
-  prompt_loss_B = jnp.sum(pair_loss_BxKxK, axis=(1, 2)) / jnp.maximum(denominator_B, 1.0)
-  loss = _masked_mean(prompt_loss_B, has_pairs_B)
-
-  metrics = {
-    "accuracy": _masked_mean((margin_BxKxK > 0).astype(rewards_BxK.dtype), is_pair_BxKxK),
-    "num_pairs": jnp.sum(num_pairs_B),
-    "num_prompts": jnp.sum(has_pairs_B).astype(rewards_BxK.dtype),
-    "margin": _masked_mean(margin_BxKxK, is_pair_BxKxK),
+  num_pairs_B = jnp.sum(is_pair_BxKxK, axis=(1, 2)).astype(jnp.float32)
+  num_present_B = jnp.sum(present_BxK, axis=1).astype(jnp.float32)
+  denominator_B = num_present_B * (num_present_B - 1.0) / 2.0 if normalizer == "binom_k" else num_pairs_B
+  return {
+    "loss": jnp.sum(pair_loss_BxKxK, axis=(1, 2)) / jnp.maximum(denominator_B, 1.0),
+    "num_pairs": num_pairs_B,
+    "correct": jnp.sum(is_pair_BxKxK & (margin_BxKxK > 0), axis=(1, 2)).astype(jnp.float32),
+    "margin_sum": jnp.sum(jnp.where(is_pair_BxKxK, margin_BxKxK, 0.0), axis=(1, 2)),
+    "num_present": num_present_B,
   }
-  return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,7 +146,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float 
       log π(y_t | x, y_<t) = log softmax(z_t / T)[y_t]
 
   The division by T must match the sampler's, in the rollout, the re-forward and the reference
-  pass alike (spec §8 row 13); otherwise the first PPO ratio is not 1.
+  pass alike (docs/paper.md §8 row 13); otherwise the first PPO ratio is not 1.
 
   Args:
     logits: [B, L, V], any float dtype; the softmax is computed in float32.
@@ -185,8 +206,8 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax
 
       L_LM = −(1/N) Σ_{b,t} m_bt · log π(y_bt | y_b,<t),   N = Σ_{b,t} m_bt
 
-  Maximising γ·E_{x~D_pretrain}[log π(x)] in Eq. 2 is minimising γ·L_LM. The per-token mean is our
-  reduction; the paper does not state its own (spec §5.4), so γ = 27.8 is tied to it.
+  Used for SFT and for the ptx term when `ppo_ptx_loss(ptx_reduction="token_mean")`; Eq. 2's own reading of
+  the ptx term sums over each sequence (see ppo_ptx_loss).
 
   Args:
     logits: [B, L, V], any float dtype; log-softmax in float32.
@@ -299,7 +320,7 @@ def kl_penalty(
   """Per-token estimators of KL(π_φ ‖ π^SFT) from the sampled tokens (Schulman 2020, "Approximating
   KL divergence"), with x_t = log π_φ(y_t | s_t) − log π^SFT(y_t | s_t) and y_t ~ π_φ:
 
-      k1 = x                   unbiased; the per-token term of Eq. 2 (spec §5.1)
+      k1 = x                   unbiased; the per-token term of Eq. 2 (docs/paper.md §5.1)
       k2 = x² / 2              biased, low variance, always ≥ 0
       k3 = e^{−x} − 1 + x      unbiased, always ≥ 0
 
@@ -335,10 +356,23 @@ def ppo_ptx_loss(
   *,
   clip_eps: float = 0.2,
   ptx_coef: float = 27.8,
+  ptx_reduction: Literal["sequence_sum", "token_mean"] = "sequence_sum",
 ) -> tuple[jax.Array, Metrics]:
   """The full policy loss of one PPO-ptx minibatch (Eq. 2 with γ > 0), for one jitted step.
 
-      L = L^CLIP(φ) + γ · L_LM(φ; D_pretrain)
+      L = L^CLIP(φ) + γ · L_ptx(φ; D_pretrain)
+
+  L^CLIP is a mean over the minibatch's response tokens. Eq. 2 adds γ·E_x[log π(x)], a log-likelihood
+  summed over each pretraining sequence x, to an objective per episode. With B episodes of T̄ response
+  tokens on average (T̄ = Σ mask / B) and P pretraining sequences:
+
+      "sequence_sum":  L_ptx = (1/P) Σ_x Σ_s −log π(x_s)  /  T̄
+      "token_mean":    L_ptx = Σ_x Σ_s −log π(x_s) / N_ptx        (N_ptx = Σ ptx_mask)
+
+  "sequence_sum" is Eq. 2 exactly, up to the positive factor 1/T̄ that the per-token PPO loss already
+  carries: L = (1/T̄)·(−Eq. 2 per episode). The two differ by the factor L̄/T̄, where L̄ = N_ptx / P is the
+  loss tokens per pretraining sequence, so γ_token_mean = γ_sequence_sum · L̄ / T̄ gives the same loss
+  (e.g. 27.8 · 2048 / 200 ≈ 285). The paper states neither reduction (docs/paper.md §5.4).
 
   The paper computes the PPO gradient and the γ-scaled pretraining gradient in consecutive steps
   and accumulates both in one buffer (App. C.4); by linearity of ∇ that buffer equals ∇L. The
@@ -350,18 +384,30 @@ def ppo_ptx_loss(
     ptx_targets: [B_ptx, L] int, aligned with ptx_logits.
     ptx_mask: [B_ptx, L] bool or 0/1.
     clip_eps: ε of the clipped surrogate.
-    ptx_coef: γ (27.8 in the paper, tied to its unstated reduction; see lm_loss).
+    ptx_coef: γ (27.8 in the paper).
+    ptx_reduction: "sequence_sum" (Eq. 2) or "token_mean" (above). Static under jit.
 
   Returns:
-    (loss, metrics). metrics: "policy_loss", "ptx_loss", the ppo_policy_loss metrics, and
+    (loss, metrics). metrics: "policy_loss", "ptx_loss" (the per-token mean NLL, comparable across
+    reductions), "ptx_term" (L_ptx, what γ multiplies), the ppo_policy_loss metrics, and
     "ptx_token_count", "ptx_accuracy".
   """
+  if ptx_reduction not in ("sequence_sum", "token_mean"):
+    raise ValueError(f"ptx_reduction must be 'sequence_sum' or 'token_mean', got {ptx_reduction!r}")
   policy, policy_metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps)
   ptx, ptx_metrics = lm_loss(ptx_logits, ptx_targets, ptx_mask)
+  if ptx_reduction == "token_mean":
+    term = ptx
+  else:
+    ptx_mask = jnp.asarray(ptx_mask)
+    sequences = jnp.maximum(jnp.sum(jnp.any(ptx_mask > 0, axis=1)), 1.0)
+    mean_response_tokens = jnp.maximum(jnp.sum(_float32(mask)), 1.0) / mask.shape[0]
+    term = ptx * ptx_metrics["token_count"] / sequences / mean_response_tokens
   metrics = {
     "policy_loss": policy,
     "ptx_loss": ptx,
+    "ptx_term": term,
     **policy_metrics,
     **{f"ptx_{name}": value for name, value in ptx_metrics.items()},
   }
-  return policy + ptx_coef * ptx, metrics
+  return policy + ptx_coef * term, metrics

@@ -1,10 +1,10 @@
 """Optimizers and learning-rate schedules (optax).
 
-InstructGPT uses Adam with β = (0.9, 0.95) for every model (spec §2). Schedules:
+InstructGPT uses Adam with β = (0.9, 0.95) for every model (docs/paper.md §2). Schedules:
   * "cosine":   linear warmup, then cosine decay to `final_lr_fraction` × peak (SFT and RM: 10%, no warmup).
   * "constant": linear warmup from `warmup_init_fraction` × peak, then constant (PPO: 10 iterations from 0.1×).
   * "linear":   linear warmup, then linear decay to `final_lr_fraction` × peak.
-Weight decay (decoupled, AdamW) skips biases and norm scales. The optional TF-style ε (spec §8.3) adds a
+Weight decay (decoupled, AdamW) skips biases and norm scales. The optional TF-style ε (docs/paper.md §8.3) adds a
 constant ε to √v of the raw, not bias-corrected, moments, as TF1's Adam did.
 """
 
@@ -60,7 +60,7 @@ def scale_by_adam_tf_style(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-5)
   """Adam as TF1 computes it: step = √(1-β2^t)/(1-β1^t) · m / (√v + ε), ε not bias-corrected.
 
   optax's adam divides by (√v̂ + ε) with bias-corrected v̂, whose effective ε is ε·√(1-β2^t): tiny early
-  in training, so the first updates are larger (spec §8.3).
+  in training, so the first updates are larger (docs/paper.md §8.3).
   """
 
   def init(params):

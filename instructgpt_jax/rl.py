@@ -1,7 +1,7 @@
 """RL pieces of PPO-ptx (Ouyang et al. 2022, §3.5): per-token KL rewards, GAE, whitening, KL control.
 
 The environment is a bandit (one prompt, one response, one reward-model score), turned into a
-per-token return by spreading the KL penalty of Eq. 2 over the response tokens (spec §5.1).
+per-token return by spreading the KL penalty of Eq. 2 over the response tokens (docs/paper.md §5.1).
 
 Arrays are [B, T]: B responses, T response positions, right-padded in practice. The mask is a bool or
 0/1 float array, 1 on the real response tokens; masked-out entries may hold anything (even NaN) and do
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 AxisName = str | tuple[str, ...]
 
-# The [NID]/lm-human-preferences constant (spec §8.1); it keeps a constant input finite, not a variance floor.
+# The [NID]/lm-human-preferences constant (docs/paper.md §8.1); it keeps a constant input finite, not a variance floor.
 _WHITEN_EPS = 1e-8
 
 
@@ -35,7 +35,7 @@ def per_token_rewards(
   *,
   kl_coef: float | jax.Array,
 ) -> jax.Array:
-  """Per-token rewards whose sum over a response is the bracket of Eq. 2 (spec §5.1).
+  """Per-token rewards whose sum over a response is the bracket of Eq. 2 (docs/paper.md §5.1).
 
       r_t = −β · (log π_φ^RL(y_t | x, y_<t) − log π^SFT(y_t | x, y_<t))   for real tokens t < T_b
       r_T = −β · (log π_φ^RL(y_T | …) − log π^SFT(y_T | …)) + r_θ(x, y)    at the last real token T_b
@@ -80,7 +80,7 @@ def gae(
 
   Masked positions are not steps of the episode: they get A_t = R_t = 0, and the recursion passes
   over them, so t+1 means the next real token (for right padding, simply t+1). InstructGPT uses
-  γ = 1 (App. C.4); λ is not reported, 0.95 follows lm-human-preferences (spec §5.2).
+  γ = 1 (App. C.4); λ is not reported, 0.95 follows lm-human-preferences (docs/paper.md §5.2).
 
   Args:
     rewards: [B, T] r_t (per_token_rewards, optionally whitened).
@@ -131,7 +131,7 @@ def whiten(
   shift_mean: bool = True,
   axis_name: AxisName | None = None,
 ) -> jax.Array:
-  """Masked whitening with population statistics (spec §8.1).
+  """Masked whitening with population statistics (docs/paper.md §8.1).
 
       μ = Σ m·x / Σ m,   σ² = Σ m·(x − μ)² / Σ m   (ddof 0, as TF1 and jnp.var)
       whiten(x) = (x − μ) · rsqrt(σ² + 1e-8)        (+ μ when shift_mean=False)
@@ -194,12 +194,12 @@ def adaptive_kl_update(
   target: float,
   horizon: float,
 ) -> KLControllerState:
-  """Proportional β controller of Ziegler et al. 2019 (lm-human-preferences; spec §8 row 12, §8.4).
+  """Proportional β controller of Ziegler et al. 2019 (lm-human-preferences; docs/paper.md §8 row 12, §8.4).
 
       e = clip(KL / KL_target − 1, −0.2, 0.2)
       β ← β · (1 + e · n / horizon)
 
-  Worked example (spec §8.4): β = 0.15, target 6, horizon 10,000, KL = 9.0, n = 512 → 0.151536.
+  Worked example (docs/paper.md §8.4): β = 0.15, target 6, horizon 10,000, KL = 9.0, n = 512 → 0.151536.
 
   Args:
     state: current β.

@@ -8,12 +8,12 @@ response bucket) pair, whatever the actual prompt and response lengths.
 
 Layout shared by the sampler and the scorers. For prompt tokens [B, P] with segment ids (1 real, 0 pad)
 and a response [B, R] with its mask, the sequence the model sees is `prompt ‖ response` with segment ids
-`prompt_segment_ids ‖ response_mask`, and position ids `cumsum(mask) - mask` (spec §8 rows 2-4). The
+`prompt_segment_ids ‖ response_mask`, and position ids `cumsum(mask) - mask` (docs/paper.md §8 rows 2-4). The
 response is right-padded: a row stops after emitting EOS (which is part of the response, mask 1) or at its
 length limit, and from then on holds `pad_id` with mask 0 and log-prob 0. A row whose prompt is all padding
 (a filler row of a global batch) produces no response at all.
 
-Log-prob semantics (spec §8 row 13). The sampler returns, for each sampled token y_t,
+Log-prob semantics (docs/paper.md §8 row 13). The sampler returns, for each sampled token y_t,
 
     log softmax(z_t / T)[y_t]
 
@@ -64,7 +64,7 @@ class SamplingSettings:
 
   def __post_init__(self):
     if self.eos_id == self.pad_id:
-      raise errors.ConfigError(f"sampling: pad_id must differ from eos_id ({self.eos_id}), spec §8 row 2")
+      raise errors.ConfigError(f"sampling: pad_id must differ from eos_id ({self.eos_id}), docs/paper.md §8 row 2")
     if not self.temperature > 0:
       raise errors.ConfigError(f"sampling.temperature: {self.temperature} must be > 0 (use greedy=True for argmax)")
     if self.top_k < 0:
@@ -318,9 +318,9 @@ def response_values(
   """Per-token values and the final-token score of a response under a scalar-head model (value, reward).
 
   prompt_*: [B, P] left-padded; response_*: [B, R] right-padded. Returns (values [B, R], scores [B]),
-  float32: values[t] is read at the state before response token t (position P - 1 + t, spec §5.4 step 5),
+  float32: values[t] is read at the state before response token t (position P - 1 + t, docs/paper.md §5.4 step 5),
   0 where the mask is 0; scores[b] is read at the last real response token (EOS when the row ended
-  there, spec §8 row 7), 0 for an empty response.
+  there, docs/paper.md §8 row 7), 0 for an empty response.
   """
   model = nnx.merge(graphdef, params)
   tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)

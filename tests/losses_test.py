@@ -319,7 +319,7 @@ def test_ppo_policy_loss_matches_reference(clip_eps):
 
 
 def test_ppo_policy_loss_on_policy_is_minus_mean_advantage():
-  """First minibatch of an iteration: ρ = 1, nothing clipped, the loss is −mean(A) (spec §9.8)."""
+  """First minibatch of an iteration: ρ = 1, nothing clipped, the loss is −mean(A) (docs/paper.md §9.8)."""
   rng = np.random.default_rng(4)
   _, old, advantages, mask = random_ppo_batch(rng, 4, 5)
   loss, metrics = jax.jit(losses.ppo_policy_loss)(old, old, advantages, mask)
@@ -394,7 +394,17 @@ def test_ppo_ptx_loss_is_policy_plus_gamma_lm_and_matches_accumulated_gradients(
 
   def full_loss(w):
     logprobs = losses.token_logprobs(features @ w, tokens)
-    return losses.ppo_ptx_loss(logprobs, old, advantages, mask, ptx_features @ w, ptx_targets, ptx_mask, ptx_coef=27.8)
+    return losses.ppo_ptx_loss(
+      logprobs,
+      old,
+      advantages,
+      mask,
+      ptx_features @ w,
+      ptx_targets,
+      ptx_mask,
+      ptx_coef=27.8,
+      ptx_reduction="token_mean",
+    )
 
   (loss, metrics), grad = jax.jit(jax.value_and_grad(full_loss, has_aux=True))(weights)
   policy_value, policy_grad = jax.jit(jax.value_and_grad(lambda w: policy_loss(w)[0]))(weights)
@@ -410,6 +420,33 @@ def test_ppo_ptx_loss_is_policy_plus_gamma_lm_and_matches_accumulated_gradients(
     logprobs, old, advantages, mask, ptx_features @ weights, ptx_targets, ptx_mask
   )
   np.testing.assert_allclose(gamma_zero, policy_value, rtol=1e-6)
+
+
+def test_ptx_reduction_changes_the_ptx_term_by_loss_tokens_per_sequence_over_response_tokens():
+  """A hand-built minibatch: uniform logits over 2 ids, so every pretraining token costs log 2.
+  Pretraining rows hold 4, 2 and 0 loss tokens (P = 2 sequences, 6 tokens: L̄ = 3); responses hold 5 and 3
+  tokens (T̄ = 4). token_mean: L_ptx = log 2. sequence_sum: (6·log 2 / 2) / 4 = 0.75·log 2 = L̄/T̄ · log 2."""
+  ptx_logits = jnp.zeros((3, 4, 2))
+  ptx_targets = jnp.zeros((3, 4), jnp.int32)
+  ptx_mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], jnp.float32)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.float32)
+  advantages = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0], [-1.0, -2.0, -3.0, 9.0, 9.0]])
+  logprobs = jnp.full((2, 5), -0.7)  # = old: ratio 1, so L^CLIP = −mean(A) over the 8 tokens = −9/8
+  args = (logprobs, logprobs, advantages, mask, ptx_logits, ptx_targets, ptx_mask)
+  by_token, token_metrics = losses.ppo_ptx_loss(*args, ptx_coef=27.8, ptx_reduction="token_mean")
+  by_sequence, sequence_metrics = losses.ppo_ptx_loss(*args, ptx_coef=27.8, ptx_reduction="sequence_sum")
+  log2 = math.log(2.0)
+  assert float(token_metrics["policy_loss"]) == pytest.approx(-9 / 8, rel=1e-6)
+  assert float(token_metrics["ptx_term"]) == pytest.approx(log2, rel=1e-6)
+  assert float(sequence_metrics["ptx_term"]) == pytest.approx(0.75 * log2, rel=1e-6)
+  assert float(sequence_metrics["ptx_loss"]) == pytest.approx(log2, rel=1e-6)  # the per-token NLL, either way
+  assert float(by_token) == pytest.approx(-9 / 8 + 27.8 * log2, rel=1e-6)
+  assert float(by_sequence) == pytest.approx(-9 / 8 + 27.8 * 0.75 * log2, rel=1e-6)
+  # γ converted by L̄ / T̄ makes the two readings one loss.
+  converted, _ = losses.ppo_ptx_loss(*args, ptx_coef=27.8 * 3 / 4, ptx_reduction="token_mean")
+  assert float(converted) == pytest.approx(float(by_sequence), rel=1e-6)
+  with pytest.raises(ValueError, match="ptx_reduction must be"):
+    losses.ppo_ptx_loss(*args, ptx_reduction="per_token")
 
 
 # ----------------------------------------------------------------------------------------------------

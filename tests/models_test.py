@@ -175,7 +175,7 @@ def test_rope_matches_slow_numpy_reference():
 
 def test_positions_from_mask_spec_vector():
   mask = jnp.array([[1, 0, 0, 1, 1, 1]])
-  assert models.positions_from_mask(mask).tolist() == [[0, 1, 1, 1, 2, 3]]  # spec §8.2
+  assert models.positions_from_mask(mask).tolist() == [[0, 1, 1, 1, 2, 3]]  # docs/paper.md §8.2
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

@@ -13,14 +13,14 @@ from instructgpt_jax import optim
 
 
 def test_cosine_schedule_decays_to_ten_percent_without_warmup():
-  s = optim.schedule(common.optim_config(lr=9.65e-6), total_steps=100)  # SFT baseline (spec §3.1)
+  s = optim.schedule(common.optim_config(lr=9.65e-6), total_steps=100)  # SFT baseline (docs/paper.md §3.1)
   assert float(s(0)) == pytest.approx(9.65e-6)
   assert float(s(50)) == pytest.approx(9.65e-6 * (0.1 + 0.9 * 0.5), rel=1e-5)
   assert float(s(100)) == pytest.approx(9.65e-7, rel=1e-5)
 
 
 def test_constant_schedule_warms_up_from_a_tenth_over_ten_steps():
-  # PPO (spec §5.2, §9 item 4): LR_i = peak · (0.1 + 0.9 · i/10) for i < 10, then peak.
+  # PPO (docs/paper.md §5.2, §9 item 4): LR_i = peak · (0.1 + 0.9 · i/10) for i < 10, then peak.
   cfg = common.optim_config(lr=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1)
   s = optim.schedule(cfg, total_steps=4000)
   for i in range(10):
@@ -62,7 +62,7 @@ def test_tf_style_adam_matches_the_tf1_formula():
 
 
 def test_tf_style_first_step_is_smaller_than_optax_adam_for_small_gradients():
-  # spec §8.3: optax's effective ε early in training is ε·sqrt(1-β2^t), so its first steps are larger.
+  # docs/paper.md §8.3: optax's effective ε early in training is ε·sqrt(1-β2^t), so its first steps are larger.
   g = jnp.array([1e-5])
   tf_step, _ = optim.scale_by_adam_tf_style(0.9, 0.95, 1e-5).update(g, optim.scale_by_adam_tf_style().init(g))
   ox = optax.scale_by_adam(0.9, 0.95, 1e-5)

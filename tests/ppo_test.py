@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import ppo, rm, sft
-from instructgpt_jax import checkpoint, losses, main, rl, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, losses, main, paths, rl, sampling, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging, model_io
 
@@ -44,7 +44,7 @@ def test_config_holds_the_paper_numbers():
   assert (c.optim.b1, c.optim.b2, c.value_optim.lr) == (0.9, 0.95, 9e-6)
   assert ppo.get_config("size=175b").value_optim.lr == 5e-6
   assert ppo.get_config("ptx=false").ppo.ptx_coef == 0.0  # plain PPO
-  assert p.episodes // p.rollout_batch == 500  # iterations (spec §5.2)
+  assert p.episodes // p.rollout_batch == 500  # iterations (docs/paper.md §5.2)
 
 
 def test_sweep_covers_gamma_and_beta():
@@ -227,21 +227,61 @@ def test_rm_score_rises_with_bounded_kl_and_ptx_limits_the_alignment_tax(learnin
 
 
 @pytest.mark.slow
-def test_sft_evaluates_by_rm_score_when_given_an_rm(chain, tmp_path):
+def test_sft_keeps_the_checkpoint_with_the_best_rm_score_for_the_next_stage(chain, tmp_path):
   config = configured(
     sft,
     "tiny",
-    total_steps=4,
+    total_steps=6,
     eval_every_steps=2,
+    keep_checkpoints=1,
+    checkpoint_every_steps=1000,
     **{
       "model.init_from": str(chain / "sft"),
       "data.train": "lab:demonstrations:train:200",
       "eval_rm.rm": str(chain / "rm" / "export"),
+      "eval_rm.num_prompts": 16,
+      "eval_rm.max_new_tokens": 32,
     },
   )
   final = main.run(config, str(tmp_path))
-  evals = [r for r in read_metrics(tmp_path) if "eval_rm_score" in r]
-  assert [r["step"] for r in evals] == [2, 4] and np.isfinite(final["eval_rm_score"])
+  scores = {r["step"]: r["eval_rm_score"] for r in read_metrics(tmp_path) if "eval_rm_score" in r}
+  assert sorted(scores) == [2, 4, 6] and scores[6] == final["eval_rm_score"]
+  best = max(scores, key=scores.get)
+  selected = paths.read_json(tmp_path / "selected.json")
+  assert selected == {"step": best, "metric": "eval_rm_score", "value": pytest.approx(scores[best], rel=1e-6)}
+  assert checkpoint.Checkpointer.steps_in(tmp_path) == sorted({best, 6})  # keep=1 newest, and the best
+  assert model_io.read_source(str(tmp_path)).step == best  # what model.init_from=<this workdir> loads
+  assert model_io.read_source(str(tmp_path), step="latest").step == 6
+
+
+def test_critic_starts_from_the_rm_with_its_bias_so_its_first_values_are_the_normalized_scores(ppo_models):
+  from instructgpt_jax.trainers import ppo as ppo_trainer
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  rm_source = model_io.read_source(str(ppo_models / "rm" / "export"))
+  assert abs(rm_source.metadata["reward_bias"]) > 1e-2  # the fold matters: the raw scores are off by this
+  critic_graphdef, critic_target = train_state.param_shardings_for(rm_source.config, mesh, rules, kind="scalar")
+  critic = ppo_trainer.critic_init_params(rm_source, critic_target, rm_source.config, 0)
+  judge = judging.Judge.load(str(ppo_models / "rm" / "export"), mesh, rules)
+
+  policy_source = model_io.read_source(str(ppo_models / "sft"))
+  graphdef, target = train_state.param_shardings_for(policy_source.config, mesh, rules)
+  policy = model_io.load(policy_source, "lm", target, policy_source.config, 0)
+  from instructgpt_jax.lab import datasets
+
+  prompts = [np.array(tokenizer.encode(r["prompt"]), np.int32) for r in datasets.records("prompts", "eval", 16)]
+  tokens, segments = sampling.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
+  settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  rollout = sampling.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh, rules=rules)(
+    policy, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=32
+  )
+  seq = (tokens, segments, rollout.tokens, rollout.mask)
+  _, critic_last = sampling.response_values(critic_graphdef, critic, *seq)  # the value at the last token
+  normalized_score = judge.score(*seq)  # r_θ(x, y) − b, what the rollout is rewarded
+  assert np.asarray(rollout.mask).sum(axis=1).min() > 0
+  np.testing.assert_allclose(np.asarray(critic_last), np.asarray(normalized_score), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -29,6 +29,19 @@ def test_config_holds_the_paper_numbers():
   assert (c.optim.schedule, c.optim.final_lr_fraction, c.optim.b1, c.optim.b2) == ("cosine", 0.1, 0.9, 0.95)
   assert c.data.batch_size == 64 and c.data.max_responses == 9 and c.model.resid_dropout == 0.0
   assert c.data.batch_size * math.comb(c.data.max_responses, 2) == 2304  # comparisons per batch, at most
+  # Eq. 1 by default: a prompt with ties still divides by C(K,2) (K = 3, one tie: two pairs over 3).
+  assert c.rm.pair_normalizer == "binom_k"
+  rewards, ranks = jnp.array([[1.0, 0.0, 0.5]]), jnp.array([[0, 1, 1]])
+  loss, _ = losses.ranking_loss(rewards, ranks, normalizer=c.rm.pair_normalizer)
+  assert float(loss) == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-0.5))) / 3, rel=1e-6)
+  # The evaluation's per-prompt terms average to the training loss, for both normalizers.
+  rng = np.random.default_rng(0)
+  rewards, ranks = rng.normal(size=(6, 5)), rng.integers(-1, 3, size=(6, 5))
+  for normalizer in ("binom_k", "valid_pairs"):
+    terms = losses.ranking_prompt_terms(rewards, ranks, normalizer=normalizer)
+    with_pairs = np.asarray(terms["num_pairs"]) > 0
+    want, _ = losses.ranking_loss(rewards, ranks, normalizer=normalizer)
+    assert np.asarray(terms["loss"])[with_pairs].mean() == pytest.approx(float(want), rel=1e-6)
 
 
 def test_k_wise_batches_count_every_pair_exactly_once():

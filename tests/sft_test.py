@@ -1,11 +1,12 @@
 """The SFT stage: paper numbers in the configs, learning, the prompt mask, the pretraining mix, RM-score eval."""
 
+import flax
 import jax
 import numpy as np
 import pytest
 
 from configs import sft
-from instructgpt_jax import main, models
+from instructgpt_jax import errors, main, models
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import common, lm_steps
@@ -28,7 +29,10 @@ def test_configs_hold_the_paper_numbers(arg, epochs, mix, lr, batch):
   c = sft.get_config(arg)
   assert (c.epochs, c.data.pretrain_mix, c.optim.lr, c.data.batch_size) == (epochs, mix, lr, batch)
   assert (c.optim.schedule, c.optim.final_lr_fraction, c.optim.warmup_steps) == ("cosine", 0.1, 0)
-  assert (c.optim.b1, c.optim.b2) == (0.9, 0.95) and c.model.resid_dropout == 0.2
+  assert (c.optim.b1, c.optim.b2) == (0.9, 0.95)
+  # Residual dropout 0.2 for the baseline (App. C.1); App. C.3 names none for the PPO-init model.
+  assert c.model.resid_dropout == (0.2 if c.variant == "baseline" else 0.0)
+  assert (c.optim.eps, c.optim.clip_norm, c.optim.weight_decay) == (1e-8, 1.0, 0.0)  # our choices, stated
   assert c.data.seq_len == 2048 and not c.data.loss_on_prompt
 
 
@@ -86,6 +90,91 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tmp_path):
 
   grad = jax.grad(lambda z: losses.lm_loss_sum(z, batch["targets"], batch["mask"])[0])(logits)
   assert np.all(np.asarray(grad)[batch["mask"] == 0] == 0)
+
+
+def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_it(tmp_path):
+  """LoopIO with a Selection, on a run whose best evaluation is not its last: retention (keep=1) keeps the
+  newest step and the best one, selected.json names the best, and model.init_from=<workdir> loads it."""
+  import jax.numpy as jnp
+  import ml_collections
+
+  from instructgpt_jax import checkpoint, paths
+  from instructgpt_jax.trainers import model_io
+
+  config = ml_collections.ConfigDict(
+    dict(total_steps=8, log_every_steps=1, checkpoint_every_steps=1000, eval_every_steps=2, progress_bar=False)
+  )
+  eval_loss = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}  # the best (lowest) at step 4
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+
+  def evaluate(state):
+    return {"eval_loss": eval_loss[int(state.step)]}
+
+  class NoData:
+    def get_state(self):
+      return {}
+
+  select = checkpoint.Selection(str(tmp_path), "eval_loss", "min")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, select=select)
+  model_io.write_model_json(str(tmp_path), "lm", models.resolve({"size": "tiny"}))
+  loop = common.LoopIO(config, str(tmp_path), ckpt, NoData(), start_step=0, select=select)
+  with loop:
+    for step in range(1, 9):
+      state = State(jnp.int32(step), {"w": jnp.full((2,), float(step))})
+      if step < 8:
+        loop.end_of_step(step, state, {"loss": jnp.float32(1.0)}, evaluate)
+    loop.finish(state, evaluate(state))
+  assert checkpoint.Checkpointer.steps_in(str(tmp_path)) == [4, 8]
+  assert paths.read_json(tmp_path / "selected.json") == {"step": 4, "metric": "eval_loss", "value": 1.0}
+  source = model_io.read_source(str(tmp_path))
+  assert source.step == 4
+  assert checkpoint.Checkpointer(str(tmp_path)).restore_params(source.step)["w"].tolist() == [4.0, 4.0]
+  assert model_io.read_source(str(tmp_path), step="latest").step == 8
+  with pytest.raises(errors.ConfigError, match=r"model.init_from_step: '6' is not one of .* \[4, 8\]"):
+    model_io.read_source(str(tmp_path), step="6")
+
+
+def test_demonstration_epochs_are_counted_exactly_with_a_pretraining_mix(tmp_path):
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  config = configured(sft, "tiny,variant=ppo_init", **{"data.train": "lab:demonstrations:train:200"})
+  data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
+  data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
+  data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
+  n, batch = len(data.train_source), config.data.batch_size
+  assert (n, batch, config.epochs, data.mix_fraction) == (200, 16, 2, 0.1)
+  steps = common.steps_for_epochs(config, n, mix_fraction=data.mix_fraction)
+  assert steps == 28  # ceil(2 · 200 / (16 · 0.9)) = ceil(27.8); without the mix's share it would be 25
+  demonstrations = []
+  for _ in range(steps):
+    b = next(data)
+    demonstrations += [tuple(row) for row, kind in zip(b["inputs"], b["kind"]) if kind == 0]
+  assert 2 * n <= len(demonstrations) < 2 * n + batch  # two whole epochs over the demonstrations
+  counts = {}
+  for row in demonstrations[: 2 * n]:
+    counts[row] = counts.get(row, 0) + 1
+  assert len(counts) == n and set(counts.values()) == {2}  # every demonstration exactly twice
+
+
+def test_a_mix_by_loss_tokens_gives_pretraining_text_that_share_of_the_loss(tmp_path):
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  overrides = {"data.train": "lab:demonstrations:train:200", "data.pretrain_mix_by": "loss_tokens"}
+  config = configured(sft, "tiny,variant=ppo_init", **overrides)
+  data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
+  data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
+  data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
+  source = data.train_source
+  mean_response = np.mean([len(source[i]["response_ids"]) for i in range(len(source))])
+  p = 0.1 * mean_response / (0.1 * mean_response + 0.9 * config.data.seq_len)
+  assert data.mix_fraction == pytest.approx(p, rel=1e-9) and data.mix_fraction < 0.1
+  batches = [next(data) for _ in range(400)]
+  pretraining = sum(float(b["mask"][b["kind"] == 1].sum()) for b in batches)
+  total = sum(float(b["mask"].sum()) for b in batches)
+  assert abs(pretraining / total - 0.1) < 0.02, pretraining / total
+  assert stage_data.pretrain_row_fraction(0.1, 200, 2048) == pytest.approx(0.0107, abs=1e-4)
 
 
 def test_pretraining_mix_is_honoured_in_sampled_batches(tmp_path):

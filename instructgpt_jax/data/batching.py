@@ -2,7 +2,7 @@
 
 Conventions shared with the model (models/transformer.py): `segment_ids` is 0 at padding and a positive
 example id elsewhere (1 for an unpacked row, 1, 2, ... for the examples of a packed row); `positions`
-restart at 0 with every example. SFT and comparison rows are right-padded with the pad id (spec §8 row 4);
+restart at 0 with every example. SFT and comparison rows are right-padded with the pad id (docs/paper.md §8 row 4);
 PPO prompts are left-padded, so that sampling appends to every prompt at the same position.
 """
 

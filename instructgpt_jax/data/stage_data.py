@@ -12,8 +12,9 @@ The fields each function reads (docs/data.md lists them with defaults):
   records of `train` when `eval` is empty), `data_dir` (where TFDS builds), `template` ("plain" | "chat"),
   `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
 * SFT and RM: `truncate_prompt` ("none" | "left").
-* SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (fraction of rows) and `pretrain_corpus`
-  (as text.load_documents).   RM: `seq_len`, `max_responses`.
+* SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (a fraction), `pretrain_mix_by` ("rows": that
+  fraction of the rows are pretraining text; "loss_tokens": of the loss tokens, see `pretrain_row_fraction`)
+  and `pretrain_corpus` (as text.load_documents).   RM: `seq_len`, `max_responses`.
 * PPO: `max_prompt_len` (the paper: 1024), `prompt_buckets` (e.g. "64,128,256,512,1024").
 * pretraining from TFDS: `seq_len`, `eval_fraction`.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+
+import numpy as np
 
 from instructgpt_jax.data import formats, pipeline, text, tfds_builders
 from instructgpt_jax.data.tokenizer import Tokenizer
@@ -39,6 +42,7 @@ class StageData:
   batch_size: int  # per host
   process_index: int = 0
   process_count: int = 1
+  mix_fraction: float = 0.0  # the fraction of training rows that are not examples of the split (SFT's mix)
 
   @property
   def reports(self) -> dict[str, formats.Report]:
@@ -115,6 +119,11 @@ def build_sft_data(
   if mix_fraction:
     documents = text.load_documents(data_cfg["pretrain_corpus"], seed=seed)
     mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
+    by = data_cfg.get("pretrain_mix_by", "rows")
+    if by == "loss_tokens":
+      mix_fraction = pretrain_row_fraction(mix_fraction, _mean_loss_tokens(train, loss_on_prompt), seq_len)
+    elif by != "rows":
+      raise formats.DataError(f"data.pretrain_mix_by: {by!r} is not 'rows' or 'loss_tokens'")
   batches = pipeline.sft_batches(
     train,
     batch_size=batch_size,
@@ -130,7 +139,31 @@ def build_sft_data(
     mix_fraction=mix_fraction,
   )
   collate = pipeline.sft_collate(seq_len=seq_len, pad_id=tokenizer.pad_id, loss_on_prompt=loss_on_prompt)
-  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count)
+  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count, mix_fraction)
+
+
+def pretrain_row_fraction(token_fraction: float, demonstration_tokens: float, row_tokens: int) -> float:
+  """The fraction p of rows that must be pretraining rows for them to hold `token_fraction` f of the loss
+  tokens, when a demonstration row has `demonstration_tokens` R loss tokens on average and a pretraining
+  row `row_tokens` L (all of its tokens):
+
+      p·L / (p·L + (1 − p)·R) = f   ⇔   p = f·R / (f·R + (1 − f)·L)
+
+  e.g. f = 0.1, R = 200, L = 2048: p ≈ 0.0107 (by rows, p = 0.1 would make ~53% of the loss tokens
+  pretraining text)."""
+  return (
+    token_fraction * demonstration_tokens / (token_fraction * demonstration_tokens + (1 - token_fraction) * row_tokens)
+  )
+
+
+def _mean_loss_tokens(source, loss_on_prompt: bool) -> float:
+  """Mean number of loss tokens of a demonstration (its response with EOS; with the prompt, all but one)."""
+  counts = []
+  for i in range(len(source)):
+    record = source[i]
+    prompt, response = len(record["prompt_ids"]), len(record["response_ids"])
+    counts.append(prompt + response - 1 if loss_on_prompt else response)
+  return float(np.mean(counts))
 
 
 def build_comparison_data(

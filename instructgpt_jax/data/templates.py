@@ -2,7 +2,7 @@
 
 * "plain" (the default, the paper's format): the prompt's tokens, then the response's tokens, then EOS.
   There is no chat template in InstructGPT; the prompt is the raw text the user typed and the response is
-  its continuation (spec §7.1).
+  its continuation (docs/paper.md §7.1).
 * "chat": ChatML's role tags around the prompt, for chat models:
 
       <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{response}<EOS>
@@ -45,7 +45,7 @@ class Template:
     return _encode_tagged(tokenizer, before) + tokenizer.encode(prompt) + _encode_tagged(tokenizer, after)
 
   def encode_response(self, tokenizer: Tokenizer, response: str, *, append_eos: bool = True) -> list[int]:
-    """The response's ids, followed by EOS (spec §3.3: the policy learns to stop) unless append_eos=False."""
+    """The response's ids, followed by EOS (docs/paper.md §3.3: the policy learns to stop) unless append_eos=False."""
     return tokenizer.encode(response) + ([tokenizer.eos_id] if append_eos else [])
 
 

@@ -3,7 +3,7 @@ and training a small byte-level BPE on a local corpus:
 
     python -m instructgpt_jax.data.tokenizer --corpus='/data/text/*.txt' --vocab_size=8192 --out=/data/tok.json
 
-The padding id is always distinct from EOS (spec §8 row 2): a tokenizer without a pad token gets one
+The padding id is always distinct from EOS (docs/paper.md §8 row 2): a tokenizer without a pad token gets one
 appended after its vocabulary. Padding ids never reach an embedding lookup (the model replaces them), so
 a pad id at or past the model's vocabulary size is harmless.
 """

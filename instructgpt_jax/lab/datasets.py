@@ -42,7 +42,7 @@ def sample_tasks(
 ) -> list[tasks_lib.Task]:
   """n tasks of one split (seeded; distinct prompts where the split has enough of them).
 
-  Each kind draws its own tasks, as the paper's SFT, RM and PPO prompt sets are distinct (spec §7.1).
+  Each kind draws its own tasks, as the paper's SFT, RM and PPO prompt sets are distinct (docs/paper.md §7.1).
   """
   rng = random.Random(f"{seed}:{split}:{kind}")
   out, seen = [], set()

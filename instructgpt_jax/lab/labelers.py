@@ -4,14 +4,14 @@ A labeler's utility for a response is a weighted sum of the task's judging featu
 with its own weights, plus Gumbel noise: ranking by noisy utility is sampling from the Plackett–Luce model
 (Bradley–Terry for a pair) with logits u/τ. The personas differ in what they weigh (one cares most about
 correctness, one about following format, one about brevity...) and in τ, so two labelers agree on about
-three pairs in four, as the paper's did (72.6 ± 1.5% among training labelers, spec §4.1).
+three pairs in four, as the paper's did (72.6 ± 1.5% among training labelers, docs/paper.md §4.1).
 
 The training group ranks the RM's comparisons; the held-out group, never seen in training, judges the
-final models (the paper's held-out labelers, spec §4.1).
+final models (the paper's held-out labelers, docs/paper.md §4.1).
 
 Demonstrations are written by labelers too, and not all of them write the way the rankers would like: as in
 the paper, where labeler-written demonstrations vary in quality and the RM's rankings carry what the
-demonstrations cannot (spec §3), 70% of the lab's demonstrations come from writers with a habit (hedging,
+demonstrations cannot (docs/paper.md §3), 70% of the lab's demonstrations come from writers with a habit (hedging,
 chatting, rambling on, ignoring the format asked for). The SFT model imitates them, habits included; the
 reward model learns from the rankings that the habits are disliked; PPO removes them. That is the gap the
 lab's headline measures.

@@ -1,7 +1,7 @@
 """Scalar heads: the reward model and the value function (a Transformer trunk + one projection to R).
 
-InstructGPT replaces the unembedding with a projection to one scalar (spec §2, §4.1). The projection is
-initialized N(0, 1/sqrt(d_model + 1)) with zero bias, as in Ziegler et al.'s code (spec §4.3, row 8).
+InstructGPT replaces the unembedding with a projection to one scalar (docs/paper.md §2, §4.1). The projection is
+initialized N(0, 1/sqrt(d_model + 1)) with zero bias, as in Ziegler et al.'s code (docs/paper.md §4.3, row 8).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ SIZES: dict[str, dict[str, Any]] = {
   "gpt2-355m": _gpt(24, 1024, 16, max_len=1024),
   "gpt2-774m": _gpt(36, 1280, 20, max_len=1024),
   "gpt2-1.5b": _gpt(48, 1600, 25, max_len=1024),
-  # Llama family: SmolLM2-135M (the real pretrained model in ../shared/data/README.md).
+  # Llama family: SmolLM2-135M (HuggingFaceTB/SmolLM2-135M, a small real pretrained Llama).
   "smollm2-135m": dict(
     family="llama",
     n_layers=30,
@@ -171,7 +171,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   values = lookup(model_cfg["size"]) if model_cfg.get("size") else {}
   for key, value in model_cfg.items():
-    if key in ("size", "init_from") or value is None:  # init_from: where the weights come from (trainers)
+    if key in ("size", "init_from", "init_from_step") or value is None:  # where the weights come from (trainers)
       continue
     if key not in fields:
       raise errors.ConfigError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")
@@ -185,7 +185,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
 
 
 def param_count_formula(cfg: ModelConfig) -> int:
-  """Closed-form parameter count (spec §6: 12·d² + 13·d per GPT layer, plus embeddings), for checks."""
+  """Closed-form parameter count (docs/paper.md §6: 12·d² + 13·d per GPT layer, plus embeddings), for checks."""
   d, h, kv, ff = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.d_ff
   if cfg.family == "gpt":
     per_layer = d * (h + 2 * kv) + (h + 2 * kv) + h * d + d + 2 * d * ff + ff + d + 4 * d

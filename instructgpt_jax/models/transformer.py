@@ -14,7 +14,7 @@ therefore loads into either mode.
 
 Padding: `segment_ids` is 0 at padding and a positive id per packed example elsewhere. A token attends
 only to earlier (or the same) positions of its own segment. Position ids default to the padding-aware
-`cumsum(mask) - mask` (spec §8.2), so left padding does not change a sequence's logits.
+`cumsum(mask) - mask` (docs/paper.md §8.2), so left padding does not change a sequence's logits.
 
 Incremental decoding (`prefill`, then `decode` one step at a time) runs the same layers against an explicit
 KVCache (models/kv_cache.py) and reproduces the full forward pass's hidden states under the same padding
@@ -47,7 +47,7 @@ def _axes(*names):
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Position ids that skip padding: exclusive cumulative sum of the mask. mask [B, T] -> [B, T] int32.
 
-  Example (spec §8.2): mask [1, 0, 0, 1, 1, 1] -> positions [0, 1, 1, 1, 2, 3].
+  Example (docs/paper.md §8.2): mask [1, 0, 0, 1, 1, 1] -> positions [0, 1, 1, 1, 2, 3].
   """
   mask = mask.astype(jnp.int32)
   return jnp.cumsum(mask, axis=-1) - mask
@@ -355,7 +355,7 @@ class Transformer(nnx.Module):
     return self.final_norm(x), cache
 
   def _embed(self, tokens, positions, segment_ids):
-    # Padding ids may lie outside the vocabulary (spec §8 row 2); a real id keeps the lookup finite.
+    # Padding ids may lie outside the vocabulary (docs/paper.md §8 row 2); a real id keeps the lookup finite.
     tokens = jnp.where(segment_ids > 0, tokens, 0)
     x = self.embed(tokens)
     if self.cfg.family == "gpt":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import NamedTuple
 
@@ -59,11 +60,14 @@ def resolve_lab_files(data_cfg, directory: str, *, seed: int):
   return data_cfg
 
 
-def steps_for_epochs(config, n_examples: int) -> int:
-  """config.total_steps when positive, else ceil(epochs × examples / global batch)."""
+def steps_for_epochs(config, n_examples: int, *, mix_fraction: float = 0.0) -> int:
+  """config.total_steps when positive, else ceil(epochs × examples / examples per global batch), where a
+  batch holds batch_size × (1 − mix_fraction) examples (the rest of its rows are mixed-in pretraining text),
+  so that `epochs` counts passes over the examples themselves."""
   if config.total_steps > 0:
     return int(config.total_steps)
-  return max(1, -(-int(config.epochs * n_examples) // config.data.batch_size))
+  exact = config.epochs * n_examples / (config.data.batch_size * (1.0 - mix_fraction))
+  return max(1, math.ceil(exact - 1e-9))  # 1e-9: a whole number of steps must not round up
 
 
 def write_config(workdir: str, config) -> None:
@@ -115,14 +119,24 @@ class LoopIO:
   next step runs and checked, so a non-finite loss or gradient norm stops the run (NonFiniteError naming
   that step) before it can be checkpointed. Rows are written every `log_every_steps`; it evaluates every
   `eval_every_steps`, saves every `checkpoint_every_steps`, and on preemption saves and raises
-  errors.Preempted (the checkpoint completes as the `with` block closes).
+  errors.Preempted (the checkpoint completes as the `with` block closes). With `select` (a
+  checkpoint.Selection, the checkpointer made with it), every evaluated step is also saved with its metric,
+  and a step better than all before it becomes the selected one once its save is complete.
   Use it as a context manager.
   """
 
   def __init__(
-    self, config, workdir: str, ckpt: checkpoint.Checkpointer, data, *, start_step: int, tokens_per_step: int = 0
+    self,
+    config,
+    workdir: str,
+    ckpt: checkpoint.Checkpointer,
+    data,
+    *,
+    start_step: int,
+    tokens_per_step: int = 0,
+    select: checkpoint.Selection | None = None,
   ):
-    self.config, self.ckpt, self.data = config, ckpt, data
+    self.config, self.ckpt, self.data, self.select = config, ckpt, data, select
     self.start_step = start_step
     self.writer = metrics_lib.MetricWriter(
       workdir,
@@ -150,13 +164,24 @@ class LoopIO:
     save = (done % c.checkpoint_every_steps == 0 and not final) or preempted
     evaluating = bool(c.eval_every_steps) and done % c.eval_every_steps == 0 and not final
     self._record(self.fetcher.push(done, step_metrics))
+    evaluation = evaluate(state) if evaluating else {}
     if save or evaluating:  # this step's metrics now: a non-finite step must never be saved
-      self._record(self.fetcher.flush(), evaluate(state) if evaluating else None, force=save)
-    if save:
-      self.writer.flush()  # the rows up to this checkpoint are durable before it can be resumed from
-      self.ckpt.save(done, state, self.data.get_state(), force=preempted)
+      self._record(self.fetcher.flush(), evaluation or None, force=save)
+    self._save(done, state, evaluation, always=save, force=preempted)
     if preempted:
       raise errors.Preempted(done)
+
+  def _save(self, step: int, state, evaluation: dict, *, always: bool, force: bool = False) -> None:
+    """Saves `step` when `always`, or when it was evaluated for a selection; records a better selection."""
+    value = evaluation.get(self.select.metric) if self.select is not None else None
+    if not always and value is None:
+      return
+    self.writer.flush()  # the rows up to this checkpoint are durable before it can be resumed from
+    metrics = None if value is None else {self.select.metric: float(value)}
+    self.ckpt.save(step, state, self.data.get_state(), force=force, metrics=metrics)
+    if value is not None and self.select.better(value):
+      self.ckpt.wait()  # selected.json never names a step whose save could still fail
+      self.select.record(step, value)
 
   def finish(self, state, final_eval: dict[str, float]) -> dict[str, float]:
     """Writes the last metrics with the final evaluation, saves the final state, closes; returns the row."""
@@ -166,9 +191,8 @@ class LoopIO:
       self._record(pending, final_eval, force=True)
     elif final_eval:  # nothing ran in this process (the run was already complete)
       self.last_row = self.writer.write(step, final_eval)
-    self.writer.flush()
     if step > self.start_step or self.ckpt.latest_step() is None:
-      self.ckpt.save(step, state, self.data.get_state(), force=True)
+      self._save(step, state, final_eval, always=True, force=True)
     return self.last_row
 
   def __enter__(self):
@@ -228,14 +252,17 @@ class Training(NamedTuple):
   lr_schedule: object
 
 
-def start_training(config, workdir: str, stage: Stage, *, kind: str, total_steps: int, data) -> Training:
+def start_training(
+  config, workdir: str, stage: Stage, *, kind: str, total_steps: int, data, select: checkpoint.Selection | None = None
+) -> Training:
   """Records the run (config.json, model.json), then creates the optimizer and the train state: resumed
-  from this run's newest checkpoint, else started from `model.init_from` (or randomly)."""
+  from this run's newest checkpoint, else started from `model.init_from` (or randomly). `select`: keep the
+  best evaluated checkpoint (see LoopIO)."""
   config.total_steps = total_steps
   write_config(workdir, config)
   model_io.write_model_json(workdir, kind, stage.model_cfg)
   tx = optim.make_optimizer(config.optim, total_steps)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, select=select)
   graphdef, state, shardings = model_io.init_or_resume(
     ckpt, stage.model_cfg, stage.source, tx, stage.mesh, stage.rules, seed=config.seed, kind=kind, data=data
   )

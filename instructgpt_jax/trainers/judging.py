@@ -1,6 +1,6 @@
 """Judging a policy with a reward model: sample responses to prompts, score them (minus the RM's bias).
 
-Used for SFT checkpoint selection by RM score (spec §3.1) and for PPO's evaluations.
+Used for SFT checkpoint selection by RM score (docs/paper.md §3.1) and for PPO's evaluations.
 """
 
 from __future__ import annotations

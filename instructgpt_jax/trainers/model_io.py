@@ -2,13 +2,15 @@
 
 `model.init_from` names the starting point of a stage:
   ""            a random initialization of `model.size`;
-  <workdir>     the newest checkpoint of an earlier stage's run (its `model.json` says kind and shape);
+  <workdir>     a checkpoint of an earlier stage's run (its `model.json` says kind and shape): the one the
+                run selected (`selected.json`: SFT keeps its best evaluated checkpoint), else the newest;
+                `model.init_from_step` = "latest" or a step number chooses another;
   <directory>   an exported model (`metadata.json` + `params/`, see `export`);
   hf:<path>     a HuggingFace model folder (models/hf.py).
 Any of them may be local or gs://.
 The architecture comes from the source; the current config may change only how the model runs (dtype,
 dropout, remat, scan), never its shape. A language model can start a scalar model (the RM starts from the
-SFT model: the trunk is loaded, the unembedding dropped, the scalar head initialized fresh, spec §4.1).
+SFT model: the trunk is loaded, the unembedding dropped, the scalar head initialized fresh, docs/paper.md §4.1).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ SHAPE_FIELDS = (
   "rope_theta",
   "norm_eps",
 )
-NOT_MODEL_FIELDS = ("size", "init_from")
+NOT_MODEL_FIELDS = ("size", "init_from", "init_from_step")
 HF_FORMAT = "huggingface"  # Source.metadata["format"] of an hf: source
 
 
@@ -49,11 +51,32 @@ class Source:
   path: str
   exported: bool  # an exported model directory, else a training workdir
   metadata: dict
+  step: int | None = None  # a workdir's checkpoint to load
 
 
-def read_source(init_from: str, field: str = "model.init_from") -> Source | None:
+def _workdir_step(path: str, field: str, which: str | int) -> int:
+  """The checkpoint of run `path` that `which` names: "" (the selected one, else the newest), "latest", or a
+  step number."""
+  steps = checkpoint.Checkpointer.steps_in(path)
+  if not steps:
+    raise ConfigError(f"{field}: {path}: the run has saved no checkpoint yet; finish or resume that run first")
+  which = str(which).strip()
+  if which in ("", "selected"):
+    selected = checkpoint.Selection.step_of(path)
+    if selected is None and which == "selected":
+      raise ConfigError(f"{field}: {path} selected no checkpoint (no selected.json); use init_from_step=latest")
+    return steps[-1] if selected is None else selected
+  if which == "latest":
+    return steps[-1]
+  if not which.isdigit() or int(which) not in steps:
+    raise ConfigError(f"{field}_step: {which!r} is not one of {path}'s checkpoints {steps}, 'latest' or 'selected'")
+  return int(which)
+
+
+def read_source(init_from: str, field: str = "model.init_from", step: str | int = "") -> Source | None:
   """What `init_from` points at, or None for a random initialization. A path that holds no model is a
-  one-line ConfigError naming `field` and what the path should hold."""
+  one-line ConfigError naming `field` and what the path should hold. `step`: which checkpoint of a
+  workdir (see `_workdir_step`)."""
   if not init_from:
     return None
   if init_from.startswith("hf:"):
@@ -72,9 +95,8 @@ def read_source(init_from: str, field: str = "model.init_from") -> Source | None
       f"{field}: {path} holds no model: neither a run's workdir (model.json) nor an exported model "
       f"(metadata.json){hint}"
     )
-  if not exported and checkpoint.Checkpointer.steps_in(path) == []:
-    raise ConfigError(f"{field}: {path}: the run has saved no checkpoint yet; finish or resume that run first")
-  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info)
+  workdir_step = None if exported else _workdir_step(path, field, step)
+  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info, workdir_step)
 
 
 def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelConfig) -> None:
@@ -104,7 +126,7 @@ def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelC
 def resolve(model_section) -> tuple[models.ModelConfig, Source | None]:
   """The stage's ModelConfig: the source's shape with this config's runtime fields on top."""
   section = {k: v for k, v in dict(model_section).items() if k not in NOT_MODEL_FIELDS}
-  source = read_source(model_section.get("init_from", ""))
+  source = read_source(model_section.get("init_from", ""), step=model_section.get("init_from_step", ""))
   if source is None:
     return models.resolve({**section, "size": model_section["size"]}), None
   fields = dataclasses.asdict(source.config)
@@ -134,7 +156,7 @@ def _restore(source: Source, target) -> Any:
   if source.exported:
     return checkpoint.import_params(source.path, target)[0]
   keys = tuple(source.metadata.get("params_keys", ("params",)))
-  return checkpoint.Checkpointer(source.path).restore_params(target=target, keys=keys)
+  return checkpoint.Checkpointer(source.path).restore_params(source.step, target=target, keys=keys)
 
 
 def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig, *, params_keys=("params",)) -> None:

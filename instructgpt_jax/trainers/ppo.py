@@ -1,4 +1,4 @@
-"""Stage 3: PPO-ptx (spec §5): the policy against the reward model, a per-token KL penalty to the SFT
+"""Stage 3: PPO-ptx (docs/paper.md §5): the policy against the reward model, a per-token KL penalty to the SFT
 policy, and the pretraining log-likelihood term. docs/ppo.md maps every step below to the paper.
 
     python -m instructgpt_jax.main --config=configs/ppo.py:tiny --workdir=W_PPO \
@@ -38,6 +38,7 @@ from instructgpt_jax.trainers import common, judging, lm_steps, model_io
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+PTX_REDUCTIONS = ("sequence_sum", "token_mean")
 
 
 @struct.dataclass
@@ -73,10 +74,20 @@ def _value_head_target(cfg, mesh, rules):
 
 
 def _init_value_head(cfg, target, key):
-  """A fresh value head, N(0, 1/sqrt(d + 1)) like the RM's head (spec §4.3), created in `target`'s shardings."""
+  """A fresh value head, N(0, 1/sqrt(d + 1)) like the RM's head (docs/paper.md §4.3), in `target`'s shardings."""
   shardings = jax.tree.map(lambda t: t.sharding, target)
   init = lambda k: nnx.to_pure_dict(nnx.split(models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(params=k)))[1])  # noqa: E731
   return jax.jit(init, out_shardings=shardings)(key)
+
+
+def critic_init_params(value_source, target, cfg, seed: int):
+  """The critic's first params: the value model (by default the RM, App. C.4) with the RM's normalization
+  bias folded into its head's bias, so that its value at a response's last token is the normalized score
+  r_θ(x, y) − b that the rollout receives (docs/paper.md §5.1), not the raw score."""
+  params = model_io.load(value_source, "scalar", target, cfg, seed)
+  reward_bias = float(value_source.metadata.get("reward_bias", 0.0))
+  head = params["head"]["proj"]
+  return {**params, "head": {**params["head"], "proj": {**head, "bias": head["bias"] - reward_bias}}}
 
 
 def _masked_mean(x, mask):
@@ -131,6 +142,7 @@ def make_minibatch_step(
         ptx_batch["mask"],
         clip_eps=p.clip,
         ptx_coef=p.ptx_coef,
+        ptx_reduction=p.ptx_reduction,
       )
 
     def value_objective(values):
@@ -183,7 +195,7 @@ def train(config, workdir: str) -> dict[str, float]:
   stage = common.setup_stage(config, workdir)
   policy_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   data_cfg["batch_size"] = p.rollout_batch
-  common.check(source is not None, "model.init_from: PPO starts from the PPO-init SFT model (spec §1); set it")
+  common.check(source is not None, "model.init_from: PPO starts from the PPO-init SFT model (docs/paper.md §1); set it")
   common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
   for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
     model_io.read_source(p[field], f"ppo.{field}")
@@ -191,6 +203,9 @@ def train(config, workdir: str) -> dict[str, float]:
   common.check(p.kl_estimator in KL_ESTIMATORS, f"ppo.kl_estimator: {p.kl_estimator!r} not in {KL_ESTIMATORS}")
   common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
   common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
+  common.check(
+    p.ptx_reduction in PTX_REDUCTIONS, f"ppo.ptx_reduction: {p.ptx_reduction!r} is not one of {PTX_REDUCTIONS}"
+  )
   common.check_batch("ppo.minibatch", p.minibatch, mesh)
   data_dir = paths.join(workdir, "data")
   buckets = stage_data.prompt_buckets(data_cfg)
@@ -202,7 +217,7 @@ def train(config, workdir: str) -> dict[str, float]:
   process = stage.process
   prompts = stage_data.build_prompt_data(data_cfg, tokenizer, seed=config.seed, **process)
   minibatches = p.rollout_batch // p.minibatch
-  ptx_rows = p.ptx_per_episode * p.minibatch  # pretraining sequences per minibatch (8 per episode, spec §5.2)
+  ptx_rows = p.ptx_per_episode * p.minibatch  # pretraining sequences per minibatch (8 per episode, docs/paper.md §5.2)
   ptx = None
   if p.ptx_coef or config.data.ptx_corpus:
     ptx_cfg = ml_collections.ConfigDict(
@@ -223,7 +238,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- four models: init or restore
   optimizer_steps = iterations * minibatches * p.epochs
-  # The 10-iteration warmup (spec §5.2) in optimizer steps.
+  # The 10-iteration warmup (docs/paper.md §5.2) in optimizer steps.
   policy_optim = config.optim.copy_and_resolve_references()
   policy_optim.warmup_steps = config.optim.warmup_steps * minibatches * p.epochs
   policy_tx = optim.make_optimizer(policy_optim, optimizer_steps)
@@ -287,7 +302,7 @@ def train(config, workdir: str) -> dict[str, float]:
         mesh,
         rules,
         kind="scalar",
-        load_params=lambda t: model_io.load(value_source, "scalar", t, critic_cfg, config.seed),
+        load_params=lambda t: critic_init_params(value_source, t, critic_cfg, config.seed),
       )
     kl = jax.device_put(rl.kl_controller_init(p.kl_coef), replicated)
     state = PPOState(step=jax.device_put(jnp.int32(0), replicated), policy=policy, critic=critic, kl=kl)
@@ -310,7 +325,7 @@ def train(config, workdir: str) -> dict[str, float]:
     prompt_segments,
     rollout: sampling.Rollout,
   ):
-    """Everything one rollout needs before training (spec §5.4 steps 2-5), and its metrics."""
+    """Everything one rollout needs before training (docs/paper.md §5.4 steps 2-5), and its metrics."""
     seq = (prompt_tokens, prompt_segments, rollout.tokens, rollout.mask)
     mask = rollout.mask
     model, hidden = sampling.response_hidden(policy_graphdef, lm_params(policy_params), *seq)
@@ -325,16 +340,16 @@ def train(config, workdir: str) -> dict[str, float]:
     _, raw_score = sampling.response_values(judge.graphdef, rm_params, *seq)
     score = raw_score - judge.bias
     ended = jnp.any((rollout.tokens == tokenizer.eos_id) & (mask > 0), axis=1)
-    if p.missing_eos_penalty:  # the "EOS trick" (spec §8 row 6): a fixed score for responses that never stop
+    if p.missing_eos_penalty:  # the "EOS trick" (docs/paper.md §8 row 6): a fixed score for responses that never stop
       score = jnp.where(ended, score, p.missing_eos_penalty)
-    # The per-token penalty -β·k_t; with k1 it is the paper's log-ratio (spec §5.1). per_token_rewards takes
+    # The per-token penalty -β·k_t; with k1 it is the paper's log-ratio (docs/paper.md §5.1). per_token_rewards takes
     # the log-ratio as logprobs - ref_logprobs, so the chosen estimator goes in as logprobs against zeros.
     penalty = losses.kl_penalty(old_logprobs, ref_logprobs, estimator=p.kl_estimator)
     rewards = rl.per_token_rewards(score, penalty, jnp.zeros_like(penalty), mask, kl_coef=kl_coef)
     if p.whiten_rewards:
       rewards = rl.whiten(rewards, mask, shift_mean=False)
     advantages, returns = rl.gae(rewards, values, mask, gamma=p.gamma, lam=p.lam)
-    if p.whiten_advantages:  # over the whole rollout batch (spec §8.5: our default, not per minibatch)
+    if p.whiten_advantages:  # over the whole rollout batch (docs/paper.md §8.5: our default, not per minibatch)
       advantages = rl.whiten(advantages, mask)
     log_ratio = old_logprobs - ref_logprobs
     length = jnp.sum(mask, axis=1)
@@ -346,7 +361,7 @@ def train(config, workdir: str) -> dict[str, float]:
       "entropy": _masked_mean(entropy, mask),
       "response_length": jnp.mean(length),
       "ended_with_eos": jnp.mean(ended),
-      # The sampler's log-probs against the teacher-forced ones: numerical drift only (spec §9 item 8).
+      # The sampler's log-probs against the teacher-forced ones: numerical drift only (docs/paper.md §9 item 8).
       "logprob_gap": jnp.max(jnp.abs(jnp.where(mask > 0, rollout.logprobs - old_logprobs, 0.0))),
       "value_mean": _masked_mean(values, mask),
       "explained_variance": _explained_variance(values, returns, mask),
@@ -444,7 +459,7 @@ def train(config, workdir: str) -> dict[str, float]:
       row = {
         **rollout_metrics,
         **{k: jnp.mean(jnp.stack([m[k] for m in train_metrics])) for k in train_metrics[0]},
-        # The first minibatch trains on the rollout policy itself: its ratio must be exactly 1 (spec §9 item 8).
+        # The first minibatch trains on the rollout policy itself: its ratio must be 1 (docs/paper.md §9 item 8).
         "first_minibatch_approx_kl": train_metrics[0]["approx_kl"],
         "first_minibatch_ratio_max": train_metrics[0]["ratio_max"],
         "time_rollout": t1 - t0,
@@ -456,7 +471,7 @@ def train(config, workdir: str) -> dict[str, float]:
       loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
     final = loop.finish(state, evaluation(state))
 
-  # ---------------------------------------------------------------- export (EMA weights, spec §5.2)
+  # ---------------------------------------------------------------- export (EMA weights, docs/paper.md §5.2)
   export_dir = paths.join(workdir, "export")
   model_io.export(export_dir, lm_params(state.policy.ema), "lm", policy_cfg, ema_decay=p.ema_decay)
   common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
@@ -537,7 +552,7 @@ class _Evaluation:
 
   def __call__(self, state: PPOState) -> dict[str, float]:
     row = {}
-    params = self.lm_params(state.policy.ema)  # evaluation and export use the EMA weights (spec §5.2)
+    params = self.lm_params(state.policy.ema)  # evaluation and export use the EMA weights (docs/paper.md §5.2)
     if self.ptx_eval is not None:
       if "ptx_loss" not in self.sft:
         self.sft["ptx_loss"] = self._ptx_loss(self.ref_params)

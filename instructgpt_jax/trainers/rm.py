@@ -1,4 +1,4 @@
-"""Stage 2: the reward model (spec §4): a Transformer trunk and a scalar head trained with Eq. 1.
+"""Stage 2: the reward model (docs/paper.md §4): a Transformer trunk and a scalar head trained with Eq. 1.
 
     python -m instructgpt_jax.main --config=configs/rm.py:tiny --workdir=W_RM --config.model.init_from=W_SFT
 
@@ -68,7 +68,7 @@ def train(config, workdir: str) -> dict[str, float]:
     config.rm.pair_normalizer in ("binom_k", "valid_pairs"),
     f"rm.pair_normalizer: {config.rm.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
   )
-  common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (spec §4.1: the bias)")
+  common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (docs/paper.md §4.1: the bias)")
   if config.rm.export_dir:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
@@ -85,15 +85,10 @@ def train(config, workdir: str) -> dict[str, float]:
   train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer)
 
   def eval_step(params, batch):
-    """Per prompt: (Σ pair losses, correct pairs, pairs, K present), for exact host-side aggregation."""
+    """Per prompt: (Eq. 1 loss normalized as in training, correct pairs, pairs, K present)."""
     rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])
-    ranks = batch["ranks"]
-    present = ranks >= 0
-    better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
-    margin = rewards[:, :, None] - rewards[:, None, :]
-    pair_loss = jnp.sum(jnp.where(better, -jax.nn.log_sigmoid(margin), 0.0), axis=(1, 2))
-    correct = jnp.sum(better & (margin > 0), axis=(1, 2))
-    return pair_loss, correct, jnp.sum(better, axis=(1, 2)), jnp.sum(present, axis=1)
+    terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=config.rm.pair_normalizer)
+    return terms["loss"], terms["correct"], terms["num_pairs"], terms["num_present"]
 
   batch_sh = common.batch_sharding(mesh, rules)
   step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
@@ -112,17 +107,19 @@ def train(config, workdir: str) -> dict[str, float]:
   )
 
   def evaluate(state) -> dict[str, float]:
+    """eval_loss: the mean over prompts of the per-prompt loss, as training averages it; accuracies over
+    pairs (in all, and by K)."""
     params = state.params
-    by_k = collections.defaultdict(lambda: np.zeros(3))  # K -> (loss sum, correct, pairs)
+    by_k = collections.defaultdict(lambda: np.zeros(4))  # K -> (Σ prompt losses, correct, pairs, prompts)
     for batch in data.eval_batches(config.data.eval_batches or None):
       outs = jax.device_get(eval_fn(params, common.to_global(batch, mesh, rules)))
-      for loss_sum, correct, pairs, k in zip(*outs):
+      for prompt_loss, correct, pairs, k in zip(*outs):
         if pairs:
-          by_k[int(k)] += (loss_sum, correct, pairs)
+          by_k[int(k)] += (prompt_loss, correct, pairs, 1)
     if not by_k:
       return {}
     total = sum(by_k.values())
-    row = {"eval_loss": total[0] / total[2], "eval_accuracy": total[1] / total[2], "eval_pairs": total[2]}
+    row = {"eval_loss": total[0] / total[3], "eval_accuracy": total[1] / total[2], "eval_pairs": total[2]}
     row.update({f"eval_accuracy_k{k}": v[1] / v[2] for k, v in sorted(by_k.items())})
     return row
 
@@ -135,7 +132,7 @@ def train(config, workdir: str) -> dict[str, float]:
       loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
     final = loop.finish(state, evaluate(state))
 
-  # ---------------------------------------------------------------- the bias (spec §4.1) and export
+  # ---------------------------------------------------------------- the bias (docs/paper.md §4.1) and export
   bias, count = demonstration_reward_mean(reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules)
   export_dir = config.rm.export_dir or paths.join(workdir, "export")
   model_io.export(export_dir, state.params, "scalar", model_cfg, reward_bias=bias, bias_demonstrations=count)

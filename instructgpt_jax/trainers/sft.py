@@ -1,18 +1,23 @@
-"""Stage 1: supervised fine-tuning on demonstrations (spec §3), optionally with a pretraining mix.
+"""Stage 1: supervised fine-tuning on demonstrations (docs/paper.md §3), optionally with a pretraining mix.
 
     python -m instructgpt_jax.main --config=configs/sft.py:tiny --workdir=W_SFT
 
 Phases: setup and validation → init (from a pretrained LM) or restore → train loop (loss on response
-tokens; residual dropout 0.2) → evaluation (validation loss; with `eval_rm.rm`, the mean RM score of
-sampled responses, by which the paper selects SFT checkpoints) → final save. The workdir then starts
-the RM and PPO stages (`model.init_from=<this workdir>`).
+tokens) → evaluation every `eval_every_steps` and at the end → final save.
+
+Checkpoint selection (paper §3.5, App. C.1): with `eval_rm.rm`, each evaluation samples responses to the
+validation prompts and scores them with that RM; the checkpoint with the best mean score is kept (never
+removed by retention) and named in `<workdir>/selected.json`. Without an RM, the lowest validation loss
+selects (our fallback; the paper found validation loss a poor guide after ~1 epoch). Without an eval split,
+nothing is selected. A later stage's `model.init_from=<this workdir>` loads the selected checkpoint
+(`model.init_from_step=latest` loads the newest instead).
 """
 
 from __future__ import annotations
 
 import jax
 
-from instructgpt_jax import paths, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, paths, sampling, sharding, train_state
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.trainers import common, judging, lm_steps
 
@@ -41,11 +46,16 @@ def train(config, workdir: str) -> dict[str, float]:
       prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
     )
     eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
-  total_steps = common.steps_for_epochs(config, len(data.train_source))
+  total_steps = common.steps_for_epochs(config, len(data.train_source), mix_fraction=data.mix_fraction)
+  select = None  # which checkpoint the next stage starts from (module docstring)
+  if judge is not None:
+    select = checkpoint.Selection(workdir, "eval_rm_score", "max")
+  elif data.eval_source is not None:
+    select = checkpoint.Selection(workdir, "eval_loss", "min")
 
   # ---------------------------------------------------------------- init (from a pretrained LM) or restore
   graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
-    config, workdir, stage, kind="lm", total_steps=total_steps, data=data
+    config, workdir, stage, kind="lm", total_steps=total_steps, data=data, select=select
   )
   start_step = int(state.step)
 
@@ -74,7 +84,7 @@ def train(config, workdir: str) -> dict[str, float]:
       total, count = total + float(loss_sum), count + float(n)
     row = {"eval_loss": total / count} if count else {}
     if judge is not None:
-      # The paper selects SFT checkpoints by this score, not by validation loss (spec §3.1).
+      # The paper selects SFT checkpoints by this score, not by validation loss (docs/paper.md §3.1).
       scores, _ = judging.sample_and_score(
         sampler,
         params,
@@ -90,11 +100,15 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  loop = common.LoopIO(
+    config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step, select=select
+  )
   with loop, common.Preemption() as preemption:
     for step in range(start_step, total_steps):
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
     final = loop.finish(state, evaluate(state))
-  common.print_summary(f"SFT ({config.variant})", final, workdir=workdir)
+  selected = select.best if select is not None else None
+  chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the newest"
+  common.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)
   return final
