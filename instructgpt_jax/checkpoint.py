@@ -80,7 +80,7 @@ class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, select: Selection | None = None):
-    self.directory = paths.path(workdir) / "checkpoints"
+    self.directory = paths.absolute(workdir) / "checkpoints"
     policy = ocp.checkpoint_managers.LatestN(n=keep)
     if select is not None:  # the best evaluated step survives retention, whatever its age
       best = ocp.checkpoint_managers.BestN(
@@ -159,7 +159,7 @@ class Checkpointer:
 
 def export_params(directory: str, params: Any, metadata: dict) -> None:
   """Writes params and metadata into `directory` (synchronously; every process calls it)."""
-  directory = paths.path(directory)
+  directory = paths.absolute(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", params, force=True)
   checkpointer.wait_until_finished()
@@ -171,7 +171,7 @@ def import_params(directory: str, target: Any | None = None) -> tuple[Any, dict]
   """(params, metadata) from `export_params`. With `target` (arrays or ShapeDtypeStructs carrying
   shardings, possibly a subtree of what was saved) the params load straight into those shardings; without,
   onto this process's first device."""
-  directory = paths.path(directory)
+  directory = paths.absolute(directory)
   metadata = paths.read_json(directory / "metadata.json")
   if metadata is None:
     raise FileNotFoundError(f"{directory}: not an exported model (no metadata.json)")

@@ -48,6 +48,12 @@ def path(p: PathLike, *parts: str) -> epath.Path:
   return epath.Path(text if is_remote(text) else os.path.expanduser(text)).joinpath(*parts)
 
 
+def absolute(p: PathLike) -> epath.Path:
+  """`p` made absolute against the current folder when local (orbax refuses relative paths); a URI as is."""
+  text = os.fspath(p)
+  return path(text) if is_remote(text) else epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def is_remote(p: PathLike) -> bool:
   """True for object-store URIs (gs://, s3://, ...), which have no folders and no rename."""
   return bool(re.match(r"^[a-z][a-z0-9]+://", os.fspath(p)))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import pretrain, rm, sft
@@ -132,3 +133,11 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
   assert errors_printed == [
     f"error: --workdir: {workdir}: its parent folder {tmp_path / 'typo'} does not exist; create it or fix the path"
   ]
+
+
+def test_a_relative_workdir_works_like_the_readme_commands(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs").mkdir()
+  final = main.run(tiny_pretrain(), "runs/relative")
+  assert np.isfinite(final["loss"]) and (tmp_path / "runs" / "relative" / "checkpoints" / "2").is_dir()
+  assert main.run(tiny_pretrain(), "runs/relative")["eval_loss"] == final["eval_loss"]  # resumes the finished run
