@@ -8,6 +8,8 @@ default's type), a bare `key` sets a boolean to True.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 
 import ml_collections
@@ -30,6 +32,33 @@ def _convert(key: str, value: str, default):
     return type(default)(value)
   except ValueError:
     raise errors.ConfigError(f"config arg {key}: {value!r} is not a {type(default).__name__}") from None
+
+
+def make_config_importable(config_arg: str) -> None:
+  """Config files import `configs.common`: put the repository that holds the config file (the folder above
+  its `configs/`) on sys.path, so `--config=/any/where/configs/sft.py` works from any folder. A config file
+  is Python code on the local disk, never a gs:// path."""
+  path = config_arg.split(":", 1)[0]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+
+
+def override_error(error: Exception, argv: list[str]) -> str:
+  """One line for a flag that absl or ml_collections refused: a `--config.<field>` that does not exist
+  (named with ml_collections' nearest field), a value of the wrong type, a missing config file."""
+  cause = error
+  while isinstance(cause, AttributeError) and cause.args and isinstance(cause.args[0], KeyError):
+    cause = cause.args[0]
+  if not (isinstance(cause, KeyError) and cause.args):
+    return " ".join(str(error).split())
+  name, _, hint = str(cause.args[0]).partition("\n")
+  name = name.strip("'\"")
+  flag = next((a for a in argv if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")), "--config")
+  suggestion = hint.split('"')[1] if hint.count('"') >= 2 else ""
+  return f"{flag.split('=', 1)[0]}: no such config field {name!r}" + (
+    f"; did you mean {suggestion!r}?" if suggestion else ""
+  )
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

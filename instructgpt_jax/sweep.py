@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from instructgpt_jax import errors, paths
+from instructgpt_jax import config_lib, errors, paths
 from instructgpt_jax import metrics as metrics_lib
 
 
@@ -40,12 +39,7 @@ def _config_path(config_arg: str) -> str:
   return config_arg.split(":", 1)[0]
 
 
-def _importable_repo(config_arg: str) -> None:
-  """Config files import `configs.common`: make the repository that holds the config file importable.
-  (A config file is Python code imported from the local disk, never a gs:// path.)"""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(_config_path(config_arg))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+_importable_repo = config_lib.make_config_importable
 
 
 def load_config(config_arg: str, overrides: Sequence[str] = ()):

@@ -1,5 +1,6 @@
 """Configs: argument strings, variants, command-line overrides, and the model section."""
 
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,33 @@ def test_main_rejects_an_unknown_stage_in_one_line():
   )
   assert out.returncode != 0
   assert "config.stage: 'nope' is not one of" in out.stderr
+
+
+def test_command_line_mistakes_are_one_line_before_anything_runs(tmp_path):
+  """A config given by absolute path from another folder loads; a field typo, a bad value and a missing config
+  file are each one line and exit 2."""
+  repo = str(config_test_repo())
+  cases = {
+    (f"--config={repo}/configs/pretrain.py:tiny", "--config.data.batchsize=4"): (
+      "error: --config.data.batchsize: no such config field 'batchsize'; did you mean 'batch_size'?"
+    ),
+    (f"--config={repo}/configs/pretrain.py:tiny", "--config.data.batch_size=four"): (
+      "error: flag --config.data.batch_size=four: invalid literal for int() with base 10: 'four'"
+    ),
+    (
+      f"--config={repo}/configs/nonexistent.py",
+    ): f"error: --config: {repo}/configs/nonexistent.py: no such config file",
+    # Loads from /tmp (configs/ is not importable there), then stops at the workdir check: the config was read.
+    (f"--config={repo}/configs/sft.py:tiny",): f"error: --workdir: {tmp_path}/no/run: its parent folder",
+  }
+  for flags_given, expected in cases.items():
+    cmd = [sys.executable, "-m", "instructgpt_jax.main", f"--workdir={tmp_path}/no/run", *flags_given]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), (flags_given, out.stderr[-2000:])
+
+
+def config_test_repo():
+  import pathlib
+
+  return pathlib.Path(__file__).resolve().parents[1]
