@@ -206,11 +206,17 @@ def test_over_long_and_empty_files_are_reported_by_the_build(tmp_path):
   )
   empty = write_lines(tmp_path / "empty.jsonl", ["", "  "])
   cases = [
-    ("demonstrations", demos, f"{demos}:2: response: 22 tokens (prompt 10 + response 11 + EOS), over the limit of 20"),
+    (
+      "demonstrations",
+      demos,
+      f"{demos}:2: prompt: too long: prompt 10 + response 11 + EOS = 22 tokens, over the limit of 20; raise "
+      "data.seq_len, or set data.truncate_prompt=left (keeps the prompt's last 8 tokens) or data.on_error=skip",
+    ),
     (
       "comparisons",
       comparisons,
-      f"{comparisons}:2: responses[1]: 32 tokens (prompt 1 + response 30 + EOS), over the limit of 20",
+      f"{comparisons}:2: responses[1]: too long: prompt 1 + response 30 + EOS = 32 tokens, over the limit of 20, "
+      "and the response alone (31 tokens) leaves no room for the prompt; raise data.seq_len or set data.on_error=skip",
     ),
     ("demonstrations", empty, f"{empty}: file: no valid records for split 'train'"),
   ]

@@ -11,9 +11,10 @@ Four kinds, one JSON object a line, in `.jsonl` or gzip-compressed `.jsonl.gz` f
   each (pretraining).
 
 Files may be local or gs:// (read through etils.epath). Fields other than these are ignored; blank lines
-are skipped. Any problem is one line `file:line: field: problem` (a DataError by default, never a
-traceback and never a silent drop); with `on_error="skip"` the record is skipped, counted and listed in
-the `Report`, whose summary is printed.
+are skipped; a UTF-8 byte-order mark at the very start of a file (Windows exports) is ignored. Any problem
+is one line `file:line: field: problem` (a DataError by default, never a traceback and never a silent
+drop); with `on_error="skip"` the record is skipped, counted and listed in the `Report`, whose summary is
+printed. `read_parsed` is that reading with any parser (convert.py's converters use it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from instructgpt_jax import errors, paths
 KINDS = ("demonstrations", "comparisons", "prompts", "text")
 ON_ERROR = ("raise", "skip")
 HH_ASSISTANT_TURN = "\n\nAssistant:"
+UTF8_BOM = b"\xef\xbb\xbf"
 MAX_LISTED_ERRORS = 20  # a report lists this many skipped lines in full and counts the rest
 
 
@@ -73,11 +75,14 @@ class Report:
       parts.append(f"{self.truncated_prompts} prompts truncated from the left (data.truncate_prompt=left)")
     if self.identical_responses:
       parts.append(f"{self.identical_responses} with identical responses (kept)")
-    lines = [f"data: {name}: " + ", ".join(parts)]
-    lines += [f"  {e}" for e in self.errors]
+    return "\n".join([f"data: {name}: " + ", ".join(parts)] + self.listed_errors())
+
+  def listed_errors(self) -> list[str]:
+    """The skipped lines, indented: the first MAX_LISTED_ERRORS in full, then a count of the rest."""
+    lines = [f"  {e}" for e in self.errors]
     if self.skipped > len(self.errors):
       lines.append(f"  ... and {self.skipped - len(self.errors)} more")
-    return "\n".join(lines)
+    return lines
 
 
 def expand(patterns: str | Sequence[str], *, what: str) -> list[str]:
@@ -121,12 +126,18 @@ def _decode_utf8(raw: bytes) -> str:
 
 
 def _json_objects(path: str) -> Iterator[tuple[int, dict | FieldError]]:
-  """(line number, object) for each non-blank line; a line that is not a JSON object yields its error."""
+  """(line number, object) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not a JSON
+  object yields its error. A UTF-8 byte-order mark is dropped at the very start of the file only."""
   for lineno, raw in _raw_lines(path):
+    if lineno == 1 and raw.startswith(UTF8_BOM):
+      raw = raw[len(UTF8_BOM) :]
     if not raw.strip():
       continue
     try:
-      obj = json.loads(_decode_utf8(raw.rstrip(b"\r\n")))
+      line = _decode_utf8(raw.rstrip(b"\r\n"))
+      if line.startswith("\ufeff"):  # json's own message would suggest Python's "utf-8-sig"
+        raise FieldError("line", "a UTF-8 byte-order mark, accepted only at the very start of a file")
+      obj = json.loads(line)
     except FieldError as e:
       yield lineno, e
       continue
@@ -134,7 +145,7 @@ def _json_objects(path: str) -> Iterator[tuple[int, dict | FieldError]]:
       yield lineno, FieldError("line", f"malformed JSON ({e.msg} at column {e.colno})")
       continue
     if not isinstance(obj, dict):
-      yield lineno, FieldError("line", f"expected a JSON object, got {_type_name(obj)}")
+      yield lineno, FieldError("line", f"expected a JSON object, got {type_name(obj)}")
       continue
     yield lineno, obj
 
@@ -158,7 +169,7 @@ def read_text_file(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
   return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
     type(value), "a number"
   )
@@ -167,12 +178,12 @@ def _type_name(value) -> str:
 def _string(obj: dict, field: str) -> str:
   if field not in obj:
     raise FieldError(field, "missing")
-  return _nonempty_string(obj[field], field)
+  return nonempty_string(obj[field], field)
 
 
-def _nonempty_string(value, field: str) -> str:
+def nonempty_string(value, field: str) -> str:
   if not isinstance(value, str):
-    raise FieldError(field, f"expected a string, got {_type_name(value)}")
+    raise FieldError(field, f"expected a string, got {type_name(value)}")
   if not value:
     raise FieldError(field, "empty string")
   return value
@@ -182,7 +193,7 @@ def _list(obj: dict, field: str) -> list:
   if field not in obj:
     raise FieldError(field, "missing")
   if not isinstance(obj[field], list):
-    raise FieldError(field, f"expected a list, got {_type_name(obj[field])}")
+    raise FieldError(field, f"expected a list, got {type_name(obj[field])}")
   return obj[field]
 
 
@@ -201,11 +212,11 @@ def parse_text(obj: dict) -> dict:
 def parse_comparison(obj: dict, *, max_responses: int | None = None) -> dict:
   """A K-wise `{"prompt", "responses", "ranks"}` or a pairwise `{"chosen", "rejected"}` record."""
   if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
-    return split_hh_pair(_string(obj, "chosen"), _string(obj, "rejected"))
+    return parse_hh_pair(obj)
   if "responses" not in obj and "prompt" in obj:
     raise FieldError("responses", 'missing (a comparison has "prompt", "responses" and "ranks")')
   prompt = _string(obj, "prompt")
-  responses = [_nonempty_string(r, f"responses[{k}]") for k, r in enumerate(_list(obj, "responses"))]
+  responses = [nonempty_string(r, f"responses[{k}]") for k, r in enumerate(_list(obj, "responses"))]
   if len(responses) < 2:
     raise FieldError("responses", f"{len(responses)} response(s); a comparison needs at least 2")
   if max_responses is not None and len(responses) > max_responses:
@@ -215,12 +226,19 @@ def parse_comparison(obj: dict, *, max_responses: int | None = None) -> dict:
     raise FieldError("ranks", f"{len(ranks)} ranks for {len(responses)} responses")
   for k, rank in enumerate(ranks):
     if not isinstance(rank, int) or isinstance(rank, bool):
-      raise FieldError(f"ranks[{k}]", f"expected an integer, got {_type_name(rank)}")
+      raise FieldError(f"ranks[{k}]", f"expected an integer, got {type_name(rank)}")
     if rank < 0:
       raise FieldError(f"ranks[{k}]", f"negative rank {rank} (0 is the best)")
   if len(set(ranks)) == 1:
     raise FieldError("ranks", "every response is tied; the record holds no comparison")
   return {"prompt": prompt, "responses": responses, "ranks": ranks}
+
+
+def parse_hh_pair(obj: dict) -> dict:
+  """HH-RLHF's `{"chosen", "rejected"}` record -> {prompt, responses [chosen, rejected], ranks [0, 1]}: the
+  comparison this reader makes, and the one split the converter (convert.py) makes its demonstrations and
+  prompts from."""
+  return split_hh_pair(_string(obj, "chosen"), _string(obj, "rejected"))
 
 
 def split_hh_pair(chosen: str, rejected: str) -> dict:
@@ -272,17 +290,32 @@ def read_records(
   """
   if kind not in KINDS:
     raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
-  if on_error not in ON_ERROR:
-    raise DataError(f"data.on_error: {on_error!r} is not one of {ON_ERROR}")
-  report = report if report is not None else Report()
   parse = {
     "demonstrations": parse_demonstration,
     "comparisons": lambda obj: parse_comparison(obj, max_responses=max_responses),
     "prompts": parse_prompt,
     "text": parse_text,
   }[kind]
+  return read_parsed(paths, parse, text_files=kind == "text", on_error=on_error, check=check, report=report)
+
+
+def read_parsed(
+  paths: Sequence[str],
+  parse: Callable[[dict], dict],
+  *,
+  text_files: bool = False,
+  on_error: str = "raise",
+  check: Callable[[dict], bool] | None = None,
+  report: Report | None = None,
+) -> Iterator[tuple[str, dict]]:
+  """`read_records` with any `parse` (a JSON object -> a record, raising FieldError): the lines, the one-line
+  errors, skip mode and the counts of every reader of JSONL here. `text_files`: a file that is not .jsonl /
+  .jsonl.gz is one `{"text"}` document."""
+  if on_error not in ON_ERROR:
+    raise DataError(f"data.on_error: {on_error!r} is not one of {ON_ERROR}")
+  report = report if report is not None else Report()
   for path in paths:
-    for lineno, obj in _objects(path, kind):
+    for lineno, obj in _objects(path, text_files):
       source = f"{path}:{lineno}"
       try:
         if isinstance(obj, FieldError):
@@ -297,15 +330,15 @@ def read_records(
       if not keep:
         report.dropped_too_long += 1
         continue
-      if kind == "comparisons" and len(set(record["responses"])) < len(record["responses"]):
+      if isinstance(record.get("responses"), list) and len(set(record["responses"])) < len(record["responses"]):
         report.identical_responses += 1
       report.records += 1
       yield source, record
 
 
-def _objects(path: str, kind: str) -> Iterator[tuple[int, dict | FieldError]]:
+def _objects(path: str, text_files: bool) -> Iterator[tuple[int, dict | FieldError]]:
   if path.endswith((".jsonl", ".jsonl.gz")):
     return _json_objects(path)
-  if kind == "text":  # a plain text file is one document
+  if text_files:  # a plain text file is one document
     return iter([(1, {"text": read_text_file(path)})])
   raise DataError(f"{path}: file: expected a .jsonl or .jsonl.gz file")

@@ -148,7 +148,6 @@ def _encoder(
   prompt (the latest turns of a dialogue) so that the longest response fits; each is counted. A response
   that alone exceeds the limit stays an error.
   """
-  eos = " + EOS" if append_eos else ""
 
   def encode(record: dict) -> bool:
     if kind == "text":
@@ -165,12 +164,8 @@ def _encoder(
       prompt_ids = record["prompt_ids"] = prompt_ids[len(prompt_ids) - room :]
       if report is not None:
         report.truncated_prompts += 1
-    for k, ids in enumerate(response_ids):
-      n = len(prompt_ids) + len(ids)
-      if max_tokens is not None and n > max_tokens:
-        field = "response" if kind == "demonstrations" else f"responses[{k}]"
-        parts = f"prompt {len(prompt_ids)} + response {len(ids) - bool(append_eos)}{eos}"
-        raise formats.FieldError(field, f"{n} tokens ({parts}), over the limit of {max_tokens}")
+    if max_tokens is not None:
+      _check_length(kind, len(prompt_ids), [len(ids) for ids in response_ids], max_tokens, append_eos)
     if kind == "demonstrations":
       record["response_ids"] = response_ids[0]
     else:
@@ -179,6 +174,32 @@ def _encoder(
     return True
 
   return encode
+
+
+def _check_length(kind: str, prompt_len: int, response_lens: list[int], max_tokens: int, append_eos: bool) -> None:
+  """One line naming what is too long, its token counts, the limit and the remedies. A response that alone
+  leaves no room for the prompt is too long itself (reported first: no prompt truncation can fit it);
+  otherwise the prompt is too long for the response, and data.truncate_prompt=left would fit it."""
+  over = [k for k, n in enumerate(response_lens) if prompt_len + n > max_tokens]
+  if not over:
+    return
+  k = next((k for k in over if response_lens[k] >= max_tokens), over[0])
+  field = "response" if kind == "demonstrations" else f"responses[{k}]"
+  n, eos = prompt_len + response_lens[k], " + EOS" if append_eos else ""
+  counts = f"prompt {prompt_len} + response {response_lens[k] - bool(append_eos)}{eos} = {n}"
+  if response_lens[k] >= max_tokens:
+    raise formats.FieldError(
+      field,
+      f"too long: {counts} tokens, over the limit of {max_tokens}, and the response alone ({response_lens[k]} tokens) "
+      "leaves no room for the prompt; raise data.seq_len or set data.on_error=skip",
+    )
+  room = max_tokens - max(response_lens)  # what left truncation keeps, so that the longest response fits
+  which = "" if kind == "demonstrations" else f" for {field}"
+  raise formats.FieldError(
+    "prompt",
+    f"too long{which}: {counts} tokens, over the limit of {max_tokens}; raise data.seq_len, or set "
+    f"data.truncate_prompt=left (keeps the prompt's last {room} tokens) or data.on_error=skip",
+  )
 
 
 # ----------------------------------------------------------------------------------------------------
