@@ -5,6 +5,9 @@ by the tests: they run it as a subprocess and read the .npz files it writes.
   hf_reference.py evaluate SPEC.json    logits (or sequence-classifier scores) of model folders we exported
   hf_reference.py smollm2 PATH SPEC.json OUT.npz
                                         SmolLM2's prompt ids, logits and greedy continuations
+  hf_reference.py special FOLDER OUT.json [FOLDER OUT.json ...]
+                                        folders we exported, each loaded whole: its token ids as the config,
+                                        the generation config and the tokenizer see them, a chat rendering
 
 Every model runs in float32 in eval mode. Position ids are passed explicitly as cumsum(mask) - 1, the
 positions a left-padded row needs (transformers counts positions from the first column otherwise).
@@ -20,11 +23,24 @@ import transformers
 
 VOCAB = 96
 PAD = VOCAB - 1  # the pad id of the batches; real tokens are drawn below it
+# Llama 3.x's RoPE scaling with a pretraining context of 32 and head size 16: wavelengths 2π·10⁴^(i/8) put
+# i = 0 below 32/4 (kept), i = 1 between 32/4 and 32/1 (interpolated) and i >= 2 above 32 (divided by 8).
+LLAMA3_ROPE = dict(
+  rope_type="llama3",
+  rope_theta=1e4,
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=32,
+)
+LONG_MODELS = ("llama3_rope",)  # also scored on a batch longer than the pretraining context (LONG_LENGTHS)
+LONG_LENGTHS = (48, 20, 35)
 
 
 def tiny_configs():
   """name -> transformers config: GPT-2 tied and untied; Llama with GQA (untied) and with multi-query
-  attention and a head size other than d_model / n_heads (tied); Qwen2 (q/k/v biases); Mistral."""
+  attention and a head size other than d_model / n_heads (tied); Qwen2 (q/k/v biases); Mistral; Llama 3.x
+  (RoPE scaling, GQA, untied); Qwen3 (q/k norms, GQA, head size 24 given explicitly, tied)."""
   llama = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
   llama.update(rms_norm_eps=1e-5, vocab_size=VOCAB)
   gpt2 = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
@@ -39,6 +55,12 @@ def tiny_configs():
     ),
     "qwen2_bias": transformers.Qwen2Config(**llama, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4),
     "mistral": transformers.MistralConfig(**llama, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096),
+    "llama3_rope": transformers.LlamaConfig(
+      **llama, num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE)
+    ),
+    "qwen3_gqa": transformers.Qwen3Config(
+      **llama, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, rope_theta=1e4
+    ),
   }
 
 
@@ -57,16 +79,18 @@ def randomize(model, seed):
         p.copy_(0.1 * noise)
 
 
-def ragged_batches(seed, vocab):
-  """{"right": (tokens, mask), "left": (tokens, mask)}: 3 rows of 11, 4 and 7 real tokens."""
+def ragged_batches(seed, vocab, long=False):
+  """{"right": (tokens, mask), "left": (tokens, mask)}: 3 rows of 11, 4 and 7 real tokens; with `long`,
+  also "long": right-padded rows of LONG_LENGTHS real tokens."""
   rng = np.random.default_rng(seed)
-  lengths, width = (11, 4, 7), 11
   out = {}
-  for side in ("right", "left"):
+  for side in ("right", "left", "long") if long else ("right", "left"):
+    lengths = LONG_LENGTHS if side == "long" else (11, 4, 7)
+    width = max(lengths)
     tokens = np.full((len(lengths), width), PAD, np.int64)
     mask = np.zeros((len(lengths), width), np.int64)
     for row, n in enumerate(lengths):
-      real = slice(0, n) if side == "right" else slice(width - n, width)
+      real = slice(width - n, width) if side == "left" else slice(0, n)
       tokens[row, real] = rng.integers(0, min(vocab, VOCAB) - 1, n)
       mask[row, real] = 1
     out[side] = (tokens, mask)
@@ -92,7 +116,7 @@ def build(out_dir):
     folder = os.path.join(out_dir, name)
     model.save_pretrained(folder)
     arrays = {}
-    for side, (tokens, mask) in ragged_batches(seed, config.vocab_size).items():
+    for side, (tokens, mask) in ragged_batches(seed, config.vocab_size, long=name in LONG_MODELS).items():
       arrays[f"{side}_tokens"], arrays[f"{side}_mask"] = tokens, mask
       arrays[f"{side}_logits"] = forward(model, tokens, mask)
     np.savez(os.path.join(folder, "reference.npz"), **arrays)
@@ -146,7 +170,37 @@ def smollm2(path, spec_path, out_path):
   np.savez(out_path, **arrays)
 
 
+def special(*folders_and_outs):
+  for folder, out_path in zip(folders_and_outs[::2], folders_and_outs[1::2]):
+    special_tokens(folder, out_path)
+
+
+def special_tokens(folder, out_path):
+  """The token ids of an exported folder as transformers loads it whole (model, generation config and
+  tokenizer), the tokenizer's special tokens, and the chat template rendered around one user message."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  generation = transformers.GenerationConfig.from_pretrained(folder)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  with torch.no_grad():  # the pad id, if any, indexes the embedding
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+  result = {
+    "config": {k: getattr(model.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    "generation": {k: getattr(generation, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    "tokenizer": {
+      "eos_token": tokenizer.eos_token,
+      "eos_token_id": tokenizer.eos_token_id,
+      "pad_token_id": tokenizer.pad_token_id,
+    },
+    "embedding_rows": model.get_input_embeddings().weight.shape[0],
+    "finite": bool(torch.isfinite(logits).all()),
+    "chat": chat,
+  }
+  with open(out_path, "w") as f:
+    json.dump(result, f)
+
+
 if __name__ == "__main__":
   torch.set_num_threads(2)
   command, *args = sys.argv[1:]
-  {"build": build, "evaluate": evaluate, "smollm2": smollm2}[command](*args)
+  {"build": build, "evaluate": evaluate, "smollm2": smollm2, "special": special}[command](*args)

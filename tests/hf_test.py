@@ -32,7 +32,16 @@ REFERENCE_SCRIPT = REPO_ROOT / "tests" / "hf_reference.py"
 REF_PYTHON_VARIABLE = "INSTRUCTGPT_JAX_REF_PYTHON"
 SMOLLM2_SCRIPT = REPO_ROOT.parent / "shared" / "tools" / "smollm2.sh"
 # The tiny models hf_reference.py builds (all float32, 2 layers, d_model 64; see its tiny_configs).
-TINY_MODELS = ("gpt2_tied", "gpt2_untied", "llama_gqa_untied", "llama_mqa_tied", "qwen2_bias", "mistral")
+TINY_MODELS = (
+  "gpt2_tied",
+  "gpt2_untied",
+  "llama_gqa_untied",
+  "llama_mqa_tied",
+  "qwen2_bias",
+  "mistral",
+  "llama3_rope",
+  "qwen3_gqa",
+)
 WITH_TOKENIZER = "llama_gqa_untied"  # vocabulary 320: exported with the byte tokenizer
 PAD = 95  # hf_reference.PAD: the pad id of its batches, never a real token there
 HEAD_BIAS, REWARD_BIAS = 0.37, 0.25
@@ -113,12 +122,39 @@ def tiny_models(tmp_path_factory) -> pathlib.Path:
 def test_logits_equal_transformers_on_right_and_left_padded_batches(tiny_models, name):
   cfg, graphdef, params = load_on_mesh(tiny_models / name)
   reference = np.load(tiny_models / name / "reference.npz")
-  for side in ("right", "left"):
+  sides = [side for side in ("right", "left", "long") if f"{side}_mask" in reference]  # long: llama3_rope
+  assert len(sides) == (3 if name == "llama3_rope" else 2)
+  for side in sides:
     mask = reference[f"{side}_mask"]
     got = our_logits(graphdef, params, reference[f"{side}_tokens"], mask)
     want = reference[f"{side}_logits"]
     assert np.abs(want[mask > 0]).max() > 1.0  # logits of order 1: a real comparison
     np.testing.assert_allclose(got[mask > 0], want[mask > 0], atol=1e-4, rtol=0, err_msg=side)
+
+
+# Our model without the new feature (Llama 3's RoPE scaling, Qwen3's q/k norms): far from transformers'.
+WITHOUT_FEATURE = {
+  "llama3_rope": dict(
+    rope_scaling=None,
+    rope_factor=None,
+    rope_low_freq_factor=None,
+    rope_high_freq_factor=None,
+    rope_original_max_len=None,
+  ),
+  "qwen3_gqa": dict(qk_norm=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITHOUT_FEATURE))
+def test_the_new_features_change_the_logits_compared_above(tiny_models, name):
+  cfg, _, params = load_on_mesh(tiny_models / name)
+  plain_graphdef, _ = models.abstract(dataclasses.replace(cfg, **WITHOUT_FEATURE[name]))
+  attn = {k: v for k, v in params["layers"]["attn"].items() if k not in ("query_norm", "key_norm")}
+  plain_params = {**params, "layers": {**params["layers"], "attn": attn}}
+  reference = np.load(tiny_models / name / "reference.npz")
+  mask = reference["right_mask"]
+  got = our_logits(plain_graphdef, plain_params, reference["right_tokens"], mask)
+  assert np.abs(got[mask > 0] - reference["right_logits"][mask > 0]).max() > 0.05
 
 
 def test_configs_map_to_our_model_fields(tiny_models):
@@ -130,11 +166,17 @@ def test_configs_map_to_our_model_fields(tiny_models):
     "llama_mqa_tied": ("llama", 4, 1, 24, 96, True, False, 10_000.0),
     "qwen2_bias": ("llama", 4, 2, 16, 96, False, True, 10_000.0),
     "mistral": ("llama", 4, 2, 16, 96, False, False, 10_000.0),
+    "llama3_rope": ("llama", 4, 2, 16, 96, False, False, 10_000.0),
+    "qwen3_gqa": ("llama", 4, 2, 24, 96, True, False, 10_000.0),
   }
+  new_fields = ("qk_norm", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+  new_fields += ("rope_original_max_len",)
+  new_want = {"llama3_rope": (False, "llama3", 8.0, 1.0, 4.0, 32), "qwen3_gqa": (True, None, None, None, None, None)}
   for name in TINY_MODELS:
     cfg, kind, _ = hf.read_config(str(tiny_models / name))
     assert kind == "lm" and tuple(getattr(cfg, f) for f in fields) == want[name], name
     assert (cfg.n_layers, cfg.d_model, cfg.norm_eps) == (2, 64, 1e-5)
+    assert tuple(getattr(cfg, f) for f in new_fields) == new_want.get(name, (False, None, None, None, None, None))
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -268,6 +310,111 @@ def test_exported_tokenizer_loads_in_transformers(scored_exports):
   assert int(result["eos_id"]) == tokenizer.eos_id
 
 
+# ------------------------------------------------------------------------------------ token ids and chat templates
+
+# A chat model's tokenizer folder: the byte tokenizer (EOS <|endoftext|> 256, <|pad|> 257) with <|im_start|>
+# (258) and <|im_end|> (259), whose files name <|im_end|> as EOS and whose generation_config.json stops at it.
+IM_END, ENDOFTEXT, BYTE_PAD, CHAT_VOCAB = 259, 256, 257, 260
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer_folder(folder: pathlib.Path, *, template_file: bool) -> pathlib.Path:
+  """The chat template in tokenizer_config.json, or (`template_file`) in chat_template.jinja alone."""
+  folder.mkdir(parents=True)
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  tokenizer.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+  tokenizer.save(str(folder / "tokenizer.json"))
+  if template_file:
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+  else:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END]}))
+  return folder
+
+
+def read_json(path: pathlib.Path):
+  return json.loads(path.read_text())
+
+
+def chat_exports(tmp_path) -> dict[str, pathlib.Path]:
+  """Exports of a tiny Llama (vocabulary 260) with the chat tokenizer folders and different token ids."""
+  cfg = dataclasses.replace(models.resolve({"size": "tiny-llama"}), vocab_size=CHAT_VOCAB)
+  params = models.init(cfg, jax.random.key(8))[1]
+  in_config = chat_tokenizer_folder(tmp_path / "source_config", template_file=False)
+  in_jinja = chat_tokenizer_folder(tmp_path / "source_jinja", template_file=True)
+  exports = {
+    # Our EOS is <|endoftext|>; the pad id is one past the vocabulary (a pad our tokenizer wrapper appended).
+    "pad_past_vocab": (in_config, {"eos_token_id": ENDOFTEXT, "pad_token_id": CHAT_VOCAB}),
+    # A tokenizer.json path brings its folder's chat_template.jinja and generation_config.json along.
+    "pad_in_vocab": (in_jinja / "tokenizer.json", {"eos_token_id": IM_END, "pad_token_id": BYTE_PAD}),
+    "eos_list": (in_config, {"eos_token_id": [ENDOFTEXT, IM_END], "bos_token_id": 258}),
+  }
+  for name, (tokenizer, token_ids) in exports.items():
+    hf.export(str(tmp_path / name), params, cfg, tokenizer=str(tokenizer), token_ids=token_ids)
+  return {name: tmp_path / name for name in exports}
+
+
+def test_export_writes_valid_token_ids_a_generation_config_and_the_chat_template(tmp_path):
+  folders = chat_exports(tmp_path)
+  past = folders["pad_past_vocab"]
+  assert read_json(past / "config.json")["eos_token_id"] == ENDOFTEXT
+  assert read_json(past / "config.json")["pad_token_id"] is None  # never an id past the embedding
+  assert read_json(past / "generation_config.json") == {"eos_token_id": [IM_END, ENDOFTEXT]}  # the source's first
+  tokenizer_config = read_json(past / "tokenizer_config.json")
+  assert tokenizer_config["eos_token"] == "<|endoftext|>" and "pad_token" not in tokenizer_config  # = config.json
+  assert tokenizer_config["chat_template"] == CHAT_TEMPLATE
+  assert read_json(past / "special_tokens_map.json") == {"eos_token": "<|endoftext|>"}
+
+  inside = folders["pad_in_vocab"]
+  config = read_json(inside / "config.json")
+  assert (config["eos_token_id"], config["pad_token_id"]) == (IM_END, BYTE_PAD)
+  assert read_json(inside / "generation_config.json") == {"eos_token_id": IM_END, "pad_token_id": BYTE_PAD}
+  assert (inside / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+  tokenizer_config = read_json(inside / "tokenizer_config.json")  # written: the source folder has none
+  assert (tokenizer_config["eos_token"], tokenizer_config["pad_token"]) == ("<|im_end|>", "<|pad|>")
+
+  listed = folders["eos_list"]
+  assert read_json(listed / "config.json")["eos_token_id"] == [ENDOFTEXT, IM_END]
+  assert read_json(listed / "generation_config.json") == {"bos_token_id": 258, "eos_token_id": [IM_END, ENDOFTEXT]}
+  tokenizer_config = read_json(listed / "tokenizer_config.json")
+  assert (tokenizer_config["eos_token"], tokenizer_config["bos_token"]) == ("<|im_end|>", "<|im_start|>")  # kept
+
+  cfg = hf.read_config(str(past))[0]
+  assert hf.config_token_ids(cfg, {"pad_token_id": -1, "eos_token_id": np.int64(3)}) == {"eos_token_id": 3}
+  assert hf.config_token_ids(cfg, {"pad_token_id": np.int32(CHAT_VOCAB - 1)}) == {"pad_token_id": CHAT_VOCAB - 1}
+  # Exported again without ids: no generation_config.json is left from the earlier export.
+  hf.export(str(past), load_on_mesh(past)[2], cfg)
+  assert not (past / "generation_config.json").exists()
+  # Ids not given are null, not absent: transformers would read Llama's defaults (bos 1, eos 2) instead.
+  assert {k: read_json(past / "config.json")[k] for k in hf.TOKEN_ID_FIELDS} == dict.fromkeys(hf.TOKEN_ID_FIELDS)
+
+
+def test_transformers_loads_exports_with_their_token_ids_and_chat_template(tmp_path):
+  reference_python()
+  folders = chat_exports(tmp_path)
+  run_reference("special", *(str(x) for name in folders for x in (folders[name], tmp_path / f"{name}.json")))
+  results = {name: read_json(tmp_path / f"{name}.json") for name in folders}
+  chat = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  for name, result in results.items():
+    config = read_json(folders[name] / "config.json")
+    assert result["embedding_rows"] == CHAT_VOCAB and result["finite"], name
+    assert result["config"] == {k: config.get(k) for k in hf.TOKEN_ID_FIELDS}, name
+    assert result["generation"] == {
+      k: read_json(folders[name] / "generation_config.json").get(k) for k in hf.TOKEN_ID_FIELDS
+    }
+    eos = config["eos_token_id"]
+    assert result["tokenizer"]["eos_token_id"] in (eos if isinstance(eos, list) else [eos]), name
+    assert result["chat"] == chat, name
+  assert results["pad_past_vocab"]["config"]["pad_token_id"] is None
+  assert results["pad_past_vocab"]["generation"]["eos_token_id"] == [IM_END, ENDOFTEXT]
+  assert results["pad_in_vocab"]["tokenizer"]["pad_token_id"] == BYTE_PAD
+
+
 # ------------------------------------------------------------------------------------------ refusals (no transformers)
 
 
@@ -281,21 +428,65 @@ def test_unsupported_architectures_are_refused_in_one_line():
     num_attention_heads=2,
   )
   assert hf.config_from_hf(llama)[0].n_kv_heads is None
+  llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
   cases = [
-    ({**llama, "model_type": "qwen3"}, "model_type 'qwen3' is not supported"),
-    ({**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+    ({**llama, "model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not supported"),
+    ({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+    ({**llama, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+    ({**llama, "rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),
+    ({**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' without low_freq_factor"),
+    ({**llama, "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ({**llama, "rope_parameters": {"full_attention": llama3, "sliding_attention": llama3}}, "per layer type"),
     ({**llama, "attention_bias": True}, "attention_bias"),
+    ({**llama, "model_type": "qwen3", "attention_bias": True}, "attention_bias"),
     ({**llama, "hidden_act": "gelu"}, "activation 'gelu'"),
     ({**llama, "architectures": ["LlamaForSequenceClassification"], "num_labels": 3}, "3 labels"),
   ]
   for config, message in cases:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
       hf.config_from_hf(config)
+    assert "\n" not in str(error.value)
   # A sliding window longer than the model changes nothing; a shorter one becomes the length limit.
   assert hf.config_from_hf({**llama, "max_position_embeddings": 64, "sliding_window": 32})[0].max_len == 32
   gqa_gpt = dataclasses.replace(models.resolve({"size": "tiny"}), n_kv_heads=2)
   with pytest.raises(ConfigError, match="GPT-2 has no grouped-query attention"):
     hf.hf_config(gqa_gpt)
+  qk_norm_and_bias = dataclasses.replace(models.resolve({"size": "tiny-llama"}), qk_norm=True, qkv_bias=True)
+  with pytest.raises(ConfigError, match="q/k norms with q/k/v biases"):
+    hf.hf_config(qk_norm_and_bias)
+
+
+def test_llama3_rope_scaling_and_qwen3_configs_in_either_transformers_spelling():
+  base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+  scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  want = dict(rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+  want.update(rope_original_max_len=8192, rope_theta=500_000.0)
+  # transformers 4 (Llama 3.2's config.json): rope_theta and rope_scaling; 5: rope_parameters, theta inside.
+  v4 = {**base, "model_type": "llama", "rope_theta": 500_000.0, "rope_scaling": {"rope_type": "llama3", **scaling}}
+  v5 = {**base, "model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}}
+  for config in (v4, v5):
+    cfg = hf.config_from_hf(config)[0]
+    assert {k: getattr(cfg, k) for k in want} == want and not cfg.qk_norm
+  # No original_max_position_embeddings in the dict: transformers 5 takes max_position_embeddings.
+  no_original = {k: v for k, v in v5["rope_parameters"].items() if k != "original_max_position_embeddings"}
+  cfg = hf.config_from_hf({**v5, "rope_parameters": no_original, "max_position_embeddings": 4096})[0]
+  assert cfg.rope_original_max_len == 4096
+  written = hf.hf_config(hf.config_from_hf(v4)[0])
+  assert written["rope_scaling"] == {"rope_type": "llama3", **scaling}  # transformers 4 and vLLM read this
+  assert written["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 5e5, **scaling}
+  assert hf.config_from_hf(written)[0] == hf.config_from_hf(v4)[0]
+  # Qwen3: q/k norms, no biases, head_dim given (here 16 != 8 / 2).
+  qwen3 = hf.config_from_hf({**base, "model_type": "qwen3", "head_dim": 16, "rope_theta": 1e6})[0]
+  assert (qwen3.qk_norm, qwen3.qkv_bias, qwen3.head_dim, qwen3.d_head, qwen3.rope_scaling) == (
+    True,
+    False,
+    16,
+    16,
+    None,
+  )
+  written = hf.hf_config(qwen3)
+  assert (written["model_type"], written["architectures"], written["head_dim"]) == ("qwen3", ["Qwen3ForCausalLM"], 16)
+  assert "rope_scaling" not in written and written["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
 
 
 # ------------------------------------------------------------------------------------------ the sample command

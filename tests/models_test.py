@@ -1,6 +1,8 @@
-"""The Transformer: sizes, a slow NumPy reference forward, causality, padding, GQA, RoPE, scan and remat."""
+"""The Transformer: sizes, a slow NumPy reference forward, causality, padding, GQA, RoPE (and Llama 3's
+scaling), Qwen3's q/k norms, scan and remat."""
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -9,13 +11,35 @@ import numpy as np
 import pytest
 
 from instructgpt_jax import models, sharding
-from instructgpt_jax.models import sizes
+from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models import sizes, transformer
 
 TINY = {"gpt": models.resolve({"size": "tiny"}), "llama": models.resolve({"size": "tiny-llama"})}
+LLAMA3_ROPE = dict(
+  rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=32
+)
+# The llama options of Llama 3.x (RoPE scaling; head size 16 and context 32 put frequency 0 in the kept band,
+# 1 in the interpolated one and 2..7 in the scaled one) and Qwen3 (q/k norms, head size 24 != 64 / 4).
+VARIANTS = {
+  "llama3_rope": dataclasses.replace(TINY["llama"], **LLAMA3_ROPE),
+  "qwen3": dataclasses.replace(TINY["llama"], qk_norm=True, d_head=24),
+}
+TINY.update(VARIANTS)
 
 
 def forward(cfg, params, graphdef, tokens, **kw):
   return jax.jit(lambda p, t: models.apply(graphdef, p, t, **kw))(params, tokens)
+
+
+def init(cfg, key):
+  """models.init, with random q/k norm scales (they start at 1, where a misplaced scale would not show)."""
+  graphdef, params = models.init(cfg, key)
+  if cfg.qk_norm:
+    attn = params["layers"]["attn"]
+    for k, name in enumerate(("query_norm", "key_norm")):
+      scale = attn[name]["scale"]
+      attn[name]["scale"] = 1.0 + 0.3 * jax.random.normal(jax.random.fold_in(key, k), scale.shape, scale.dtype)
+  return graphdef, params
 
 
 # ------------------------------------------------------------------------------------------ parameter counts
@@ -49,6 +73,46 @@ def test_every_size_matches_the_closed_form_count_and_names_every_axis(name):
     assert len(axes) == len(shape) and axes[0] is not None
 
 
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_llama_options_match_the_closed_form_count_and_name_every_axis(name):
+  cfg = VARIANTS[name]
+  _, state = models.abstract(cfg)
+  assert models.param_count(state) == sizes.param_count_formula(cfg)
+  without = models.abstract(dataclasses.replace(cfg, qk_norm=False, **dict.fromkeys(LLAMA3_ROPE)))[1]
+  # Two [H] scales per layer for the q/k norms; RoPE scaling adds no parameter.
+  assert models.param_count(state) - models.param_count(without) == (
+    2 * cfg.n_layers * cfg.head_dim if cfg.qk_norm else 0
+  )
+  names = sharding.logical_axes(state)
+  if cfg.qk_norm:
+    for norm in ("query_norm", "key_norm"):
+      assert names["layers"]["attn"][norm]["scale"] == ("layers", "kv")
+      assert state["layers"]["attn"][norm]["scale"].shape == (cfg.n_layers, cfg.head_dim)
+
+
+def test_llama_options_are_checked_in_one_line():
+  llama = TINY["llama"]
+  cases = [
+    (dict(rope_factor=8.0), "model.rope_factor: set only with model.rope_scaling"),
+    (dict(rope_scaling="yarn"), "model.rope_scaling: 'yarn' is not None or one of"),
+    (dict(rope_scaling="llama3", rope_factor=8.0), "needs model.rope_low_freq_factor, model.rope_high_freq_factor"),
+    ({**LLAMA3_ROPE, "rope_high_freq_factor": 1.0}, "must exceed rope_low_freq_factor"),
+    ({**LLAMA3_ROPE, "rope_factor": 0.0}, "must be positive"),
+  ]
+  for fields, message in cases:
+    with pytest.raises(ConfigError, match=message):
+      dataclasses.replace(llama, **fields)
+  with pytest.raises(ConfigError, match="model.qk_norm: query/key norms exist in the llama family only"):
+    dataclasses.replace(TINY["gpt"], qk_norm=True)
+  with pytest.raises(ConfigError, match="model.rope_scaling: RoPE exists in the llama family only"):
+    dataclasses.replace(TINY["gpt"], **LLAMA3_ROPE)
+  # Hashable and JSON-serializable, as a static jit argument and model.json need.
+  assert hash(VARIANTS["llama3_rope"]) != hash(llama)
+  assert (
+    models.ModelConfig(**json.loads(json.dumps(dataclasses.asdict(VARIANTS["llama3_rope"])))) == VARIANTS["llama3_rope"]
+  )
+
+
 def test_untied_llama_has_an_unembedding_and_scalar_model_has_none():
   cfg = TINY["llama"]
   _, lm = models.abstract(cfg)
@@ -79,16 +143,43 @@ def np_rms_norm(x, scale, eps):
   return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
 
 
-def np_rope(x, positions, theta):
-  """Slow RoPE: rotate each pair (x_i, x_{i+H/2}) by position · theta^(-2i/H), one scalar at a time."""
+def np_inv_freq(cfg, dim):
+  """RoPE frequencies in float64 from the equations: theta^(-2i/H), then Llama 3's piecewise scaling of
+  wavelength λ = 2π/f against the pretraining context C: λ < C/high kept, λ > C/low divided by the factor s,
+  and in between (1 - g)·f/s + g·f with g = (C/λ - low) / (high - low)."""
+  out = []
+  for i in range(dim // 2):
+    f = cfg.rope_theta ** (-2.0 * i / dim)
+    if cfg.rope_scaling == "llama3":
+      context, low, high, s = (
+        cfg.rope_original_max_len,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_factor,
+      )
+      wavelength = 2 * math.pi / f
+      if wavelength > context / low:
+        f = f / s
+      elif wavelength >= context / high:
+        g = (context / wavelength - low) / (high - low)
+        f = (1 - g) * f / s + g * f
+    out.append(f)
+  return np.array(out)
+
+
+def np_rope(x, positions, theta, inv_freq=None):
+  """Slow RoPE: rotate each pair (x_i, x_{i+H/2}) by position · f_i, f_i = theta^(-2i/H) unless `inv_freq`
+  gives them, one scalar at a time."""
   out = np.array(x, dtype=np.float64)
   _, length, heads, dim = x.shape
   half = dim // 2
+  if inv_freq is None:
+    inv_freq = [theta ** (-2.0 * i / dim) for i in range(half)]
   for b in range(x.shape[0]):
     for t in range(length):
       for h in range(heads):
         for i in range(half):
-          angle = positions[b, t] * theta ** (-2.0 * i / dim)
+          angle = positions[b, t] * inv_freq[i]
           a, c = x[b, t, h, i], x[b, t, h, i + half]
           out[b, t, h, i] = a * math.cos(angle) - c * math.sin(angle)
           out[b, t, h, i + half] = c * math.cos(angle) + a * math.sin(angle)
@@ -123,8 +214,12 @@ def np_forward(cfg, params, tokens):
 
     y = norm("attn_norm", x)
     q, kk, v = proj("query", y, n), proj("key", y, k), proj("value", y, k)
+    if cfg.qk_norm:  # per head, over its h features, before RoPE
+      q = np_rms_norm(q, lp["attn"]["query_norm"]["scale"], cfg.norm_eps)
+      kk = np_rms_norm(kk, lp["attn"]["key_norm"]["scale"], cfg.norm_eps)
     if cfg.family == "llama":
-      q, kk = np_rope(q, positions, cfg.rope_theta), np_rope(kk, positions, cfg.rope_theta)
+      inv_freq = np_inv_freq(cfg, h)
+      q, kk = np_rope(q, positions, None, inv_freq), np_rope(kk, positions, None, inv_freq)
     kk, v = np.repeat(kk, n // k, axis=2), np.repeat(v, n // k, axis=2)  # head j uses kv head j // (n/k)
     scores = np.einsum("btnh,bsnh->bnts", q, kk) / math.sqrt(h)
     scores = np.where(causal, scores, -np.inf)
@@ -149,14 +244,34 @@ def np_forward(cfg, params, tokens):
   return x @ unembed
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "llama3_rope", "qwen3"])
 def test_forward_matches_numpy_reference(family):
   cfg = TINY[family]
-  graphdef, params = models.init(cfg, jax.random.key(1))
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+  graphdef, params = init(cfg, jax.random.key(1))
+  length = 40 if cfg.rope_scaling else 12  # llama3: positions past the pretraining context (32)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, length))
   logits, hidden = forward(cfg, params, graphdef, jnp.asarray(tokens))
-  assert logits.dtype == jnp.float32 and hidden.shape == (2, 12, cfg.d_model)
-  np.testing.assert_allclose(np.asarray(logits), np_forward(cfg, params, tokens), atol=2e-5, rtol=1e-4)
+  assert logits.dtype == jnp.float32 and hidden.shape == (2, length, cfg.d_model)
+  want = np_forward(cfg, params, tokens)
+  np.testing.assert_allclose(np.asarray(logits), want, atol=2e-5, rtol=1e-4)
+  if family in VARIANTS:  # the option changes the function: the plain llama reference is off by far more
+    plain = dataclasses.replace(
+      cfg, qk_norm=False, rope_scaling=None, **dict.fromkeys(LLAMA3_ROPE.keys() - {"rope_scaling"})
+    )
+    assert np.abs(np_forward(plain, params, tokens) - want).max() > 50 * 2e-5  # 50 times the tolerance
+
+
+def test_llama3_rope_frequencies_keep_interpolate_and_scale_the_three_bands():
+  cfg = VARIANTS["llama3_rope"]
+  got = np.asarray(transformer.rope_frequencies(cfg))
+  plain = np.asarray(transformer.rope_frequencies(TINY["llama"]))
+  assert got.dtype == np.float32 and got.shape == (cfg.head_dim // 2,)
+  wavelength = 2 * np.pi / plain  # 6.3, 19.9, 62.8, ...: context 32 / high 4 = 8 and 32 / low 1 = 32
+  assert wavelength[0] < 8 and 8 < wavelength[1] < 32 and np.all(wavelength[2:] > 32)
+  assert got[0] == plain[0]  # kept
+  np.testing.assert_allclose(got[2:], plain[2:] / 8, rtol=1e-6)  # scaled
+  assert plain[1] / 8 < got[1] < plain[1]  # interpolated
+  np.testing.assert_allclose(got, np_inv_freq(cfg, cfg.head_dim), rtol=2e-6)
 
 
 def test_rope_matches_slow_numpy_reference():
@@ -197,10 +312,10 @@ def test_causality_gradient_from_future_inputs_is_exactly_zero(family):
       assert np.all(pos[t + 1 :] == 0.0) and np.all(np.abs(pos[: t + 1]).sum(-1) > 0), t
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "llama3_rope", "qwen3"])
 def test_left_padding_does_not_change_logits(family):
   cfg = TINY[family]
-  graphdef, params = models.init(cfg, jax.random.key(3))
+  graphdef, params = init(cfg, jax.random.key(3))
   real = np.random.default_rng(1).integers(0, 256, 9)
   width = len(real) + 7
   rows, segments = [], []

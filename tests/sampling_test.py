@@ -15,8 +15,30 @@ from scipy import stats
 from instructgpt_jax import models, sampling, sharding
 
 TINY = {"gpt": models.resolve({"size": "tiny"}), "llama": models.resolve({"size": "tiny-llama"})}
+# The llama options of Llama 3.x and Qwen3. The pretraining context 16 lies inside the 20 cached positions of
+# the cache test, and head size 16 puts RoPE frequencies in all three of llama3's bands (models_test).
+TINY["llama3_rope"] = dataclasses.replace(
+  TINY["llama"],
+  rope_scaling="llama3",
+  rope_factor=8.0,
+  rope_low_freq_factor=1.0,
+  rope_high_freq_factor=4.0,
+  rope_original_max_len=16,
+)
+TINY["qwen3"] = dataclasses.replace(TINY["llama"], qk_norm=True, d_head=24)
 EOS, PAD = 256, 257  # the byte tokenizer's layout: pad is a real id, distinct from EOS
 PROMPT_BUCKETS = (4, 8, 16, 32)
+
+
+def init(cfg, key):
+  """models.init, with random q/k norm scales (they start at 1, where a misplaced scale would not show)."""
+  graphdef, params = models.init(cfg, key)
+  if cfg.qk_norm:
+    attn = params["layers"]["attn"]
+    for k, name in enumerate(("query_norm", "key_norm")):
+      scale = attn[name]["scale"]
+      attn[name]["scale"] = 1.0 + 0.3 * jax.random.normal(jax.random.fold_in(key, k), scale.shape, scale.dtype)
+  return graphdef, params
 
 
 def ragged_prompts(seed, lengths):
@@ -45,12 +67,15 @@ def batch_sharded(mesh, *arrays):
 # ------------------------------------------------------------------------------------------ cache == full pass
 
 
-@pytest.mark.parametrize("family, scan_layers", [("gpt", False), ("llama", False), ("gpt", True), ("llama", True)])
+@pytest.mark.parametrize(
+  "family, scan_layers",
+  [("gpt", False), ("llama", False), ("gpt", True), ("llama", True), ("llama3_rope", False), ("qwen3", True)],
+)
 def test_cached_decoding_matches_the_full_forward_pass(family, scan_layers):
   # Ragged left padding (one row fills the bucket, one has a single token) and ragged responses: row 2's
   # response ends after 3 tokens, so it feeds padding (segment 0) for the remaining steps.
   cfg = dataclasses.replace(TINY[family], scan_layers=scan_layers)
-  graphdef, params = models.init(cfg, jax.random.key(0))
+  graphdef, params = init(cfg, jax.random.key(0))
   prompt_tokens, prompt_segments = sampling.left_pad(ragged_prompts(0, [12, 1, 7, 4]), buckets=(12,), pad_id=PAD)
   steps = 9
   response_tokens = np.random.default_rng(1).integers(0, 256, (4, steps)).astype(np.int32)

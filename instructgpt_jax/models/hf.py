@@ -4,13 +4,14 @@ A folder holds `config.json`, the weights as `*.safetensors` (one file, or shard
 `model.safetensors.index.json`) and usually `tokenizer.json`. Architectures, by config.json `model_type`:
 
   gpt2              -> family "gpt"                  (GPT2LMHeadModel, GPT2ForSequenceClassification)
-  llama, mistral    -> family "llama"                (SmolLM and SmolLM2 are llama)
+  llama, mistral    -> family "llama"                (SmolLM and SmolLM2 are llama; Llama 3.x's RoPE scaling)
   qwen2             -> family "llama", qkv_bias=True (q/k/v projections with biases)
+  qwen3             -> family "llama", qk_norm=True  (per-head RMSNorm of queries and keys)
 
-Anything our Transformer cannot compute exactly (RoPE scaling, an output-projection or MLP bias, another
-activation) is refused with a one-line ConfigError rather than loaded approximately. A sliding attention
-window is the one exception: it changes nothing for sequences that fit in it, so `max_len` becomes the
-window. docs/hf.md has the tensor-name tables.
+Anything our Transformer cannot compute exactly (RoPE scaling other than Llama 3's, an output-projection or
+MLP bias, another activation) is refused with a one-line ConfigError rather than loaded approximately. A
+sliding attention window is the one exception: it changes nothing for sequences that fit in it, so
+`max_len` becomes the window. docs/hf.md has the tensor-name tables.
 
     cfg, kind, info = hf.read_config(path)
     graphdef, target = train_state.param_shardings_for(cfg, mesh, rules, kind=kind)
@@ -62,9 +63,18 @@ CONFIG_KEY = "instructgpt_jax"  # our fields in an exported config.json: head_bi
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 REMOTE_CACHE_BYTES = 8 * 2**30  # HF tensors read from a bucket and kept (a stacked parameter's layers fit)
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # they name the special tokens
+GENERATION_CONFIG = "generation_config.json"
+# Llama 3.x's RoPE scaling: config.json's rope_scaling / rope_parameters keys -> our ModelConfig fields.
+LLAMA3_ROPE_KEYS = {
+  "factor": "rope_factor",
+  "low_freq_factor": "rope_low_freq_factor",
+  "high_freq_factor": "rope_high_freq_factor",
+  "original_max_position_embeddings": "rope_original_max_len",
+}
 
 # ------------------------------------------------------------------------------------------ safetensors files
 # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
@@ -237,14 +247,11 @@ def _llama_fields(hf) -> dict[str, Any]:
   _refuse(hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r} (ours: SiLU)")
   _refuse(hf.get("attention_bias", False), "attention_bias (an output-projection bias)")
   _refuse(hf.get("mlp_bias", False), "mlp_bias")
-  # transformers 5 writes rope_parameters; 4 wrote rope_theta and rope_scaling.
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  _refuse(rope_type != "default", f"RoPE scaling {rope_type!r}")
   n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
   head_dim = hf.get("head_dim") or d_model // n_heads
   kv_heads = hf.get("num_key_value_heads") or n_heads
   max_len = hf.get("max_position_embeddings", 2048)
+  rope = _rope_fields(hf, max_len)
   # A sliding window changes nothing for sequences that fit in it: cap the length there.
   window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
   if window and window < max_len:
@@ -260,10 +267,39 @@ def _llama_fields(hf) -> dict[str, Any]:
     d_ff=hf["intermediate_size"],
     max_len=max_len,
     tied_embeddings=hf.get("tie_word_embeddings", False),
-    rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10_000.0))),
     norm_eps=hf.get("rms_norm_eps", 1e-6),
     qkv_bias=hf["model_type"] == "qwen2",
+    qk_norm=hf["model_type"] == "qwen3",
+    **rope,
   )
+
+
+def _rope_fields(hf, max_position_embeddings: int) -> dict[str, Any]:
+  """rope_theta and the RoPE scaling fields of a llama-family config.json, read as transformers 5 reads them.
+
+  transformers 4 wrote `rope_theta` and `rope_scaling`; 5 writes `rope_parameters` (theta included) and,
+  given both, takes `rope_scaling` first. A theta inside the dict comes before a top-level one.
+  """
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  _refuse(any(isinstance(v, dict) for v in rope.values()), "RoPE parameters per layer type")
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  _refuse(partial != 1.0, f"partial_rotary_factor {partial} (ours rotates the whole head)")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  _refuse(rope_type not in ("default", "llama3"), f"RoPE scaling {rope_type!r}")
+  fields: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+  if rope_type == "llama3":
+    # transformers 5 prefers a top-level original_max_position_embeddings, then the dict's, then the length.
+    rope = {"original_max_position_embeddings": max_position_embeddings, **rope}
+    if hf.get("original_max_position_embeddings") is not None:
+      rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    missing = [key for key in LLAMA3_ROPE_KEYS if rope.get(key) is None]
+    if missing:
+      raise ConfigError(f"hf: RoPE scaling 'llama3' without {', '.join(missing)} in config.json")
+    fields.update({ours: rope[key] for key, ours in LLAMA3_ROPE_KEYS.items()}, rope_scaling="llama3")
+    fields["rope_original_max_len"] = int(fields["rope_original_max_len"])
+    for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+      fields[name] = float(fields[name])
+  return fields
 
 
 def hf_config(
@@ -271,12 +307,15 @@ def hf_config(
   *,
   kind: str = "lm",
   dtype: str = "float32",
-  token_ids: dict[str, int] | None = None,
+  token_ids: dict[str, Any] | None = None,
   metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The config.json of our model: GPT2 for "gpt", Llama for "llama", Qwen2 for "llama" with qkv_bias.
+  """The config.json of our model: GPT2 for "gpt"; for "llama", Qwen3 with qk_norm, Qwen2 with qkv_bias,
+  else Llama.
 
-  `token_ids` may hold bos_token_id, eos_token_id, pad_token_id; `metadata` goes under CONFIG_KEY.
+  `token_ids` may hold bos_token_id, eos_token_id (an id or a list), pad_token_id (kept only when it is an
+  id of the vocabulary, see `config_token_ids`); an id not given is written as null. `metadata` goes under
+  CONFIG_KEY.
   """
   head = "ForSequenceClassification" if kind == "scalar" else None
   if cfg.family == "gpt":
@@ -299,7 +338,8 @@ def hf_config(
       attn_pdrop=0.0,
     )
   else:
-    arch = "Qwen2" if cfg.qkv_bias else "Llama"
+    _refuse_export(cfg.qk_norm and cfg.qkv_bias, "q/k norms with q/k/v biases alone are no HF architecture")
+    arch = "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.qkv_bias else "Llama"
     out = dict(
       architectures=[arch + (head or "ForCausalLM")],
       model_type=arch.lower(),
@@ -313,20 +353,60 @@ def hf_config(
       max_position_embeddings=cfg.max_len,
       rms_norm_eps=cfg.norm_eps,
       hidden_act="silu",
-      # Both spellings, so that readers written for transformers 4 (rope_theta) and 5 (rope_parameters) agree.
-      rope_theta=cfg.rope_theta,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
       attention_dropout=0.0,
+      **_rope_config(cfg),
     )
-    out.update(dict(use_sliding_window=False) if cfg.qkv_bias else dict(attention_bias=False, mlp_bias=False))
+    if cfg.qk_norm:
+      out.update(attention_bias=False, use_sliding_window=False)
+    elif cfg.qkv_bias:
+      out.update(use_sliding_window=False)
+    else:
+      out.update(attention_bias=False, mlp_bias=False)
   out["tie_word_embeddings"] = cfg.tied_embeddings
   if kind == "scalar":
     out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
   out.update(torch_dtype=dtype, dtype=dtype)  # transformers 4 reads torch_dtype, 5 reads dtype
-  out.update({k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS and v is not None})
+  # Every id is written, null when unknown: transformers would otherwise take its config class's defaults
+  # (Llama's bos 1 and eos 2, GPT-2's 50256), which need not be tokens of this vocabulary.
+  out.update({field: None for field in TOKEN_ID_FIELDS}, **config_token_ids(cfg, token_ids))
   if metadata:
     out[CONFIG_KEY] = metadata
   return out
+
+
+def _rope_config(cfg: ModelConfig) -> dict[str, Any]:
+  """RoPE in config.json, in the spellings of transformers 4 (rope_theta, rope_scaling) and 5 (rope_parameters,
+  theta included), so that readers of either (vLLM among them) agree."""
+  scaling = {}
+  if cfg.rope_scaling == "llama3":
+    scaling = {"rope_type": "llama3", **{key: getattr(cfg, ours) for key, ours in LLAMA3_ROPE_KEYS.items()}}
+  out = dict(
+    rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **scaling}
+  )
+  if scaling:
+    out["rope_scaling"] = scaling
+  return out
+
+
+def config_token_ids(cfg: ModelConfig, token_ids: dict[str, Any] | None) -> dict[str, Any]:
+  """The token ids config.json and generation_config.json hold: bos_token_id and eos_token_id (an id or a
+  list) as given, pad_token_id only when it is an id of the vocabulary (0 <= id < vocab_size).
+
+  Our tokenizers may append the pad token after a published vocabulary (data/tokenizer.py), which our model
+  never looks up; transformers and vLLM would index the embedding with it, so such a pad id is left out.
+  """
+  out = {k: _json_id(v) for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS and v is not None}
+  pad = out.get("pad_token_id")
+  if pad is not None and not (isinstance(pad, int) and 0 <= pad < cfg.vocab_size):
+    del out["pad_token_id"]
+  return out
+
+
+def _json_id(token_id):
+  """A token id (or a list of them) as JSON writes it: NumPy integers become ints."""
+  if isinstance(token_id, (list, tuple)):
+    return [_json_id(t) for t in token_id]
+  return int(token_id) if isinstance(token_id, (int, np.integer)) and not isinstance(token_id, bool) else token_id
 
 
 def _refuse_export(condition: bool, message: str) -> None:
@@ -380,7 +460,7 @@ class Link:
 
 
 def _llama_links(cfg: ModelConfig) -> list[Link]:
-  """Llama / Mistral / Qwen2. HF Linear weights are [out, in]; our kernels are [in, ...out]."""
+  """Llama / Mistral / Qwen2 / Qwen3. HF Linear weights are [out, in]; our kernels are [in, ...out]."""
   d, h = cfg.d_model, cfg.head_dim
   layer = "{p}layers.{i}."
 
@@ -402,12 +482,17 @@ def _llama_links(cfg: ModelConfig) -> list[Link]:
   def mlp(name):
     return Link(("layers", "mlp", name, "kernel"), layer + f"mlp.{name}_proj.weight", _transposed, _transposed)
 
+  qk_norms = [  # Qwen3: one [H] scale per layer for all query heads, one for all key heads
+    Link(("layers", "attn", "query_norm", "scale"), layer + "self_attn.q_norm.weight"),
+    Link(("layers", "attn", "key_norm", "scale"), layer + "self_attn.k_norm.weight"),
+  ]
   return [
     Link(("embed", "embedding"), "{p}embed_tokens.weight"),
     Link(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight"),
     *projection("query", cfg.n_heads),
     *projection("key", cfg.kv_heads),
     *projection("value", cfg.kv_heads),
+    *(qk_norms if cfg.qk_norm else []),
     Link(
       ("layers", "attn", "out", "kernel"),
       layer + "self_attn.o_proj.weight",
@@ -617,7 +702,7 @@ def export(
   *,
   kind: str = "lm",
   tokenizer: str | None = None,
-  token_ids: dict[str, int] | None = None,
+  token_ids: dict[str, Any] | None = None,
   metadata: dict[str, Any] | None = None,
   dtype: str | None = None,
   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -625,9 +710,11 @@ def export(
   """Writes our params as a HuggingFace model folder that transformers and vLLM load.
 
   Writes config.json, model.safetensors (or model-0000k-of-0000n.safetensors shards of at most
-  `max_shard_bytes` with model.safetensors.index.json) and, with `tokenizer` (a tokenizer.json or a folder
-  holding one), the tokenizer files. kind "scalar" writes a sequence classifier (module docstring);
-  `metadata` (e.g. reward_bias) goes under CONFIG_KEY in config.json. `dtype` casts the tensors on write
+  `max_shard_bytes` with model.safetensors.index.json), generation_config.json (the token ids, see
+  `generation_config`) and, with `tokenizer` (a tokenizer.json or a folder holding one), the tokenizer files
+  (`copy_tokenizer`). `token_ids`: bos_token_id, eos_token_id (an id or a list), pad_token_id (kept only
+  when it is an id of the vocabulary, `config_token_ids`). kind "scalar" writes a sequence classifier (module
+  docstring); `metadata` (e.g. reward_bias) goes under CONFIG_KEY in config.json. `dtype` casts the tensors on write
   (e.g. "bfloat16"); by default they keep the params' dtype. Every process calls it; process 0 writes.
   """
   if kind not in ("lm", "scalar"):
@@ -641,6 +728,7 @@ def export(
     metadata["head_bias"] = float(_host_array(params["head"]["proj"]["bias"]).reshape(-1)[0])
   written_dtype = str(np.dtype(dtype or jax.tree.leaves(trunk)[0].dtype))
   config = hf_config(cfg, kind=kind, dtype=written_dtype, token_ids=token_ids, metadata=metadata or None)
+  ids = config_token_ids(cfg, token_ids)
 
   writer = jax.process_index() == 0
   if writer:
@@ -659,7 +747,13 @@ def export(
     }
     paths.write_json(paths.join(directory, INDEX_FILE), index)
   if writer and tokenizer:
-    copy_tokenizer(tokenizer, directory, token_ids or {})
+    copy_tokenizer(tokenizer, directory, ids)
+  if writer:
+    generation = generation_config(ids, _tokenizer_folder(tokenizer) if tokenizer else None)
+    if generation:
+      paths.write_json(paths.join(directory, GENERATION_CONFIG), generation)
+    elif paths.path(directory, GENERATION_CONFIG).exists():  # an earlier export's ids are not this model's
+      paths.path(directory, GENERATION_CONFIG).unlink()
 
 
 def _split_into_files(tensors: list[PendingTensor], max_shard_bytes: int) -> dict[str, list[PendingTensor]]:
@@ -675,26 +769,79 @@ def _split_into_files(tensors: list[PendingTensor], max_shard_bytes: int) -> dic
   return {f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups)}
 
 
-def copy_tokenizer(tokenizer: str, directory: str, token_ids: dict[str, int]) -> None:
-  """Copies tokenizer.json (and, from a folder, tokenizer_config.json, special_tokens_map.json,
-  chat_template.jinja) into `directory`. Without a tokenizer_config.json, writes one naming the special
-  tokens of `token_ids`, so that transformers' AutoTokenizer knows EOS and padding."""
-  folder = tokenizer if paths.path(tokenizer).is_dir() else None
-  source = paths.join(tokenizer, "tokenizer.json") if folder else tokenizer
+def _tokenizer_folder(tokenizer: str) -> str | None:
+  """The HF folder a tokenizer comes with: the folder given, or the folder of a file named tokenizer.json."""
+  if paths.path(tokenizer).is_dir():
+    return tokenizer
+  if paths.path(tokenizer).name == "tokenizer.json":
+    return str(paths.path(tokenizer).parent)
+  return None
+
+
+def _id_list(token_id) -> list[int]:
+  if token_id is None:
+    return []
+  return list(token_id) if isinstance(token_id, (list, tuple)) else [token_id]
+
+
+def generation_config(token_ids: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+  """generation_config.json: the bos, eos and pad ids of config.json (`config_token_ids`).
+
+  When the tokenizer's folder `source` has a generation_config.json, its EOS ids come first and ours are
+  added, so a chat model still stops at the end of a turn (Llama 3 Instruct lists [128001, 128008, 128009])
+  and at the EOS our stages train with. One id is written as an int, several as a list.
+  """
+  out = {k: v for k, v in token_ids.items() if k in TOKEN_ID_FIELDS}
+  theirs = paths.read_json(paths.join(source, GENERATION_CONFIG)) if source else None
+  eos = _id_list((theirs or {}).get("eos_token_id"))
+  eos += [t for t in _id_list(out.get("eos_token_id")) if t not in eos]
+  if eos:
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+  return out
+
+
+def _agreeing_token(current, ids: list[int], vocab: tokenizers.Tokenizer):
+  """What a tokenizer file should name as the special token of `ids` (config.json's id or ids): `current`
+  (a token, or an AddedToken dict) when it is one of them, else the first of them the vocabulary holds."""
+  text = current.get("content") if isinstance(current, dict) else current
+  if not ids or (text is not None and vocab.token_to_id(text) in ids):
+    return current
+  return next((vocab.id_to_token(i) for i in ids if vocab.id_to_token(i) is not None), current)
+
+
+def copy_tokenizer(tokenizer: str, directory: str, token_ids: dict[str, Any]) -> None:
+  """Copies tokenizer.json and, from its folder (a folder given, or the folder of a file named
+  tokenizer.json), tokenizer_config.json, special_tokens_map.json and chat_template.jinja into `directory`,
+  so the chat template (in tokenizer_config.json or chat_template.jinja) goes along.
+
+  The special tokens those files name are made to agree with `token_ids` (config.json's): eos_token becomes
+  the token of eos_token_id (or stays, when it is one of a list), and bos_token and pad_token likewise when
+  those ids are given. Without a tokenizer_config.json, one is written that names them, so that
+  transformers' AutoTokenizer knows EOS and padding.
+  """
+  folder = _tokenizer_folder(tokenizer)
+  source = paths.join(tokenizer, "tokenizer.json") if paths.path(tokenizer).is_dir() else tokenizer
   if not paths.path(source).exists():
     raise ConfigError(f"hf export: tokenizer {source} does not exist")
   copies = {source: "tokenizer.json"}
   for name in TOKENIZER_FILES if folder else ():
     if paths.path(folder, name).exists():
       copies[paths.join(folder, name)] = name
+  special_files = {name: path for path, name in copies.items() if name in SPECIAL_TOKEN_FILES}
   for path, name in copies.items():
-    if not paths.same_file(path, paths.join(directory, name)):
+    if name not in special_files and not paths.same_file(path, paths.join(directory, name)):
       paths.path(directory, name).write_bytes(paths.path(path).read_bytes())
-  if not paths.path(directory, "tokenizer_config.json").exists():
-    vocab = tokenizers.Tokenizer.from_str(paths.read_text(source))
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for field, token_id in token_ids.items():
-      token = vocab.id_to_token(token_id) if field in TOKEN_ID_FIELDS and token_id is not None else None
+  vocab = tokenizers.Tokenizer.from_str(paths.read_text(source))
+  for name in SPECIAL_TOKEN_FILES:
+    if name in special_files:
+      special = paths.read_json(special_files[name])  # chat_template and every other field are kept
+    elif name == "tokenizer_config.json":
+      special = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+      continue
+    for field in TOKEN_ID_FIELDS:
+      key = field.removesuffix("_id")
+      token = _agreeing_token(special.get(key), _id_list(token_ids.get(field)), vocab)
       if token is not None:
-        tokenizer_config[field.removesuffix("_id")] = token
-    paths.write_json(paths.join(directory, "tokenizer_config.json"), tokenizer_config)
+        special[key] = token
+    paths.write_json(paths.join(directory, name), special)

@@ -19,6 +19,8 @@ from typing import Any
 from instructgpt_jax import errors
 
 FAMILIES = ("gpt", "llama")
+ROPE_SCALINGS = ("llama3",)  # besides None (plain RoPE)
+LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -37,7 +39,15 @@ class ModelConfig:
   d_head: int | None = None  # None: d_model // n_heads.
   tied_embeddings: bool = True
   qkv_bias: bool = False  # llama family: biases on the query/key/value projections (Qwen2). "gpt" always has them.
+  qk_norm: bool = False  # llama family: RMSNorm over each head's query and key, before RoPE (Qwen3)
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling. None: plain RoPE. "llama3": Llama 3.1's scaling (transformer.rope_frequencies),
+  # which needs the four fields below; they are None otherwise.
+  rope_scaling: str | None = None
+  rope_factor: float | None = None  # low frequencies are divided by this
+  rope_low_freq_factor: float | None = None  # wavelengths above original_max_len / this are scaled
+  rope_high_freq_factor: float | None = None  # wavelengths below original_max_len / this are kept
+  rope_original_max_len: int | None = None  # the pretraining context (original_max_position_embeddings)
   norm_eps: float = 1e-5
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype of activations and matmuls
@@ -58,8 +68,32 @@ class ModelConfig:
       raise errors.ConfigError(f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model}; set d_head")
     if self.family == "llama" and self.head_dim % 2:
       raise errors.ConfigError(f"model.d_head: RoPE needs an even head size, got {self.head_dim}")
+    if self.qk_norm and self.family != "llama":
+      raise errors.ConfigError("model.qk_norm: query/key norms exist in the llama family only")
+    self._check_rope_scaling()
     if not 0.0 <= self.resid_dropout < 1.0:
       raise errors.ConfigError(f"model.resid_dropout: {self.resid_dropout} is not in [0, 1)")
+
+  def _check_rope_scaling(self) -> None:
+    given = [name for name in LLAMA3_ROPE_FIELDS if getattr(self, name) is not None]
+    if self.rope_scaling is None:
+      if given:
+        raise errors.ConfigError(f"model.{given[0]}: set only with model.rope_scaling (one of {ROPE_SCALINGS})")
+      return
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise errors.ConfigError(f"model.rope_scaling: {self.rope_scaling!r} is not None or one of {ROPE_SCALINGS}")
+    if self.family != "llama":
+      raise errors.ConfigError("model.rope_scaling: RoPE exists in the llama family only")
+    missing = [name for name in LLAMA3_ROPE_FIELDS if name not in given]
+    if missing:
+      raise errors.ConfigError(f"model.rope_scaling: {self.rope_scaling!r} needs model.{', model.'.join(missing)}")
+    if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise errors.ConfigError(
+        f"model.rope_high_freq_factor: {self.rope_high_freq_factor} must exceed rope_low_freq_factor "
+        f"{self.rope_low_freq_factor} > 0"
+      )
+    if self.rope_factor <= 0 or self.rope_original_max_len <= 0:
+      raise errors.ConfigError("model.rope_factor, model.rope_original_max_len: must be positive")
 
   @property
   def kv_heads(self) -> int:
@@ -192,6 +226,7 @@ def param_count_formula(cfg: ModelConfig) -> int:
     extra = cfg.max_len * d + 2 * d
   else:
     per_layer = d * (h + 2 * kv) + h * d + 3 * d * ff + 2 * d + (h + 2 * kv if cfg.qkv_bias else 0)
+    per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0
     extra = d
   unembed = 0 if cfg.tied_embeddings else d * cfg.vocab_size
   return cfg.n_layers * per_layer + cfg.vocab_size * d + unembed + extra

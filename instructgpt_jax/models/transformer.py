@@ -2,7 +2,8 @@
 
 * "gpt" (GPT-2 / GPT-3): learned position embeddings, pre-LayerNorm, GELU MLP, biases everywhere.
 * "llama": rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (except
-  query/key/value biases with `qkv_bias`, as in Qwen2).
+  query/key/value biases with `qkv_bias`, as in Qwen2). Options: per-head RMSNorm of queries and keys
+  (`qk_norm`, Qwen3) and Llama 3.1's RoPE frequency scaling (`rope_scaling="llama3"`).
 
 The modules are used functionally: build once, `graphdef, state = nnx.split(model)`, and every jitted
 function takes the parameter state as a plain pytree and calls `nnx.merge` inside (see `models/__init__.py`).
@@ -66,14 +67,45 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same_segment & real_key)[:, None]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """The RoPE inverse frequencies [H/2] float32: f_i = theta^(-2i/H), i < H/2, then the config's scaling.
+
+  Llama 3.1's scaling ("llama3"; factor s, low/high frequency factors a < b, pretraining context C) acts on
+  the wavelength w_i = 2π / f_i: short wavelengths (w_i < C/b) are kept, long ones (w_i > C/a) become
+  f_i / s, and between them f_i is interpolated, with g = (C / w_i - a) / (b - a), as (1 - g) · f_i / s + g · f_i.
+  Computed in float32 (once per attention call, for q and k), the scaling's steps in the order transformers
+  takes them, so both round alike. Without scaling this is the plain RoPE's expression, bit for bit.
+  """
+  half = cfg.head_dim // 2
+  inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim)
+  if cfg.rope_scaling is None:
+    return inv_freq
+  factor, low, high, context = (
+    cfg.rope_factor,
+    cfg.rope_low_freq_factor,
+    cfg.rope_high_freq_factor,
+    cfg.rope_original_max_len,
+  )
+  wavelength = 2 * math.pi / inv_freq
+  long = wavelength > context / low
+  short = wavelength < context / high
+  scaled = jnp.where(long, inv_freq / factor, inv_freq)
+  smooth = (context / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  return jnp.where(~short & ~long, smoothed, scaled)
+
+
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: float | None = None, *, inv_freq: jax.Array | None = None
+) -> jax.Array:
   """Rotary embedding (Su et al. 2021), half-split layout as in Llama's reference code.
 
-  x: [B, T, N, H]; positions: [B, T]. The pair (x_i, x_{i+H/2}) is rotated by angle
-  position · theta^(-2i/H). Computed in float32.
+  x: [B, T, N, H]; positions: [B, T]. The pair (x_i, x_{i+H/2}) is rotated by angle position · f_i, with
+  f_i = theta^(-2i/H), or `inv_freq` [H/2] when given (`rope_frequencies`). Computed in float32.
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -88,17 +120,25 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs, *, per_head: bool = False) -> nnx.Module:
+  """The family's norm over d_model; `per_head`: an RMSNorm over each head's H features (Qwen3's q/k norms)."""
+  axis = "kv" if per_head else "embed"
   kwargs = dict(
-    epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, scale_metadata=_axes("embed")
+    epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, scale_metadata=_axes(axis)
   )
+  if per_head:
+    return nnx.RMSNorm(cfg.head_dim, **kwargs)
   if cfg.family == "llama":
     return nnx.RMSNorm(cfg.d_model, **kwargs)
   return nnx.LayerNorm(cfg.d_model, bias_metadata=_axes("embed"), **kwargs)
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads)."""
+  """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads).
+
+  With `qk_norm` (Qwen3), each head's query and key is RMS-normalized over its H features, with one scale
+  [H] shared by the heads, before RoPE: q <- q / rms(q) · g_q, k <- k / rms(k) · g_k.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -124,6 +164,9 @@ class Attention(nnx.Module):
     self.query = proj(n, "heads")
     self.key = proj(k, "kv_heads")
     self.value = proj(k, "kv_heads")
+    if cfg.qk_norm:
+      self.query_norm = _norm(cfg, rngs, per_head=True)
+      self.key_norm = _norm(cfg, rngs, per_head=True)
     self.out = nnx.Einsum(
       "BTNH,NHD->BTD",
       (n, h, d),
@@ -135,13 +178,19 @@ class Attention(nnx.Module):
     )
 
   def _project(self, x: jax.Array, positions: jax.Array):
-    """x [B, T, D], positions [B, T] -> q [B, T, N, H], k and v [B, T, K, H], RoPE applied (llama)."""
+    """x [B, T, D], positions [B, T] -> q [B, T, N, H], k and v [B, T, K, H]; q/k norms and RoPE (llama).
+
+    `__call__` and `decode` both project here, so the cached decode path computes what the full pass does.
+    """
     q = constrain(self.query(x), BTNH)
     k = constrain(self.key(x), BTKH)
     v = constrain(self.value(x), BTKH)
+    if self.cfg.qk_norm:
+      q, k = constrain(self.query_norm(q), BTNH), constrain(self.key_norm(k), BTKH)
     if self.cfg.family == "llama":
-      q = apply_rope(q, positions, self.cfg.rope_theta)
-      k = apply_rope(k, positions, self.cfg.rope_theta)
+      inv_freq = rope_frequencies(self.cfg)  # once for q and k
+      q = apply_rope(q, positions, inv_freq=inv_freq)
+      k = apply_rope(k, positions, inv_freq=inv_freq)
     return q, k, v
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
