@@ -27,6 +27,7 @@ def run_config(
   c.keep_checkpoints = 3
   c.log_every_steps = log_every_steps
   c.eval_every_steps = 0  # 0: evaluate only at the end
+  c.eval_at_start = False  # evaluate the starting model before the first step (a metrics row at step 0)
   c.progress_bar = True
   c.model = config_lib.model_section(size, **model_fields)
   c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (trainers/model_io.py)

@@ -50,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     dict(
       corpus="lab",  # "lab": the generated world prose; else comma-separated globs of .txt / .jsonl files
       lab_documents=4000,
-      tokenizer="bytes",  # "bytes" or the path of a tokenizer.json
+      tokenizer="",  # "": the model's own (model.init_from's), else "bytes"; or a tokenizer.json / HF folder
       seq_len=128,
       batch_size=16,  # global batch, in sequences
       eval_fraction=0.02,  # the last 2% of sequences are held out for evaluation

@@ -10,7 +10,7 @@ token.
 
     python -m instructgpt_jax.main --config=configs/rm.py --workdir=W_RM \
         --config.model.init_from=W_SFT --config.data.train='comparisons/*.jsonl' \
-        --config.data.bias_demonstrations='demonstrations/train*.jsonl' --config.data.tokenizer=tokenizer.json
+        --config.data.bias_demonstrations='demonstrations/train*.jsonl'
 Test / demo variant on the lab's synthetic comparisons (known scoring rule), a few minutes on CPU:
     python -m instructgpt_jax.main --config=configs/rm.py:tiny --workdir=W_RM --config.model.init_from=W_SFT
 """
@@ -42,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       eval_examples=0,  # with no eval files: hold out the last N training prompts
       bias_demonstrations="",  # demonstrations whose mean reward becomes 0 (the SFT training set, §4.1)
       data_dir="",  # where TFDS builds go; "" = <workdir>/tfds
-      tokenizer="bytes",
+      tokenizer="",  # "": the model's own (model.init_from's), else "bytes"; or a tokenizer.json / HF folder
       template="plain",
       on_error="raise",
       truncate_prompt="none",  # "left": an over-long example keeps the end of its prompt (counted)

@@ -17,7 +17,7 @@ norm 1.0, no weight decay, loss on response tokens only, EOS appended to every r
 
     python -m instructgpt_jax.main --config=configs/sft.py:size=1.3b,variant=ppo_init --workdir=W_SFT \
         --config.model.init_from=hf:/models/gpt3-like --config.data.train='demos/train*.jsonl' \
-        --config.data.pretrain_corpus='/data/pretrain/*.txt' --config.data.tokenizer=/models/gpt3-like
+        --config.data.pretrain_corpus='/data/pretrain/*.txt'
 The CPU variant on the lab's generated demonstrations (a few minutes):
     python -m instructgpt_jax.main --config=configs/sft.py:tiny --workdir=W_SFT
 """
@@ -61,7 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       eval="",
       eval_examples=0,
       data_dir="",  # "" = <workdir>/tfds
-      tokenizer="bytes",
+      tokenizer="",  # "": the model's own (model.init_from's), else "bytes"; or a tokenizer.json / HF folder
       template="plain",  # the paper's format: the prompt, then the response (docs/paper.md §7.1)
       on_error="raise",
       truncate_prompt="none",  # "left": an over-long example keeps the end of its prompt (counted)

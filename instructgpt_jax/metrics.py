@@ -80,6 +80,11 @@ class MetricWriter:
       self._bar.set_postfix(shown)
     return row
 
+  def status(self, text: str) -> None:
+    """Shows what the run is doing between steps (e.g. evaluating) beside the progress bar."""
+    if self._bar is not None:
+      self._bar.set_description_str(text)
+
   def flush(self) -> None:
     """Makes every row written so far durable (called before each checkpoint save)."""
     if self._jsonl:

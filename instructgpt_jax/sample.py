@@ -5,7 +5,9 @@
     python -m instructgpt_jax.sample --checkpoint=/runs/ppo --prompt "Explain the moon landing." --temperature 0.7
 
 `--init_from` takes what `model.init_from` takes (hf:PATH, a run's workdir, an exported model directory);
-`--checkpoint DIR` names one of our own run workdirs or exported model directories.
+`--checkpoint DIR` names one of our own run workdirs or exported model directories. A PPO workdir gives the
+EMA of its policy (the paper's model, and what its export holds); `--raw_policy` the optimizer's weights.
+An SFT workdir gives its selected checkpoint (selected.json), else its newest.
 
 Prompts. A HuggingFace model gets the prompt as transformers would give it: `tokenizer(prompt)` (with the
 tokenizer's own special tokens, e.g. a BOS), or with `--chat` the folder's chat template (tokenizer_config.json's
@@ -161,6 +163,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   parser.add_argument("--tokenizer", help="HF models: a tokenizer folder; our runs: a tokenizer.json or 'bytes'")
+  parser.add_argument("--raw_policy", action="store_true", help="a PPO workdir: the raw policy, not its EMA")
   args = parser.parse_args(argv)
   try:
     sample(args)
@@ -174,7 +177,7 @@ def sample(args: argparse.Namespace) -> list[int]:
   if args.max_new_tokens < 1:
     raise errors.UserError(f"--max_new_tokens: {args.max_new_tokens} must be at least 1")
   field = "--init_from" if args.init_from else "--checkpoint"
-  source = model_io.read_source(args.init_from or args.checkpoint, field)
+  source = model_io.read_source(args.init_from or args.checkpoint, field, ema=not getattr(args, "raw_policy", False))
   if source.kind != "lm":
     raise errors.UserError(f"{source.path}: a {source.kind} model has no tokens to sample (kind lm needed)")
   is_hf = source.metadata.get("format") == model_io.HF_FORMAT
@@ -190,10 +193,7 @@ def sample(args: argparse.Namespace) -> list[int]:
     prompt = hf_prompt_ids(folder, args.prompt, chat=args.chat)
   else:
     run_data = _run_config(source.path).get("data", {})
-    spec = args.tokenizer or run_data.get("tokenizer")
-    if spec is None:
-      raise errors.UserError(f"{source.path}: no run config.json names the tokenizer; pass --tokenizer")
-    tokenizer = tokenizer_lib.load(spec)
+    tokenizer = tokenizer_lib.load(args.tokenizer or model_io.tokenizer_of(source, "--tokenizer"))
     eos_ids = set()
     template = templates.get("chat" if args.chat else run_data.get("template", "plain"))
     prompt = template.encode_prompt(tokenizer, args.prompt)

@@ -13,7 +13,7 @@ import pytest
 from configs import pipeline
 from instructgpt_jax import errors, main
 from instructgpt_jax.lab import datasets, labelers, tasks, world
-from instructgpt_jax.trainers import pipeline as pipeline_lib
+from instructgpt_jax.trainers import chain
 
 
 def test_gold_answers_score_one_and_flawed_answers_less():
@@ -135,11 +135,11 @@ def test_a_preempted_stage_is_not_recorded_as_done(tmp_path):
     raise errors.Preempted(7)
 
   with pytest.raises(errors.Preempted, match="step 7"):
-    pipeline_lib._step(str(tmp_path), "sft", preempted)
+    chain.once(str(tmp_path), "sft", preempted)
   assert not (tmp_path / "sft" / "done.json").exists()
   # The rerun runs the stage (it resumes from its checkpoint) and only then records it.
-  assert pipeline_lib._step(str(tmp_path), "sft", lambda d: {"loss": 1.5}) == {"loss": 1.5}
-  assert pipeline_lib._step(str(tmp_path), "sft", preempted) == {"loss": 1.5}
+  assert chain.once(str(tmp_path), "sft", lambda d: {"loss": 1.5}) == {"loss": 1.5}
+  assert chain.once(str(tmp_path), "sft", preempted) == {"loss": 1.5}
 
 
 @pytest.mark.slow

@@ -96,6 +96,8 @@ def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
     ValueError, match=r"mesh: ici sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} need 3 devices, but 8 are present"
   ):
     main.run(tiny_config(**{"mesh.data": 3}), str(tmp_path))
-  with pytest.raises(ConfigError, match="model.vocab_size: 100 cannot hold the tokenizer's ids"):
+  with pytest.raises(
+    ConfigError, match="data.tokenizer: bytes has 258 ids, more than the model's vocabulary of 100; raise model.vocab"
+  ):
     main.run(tiny_config(**{"model.vocab_size": 100}), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()

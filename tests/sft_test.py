@@ -127,7 +127,7 @@ def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_
       state = State(jnp.int32(step), {"w": jnp.full((2,), float(step))})
       if step < 8:
         loop.end_of_step(step, state, {"loss": jnp.float32(1.0)}, evaluate)
-    loop.finish(state, evaluate(state))
+    loop.finish(state, evaluate)
   assert checkpoint.Checkpointer.steps_in(str(tmp_path)) == [4, 8]
   assert paths.read_json(tmp_path / "selected.json") == {"step": 4, "metric": "eval_loss", "value": 1.0}
   source = model_io.read_source(str(tmp_path))

@@ -15,7 +15,7 @@ def test_byte_tokenizer_round_trips_any_text_one_token_per_byte():
   assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258)
 
 
-def test_from_file_finds_eos_and_adds_a_distinct_pad(tmp_path):
+def test_from_file_finds_eos_and_pads_with_a_token_of_the_vocabulary(tmp_path):
   tok = tokenizer_lib.byte_tokenizer()
   hf = tok.hf
   path = tmp_path / "tokenizer.json"
@@ -30,8 +30,20 @@ def test_from_file_finds_eos_and_adds_a_distinct_pad(tmp_path):
   bare.add_special_tokens(["</s>"])
   bare.save(str(path))
   loaded = tokenizer_lib.from_file(str(tmp_path))
-  assert loaded.eos_id == 256 and loaded.pad_id == 257 and loaded.pad_id != loaded.eos_id
+  # No pad name, no unknown token, no other special token: the token of id 0 pads; no id past the vocabulary.
+  assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (256, 0, 257)
   assert loaded.decode(loaded.encode("abc")) == "abc"
+  # A HuggingFace folder's tokenizer_config.json names its specials: EOS <|im_end|>, and a pad equal to EOS is
+  # replaced by the unknown token (as for SmolLM2-Instruct, whose pad_token is its EOS).
+  bare.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+  bare.save(str(path))
+  (tmp_path / "tokenizer_config.json").write_text(
+    '{"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": {"content": "<|endoftext|>"}, '
+    '"bos_token": "<|im_start|>"}'
+  )
+  folder = tokenizer_lib.from_file(str(tmp_path))
+  assert (folder.eos_id, folder.pad_id, folder.bos_id, folder.vocab_size) == (259, 257, 258, 260)
+  assert tokenizer_lib.choose_pad(bare, "<|im_end|>") == "<|im_start|>"  # the last added special but EOS
   with pytest.raises(errors.ConfigError, match=r"^data.tokenizer: .*missing.json does not exist; give a tokenizer"):
     tokenizer_lib.from_file(str(tmp_path / "missing.json"))
 
@@ -63,3 +75,49 @@ def test_bpe_command_line_trains_on_a_local_corpus(tmp_path, capsys):
   loaded = tokenizer_lib.load(str(out))
   assert capsys.readouterr().out == f"tokenizer: {loaded.vocab_size} ids written to {out}\n"
   assert loaded.encode("hello") == [loaded.hf.token_to_id("hello")]  # a frequent word became one token
+
+
+def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_path):
+  """An hf: start without data.tokenizer takes the folder's own (its tokenizer_config.json specials), the run
+  records it for the next stage, and a tokenizer with more ids than the model's vocabulary is refused."""
+  import jax
+
+  from configs import rm, sft
+  from instructgpt_jax import models
+  from instructgpt_jax.models import hf
+  from instructgpt_jax.trainers import common, model_io
+
+  from runs import configured
+
+  cfg = models.resolve({"size": "tiny"})
+  _, params = models.init(cfg, jax.random.key(0))
+  bpe = tokenizer_lib.train_bpe([f"word{i} and more words" for i in range(200)], vocab_size=cfg.vocab_size - 5)
+  bpe.save(str(tmp_path / "bpe.json"))
+  token_ids = {"eos_token_id": bpe.eos_id, "pad_token_id": bpe.pad_id}
+  hf.export(str(tmp_path / "hf"), params, cfg, tokenizer=str(tmp_path / "bpe.json"), token_ids=token_ids)
+
+  config = configured(sft, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}"})
+  assert config.data.tokenizer == ""
+  stage = common.setup_stage(config, str(tmp_path / "sft"))
+  assert config.data.tokenizer == str(tmp_path / "hf")  # written back: config.json records it
+  assert (stage.tokenizer.vocab_size, stage.tokenizer.eos_id, stage.tokenizer.pad_id) == (
+    bpe.vocab_size,
+    bpe.eos_id,
+    bpe.pad_id,
+  )
+  common.write_config(str(tmp_path / "sft"), config)
+  model_io.write_model_json(str(tmp_path / "sft"), "lm", cfg)
+  source = model_io.Source("lm", cfg, str(tmp_path / "sft"), False, {"kind": "lm"}, step=1)
+  assert model_io.tokenizer_of(source) == str(tmp_path / "hf")  # what the next stage inherits
+
+  big = tokenizer_lib.train_bpe([f"token{i} " * 3 for i in range(2000)], vocab_size=cfg.vocab_size + 40)
+  big.save(str(tmp_path / "big.json"))
+  wrong = configured(
+    rm, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}", "data.tokenizer": str(tmp_path / "big.json")}
+  )
+  with pytest.raises(errors.ConfigError) as caught:
+    common.setup_stage(wrong, str(tmp_path / "rm"), kind="scalar")
+  assert str(caught.value) == (
+    f"data.tokenizer: {tmp_path / 'big.json'} has {big.vocab_size} ids, more than the model's vocabulary of "
+    f"{cfg.vocab_size}; not this model's tokenizer? leave data.tokenizer empty to use the model's own"
+  )

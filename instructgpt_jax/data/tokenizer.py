@@ -3,9 +3,14 @@ and training a small byte-level BPE on a local corpus:
 
     python -m instructgpt_jax.data.tokenizer --corpus='/data/text/*.txt' --vocab_size=8192 --out=/data/tok.json
 
-The padding id is always distinct from EOS (docs/paper.md §8 row 2): a tokenizer without a pad token gets one
-appended after its vocabulary. Padding ids never reach an embedding lookup (the model replaces them), so
-a pad id at or past the model's vocabulary size is harmless.
+The padding id is always distinct from EOS (docs/paper.md §8 row 2) and always a token the vocabulary
+already has, so that every id fits the model's embedding and an exported config names a real pad token.
+Padding is only filler (masks and segment ids say what is real), so any token but EOS serves; see
+`choose_pad` for the order in which one is chosen.
+
+A HuggingFace tokenizer folder (tokenizer.json beside tokenizer_config.json) gives its own special tokens:
+tokenizer_config.json's eos_token (what the model's generation stops at, e.g. <|im_end|> for a chat
+model), bos_token, pad_token and unk_token.
 """
 
 from __future__ import annotations
@@ -37,16 +42,14 @@ class Tokenizer:
     self.hf = hf
     self.hf.encode_special_tokens = True
     self.name = name
-    missing = [t for t in (eos_token, pad_token) if hf.token_to_id(t) is None]
-    if eos_token in missing:
-      raise ValueError(f"tokenizer {name}: EOS token {eos_token!r} is not in the vocabulary")
-    if pad_token in missing:
-      hf.add_special_tokens([pad_token])
+    for role, token in (("EOS", eos_token), ("pad", pad_token)):
+      if hf.token_to_id(token) is None:
+        raise errors.ConfigError(f"tokenizer {name}: its {role} token {token!r} is not in the vocabulary")
     self.eos_id = hf.token_to_id(eos_token)
     self.pad_id = hf.token_to_id(pad_token)
     self.bos_id = hf.token_to_id(bos_token) if bos_token else None
     if self.pad_id == self.eos_id:
-      raise ValueError(f"tokenizer {name}: the pad token must differ from EOS ({eos_token!r})")
+      raise errors.ConfigError(f"tokenizer {name}: the pad token must differ from EOS ({eos_token!r})")
 
   @property
   def vocab_size(self) -> int:
@@ -110,28 +113,61 @@ def _first_present(hf: tokenizers.Tokenizer, candidates) -> str | None:
   return next((t for t in candidates if hf.token_to_id(t) is not None), None)
 
 
+def _special_token(value) -> str | None:
+  """A tokenizer_config.json special token: a string, or {"content": string}."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def folder_special_tokens(folder: str) -> dict[str, str]:
+  """{"eos_token", "bos_token", "pad_token", "unk_token"} that a HuggingFace folder's tokenizer_config.json
+  names (those it names)."""
+  config = paths.read_json(paths.join(folder, "tokenizer_config.json"), {})
+  out = {k: _special_token(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "unk_token")}
+  return {k: v for k, v in out.items() if v}
+
+
+def choose_pad(hf: tokenizers.Tokenizer, eos: str, *, configured: str | None = None, unk: str | None = None) -> str:
+  """A token of the vocabulary to pad with, never EOS: the configured pad token, else a usual pad name, else
+  the unknown token, else the last added special token that is not EOS, else the token of id 0 (or 1)."""
+  added = [token.content for _, token in sorted(hf.get_added_tokens_decoder().items(), reverse=True)]
+  for candidate in (configured, *PAD_CANDIDATES, unk, *added):
+    if candidate and candidate != eos and hf.token_to_id(candidate) is not None:
+      return candidate
+  return next(hf.id_to_token(i) for i in (0, 1) if hf.id_to_token(i) != eos)
+
+
 def from_file(
   path: str, *, eos_token: str | None = None, pad_token: str | None = None, bos_token: str | None = None
 ) -> Tokenizer:
-  """Loads a `tokenizer.json` (or a folder holding one; local or gs://). Special tokens default to the usual
-  names."""
+  """Loads a `tokenizer.json`, or a folder holding one (local or gs://): a HuggingFace folder's
+  tokenizer_config.json names its special tokens; otherwise they default to the usual names. The pad token
+  is one the vocabulary has (`choose_pad`)."""
+  specials = {}
   if paths.path(path).is_dir():
+    specials = folder_special_tokens(path)
     path = paths.join(path, "tokenizer.json")
   if not paths.path(path).exists():
     raise errors.ConfigError(
       f"data.tokenizer: {path} does not exist; give a tokenizer.json, a folder holding one, or 'bytes'"
     )
   hf = tokenizers.Tokenizer.from_str(paths.read_text(path))
-  eos = eos_token or _first_present(hf, EOS_CANDIDATES)
+  eos = eos_token or specials.get("eos_token") or _first_present(hf, EOS_CANDIDATES)
   if eos is None:
     raise errors.DataError(f"{path}: no EOS token among {EOS_CANDIDATES}; add one to the tokenizer as a special token")
+  pad = choose_pad(hf, eos, configured=pad_token or specials.get("pad_token"), unk=specials.get("unk_token"))
   return Tokenizer(
     hf,
     eos_token=eos,
-    pad_token=pad_token or _first_present(hf, PAD_CANDIDATES) or DEFAULT_PAD,
-    bos_token=bos_token or _first_present(hf, BOS_CANDIDATES),
+    pad_token=pad,
+    bos_token=bos_token or specials.get("bos_token") or _first_present(hf, BOS_CANDIDATES),
     name=path,
   )
+
+
+def save_to(tokenizer: Tokenizer, path: str) -> str:
+  """Writes `tokenizer` as a tokenizer.json at `path`; returns the path."""
+  tokenizer.save(path)
+  return path
 
 
 def load(spec: str) -> Tokenizer:

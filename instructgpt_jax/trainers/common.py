@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import signal
 from typing import NamedTuple
 
@@ -158,13 +160,26 @@ class LoopIO:
     if force or extra or step % self.config.log_every_steps == 0 or step == self.config.total_steps:
       self.last_row = self.writer.write(step, values)
 
+  def begin(self, state, evaluate) -> None:
+    """With `config.eval_at_start`, a fresh run evaluates its starting model first (a row at step 0)."""
+    if self.config.get("eval_at_start") and self.start_step == 0:
+      self.last_row = self.writer.write(0, self._evaluate(evaluate, state, "evaluating the starting model"))
+
+  def _evaluate(self, evaluate, state, what: str = "evaluating") -> dict[str, float]:
+    """evaluate(state), the progress bar saying so meanwhile (an evaluation that samples can take minutes)."""
+    self.writer.status(what)
+    try:
+      return evaluate(state)
+    finally:
+      self.writer.status("")
+
   def end_of_step(self, done: int, state, step_metrics, evaluate, *, preempted: bool = False) -> bool:
     c = self.config
     final = done == c.total_steps
     save = (done % c.checkpoint_every_steps == 0 and not final) or preempted
     evaluating = bool(c.eval_every_steps) and done % c.eval_every_steps == 0 and not final
     self._record(self.fetcher.push(done, step_metrics))
-    evaluation = evaluate(state) if evaluating else {}
+    evaluation = self._evaluate(evaluate, state) if evaluating else {}
     if save or evaluating:  # this step's metrics now: a non-finite step must never be saved
       self._record(self.fetcher.flush(), evaluation or None, force=save)
     self._save(done, state, evaluation, always=save, force=preempted)
@@ -183,8 +198,10 @@ class LoopIO:
       self.ckpt.wait()  # selected.json never names a step whose save could still fail
       self.select.record(step, value)
 
-  def finish(self, state, final_eval: dict[str, float]) -> dict[str, float]:
-    """Writes the last metrics with the final evaluation, saves the final state, closes; returns the row."""
+  def finish(self, state, evaluate) -> dict[str, float]:
+    """Evaluates the final state, writes the last metrics with that evaluation, saves the final state;
+    returns the row."""
+    final_eval = self._evaluate(evaluate, state, "final evaluation")
     step = int(state.step)
     pending = self.fetcher.flush()
     if pending is not None:
@@ -222,22 +239,41 @@ class Stage(NamedTuple):
 
 def setup_stage(config, workdir: str, *, kind: str = "lm", seq_len: int | None = None) -> Stage:
   """Model config (with `model.init_from`), tokenizer, mesh, rules and the data section; the shared checks:
-  the workdir can be written (its bucket exists, or its local parent folder) and holds no other run."""
+  the workdir can be written (its bucket exists, or its local parent folder) and holds no other run.
+
+  The tokenizer follows the model: `data.tokenizer` "" takes the one `model.init_from` came with (an HF
+  folder's own, or what the earlier run recorded; "bytes" for a random start), and the resolved spec is
+  written back into the config, so this run's config.json records it for the next stage.
+  """
   paths.check_output_dir(workdir, "--workdir")
   model_cfg, source = model_io.resolve(config.model)
   model_io.check_same_run(workdir, config.stage, kind, model_cfg)
+  spec = config.data.tokenizer or model_io.tokenizer_of(source)
+  config.data.tokenizer = spec if spec == "bytes" or paths.is_remote(spec) else os.fspath(paths.absolute(spec))
   tokenizer = tokenizer_lib.load(config.data.tokenizer)
+  remedy = (
+    f"raise model.vocab_size to at least {tokenizer.vocab_size}"
+    if source is None
+    else "not this model's tokenizer? leave data.tokenizer empty to use the model's own"
+  )
+  check(
+    tokenizer.vocab_size <= model_cfg.vocab_size,
+    f"data.tokenizer: {spec} has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
+    f"{model_cfg.vocab_size}; {remedy}",
+  )
+  if source is not None and source.metadata.get("format") == model_io.HF_FORMAT and model_cfg.resid_dropout > 0:
+    logging.warning(
+      "model.resid_dropout=%g on a pretrained model (%s) that its authors may have trained without dropout; "
+      "set --config.model.resid_dropout=0.0 unless you mean it",
+      model_cfg.resid_dropout,
+      source.path,
+    )
   mesh = sharding.make_mesh(config.mesh.to_dict())
   data_cfg = resolve_lab_files(config.data, paths.join(workdir, "data"), seed=config.seed)
   if "data_dir" in data_cfg:
     data_cfg["data_dir"] = data_cfg["data_dir"] or paths.join(workdir, "tfds")
   if seq_len is not None:
     check(seq_len <= model_cfg.max_len, f"data.seq_len: {seq_len} exceeds the model's max_len {model_cfg.max_len}")
-  check(
-    tokenizer.eos_id < model_cfg.vocab_size,
-    f"model.vocab_size: {model_cfg.vocab_size} cannot hold the tokenizer's ids "
-    f"(EOS is {tokenizer.eos_id}; tokenizer {tokenizer.name})",
-  )
   return Stage(model_cfg, source, tokenizer, mesh, sharding.rules_dict(config.sharding_rules), data_cfg)
 
 

@@ -48,11 +48,12 @@ class Judge:
 def load_prompts(
   spec_or_files: str, tokenizer: Tokenizer, *, data_dir: str, max_prompt_len: int
 ) -> tuple[list[str], list[np.ndarray]]:
-  """(texts, token ids) of prompt JSONL files (over-long prompts are dropped and counted by the build)."""
+  """(texts, token ids) of evaluation prompt JSONL files (over-long prompts are dropped and counted by the
+  build, whose report names the split "prompts/eval")."""
   dataset = tfds_builders.build(
-    "prompts", {"train": spec_or_files}, data_dir=data_dir, tokenizer=tokenizer, max_tokens=max_prompt_len
+    "prompts", {"eval": spec_or_files}, data_dir=data_dir, tokenizer=tokenizer, max_tokens=max_prompt_len
   )
-  source = dataset.source("train")
+  source = dataset.source("eval")
   records = [source[i] for i in range(len(source))]
   texts = [r["prompt"].decode() if isinstance(r["prompt"], bytes) else str(r["prompt"]) for r in records]
   return texts, [np.asarray(r["prompt_ids"], np.int32) for r in records]

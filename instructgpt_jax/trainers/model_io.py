@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -37,7 +38,13 @@ SHAPE_FIELDS = (
   "max_len",
   "tied_embeddings",
   "qkv_bias",
+  "qk_norm",
   "rope_theta",
+  "rope_scaling",
+  "rope_factor",
+  "rope_low_freq_factor",
+  "rope_high_freq_factor",
+  "rope_original_max_len",
   "norm_eps",
 )
 NOT_MODEL_FIELDS = ("size", "init_from", "init_from_step")
@@ -52,6 +59,7 @@ class Source:
   exported: bool  # an exported model directory, else a training workdir
   metadata: dict
   step: int | None = None  # a workdir's checkpoint to load
+  ema: bool = False  # a workdir's EMA weights (a PPO policy's, the paper's model) rather than the raw ones
 
 
 def _workdir_step(path: str, field: str, which: str | int) -> int:
@@ -73,10 +81,13 @@ def _workdir_step(path: str, field: str, which: str | int) -> int:
   return int(which)
 
 
-def read_source(init_from: str, field: str = "model.init_from", step: str | int = "") -> Source | None:
+def read_source(
+  init_from: str, field: str = "model.init_from", step: str | int = "", *, ema: bool = True
+) -> Source | None:
   """What `init_from` points at, or None for a random initialization. A path that holds no model is a
   one-line ConfigError naming `field` and what the path should hold. `step`: which checkpoint of a
-  workdir (see `_workdir_step`)."""
+  workdir (see `_workdir_step`). `ema`: a workdir that keeps an EMA of its weights (PPO's policy) gives
+  those (the paper's model, App. C.4); False gives the optimizer's weights."""
   if not init_from:
     return None
   if init_from.startswith("hf:"):
@@ -96,7 +107,28 @@ def read_source(init_from: str, field: str = "model.init_from", step: str | int 
       f"(metadata.json){hint}"
     )
   workdir_step = None if exported else _workdir_step(path, field, step)
-  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info, workdir_step)
+  use_ema = bool(ema and info.get("ema_keys"))
+  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info, workdir_step, use_ema)
+
+
+def tokenizer_of(source: Source | None, field: str = "data.tokenizer") -> str:
+  """The tokenizer a model came with, as a `data.tokenizer` spec: an HF folder's own (its tokenizer.json and
+  tokenizer_config.json), the one a run or an export recorded, or "bytes" for a random initialization."""
+  if source is None:
+    return "bytes"
+  if source.metadata.get("format") == HF_FORMAT:
+    if not paths.path(source.path, "tokenizer.json").exists():
+      raise ConfigError(f"{field}: {source.path} (the HF model) holds no tokenizer.json; set {field} to its tokenizer")
+    return source.path
+  recorded = source.metadata.get("tokenizer")
+  if recorded is None:  # a workdir, or an export inside one: the run's resolved config names it
+    for folder in (source.path, os.fspath(paths.path(source.path).parent)):
+      recorded = paths.read_json(paths.join(folder, "config.json"), {}).get("data", {}).get("tokenizer")
+      if recorded:
+        break
+  if not recorded:
+    raise ConfigError(f"{field}: {source.path} records no tokenizer; set {field}")
+  return recorded
 
 
 def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelConfig) -> None:
@@ -112,8 +144,11 @@ def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelC
   info = paths.read_json(paths.join(workdir, "model.json"))
   if info is None:
     return
-  theirs, ours = info["model"], dataclasses.asdict(model_cfg)
-  changed = [f"{k}={theirs.get(k)} (now {ours[k]})" for k in SHAPE_FIELDS if theirs.get(k) != ours[k]]
+  # A field a run's model.json predates has its default (e.g. qk_norm, added for Qwen3).
+  defaults = {f.name: f.default for f in dataclasses.fields(models.ModelConfig)}
+  theirs = {k: info["model"].get(k, defaults[k]) for k in SHAPE_FIELDS}
+  ours = dataclasses.asdict(model_cfg)
+  changed = [f"{k}={theirs[k]} (now {ours[k]})" for k in SHAPE_FIELDS if theirs[k] != ours[k]]
   if info["kind"] != kind:
     changed.insert(0, f"kind={info['kind']} (now {kind})")
   if changed:
@@ -155,20 +190,25 @@ def _restore(source: Source, target) -> Any:
     return hf.load_params(source.path, target)
   if source.exported:
     return checkpoint.import_params(source.path, target)[0]
-  keys = tuple(source.metadata.get("params_keys", ("params",)))
+  keys = tuple(source.metadata["ema_keys"] if source.ema else source.metadata.get("params_keys", ("params",)))
   return checkpoint.Checkpointer(source.path).restore_params(source.step, target=target, keys=keys)
 
 
-def write_model_json(workdir: str, kind: str, model_cfg: models.ModelConfig, *, params_keys=("params",)) -> None:
-  """Records what this run trains (and where its params sit in the checkpoint), so a later stage can start
-  from its workdir."""
+def write_model_json(
+  workdir: str, kind: str, model_cfg: models.ModelConfig, *, params_keys=("params",), ema_keys=None
+) -> None:
+  """Records what this run trains (and where its params, and their EMA if any, sit in the checkpoint), so a
+  later stage can start from its workdir."""
   if jax.process_index() == 0:
     info = {"kind": kind, "model": dataclasses.asdict(model_cfg), "params_keys": list(params_keys)}
+    if ema_keys:
+      info["ema_keys"] = list(ema_keys)
     paths.write_json(paths.join(workdir, "model.json"), info)
 
 
 def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **extra) -> None:
-  """An exported model: params plus metadata (kind, model config, and extras such as the reward bias)."""
+  """An exported model: params plus metadata (kind, model config, and extras such as the reward bias and the
+  `tokenizer` spec)."""
   checkpoint.export_params(directory, params, {"kind": kind, "model": dataclasses.asdict(model_cfg), **extra})
 
 

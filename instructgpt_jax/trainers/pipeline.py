@@ -10,7 +10,6 @@ the same command continues. Every number of the report is computed here, from th
 from __future__ import annotations
 
 import json
-import logging
 import random
 
 import jax
@@ -19,28 +18,9 @@ import numpy as np
 from instructgpt_jax import paths, sampling, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, report, tasks, world
-from instructgpt_jax.trainers import model_io
+from instructgpt_jax.trainers import chain, model_io
 
 MODELS = ("SFT", "PPO", "PPO-ptx")
-
-
-def _step(workdir: str, name: str, fn):
-  """Runs fn() once per workdir: its result is kept in <workdir>/<name>/done.json."""
-  done = paths.join(workdir, name, "done.json")
-  result = paths.read_json(done)
-  if result is not None:
-    return result
-  logging.info("lab: %s", name)
-  result = fn(paths.join(workdir, name))
-  if jax.process_index() == 0:
-    paths.write_text(done, json.dumps(result, indent=2, default=float))
-  return result
-
-
-def _run_stage(stage_config, directory: str) -> dict:
-  from instructgpt_jax import stages  # imported here: stages imports this module's siblings by name
-
-  return {k: float(v) for k, v in stages.run(stage_config, directory).items() if np.isscalar(v)}
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -61,7 +41,7 @@ def train(config, workdir: str) -> dict[str, float]:
     tokenizer.save(paths.join(directory, "tokenizer.json"))
     return {"path": paths.join(directory, "tokenizer.json"), "vocab_size": tokenizer.vocab_size}
 
-  tokenizer_path = _step(workdir, "tokenizer", train_tokenizer)["path"]
+  tokenizer_path = chain.once(workdir, "tokenizer", train_tokenizer)["path"]
   for stage in stages.values():
     stage.data.tokenizer = tokenizer_path
     stage.seed = config.seed
@@ -69,19 +49,19 @@ def train(config, workdir: str) -> dict[str, float]:
   path = {name: paths.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx")}
 
   # ---------------------------------------------------------------- the stages
-  results = {"pretrain": _step(workdir, "pretrain", lambda d: _run_stage(stages.pretrain, d))}
+  results = {"pretrain": chain.once(workdir, "pretrain", lambda d: chain.run_stage(stages.pretrain, d))}
   stages.sft.model.init_from = path["pretrain"]
-  results["sft"] = _step(workdir, "sft", lambda d: _run_stage(stages.sft, d))
-  results["labels"] = _step(workdir, "labels", lambda d: label_comparisons(config, path["sft"], tokenizer_path, d))
+  results["sft"] = chain.once(workdir, "sft", lambda d: chain.run_stage(stages.sft, d))
+  results["labels"] = chain.once(workdir, "labels", lambda d: label_comparisons(config, path["sft"], tokenizer_path, d))
   stages.rm.model.init_from = path["sft"]
   stages.rm.data.update(
     train=results["labels"]["train"], eval=results["labels"]["eval"], bias_demonstrations=stages.sft.data.train
   )
-  results["rm"] = _step(workdir, "rm", lambda d: _run_stage(stages.rm, d))
+  results["rm"] = chain.once(workdir, "rm", lambda d: chain.run_stage(stages.rm, d))
   for name in ("ppo", "ppo_ptx"):
     stages[name].model.init_from = path["sft"]
     stages[name].ppo.reward_model = paths.join(path["rm"], "export")
-    results[name] = _step(workdir, name, lambda d, name=name: _run_stage(stages[name], d))
+    results[name] = chain.once(workdir, name, lambda d, name=name: chain.run_stage(stages[name], d))
 
   # ---------------------------------------------------------------- evaluation and report
   exports = {
@@ -89,7 +69,9 @@ def train(config, workdir: str) -> dict[str, float]:
     "PPO": paths.join(path["ppo"], "export"),
     "PPO-ptx": paths.join(path["ppo_ptx"], "export"),
   }
-  results["evaluation"] = _step(workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d))
+  results["evaluation"] = chain.once(
+    workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d)
+  )
   summary = report.write(workdir, results)
   print(summary, flush=True)
   return report.headline(results)

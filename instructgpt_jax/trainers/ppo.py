@@ -234,7 +234,8 @@ def train(config, workdir: str) -> dict[str, float]:
   config.total_steps = iterations
   common.write_config(workdir, config)
   params_keys = ("policy", "params", "lm") if p.shared_trunk else ("policy", "params")
-  model_io.write_model_json(workdir, "lm", policy_cfg, params_keys=params_keys)
+  ema_keys = ("policy", "ema", "lm") if p.shared_trunk else ("policy", "ema")  # what a later stage loads
+  model_io.write_model_json(workdir, "lm", policy_cfg, params_keys=params_keys, ema_keys=ema_keys)
 
   # ---------------------------------------------------------------- four models: init or restore
   optimizer_steps = iterations * minibatches * p.epochs
@@ -417,6 +418,7 @@ def train(config, workdir: str) -> dict[str, float]:
   base_rng = jax.random.PRNGKey(config.seed + 17)
   loop = common.LoopIO(config, workdir, ckpt, types.SimpleNamespace(get_state=data_state), start_step=start_iteration)
   with loop, common.Preemption() as preemption:
+    loop.begin(state, evaluation)
     for iteration in range(start_iteration, iterations):
       rng = jax.random.fold_in(base_rng, iteration)  # an iteration is a pure function of (state, seed, i)
       t0 = time.perf_counter()
@@ -469,11 +471,13 @@ def train(config, workdir: str) -> dict[str, float]:
         "episodes_per_sec": p.rollout_batch / max(t3 - t0, 1e-9),
       }
       loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
-    final = loop.finish(state, evaluation(state))
+    final = loop.finish(state, evaluation)
 
   # ---------------------------------------------------------------- export (EMA weights, docs/paper.md §5.2)
   export_dir = paths.join(workdir, "export")
-  model_io.export(export_dir, lm_params(state.policy.ema), "lm", policy_cfg, ema_decay=p.ema_decay)
+  model_io.export(
+    export_dir, lm_params(state.policy.ema), "lm", policy_cfg, ema_decay=p.ema_decay, tokenizer=config.data.tokenizer
+  )
   common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
 

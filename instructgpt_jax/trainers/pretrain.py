@@ -49,9 +49,10 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- train loop
   loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
   with loop, common.Preemption() as preemption:
+    loop.begin(state, evaluate)
     for step in range(start_step, config.total_steps):
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
 
     # -------------------------------------------------------------- final evaluation and save
-    return loop.finish(state, evaluate(state))
+    return loop.finish(state, evaluate)

@@ -127,21 +127,34 @@ def train(config, workdir: str) -> dict[str, float]:
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
   loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
   with loop, common.Preemption() as preemption:
+    loop.begin(state, evaluate)
     for step in range(start_step, total_steps):
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
-    final = loop.finish(state, evaluate(state))
+    final = loop.finish(state, evaluate)
 
   # ---------------------------------------------------------------- the bias (docs/paper.md §4.1) and export
-  bias, count = demonstration_reward_mean(reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules)
+  bias, count = demonstration_reward_mean(
+    reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules, progress=config.progress_bar
+  )
   export_dir = config.rm.export_dir or paths.join(workdir, "export")
-  model_io.export(export_dir, state.params, "scalar", model_cfg, reward_bias=bias, bias_demonstrations=count)
+  model_io.export(
+    export_dir,
+    state.params,
+    "scalar",
+    model_cfg,
+    reward_bias=bias,
+    bias_demonstrations=count,
+    tokenizer=config.data.tokenizer,
+  )
   logging.info("reward bias %.6f from %d demonstrations; exported to %s", bias, count, export_dir)
   common.print_summary("reward model", final, reward_bias=bias, export=export_dir)
   return dict(final, reward_bias=bias)
 
 
-def demonstration_reward_mean(reward_sum_fn, params, data_cfg, tokenizer, mesh, rules) -> tuple[float, int]:
+def demonstration_reward_mean(
+  reward_sum_fn, params, data_cfg, tokenizer, mesh, rules, *, progress: bool = False
+) -> tuple[float, int]:
   """Mean raw reward of the bias demonstrations (prompt ‖ response ‖ EOS, scored like a ranked response)."""
   dataset = tfds_builders.build(
     "demonstrations",
@@ -151,11 +164,17 @@ def demonstration_reward_mean(reward_sum_fn, params, data_cfg, tokenizer, mesh, 
     template=data_cfg.template,
     max_tokens=data_cfg.seq_len,
     on_error=data_cfg.on_error,
+    truncate_prompt=data_cfg.get("truncate_prompt", "none"),  # as the comparisons were (data.truncate_prompt)
   )
   source = dataset.source("train")
   rows_per_batch = data_cfg.batch_size * data_cfg.max_responses  # as many sequences as one training batch
   total = 0.0
-  for start in range(0, len(source), rows_per_batch):
+  starts = range(0, len(source), rows_per_batch)
+  if progress and jax.process_index() == 0:
+    import tqdm
+
+    starts = tqdm.tqdm(starts, desc="reward bias: scoring demonstrations", unit="batch", dynamic_ncols=True)
+  for start in starts:
     records = [source[i] for i in range(start, min(start + rows_per_batch, len(source)))]
     rows = batching.sequence_rows(records, seq_len=data_cfg.seq_len, pad_id=tokenizer.pad_id)
     # A static shape: the last batch is filled with empty rows, whose reward is 0 (no real token).

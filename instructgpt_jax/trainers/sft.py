@@ -104,10 +104,11 @@ def train(config, workdir: str) -> dict[str, float]:
     config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step, select=select
   )
   with loop, common.Preemption() as preemption:
+    loop.begin(state, evaluate)
     for step in range(start_step, total_steps):
       state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
       loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
-    final = loop.finish(state, evaluate(state))
+    final = loop.finish(state, evaluate)
   selected = select.best if select is not None else None
   chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the newest"
   common.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)

@@ -1,0 +1,85 @@
+"""SFT → RM → PPO-ptx from a pretrained HuggingFace causal LM on HH-format preference data, in one command.
+
+    python -m instructgpt_jax.main --workdir=runs/hh --config=configs/recipe.py:model=hf:/models/SmolLM2-360M,\
+data=/data/hh-rlhf/harmless-base/train.jsonl.gz,ptx=/data/text/*.txt
+
+`model`: an HF folder (hf:PATH, local or gs://) of any family models/hf.py reads; its tokenizer is used.
+`data`: HH-RLHF-style `{"chosen", "rejected"}` dialogue pairs (.jsonl or .jsonl.gz; chat `messages` files
+give demonstrations and prompts but no comparisons): converted into demonstrations (SFT, and the RM's bias),
+comparisons (RM) and prompts (PPO), the last `data.eval_pairs` held out. `ptx`: pretraining text (.txt or
+{"text"} .jsonl globs) for the PPO-init SFT's 10% mix and PPO-ptx's γ term; without it, SFT has no mix and
+PPO runs with γ = 0 (plain PPO). `size`: "full" (a GPU/TPU host; docs/recipes.md) or "smoke" (a CPU check
+of a 135M model in minutes; tests/recipe_test.py).
+
+Settings for a model that was pretrained (not the GPT-3-from-scratch defaults of configs/sft.py): no dropout
+anywhere, fine-tuning learning rates, bfloat16 compute, prompts truncated from the left to fit `seq_len`,
+and an evaluation of the starting model (step 0) in every stage. Each stage runs in `<workdir>/<stage>`
+and resumes; `<workdir>/export` is the EMA policy as an HF folder. Any field: `--config.stages.ppo.ppo.kl_coef=0.05`.
+"""
+
+import ml_collections
+
+from configs import ppo, rm, sft
+from instructgpt_jax import config_lib, errors
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  a = config_lib.parse_arg(arg, model="", data="", ptx="", size="full")
+  if a.size not in ("full", "smoke"):
+    raise errors.ConfigError(f"config arg size: {a.size!r} is not 'full' or 'smoke'")
+  smoke = a.size == "smoke"
+  c = ml_collections.ConfigDict()
+  c.stage = "recipe"
+  c.seed = 0
+  c.progress_bar = True
+  c.model = a.model  # hf:PATH
+  c.data = ml_collections.ConfigDict(
+    # bias_demonstrations: how many training demonstrations set the RM's bias (0: all, as the paper)
+    dict(pairs=a.data, ptx_corpus=a.ptx, eval_pairs=16 if smoke else 500, bias_demonstrations=32 if smoke else 0)
+  )
+  c.stages = ml_collections.ConfigDict()
+
+  def pretrained(stage, *, seq_len: int | None = None):
+    """What every stage changes for a pretrained model."""
+    stage.model.update(resid_dropout=0.0, dtype="bfloat16", param_dtype="float32", scan_layers=True)
+    stage.eval_at_start = True
+    stage.data.template = "plain"  # HH dialogues are already "\n\nHuman: ... \n\nAssistant:" text
+    if seq_len is not None:
+      stage.data.update(seq_len=seq_len, truncate_prompt="left")
+    return stage
+
+  # ---- SFT: the PPO-init variant (2 epochs, 10% pretraining rows when there is pretraining text)
+  s = pretrained(sft.get_config("size=1.3b,variant=ppo_init"), seq_len=256 if smoke else 1024)
+  # on_error=skip: HH holds a few replies longer than seq_len by themselves; they are skipped and counted.
+  s.data.update(batch_size=8 if smoke else 32, pretrain_mix=0.1 if a.ptx else 0.0, on_error="skip")
+  s.optim.lr = 1e-5
+  s.eval_every_steps, s.checkpoint_every_steps = (0, 1000) if smoke else (200, 200)
+  s.total_steps = 3 if smoke else 0  # 0: 2 epochs
+  c.stages.sft = s
+
+  # ---- RM: from the SFT model, 1 epoch, the paper's lr (App. C.2); HH gives K = 2
+  r = pretrained(rm.get_config("size=1.3b"), seq_len=256 if smoke else 1024)
+  r.data.update(batch_size=8 if smoke else 64, max_responses=2, on_error="skip")
+  r.eval_every_steps, r.checkpoint_every_steps = (0, 1000) if smoke else (100, 100)
+  r.total_steps = 3 if smoke else 0  # 0: 1 epoch
+  c.stages.rm = r
+
+  # ---- PPO-ptx: from the SFT model against the RM (β = 0.02, γ = 27.8 per sequence, App. C.4)
+  p = pretrained(ppo.get_config("size=1.3b" if a.ptx else "size=1.3b,ptx=false"))
+  p.ppo.update(
+    rollout_batch=8 if smoke else 512,
+    minibatch=8 if smoke else 64,
+    episodes=(2 * 8) if smoke else 64_000,
+    max_new_tokens=24 if smoke else 256,
+    ptx_per_episode=1 if smoke else 8,
+  )
+  p.data.update(
+    max_prompt_len=128 if smoke else 512,
+    prompt_buckets="128" if smoke else "",
+    ptx_seq_len=128 if smoke else 1024,
+    eval_prompts=8 if smoke else 256,
+  )
+  p.optim.lr = 1e-6
+  p.eval_every_steps, p.checkpoint_every_steps = (0, 1000) if smoke else (25, 10)
+  c.stages.ppo = p
+  return c

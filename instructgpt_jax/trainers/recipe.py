@@ -1,0 +1,85 @@
+"""The recipe (configs/recipe.py): a pretrained HF model and HH-format pairs through SFT → RM → PPO-ptx → export.
+
+Steps, each once in its own folder of the workdir (chain.once; a rerun continues where a run stopped):
+  data     the pairs converted (data/convert.py) into demonstrations, comparisons and prompts, the last
+           `data.eval_pairs` of each held out
+  sft      the PPO-init SFT from the HF model (its tokenizer follows it through every stage)
+  rm       the reward model from the SFT model, with its bias on the SFT demonstrations
+  ppo      PPO-ptx from the SFT model against the RM (plain PPO without pretraining text)
+  export   the PPO policy's EMA weights as an HF folder (export.py), loadable by transformers and vLLM
+"""
+
+from __future__ import annotations
+
+from instructgpt_jax import errors, export, paths
+from instructgpt_jax.data import convert
+from instructgpt_jax.trainers import chain
+
+KINDS = ("demonstrations", "comparisons", "prompts")
+
+
+def split_data(pairs: str, directory: str, *, eval_records: int, bias_records: int) -> dict[str, str]:
+  """Converts `pairs` into the three kinds and splits each into `<kind>_train.jsonl` and `<kind>_eval.jsonl`
+  (the last `eval_records` records held out), and the first `bias_records` training demonstrations (0: all)
+  into `demonstrations_bias.jsonl`; returns {"<kind>_<split>": path}."""
+  paths.make_dir(directory)
+  conversion = convert.convert(pairs, paths.join(directory, "all"), ",".join(KINDS))
+  print(conversion.summary(), flush=True)
+  out = {}
+  for kind in KINDS:
+    lines = paths.read_text(conversion.files[kind]).splitlines(keepends=True)
+    if len(lines) <= eval_records:
+      raise errors.DataError(
+        f"data.pairs: {pairs}: {len(lines)} records leave none for training after data.eval_pairs={eval_records}"
+      )
+    for split, chunk in (("train", lines[:-eval_records]), ("eval", lines[-eval_records:])):
+      out[f"{kind}_{split}"] = paths.join(directory, f"{kind}_{split}.jsonl")
+      paths.write_text(out[f"{kind}_{split}"], "".join(chunk))
+    if kind == "demonstrations":
+      out["demonstrations_bias"] = paths.join(directory, "demonstrations_bias.jsonl")
+      paths.write_text(out["demonstrations_bias"], "".join(lines[:-eval_records][: bias_records or None]))
+  return out
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  paths.check_output_dir(workdir, "--workdir")
+  paths.make_dir(workdir)
+  if not config.model.startswith("hf:"):
+    raise errors.ConfigError(f"config arg model: {config.model!r}; give a HuggingFace folder as model=hf:PATH")
+  if not config.data.pairs:
+    raise errors.ConfigError("config arg data: required (HH-RLHF-style {chosen, rejected} JSONL)")
+  stages, ptx = config.stages, config.data.ptx_corpus
+  for stage in stages.values():
+    stage.update(seed=config.seed, progress_bar=config.progress_bar)
+  d = config.data
+  files = chain.once(
+    workdir,
+    "data",
+    lambda out: split_data(d.pairs, out, eval_records=d.eval_pairs, bias_records=d.bias_demonstrations),
+  )
+  sft_dir, rm_dir = paths.join(workdir, "sft"), paths.join(workdir, "rm")
+
+  stages.sft.model.init_from = config.model
+  stages.sft.data.update(train=files["demonstrations_train"], eval=files["demonstrations_eval"], pretrain_corpus=ptx)
+  sft = chain.once(workdir, "sft", lambda d: chain.run_stage(stages.sft, d))
+
+  stages.rm.model.init_from = sft_dir
+  stages.rm.data.update(
+    train=files["comparisons_train"], eval=files["comparisons_eval"], bias_demonstrations=files["demonstrations_bias"]
+  )
+  rm = chain.once(workdir, "rm", lambda d: chain.run_stage(stages.rm, d))
+
+  stages.ppo.model.init_from = sft_dir
+  stages.ppo.ppo.reward_model = paths.join(rm_dir, "export")
+  stages.ppo.data.update(train=files["prompts_train"], eval=files["prompts_eval"], ptx_corpus=ptx)
+  ppo = chain.once(workdir, "ppo", lambda d: chain.run_stage(stages.ppo, d))
+
+  exported = chain.once(workdir, "export", lambda d: {"summary": export.export(paths.join(workdir, "ppo"), d)})
+  print(exported["summary"], flush=True)
+  return {
+    "sft_eval_loss": sft.get("eval_loss", float("nan")),
+    "rm_eval_accuracy": rm.get("eval_accuracy", float("nan")),
+    "rm_reward_bias": rm.get("reward_bias", float("nan")),
+    "ppo_score": ppo.get("score", float("nan")),
+    "ppo_kl": ppo.get("kl", float("nan")),
+  }
