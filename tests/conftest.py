@@ -71,3 +71,23 @@ def ppo_models(tmp_path_factory):
   }
   main.run(configured(rm, "tiny", total_steps=5, **rm_overrides), str(root / "rm"))
   return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+  """The HF folder of SmolLM2-135M-Instruct, made by ../shared/tools/smollm2.sh with the transformers reference
+  venv; skips with the reason where ../shared or the reference venv is absent."""
+  import subprocess
+
+  script = REPO_ROOT.parent / "shared" / "tools" / "smollm2.sh"
+  if not script.is_file():
+    pytest.skip(f"SmolLM2: {script} is absent (it exists in the project's CI)")
+  python = os.environ.get("INSTRUCTGPT_JAX_REF_PYTHON") or str(REPO_ROOT / ".cache" / "venv-ref" / "bin" / "python")
+  if not os.path.isfile(python):
+    pytest.skip(f"SmolLM2: no reference venv at {python} to convert the model (.ci/run creates it)")
+  made = subprocess.run(
+    ["bash", str(script), "hf"], capture_output=True, text=True, env={**os.environ, "PYTHON": python}
+  )
+  if made.returncode:
+    pytest.skip(f"SmolLM2: smollm2.sh hf failed: {' | '.join(made.stderr.strip().splitlines()[-3:])}")
+  return pathlib.Path(made.stdout.strip().splitlines()[-1])

@@ -101,3 +101,13 @@ def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
   ):
     main.run(tiny_config(**{"model.vocab_size": 100}), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_eval_at_start_evaluates_the_starting_model_at_step_0(tmp_path):
+  final = main.run(tiny_config(total_steps=2, log_every_steps=1, eval_at_start=True), str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  assert set(rows[0]) == {"step", "eval_loss"} and rows[0]["eval_loss"] > 5.0  # near ln(320): a random model
+  assert final["eval_loss"] < rows[0]["eval_loss"]
+  main.run(tiny_config(total_steps=4, log_every_steps=1, eval_at_start=True), str(tmp_path))  # resumed: no row 0
+  assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]

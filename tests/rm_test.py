@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import rm
-from instructgpt_jax import losses, main, sampling, sharding
+from instructgpt_jax import errors, losses, main, sampling, sharding
 from instructgpt_jax.data import batching
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging
@@ -212,3 +212,25 @@ def test_rm_on_real_hh_rlhf_pairs_reports_held_out_accuracy(tmp_path, shared_dat
   assert 0.0 <= final["eval_accuracy"] <= 1.0
   assert final["eval_pairs"] == 312 - skipped.get("eval", 0) and skipped.get("eval", 0) <= 3
   assert read_metrics(tmp_path / "run")[-1]["step"] == math.ceil((2000 - skipped.get("train", 0)) / 16)
+
+
+def test_the_bias_demonstrations_are_truncated_like_the_comparisons(tmp_path):
+  """data.truncate_prompt=left applies to the demonstrations that set the reward bias too: a demonstration
+  whose prompt alone is longer than seq_len is cut from the left there, as in the comparisons; without it,
+  the file is refused in one line before anything compiles."""
+  long_prompt = "a long prompt " * 40  # 560 bytes: over seq_len 256 by itself
+  (tmp_path / "bias.jsonl").write_text(
+    json.dumps({"prompt": long_prompt, "response": "a reply"}) + "\n" + json.dumps({"prompt": "hi", "response": "yo"})
+  )
+  overrides = {
+    "data.train": "lab:comparisons:train:64",
+    "data.eval": "",
+    "data.bias_demonstrations": str(tmp_path / "bias.jsonl"),
+    "data.truncate_prompt": "left",
+  }
+  final = main.run(configured(rm, "tiny", total_steps=1, **overrides), str(tmp_path / "left"))
+  assert np.isfinite(final["reward_bias"])
+  with pytest.raises(errors.DataError, match=r"bias.jsonl:1: prompt: too long: .*data.truncate_prompt=left"):
+    main.run(
+      configured(rm, "tiny", total_steps=1, **{**overrides, "data.truncate_prompt": "none"}), str(tmp_path / "none")
+    )

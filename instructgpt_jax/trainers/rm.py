@@ -73,6 +73,7 @@ def train(config, workdir: str) -> dict[str, float]:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  bias_source = bias_demonstrations(data_cfg, tokenizer)
   total_steps = common.steps_for_epochs(config, len(data.train_source))
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
@@ -135,7 +136,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- the bias (docs/paper.md §4.1) and export
   bias, count = demonstration_reward_mean(
-    reward_sum_fn, state.params, data_cfg, tokenizer, mesh, rules, progress=config.progress_bar
+    reward_sum_fn, state.params, bias_source, data_cfg, tokenizer, mesh, rules, progress=config.progress_bar
   )
   export_dir = config.rm.export_dir or paths.join(workdir, "export")
   model_io.export(
@@ -152,10 +153,10 @@ def train(config, workdir: str) -> dict[str, float]:
   return dict(final, reward_bias=bias)
 
 
-def demonstration_reward_mean(
-  reward_sum_fn, params, data_cfg, tokenizer, mesh, rules, *, progress: bool = False
-) -> tuple[float, int]:
-  """Mean raw reward of the bias demonstrations (prompt ‖ response ‖ EOS, scored like a ranked response)."""
+def bias_demonstrations(data_cfg, tokenizer):
+  """The demonstrations that set the reward bias, read, checked and encoded like the comparisons (same
+  template, length limit and data.truncate_prompt); built before training, so a bad file stops the run
+  before anything compiles."""
   dataset = tfds_builders.build(
     "demonstrations",
     {"train": data_cfg.bias_demonstrations},
@@ -164,9 +165,16 @@ def demonstration_reward_mean(
     template=data_cfg.template,
     max_tokens=data_cfg.seq_len,
     on_error=data_cfg.on_error,
-    truncate_prompt=data_cfg.get("truncate_prompt", "none"),  # as the comparisons were (data.truncate_prompt)
+    truncate_prompt=data_cfg.get("truncate_prompt", "none"),
   )
-  source = dataset.source("train")
+  return dataset.source("train")
+
+
+def demonstration_reward_mean(
+  reward_sum_fn, params, source, data_cfg, tokenizer, mesh, rules, *, progress: bool = False
+) -> tuple[float, int]:
+  """Mean raw reward of the bias demonstrations `source` (prompt ‖ response ‖ EOS, scored like a ranked
+  response)."""
   rows_per_batch = data_cfg.batch_size * data_cfg.max_responses  # as many sequences as one training batch
   total = 0.0
   starts = range(0, len(source), rows_per_batch)

@@ -1,0 +1,73 @@
+"""The recipe a researcher runs first: a real pretrained model (SmolLM2-135M-Instruct) and real preference data
+(Anthropic HH-RLHF pairs) through SFT → RM → PPO-ptx → export, at the recipe's smoke size, in bfloat16.
+
+Skips where ../shared is absent (the model comes from ../shared/tools/smollm2.sh, the data from ../shared/data)
+or where the transformers reference venv is missing.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import recipe
+from instructgpt_jax import main, paths, sampling, sharding, train_state
+from instructgpt_jax.trainers import model_io
+
+from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference
+from runs import configured, read_metrics
+
+
+@pytest.mark.slow
+def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_path):
+  reference_python()  # skips without the transformers reference venv, before the long run
+  arg = (
+    f"model=hf:{smollm2_folder},data={shared_data / 'hh_rlhf_harmless_base_test.jsonl.gz'},"
+    f"ptx={shared_data / 'tinyshakespeare.txt'},size=smoke"
+  )
+  workdir = tmp_path / "hh"
+  final = main.run(configured(recipe, arg), str(workdir))
+  for stage in ("data", "sft", "rm", "ppo", "export"):
+    assert (workdir / stage / "done.json").exists(), stage
+  assert np.isfinite(final["rm_eval_accuracy"]) and np.isfinite(final["ppo_kl"])
+
+  # Every stage ran in bfloat16 with the model's own tokenizer, and started with an evaluation (step 0).
+  for stage in ("sft", "rm", "ppo"):
+    config = paths.read_json(workdir / stage / "config.json")
+    assert config["model"]["dtype"] == "bfloat16" and config["data"]["tokenizer"] == str(smollm2_folder), stage
+    assert read_metrics(workdir / stage)[0]["step"] == 0, stage
+  rows = [r for r in read_metrics(workdir / "ppo") if r["step"] > 0]
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:  # the first minibatch trains on the rollout policy itself: its ratio is 1 up to bf16 drift
+    assert abs(r["first_minibatch_ratio_max"] - 1.0) <= 0.02, r
+
+  # The export: transformers loads it as it is, stops a chat turn at its end, and its greedy tokens are our
+  # sampler's on the same (EMA) weights.
+  export = workdir / "export"
+  generation = json.loads((export / "generation_config.json").read_text())
+  spec = tmp_path / "spec.json"
+  spec.write_text(json.dumps(SMOLLM2_PROMPTS))
+  run_reference("smollm2", export, spec, tmp_path / "reference.npz")
+  reference = np.load(tmp_path / "reference.npz")
+  eos = int(reference["eos_id"])
+  eos_ids = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
+  assert eos in eos_ids
+  first_chat = reference["greedy_0"].tolist()
+  assert first_chat[-1] in eos_ids and len(first_chat) < SMOLLM2_PROMPTS["new_tokens"]  # the turn ended
+
+  source = model_io.read_source(f"hf:{export}")
+  mesh = sharding.make_mesh({"fsdp": -1})
+  graphdef, target = train_state.param_shardings_for(source.config, mesh, sharding.DEFAULT_RULES)
+  params = model_io.load(source, "lm", target, source.config, 0)
+  ema = model_io.load(model_io.read_source(str(workdir / "ppo")), "lm", target, source.config, 0)
+  jax.tree.map(np.testing.assert_array_equal, params, ema)  # the export holds the EMA policy
+  n_prompts = len(SMOLLM2_PROMPTS["chat"]) + len(SMOLLM2_PROMPTS["raw"])
+  prompts = [reference[f"prompt_{k}"].tolist() for k in range(n_prompts)]
+  tokens, segments = sampling.left_pad(prompts, buckets=(64,), pad_id=0)
+  settings = sampling.SamplingSettings(eos_id=eos, pad_id=0 if eos else 1, greedy=True)
+  sampler = sampling.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh)
+  rollout = sampler(params, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=SMOLLM2_PROMPTS["new_tokens"])
+  for k in range(n_prompts):
+    ours = np.asarray(rollout.tokens[k])[np.asarray(rollout.mask[k]) > 0].tolist()
+    assert ours == reference[f"greedy_{k}"].tolist(), k
