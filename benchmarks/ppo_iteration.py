@@ -59,9 +59,9 @@ def build_inputs(root: str, args) -> tuple[models.ModelConfig, str, str, str]:
   cfg = models.resolve({"size": args.size, "dtype": args.dtype})
   graphdef, params = models.init(cfg, jax.random.key(0))
   sft, rm = os.path.join(root, "sft"), os.path.join(root, "rm")
-  model_io.export(sft, params, "lm", cfg)
+  model_io.export(sft, params, "lm", cfg, tokenizer="bytes")
   _, rm_params = models.init(cfg, jax.random.key(1), kind="scalar")
-  model_io.export(rm, rm_params, "scalar", cfg, reward_bias=0.0)
+  model_io.export(rm, rm_params, "scalar", cfg, reward_bias=0.0, tokenizer="bytes")
   prompts = os.path.join(root, "prompts.jsonl")
   with open(prompts, "w") as f:
     for text in make_prompts(args.num_prompts, args.prompt_len, seed=0):
