@@ -389,9 +389,29 @@ def test_bf16_compute_keeps_f32_parameters_and_float32_logits():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 8)), jnp.int32)
   logits, hidden = forward(cfg, params, graphdef, tokens)
-  assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and hidden.dtype == jnp.float32  # f32_logits: the final norm in float32
   f32, _ = forward(TINY["gpt"], params, graphdef, tokens)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(f32), atol=0.1)  # same function, bf16 rounding
+  plain = dataclasses.replace(cfg, f32_logits=False, f32_attention_probs=False)
+  plain_graphdef, _ = models.init(plain, jax.random.key(7))
+  plain_logits, plain_hidden = forward(plain, params, plain_graphdef, tokens)
+  assert plain_logits.dtype == jnp.float32 and plain_hidden.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(plain_logits), np.asarray(f32), atol=0.1)
+
+
+def test_f32_attention_probs_is_dot_product_attention_with_float32_probabilities():
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)))
+  mask = jnp.tril(jnp.ones((5, 5), bool))[None, None].repeat(2, 0).at[1, :, :, 0].set(False)
+  from instructgpt_jax.models.transformer import attention_f32_probs
+
+  # float32 inputs: jax.nn.dot_product_attention's own XLA path (grouped heads, a masked key).
+  ours = attention_f32_probs(q, k, v, mask)
+  np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-6)
+  # bfloat16 inputs: the probabilities are not rounded before P·V, so the only rounding is the output's.
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  exact = attention_f32_probs(*[x.astype(jnp.float32) for x in bf], mask)
+  np.testing.assert_array_equal(attention_f32_probs(*bf, mask), exact.astype(jnp.bfloat16))
 
 
 def test_residual_dropout_is_off_without_a_key_and_random_with_one():

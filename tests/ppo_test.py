@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from configs import ppo, rm, sft
 from instructgpt_jax import checkpoint, losses, main, paths, rl, sampling, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging, model_io
+from instructgpt_jax.trainers import ppo as ppo_trainer
 
 from runs import configured, read_metrics
 
@@ -99,6 +101,23 @@ def test_first_minibatch_of_every_iteration_has_ratio_one(short_ppo):
     assert r["logprob_gap"] <= 1e-4  # sampler and teacher-forced scorer agree (float32)
   assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # iteration 1 samples the reference policy itself
   assert rows[-1]["kl"] > 0.0
+
+
+def test_in_chunks_runs_rows_in_minibatch_shaped_chunks_and_rejoins_them_in_order():
+  x = jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3)
+  seen = []
+
+  def fn(a, b):
+    seen.append(a.shape)
+    return a * 2 + b, None
+
+  doubled, nothing = ppo_trainer.in_chunks(fn, 4, x, jnp.ones_like(x))
+  np.testing.assert_array_equal(doubled, x * 2 + 1)
+  assert nothing is None and seen == [(4, 3)]  # one traced body, at the chunk's shape
+  chunks = []
+  ppo_trainer.in_chunks(lambda a: jax.debug.callback(lambda v: chunks.append(np.asarray(v)[:, 0]), a, ordered=True) or a, 4, x)
+  assert [c.tolist() for c in chunks] == [[0, 9, 18, 27], [3, 12, 21, 30], [6, 15, 24, 33]]  # rows c, c+3, c+6, c+9
+  assert ppo_trainer.in_chunks(lambda a: a + 1, 16, x).shape == (12, 3)  # fewer rows than a chunk: one call
 
 
 @pytest.mark.slow

@@ -56,6 +56,11 @@ class ModelConfig:
   remat: str = "none"  # one of REMAT_POLICIES
   scan_layers: bool = False  # stack layers and run them under lax.scan (fast compiles for deep models)
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), "xla", "cudnn"
+  # Under a bfloat16 `dtype` (no effect in float32), the ops whose rounding made scoring and training disagree
+  # on a real model (docs/ppo.md "bfloat16 parity"): attention probabilities stay float32 through P·V (XLA
+  # attention only; cuDNN's kernel rounds them), and the final norm and the unembedding run in float32.
+  f32_attention_probs: bool = True
+  f32_logits: bool = True
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -112,6 +112,29 @@ def apply_rope(
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _precise(cfg: ModelConfig, flag: bool) -> bool:
+  """Whether a float32 island applies: the flag is set and compute is not already float32."""
+  return flag and jnp.dtype(cfg.dtype) != jnp.float32
+
+
+def attention_f32_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(q kᵀ / √H + mask) v with the probabilities kept in float32 through the product with v.
+
+  q [B, T, N, H], k and v [B, S, K, H] (K divides N: grouped heads), mask bool [B, 1, T, S] -> [B, T, N, H] in
+  q's dtype. `jax.nn.dot_product_attention`'s XLA path computes the same logits and softmax in float32 but
+  rounds the probabilities to v's dtype before P·V; in bfloat16 that rounding is where two compilations of
+  the same forward (another batch size, or inside `value_and_grad`) part ways (docs/ppo.md).
+  """
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  q = q.reshape(b, t, k.shape[2], groups, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits = jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, n, h).astype(v.dtype)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; the identity when `rng` is None (evaluation, RM, PPO)."""
   if rng is None or rate == 0.0:
@@ -120,11 +143,16 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _norm(cfg: ModelConfig, rngs: nnx.Rngs, *, per_head: bool = False) -> nnx.Module:
-  """The family's norm over d_model; `per_head`: an RMSNorm over each head's H features (Qwen3's q/k norms)."""
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs, *, per_head: bool = False, dtype: str | None = None) -> nnx.Module:
+  """The family's norm over d_model; `per_head`: an RMSNorm over each head's H features (Qwen3's q/k norms).
+  `dtype`: its output dtype when not the compute dtype."""
   axis = "kv" if per_head else "embed"
   kwargs = dict(
-    epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, scale_metadata=_axes(axis)
+    epsilon=cfg.norm_eps,
+    dtype=dtype or cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
+    scale_metadata=_axes(axis),
   )
   if per_head:
     return nnx.RMSNorm(cfg.head_dim, **kwargs)
@@ -196,8 +224,12 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
     q, k, v = self._project(x, positions)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
-    return self.out(constrain(out, BTNH))
+    return self.out(constrain(self._attend(q, k, v, mask, self.cfg.attention_impl), BTNH))
+
+  def _attend(self, q, k, v, mask, implementation):
+    if implementation in (None, "xla") and _precise(self.cfg, self.cfg.f32_attention_probs):
+      return attention_f32_probs(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
   def decode(self, x, positions, mask, keys, values, layer, start):
     """Attention of T new tokens at cache slots start..start+T-1 over the cache of this layer.
@@ -220,7 +252,7 @@ class Attention(nnx.Module):
     # One query per row is a memory-bound matrix-vector product: a flash kernel gains nothing there, and
     # cuDNN does not take every mask shape, so single-token steps use XLA's attention.
     implementation = self.cfg.attention_impl if x.shape[1] > 1 else None
-    out = jax.nn.dot_product_attention(q, read(keys), read(values), mask=mask, implementation=implementation)
+    out = self._attend(q, read(keys), read(values), mask, implementation)
     return self.out(constrain(out, BTNH)), keys, values
 
 
@@ -316,7 +348,7 @@ class Transformer(nnx.Module):
       return Block(cfg, rngs=rngs)
 
     self.layers = make_layers(rngs)
-    self.final_norm = _norm(cfg, rngs)
+    self.final_norm = _norm(cfg, rngs, dtype="float32" if _precise(cfg, cfg.f32_logits) else None)
     if lm_head and not cfg.tied_embeddings:
       self.unembed = nnx.Linear(
         cfg.d_model,
@@ -412,8 +444,14 @@ class Transformer(nnx.Module):
     return constrain(x, BTD)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] -> float32 logits [..., V]."""
-    if self.cfg.tied_embeddings:
+    """hidden [..., D] -> float32 logits [..., V]; with `f32_logits`, a float32 product of float32 operands."""
+    if _precise(self.cfg, self.cfg.f32_logits):
+      f32 = jnp.float32
+      if self.cfg.tied_embeddings:
+        out = jnp.einsum("...D,VD->...V", hidden.astype(f32), self.embed.embedding[...].astype(f32))
+      else:
+        out = jnp.einsum("...D,DV->...V", hidden.astype(f32), self.unembed.kernel[...].astype(f32))
+    elif self.cfg.tied_embeddings:
       out = self.embed.attend(hidden)
     else:
       out = self.unembed(hidden)

@@ -109,6 +109,19 @@ def head_values(head_graphdef, head_params, hidden, mask):
   return sharding.constrain(jnp.where(mask > 0, values, 0.0), ("batch", "length"))
 
 
+def in_chunks(fn, rows: int, *xs):
+  """fn over the leading axis of xs in chunks of `rows` (one compiled body under lax.map), outputs rejoined:
+  fn sees the shapes it sees on a minibatch of `rows`. A whole batch when it has `rows` rows or fewer."""
+  batch = xs[0].shape[0]
+  if batch <= rows:
+    return fn(*xs)
+  # Chunk c holds rows c, c + n, c + 2n, ... (n chunks): each chunk spans the batch-sharded axis the way a
+  # minibatch does, so every device computes rows / devices of each chunk.
+  chunked = [jnp.swapaxes(x.reshape(rows, batch // rows, *x.shape[1:]), 0, 1) for x in xs]
+  out = jax.lax.map(lambda args: fn(*args), chunked)
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(batch, *y.shape[2:]), out)
+
+
 def make_minibatch_step(
   p, policy_graphdef, policy_tx, policy_lr, *, critic_graphdef=None, critic_tx=None, head_graphdef=None
 ):
@@ -329,14 +342,21 @@ def train(config, workdir: str) -> dict[str, float]:
     """Everything one rollout needs before training (docs/paper.md §5.4 steps 2-5), and its metrics."""
     seq = (prompt_tokens, prompt_segments, rollout.tokens, rollout.mask)
     mask = rollout.mask
-    model, hidden = sampling.response_hidden(policy_graphdef, lm_params(policy_params), *seq)
-    old_logprobs, entropy = sampling.logprobs_from_hidden(
-      model, hidden, rollout.tokens, mask, temperature=p.temperature, with_entropy=True
-    )
+
+    def policy_pass(*seq):
+      model, hidden = sampling.response_hidden(policy_graphdef, lm_params(policy_params), *seq)
+      logprobs, entropy = sampling.logprobs_from_hidden(
+        model, hidden, seq[2], seq[3], temperature=p.temperature, with_entropy=True
+      )
+      values = head_values(head_graphdef, policy_params["value_head"], hidden, seq[3]) if shared else None
+      return logprobs, entropy, values
+
+    # π_old at the minibatch's shape: the training forward recomputes these log-probs on `minibatch` rows, and
+    # in bfloat16 a forward at another batch shape (another partition of the mesh, other kernels) rounds
+    # differently, by up to 0.2 in a log-prob on SmolLM2 (docs/ppo.md, "bfloat16 parity").
+    old_logprobs, entropy, values = in_chunks(policy_pass, p.minibatch, *seq)
     ref_logprobs = sampling.response_logprobs(ref_graphdef, ref_params, *seq, temperature=p.temperature)
-    if shared:
-      values = head_values(head_graphdef, policy_params["value_head"], hidden, mask)
-    else:
+    if not shared:
       values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
     _, raw_score = sampling.response_values(judge.graphdef, rm_params, *seq)
     score = raw_score - judge.bias
