@@ -91,3 +91,13 @@ def smollm2_folder():
   if made.returncode:
     pytest.skip(f"SmolLM2: smollm2.sh hf failed: {' | '.join(made.stderr.strip().splitlines()[-3:])}")
   return pathlib.Path(made.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def exclusive_memory(tmp_path_factory):
+  """Tests that hold a real model (GBs) take turns: xdist's workers share one lock file, so two of them never
+  run at once on a 24 GB machine (the recipe test alone peaks at 17 GB)."""
+  import filelock
+
+  with filelock.FileLock(str(tmp_path_factory.getbasetemp().parent / "memory_heavy.lock")):
+    yield

@@ -611,7 +611,7 @@ def smollm2(tmp_path_factory):
   return pathlib.Path((out / "folder").read_text()), np.load(out / "reference.npz")
 
 
-def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2):
+def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, exclusive_memory):
   folder, reference = smollm2
   cfg, kind, _ = hf.read_config(str(folder))
   assert (kind, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.vocab_size) == ("lm", 30, 576, 9, 3, 49152)

@@ -115,7 +115,12 @@ def test_in_chunks_runs_rows_in_minibatch_shaped_chunks_and_rejoins_them_in_orde
   np.testing.assert_array_equal(doubled, x * 2 + 1)
   assert nothing is None and seen == [(4, 3)]  # one traced body, at the chunk's shape
   chunks = []
-  ppo_trainer.in_chunks(lambda a: jax.debug.callback(lambda v: chunks.append(np.asarray(v)[:, 0]), a, ordered=True) or a, 4, x)
+
+  def record(a):
+    jax.debug.callback(lambda v: chunks.append(np.asarray(v)[:, 0]), a, ordered=True)
+    return a
+
+  ppo_trainer.in_chunks(record, 4, x)
   assert [c.tolist() for c in chunks] == [[0, 9, 18, 27], [3, 12, 21, 30], [6, 15, 24, 33]]  # rows c, c+3, c+6, c+9
   assert ppo_trainer.in_chunks(lambda a: a + 1, 16, x).shape == (12, 3)  # fewer rows than a chunk: one call
 

@@ -22,7 +22,7 @@ from runs import read_metrics
 
 
 @pytest.mark.slow
-def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_path):
+def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_path, exclusive_memory):
   reference_python()  # skips without the transformers reference venv, before the long run
   arg = (
     f"model=hf:{smollm2_folder},data={shared_data / 'hh_rlhf_harmless_base_test.jsonl.gz'},"
