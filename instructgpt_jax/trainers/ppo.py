@@ -326,6 +326,7 @@ def train(config, workdir: str) -> dict[str, float]:
     return {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else {}}
 
   # ---------------------------------------------------------------- rollout and scoring
+  score_rows = p.rollout_batch if jnp.dtype(policy_cfg.dtype) == jnp.float32 else p.minibatch
   settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=p.temperature)
   sampler = sampling.Sampler(policy_graphdef, settings, response_buckets=(p.max_new_tokens,), mesh=mesh, rules=rules)
 
@@ -353,8 +354,9 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # π_old at the minibatch's shape: the training forward recomputes these log-probs on `minibatch` rows, and
     # in bfloat16 a forward at another batch shape (another partition of the mesh, other kernels) rounds
-    # differently, by up to 0.2 in a log-prob on SmolLM2 (docs/ppo.md, "bfloat16 parity").
-    old_logprobs, entropy, values = in_chunks(policy_pass, p.minibatch, *seq)
+    # differently, by up to 0.2 in a log-prob on SmolLM2 (docs/ppo.md, "bfloat16 parity"). In float32 the
+    # shapes agree to ~1e-6 and the whole rollout is one pass.
+    old_logprobs, entropy, values = in_chunks(policy_pass, score_rows, *seq)
     ref_logprobs = sampling.response_logprobs(ref_graphdef, ref_params, *seq, temperature=p.temperature)
     if not shared:
       values, _ = sampling.response_values(critic_graphdef, critic_params, *seq)
