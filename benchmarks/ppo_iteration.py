@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
 from configs import ppo as ppo_config  # noqa: E402
-from instructgpt_jax import models, stages  # noqa: E402
+from instructgpt_jax import metrics, models, stages  # noqa: E402
 from instructgpt_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from instructgpt_jax.models import sizes  # noqa: E402
 from instructgpt_jax.trainers import model_io  # noqa: E402
@@ -98,8 +98,7 @@ def measure(args) -> dict:
     start = time.perf_counter()
     stages.run(ppo_run_config(args, sft, rm, prompts, iterations), workdir)
     total_s = time.perf_counter() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f]
+    rows = metrics.read_rows(workdir)
   if len(rows) != iterations:
     raise RuntimeError(f"expected {iterations} metric rows, found {len(rows)}")
   # Rows warmup - 1 .. iterations - 1 (1-based) time iterations warmup + 1 .. iterations (module docstring).

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import _common, ppo_iteration  # noqa: E402
 from configs import rm as rm_config  # noqa: E402
-from instructgpt_jax import stages  # noqa: E402
+from instructgpt_jax import metrics, stages  # noqa: E402
 
 
 def write_data(root: str, args, n_prompts: int) -> tuple[str, str]:
@@ -73,8 +73,7 @@ def measure(args) -> dict:
     start = time.perf_counter()
     stages.run(c, workdir)
     total_s = time.perf_counter() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f]
+    rows = metrics.read_rows(workdir)
   if len(rows) != steps:
     raise RuntimeError(f"expected {steps} metric rows, found {len(rows)}")
   step_s = statistics.median(1.0 / r["steps_per_sec"] for r in rows[args.warmup - 1 : steps - 1])

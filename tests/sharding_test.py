@@ -1,7 +1,5 @@
 """The sharded core: meshes, logical rules, sharded init, mesh-independent steps, restores across meshes."""
 
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from instructgpt_jax import checkpoint, main, models, optim, sharding, train_state
 
-from runs import tiny_config
+from runs import read_metrics, tiny_config
 
 RULES = sharding.rules_dict(sharding.DEFAULT_RULES)
 
@@ -89,7 +87,7 @@ def one_step(tmp_path, name, **mesh):
   for axis, size in mesh.items():
     config.mesh[axis] = size
   main.run(config, str(tmp_path / name))
-  rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+  rows = read_metrics(tmp_path / name)
   return rows[0]["loss"], checkpoint.Checkpointer(str(tmp_path / name)).restore_params(1)
 
 
@@ -115,7 +113,7 @@ def single_device_step(tmp_path_factory):
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
-  loss = json.loads(open(workdir / "metrics.jsonl").readline())["loss"]
+  loss = read_metrics(workdir)[0]["loss"]
   return loss, checkpoint.Checkpointer(str(workdir)).restore_params(1)
 
 
@@ -132,8 +130,8 @@ def test_microbatched_gradients_equal_the_full_batch(tmp_path):
   main.run(config, str(tmp_path / "full"))
   config.optim.microbatches = 4
   main.run(config, str(tmp_path / "micro"))
-  full = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "metrics.jsonl")]
-  micro = [json.loads(line)["loss"] for line in open(tmp_path / "micro" / "metrics.jsonl")]
+  full = [r["loss"] for r in read_metrics(tmp_path / "full")]
+  micro = [r["loss"] for r in read_metrics(tmp_path / "micro")]
   np.testing.assert_allclose(micro, full, rtol=1e-5)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),

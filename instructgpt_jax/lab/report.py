@@ -7,9 +7,8 @@ returned) or from the runs' metrics.jsonl files.
 from __future__ import annotations
 
 import io
-import json
 
-from instructgpt_jax import paths
+from instructgpt_jax import metrics, paths
 from instructgpt_jax.lab.tasks import FEATURES, GOLD_WEIGHTS
 
 MODELS = ("SFT", "PPO", "PPO-ptx")
@@ -21,10 +20,7 @@ PAPER = {
 
 
 def _rows(workdir: str, stage: str) -> list[dict]:
-  path = paths.path(workdir, stage, "metrics.jsonl")
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return metrics.read_rows(paths.join(workdir, stage))
 
 
 def headline(results: dict) -> dict[str, float]:
