@@ -117,7 +117,7 @@ def build_sft_data(
   loss_on_prompt = bool(data_cfg.get("loss_on_prompt", False))
   mix_fraction, mix_rows = float(data_cfg.get("pretrain_mix", 0.0)), None
   if mix_fraction:
-    documents = text.load_documents(data_cfg["pretrain_corpus"], seed=seed)
+    documents = text.load_documents(data_cfg["pretrain_corpus"])
     mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
     by = data_cfg.get("pretrain_mix_by", "rows")
     if by == "loss_tokens":

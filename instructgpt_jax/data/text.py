@@ -19,13 +19,10 @@ from instructgpt_jax.data.tokenizer import Tokenizer
 DataError = formats.DataError  # where callers of this module have always found it
 
 
-def load_documents(corpus: str, *, lab_documents: int = 4000, seed: int = 0) -> list[str]:
-  """ "lab": the generated world prose; else comma-separated globs of .txt (one document per file) and
-  .jsonl / .jsonl.gz (`{"text": str}` per line) files, checked as formats.py describes."""
-  if corpus == "lab":
-    from instructgpt_jax.lab import world
-
-    return world.corpus_documents(n_documents=lab_documents, seed=seed)
+def load_documents(corpus: str) -> list[str]:
+  """Comma-separated globs of .txt (one document per file) and .jsonl / .jsonl.gz (`{"text": str}` per line)
+  files, checked as formats.py describes. (A stage's "lab" corpus is written out as such a file before it
+  gets here: trainers/common.resolve_lab_files.)"""
   if not corpus:
     raise DataError("data.corpus: empty; give comma-separated globs of .txt or .jsonl files, or 'lab'")
   paths = formats.expand(corpus, what="data.corpus")
@@ -93,7 +90,7 @@ def to_lm_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
 def build_text_data(
   data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
 ) -> TextData:
-  documents = load_documents(data_cfg.corpus, lab_documents=data_cfg.lab_documents, seed=seed)
+  documents = load_documents(data_cfg.corpus)
   rows = pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=data_cfg.seq_len)
   n_eval = int(len(rows) * data_cfg.eval_fraction)
   train, evals = rows[: len(rows) - n_eval], rows[len(rows) - n_eval :]

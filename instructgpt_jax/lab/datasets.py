@@ -118,6 +118,16 @@ def materialize(spec: str, directory: str, *, seed: int = 0) -> str:
   return path
 
 
+def materialize_corpus(n_documents: int, directory: str, *, seed: int = 0) -> str:
+  """Writes the generated pretraining prose (world.corpus_documents) into `directory` as `{"text"}` JSONL
+  (once; the file name holds the count and the seed), for readers that take only files."""
+  path = paths.join(directory, f"lab_corpus_{n_documents}_seed{seed}.jsonl")
+  if not paths.path(path).exists():
+    documents = world_lib.corpus_documents(n_documents=n_documents, seed=seed)
+    paths.write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in documents))
+  return path
+
+
 def tasks_of(spec: str, *, seed: int = 0, world_seed: int = 0) -> dict[str, tasks_lib.Task]:
   """The tasks behind a lab prompt spec, by prompt text: what the gold scorer needs to judge responses."""
   kind, split, n, families = parse_spec(spec)

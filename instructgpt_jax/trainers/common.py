@@ -48,8 +48,13 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.
   return {k: jax.make_array_from_process_local_data(sharded, v) for k, v in batch.items()}
 
 
+LAB_CORPUS_KEYS = ("corpus", "pretrain_corpus", "ptx_corpus")  # pretraining text: "lab" or globs
+
+
 def resolve_lab_files(data_cfg, directory: str, *, seed: int):
-  """A copy of a `data` section whose `lab:<kind>:<split>:<n>` file specs are written out as JSONL files."""
+  """A copy of a `data` section whose `lab:<kind>:<split>:<n>` file specs, and whose "lab" corpora (the
+  generated prose, `lab_documents` documents), are written out as JSONL files: the one place the `lab`
+  scheme is known; the data layer below reads files only."""
   from instructgpt_jax.lab import datasets
 
   data_cfg = (
@@ -59,6 +64,9 @@ def resolve_lab_files(data_cfg, directory: str, *, seed: int):
     value = data_cfg.get(key)
     if isinstance(value, str) and value.startswith("lab:"):
       data_cfg[key] = datasets.materialize(value, directory, seed=seed)
+  for key in LAB_CORPUS_KEYS:
+    if data_cfg.get(key) == "lab":
+      data_cfg[key] = datasets.materialize_corpus(int(data_cfg.get("lab_documents", 4000)), directory, seed=seed)
   return data_cfg
 
 

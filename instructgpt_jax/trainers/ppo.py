@@ -235,8 +235,7 @@ def train(config, workdir: str) -> dict[str, float]:
   if p.ptx_coef or config.data.ptx_corpus:
     ptx_cfg = ml_collections.ConfigDict(
       dict(
-        corpus=config.data.ptx_corpus,
-        lab_documents=4000,
+        corpus=data_cfg.ptx_corpus,
         seq_len=config.data.ptx_seq_len,
         batch_size=max(ptx_rows, 1),
         eval_fraction=0.05,

@@ -19,9 +19,9 @@ def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
-  model_cfg, source, tokenizer, mesh, rules, _ = stage
+  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = text.build_text_data(config.data, tokenizer, seed=config.seed, **stage.process)
+  data = text.build_text_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
   # ---------------------------------------------------------------- sharded init, or restore
