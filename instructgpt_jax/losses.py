@@ -26,7 +26,7 @@ Metrics = dict[str, jax.Array]
 _MAX_LOG_RATIO = 20.0
 
 
-def _float32(x: jax.Array) -> jax.Array:
+def to_float32(x: jax.Array) -> jax.Array:
   """Upcasts bf16/fp16 to float32 (keeps float64 when x64 is on): losses accumulate in float32."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -44,7 +44,7 @@ def _masked_sum_and_count(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
   return jnp.sum(jnp.where(keep, weight * x, 0.0)), jnp.sum(jnp.where(keep, weight, 0.0))
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Σ_masked x / N_masked, and 0 (not NaN) when nothing is masked in."""
   total, count = _masked_sum_and_count(x, mask)
   return total / jnp.maximum(count, 1.0)
@@ -86,7 +86,7 @@ def ranking_loss(
   """
   terms = ranking_prompt_terms(rewards, ranks, normalizer=normalizer)
   has_pairs_B = terms["num_pairs"] > 0
-  loss = _masked_mean(terms["loss"], has_pairs_B)
+  loss = masked_mean(terms["loss"], has_pairs_B)
   num_pairs = jnp.sum(terms["num_pairs"])
   metrics = {
     "accuracy": jnp.sum(terms["correct"]) / jnp.maximum(num_pairs, 1.0),
@@ -116,7 +116,7 @@ def ranking_prompt_terms(
   ranks = jnp.asarray(ranks)
   present_BxK = ranks >= 0
   # Empty slots hold whatever the RM produced for padding; zeroing keeps it out of values and grads.
-  rewards_BxK = jnp.where(present_BxK, _float32(rewards), 0.0)
+  rewards_BxK = jnp.where(present_BxK, to_float32(rewards), 0.0)
 
   # Pair (i, j) counts when slot i is ranked strictly better (smaller rank) than slot j.
   is_pair_BxKxK = present_BxK[:, :, None] & present_BxK[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
@@ -156,7 +156,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float 
   Returns:
     [B, L] float32 log-probabilities.
   """
-  scaled_BxLxV = _float32(logits) / temperature
+  scaled_BxLxV = to_float32(logits) / temperature
   log_normalizer_BxL = jax.nn.logsumexp(scaled_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(scaled_BxLxV, targets[..., None], axis=-1)[..., 0]
   return target_logit_BxL - log_normalizer_BxL
@@ -177,7 +177,7 @@ def token_entropy(logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
   Returns:
     [B, L] float32 entropies in nats.
   """
-  logp_BxLxV = jax.nn.log_softmax(_float32(logits) / temperature, axis=-1)
+  logp_BxLxV = jax.nn.log_softmax(to_float32(logits) / temperature, axis=-1)
   return -jnp.sum(jnp.exp(logp_BxLxV) * logp_BxLxV, axis=-1)
 
 
@@ -219,7 +219,7 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax
   """
   nll_sum, token_count = lm_loss_sum(logits, targets, mask)
   correct_BxL = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  metrics = {"token_count": token_count, "accuracy": _masked_mean(correct_BxL, mask)}
+  metrics = {"token_count": token_count, "accuracy": masked_mean(correct_BxL, mask)}
   return nll_sum / jnp.maximum(token_count, 1.0), metrics
 
 
@@ -257,16 +257,16 @@ def ppo_policy_loss(
   """
   keep = jnp.asarray(mask).astype(bool)
   # Padding may hold any log-prob; a zero log-ratio there keeps exp() and its gradient finite.
-  log_ratio_BxT = jnp.where(keep, _float32(logprobs) - _float32(old_logprobs), 0.0)
+  log_ratio_BxT = jnp.where(keep, to_float32(logprobs) - to_float32(old_logprobs), 0.0)
   ratio_BxT = jnp.exp(jnp.clip(log_ratio_BxT, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-  advantages_BxT = _float32(advantages)
+  advantages_BxT = to_float32(advantages)
   unclipped_BxT = -advantages_BxT * ratio_BxT
   clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = _masked_mean(jnp.maximum(unclipped_BxT, clipped_BxT), keep)
+  loss = masked_mean(jnp.maximum(unclipped_BxT, clipped_BxT), keep)
   metrics = {
-    "clip_frac": _masked_mean((clipped_BxT > unclipped_BxT).astype(jnp.float32), keep),
-    "approx_kl": 0.5 * _masked_mean(jnp.square(log_ratio_BxT), keep),
-    "ratio_mean": _masked_mean(ratio_BxT, keep),
+    "clip_frac": masked_mean((clipped_BxT > unclipped_BxT).astype(jnp.float32), keep),
+    "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio_BxT), keep),
+    "ratio_mean": masked_mean(ratio_BxT, keep),
     # ρ > 0, so 0 is a neutral fill and an all-masked batch reports 0.
     "ratio_max": jnp.max(jnp.where(keep, ratio_BxT, 0.0)),
   }
@@ -298,15 +298,15 @@ def value_loss(
     "value_mse" (masked mean of the unclipped (V − R)²), "value_mean".
   """
   keep = jnp.asarray(mask).astype(bool)
-  values_BxT, old_values_BxT, returns_BxT = map(_float32, (values, old_values, returns))
+  values_BxT, old_values_BxT, returns_BxT = map(to_float32, (values, old_values, returns))
   values_clipped_BxT = old_values_BxT + jnp.clip(values_BxT - old_values_BxT, -clip_eps, clip_eps)
   error_BxT = jnp.square(values_BxT - returns_BxT)
   error_clipped_BxT = jnp.square(values_clipped_BxT - returns_BxT)
-  loss = 0.5 * _masked_mean(jnp.maximum(error_BxT, error_clipped_BxT), keep)
+  loss = 0.5 * masked_mean(jnp.maximum(error_BxT, error_clipped_BxT), keep)
   metrics = {
-    "clip_frac": _masked_mean((error_clipped_BxT > error_BxT).astype(jnp.float32), keep),
-    "value_mse": _masked_mean(error_BxT, keep),
-    "value_mean": _masked_mean(values_BxT, keep),
+    "clip_frac": masked_mean((error_clipped_BxT > error_BxT).astype(jnp.float32), keep),
+    "value_mse": masked_mean(error_BxT, keep),
+    "value_mean": masked_mean(values_BxT, keep),
   }
   return loss, metrics
 
@@ -335,7 +335,7 @@ def kl_penalty(
   Returns:
     [B, T] float32 per-token estimates; mask them as needed.
   """
-  x_BxT = _float32(logprobs) - _float32(ref_logprobs)
+  x_BxT = to_float32(logprobs) - to_float32(ref_logprobs)
   if estimator == "k1":
     return x_BxT
   if estimator == "k2":
@@ -401,7 +401,7 @@ def ppo_ptx_loss(
   else:
     ptx_mask = jnp.asarray(ptx_mask)
     sequences = jnp.maximum(jnp.sum(jnp.any(ptx_mask > 0, axis=1)), 1.0)
-    mean_response_tokens = jnp.maximum(jnp.sum(_float32(mask)), 1.0) / mask.shape[0]
+    mean_response_tokens = jnp.maximum(jnp.sum(to_float32(mask)), 1.0) / mask.shape[0]
     term = ptx * ptx_metrics["token_count"] / sequences / mean_response_tokens
   metrics = {
     "policy_loss": policy,

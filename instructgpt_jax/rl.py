@@ -15,16 +15,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from instructgpt_jax.losses import masked_mean, to_float32
+
 AxisName = str | tuple[str, ...]
 
 # The [NID]/lm-human-preferences constant (docs/paper.md §8.1); it keeps a constant input finite, not a variance floor.
 _WHITEN_EPS = 1e-8
-
-
-def _float32(x: jax.Array) -> jax.Array:
-  """Upcasts bf16/fp16 to float32 (keeps float64 when x64 is on)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def per_token_rewards(
@@ -55,12 +51,12 @@ def per_token_rewards(
     [B, T] float32 rewards, 0 at masked positions.
   """
   keep_BxT = jnp.asarray(mask).astype(bool)
-  log_ratio_BxT = jnp.where(keep_BxT, _float32(logprobs) - _float32(ref_logprobs), 0.0)
+  log_ratio_BxT = jnp.where(keep_BxT, to_float32(logprobs) - to_float32(ref_logprobs), 0.0)
   positions_T = jnp.arange(keep_BxT.shape[1])
   # −1 when the row is empty, which matches no position.
   last_index_B = jnp.max(jnp.where(keep_BxT, positions_T, -1), axis=1)
   is_last_BxT = positions_T[None, :] == last_index_B[:, None]
-  score_BxT = jnp.where(is_last_BxT, _float32(score)[:, None], 0.0)
+  score_BxT = jnp.where(is_last_BxT, to_float32(score)[:, None], 0.0)
   return -kl_coef * log_ratio_BxT + score_BxT
 
 
@@ -93,7 +89,7 @@ def gae(
     (advantages, returns), each [B, T] float32, 0 at masked positions.
   """
   keep_BxT = jnp.asarray(mask).astype(bool)
-  values_BxT = _float32(values)
+  values_BxT = to_float32(values)
 
   def backward_step(carry, step):
     next_value_B, next_advantage_B = carry
@@ -112,7 +108,7 @@ def gae(
   _, advantages_TxB = jax.lax.scan(
     backward_step,
     (zeros_B, zeros_B),
-    (_float32(rewards).T, values_BxT.T, keep_BxT.T),
+    (to_float32(rewards).T, values_BxT.T, keep_BxT.T),
     reverse=True,
   )
   advantages_BxT = advantages_TxB.T
@@ -151,7 +147,7 @@ def whiten(
     float32 array shaped like x, 0 at masked positions.
   """
   keep = jnp.asarray(mask).astype(bool)
-  x = _float32(x)
+  x = to_float32(x)
   count = jnp.maximum(_sum_over_devices(jnp.sum(keep).astype(x.dtype), axis_name), 1.0)
   mean = _sum_over_devices(jnp.sum(jnp.where(keep, x, 0.0)), axis_name) / count
   # Two passes (mean, then squared deviations) avoid the cancellation of E[x²] − E[x]².
@@ -213,3 +209,17 @@ def adaptive_kl_update(
   """
   error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
   return state._replace(kl_coef=state.kl_coef * (1.0 + error * n_steps / horizon))
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+  """How much of the returns' variance the value function explains, over the real tokens:
+
+      EV = 1 − Var_m[R − V] / Var_m[R],   Var_m[x] = mean_m[(x − mean_m[x])²]
+
+  1 is a perfect critic, 0 one that predicts the mean, below 0 worse than that (Var[R] floored at 1e-8).
+  """
+
+  def var(x):
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+  return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)

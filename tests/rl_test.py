@@ -290,3 +290,15 @@ def test_kl_update_traces_once():
 def test_batch_sharded_on_8_devices_equals_one_device(name):
   fn, make_args = CASES[name]
   assert_batch_sharded_equals_single_device(fn, make_args(np.random.default_rng(16), 16), name=name)
+
+
+def test_explained_variance_by_hand():
+  returns = jnp.array([[1.0, 2.0, 3.0, 99.0]])
+  mask = jnp.array([[1, 1, 1, 0]])  # the padded 99 is never seen
+  assert float(rl.explained_variance(returns, returns, mask)) == pytest.approx(1.0)
+  assert float(rl.explained_variance(jnp.full_like(returns, 2.0), returns, mask)) == pytest.approx(0.0, abs=1e-6)
+  # V = R + (1, -1, 0): Var[R - V] = 2/3 against Var[R] = 2/3 -> 0; V = R + (1, 1, 1): a constant offset -> 1
+  assert float(rl.explained_variance(returns + jnp.array([[1.0, -1.0, 0.0, 5.0]]), returns, mask)) == pytest.approx(
+    0.0, abs=1e-6
+  )
+  assert float(rl.explained_variance(returns + 1.0, returns, mask)) == pytest.approx(1.0)

@@ -90,19 +90,6 @@ def critic_init_params(value_source, target, cfg, seed: int):
   return {**params, "head": {**params["head"], "proj": {**head, "bias": head["bias"] - reward_bias}}}
 
 
-def _masked_mean(x, mask):
-  return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def _explained_variance(values, returns, mask):
-  """1 - Var[R - V] / Var[R] over the real tokens."""
-
-  def var(x):
-    return _masked_mean((x - _masked_mean(x, mask)) ** 2, mask)
-
-  return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
-
-
 def head_values(head_graphdef, head_params, hidden, mask):
   """Values [B, R] of the shared trunk's value head on the policy's response hidden states, 0 off the mask."""
   values = nnx.merge(head_graphdef, head_params)(hidden)
@@ -380,13 +367,13 @@ def train(config, workdir: str) -> dict[str, float]:
       "raw_score": jnp.mean(raw_score),
       "kl": jnp.mean(jnp.sum(jnp.where(mask > 0, log_ratio, 0.0), axis=1)),  # k1 summed over the response
       "kl_k3": jnp.mean(jnp.sum(losses.kl_penalty(old_logprobs, ref_logprobs, estimator="k3") * mask, axis=1)),
-      "entropy": _masked_mean(entropy, mask),
+      "entropy": losses.masked_mean(entropy, mask),
       "response_length": jnp.mean(length),
       "ended_with_eos": jnp.mean(ended),
       # The sampler's log-probs against the teacher-forced ones: numerical drift only (docs/paper.md §9 item 8).
       "logprob_gap": jnp.max(jnp.abs(jnp.where(mask > 0, rollout.logprobs - old_logprobs, 0.0))),
-      "value_mean": _masked_mean(values, mask),
-      "explained_variance": _explained_variance(values, returns, mask),
+      "value_mean": losses.masked_mean(values, mask),
+      "explained_variance": rl.explained_variance(values, returns, mask),
       "kl_coef": kl_coef,
     }
     scored = Scored(prompt_tokens, prompt_segments, rollout.tokens, mask, old_logprobs, values, advantages, returns)
