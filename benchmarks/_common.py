@@ -9,6 +9,8 @@ import sys
 
 import jax
 
+from instructgpt_jax import metrics
+
 
 def load_average() -> str:
   """The 1-, 5- and 15-minute load averages: figures on a shared machine mean little without them."""
@@ -29,9 +31,4 @@ def header(extra: str = "") -> str:
 
 def table(rows: list[dict]) -> str:
   """A markdown table of rows (dicts with the same keys, in order)."""
-  if not rows:
-    return ""
-  keys = list(rows[0])
-  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-  lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
-  return "\n".join(lines)
+  return metrics.markdown_table(list(rows[0]), rows) if rows else ""

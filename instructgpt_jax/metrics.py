@@ -173,6 +173,14 @@ def read_rows(workdir: str) -> list[dict]:
   return read_rows_of(paths.join(workdir, "metrics.jsonl"))
 
 
+def markdown_table(columns, rows, cell=str) -> str:
+  """A Markdown table (readable as plain text too): a header of `columns`, one line per row (a dict), each
+  value written by `cell`."""
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 def check_finite(step: int, row: dict[str, float], keys=("loss", "grad_norm")) -> None:
   bad = [k for k in keys if k in row and not math.isfinite(row[k])]
   if bad:

@@ -189,7 +189,5 @@ def _cell(value) -> str:
 
 
 def format_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-  """A Markdown table (readable as plain text too)."""
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
-  return "\n".join(lines)
+  """A Markdown table (readable as plain text too), floats to 6 significant digits, "-" for a missing value."""
+  return metrics_lib.markdown_table(columns, rows, _cell)

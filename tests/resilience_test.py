@@ -160,3 +160,10 @@ def test_nan_in_a_batch_stops_naming_the_step_and_keeps_the_last_good_checkpoint
   assert ckpt.latest_step() == 4
   params = ckpt.restore_params(4)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_markdown_table_is_one_line_per_row_in_column_order():
+  rows = [{"b": 1.5, "a": "x"}, {"b": None, "a": "y"}]
+  assert metrics.markdown_table(["a", "b"], rows) == "| a | b |\n|---|---|\n| x | 1.5 |\n| y | None |"
+  cell = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else v  # noqa: E731
+  assert metrics.markdown_table(["b"], rows, cell).splitlines()[2:] == ["| 1.50 |", "| - |"]

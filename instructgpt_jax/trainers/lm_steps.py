@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from instructgpt_jax import losses, models, train_state
+from instructgpt_jax.trainers import common
 
 
 def forward_logits(graphdef, params, batch, dropout_rng=None):
@@ -64,6 +65,16 @@ def make_train_step(graphdef, model_cfg: models.ModelConfig, tx, lr_schedule, *,
     return state.apply_gradients(grads, tx).replace(rng=rng), metrics
 
   return train_step
+
+
+def eval_loss(eval_fn, params, batches, mesh, rules) -> float | None:
+  """Σ NLL / Σ tokens over host-local `batches` with `make_eval_step`'s jitted function: the same number for
+  any batching. None when the batches hold no token."""
+  total = count = 0.0
+  for batch in batches:
+    loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
+    total, count = total + float(loss_sum), count + float(n)
+  return total / count if count else None
 
 
 def make_eval_step(graphdef):

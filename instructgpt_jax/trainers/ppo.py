@@ -531,11 +531,8 @@ class _Evaluation:
     self.lm_params = lm_params
 
   def _ptx_loss(self, params) -> float:
-    total = count = 0.0
-    for batch in self.ptx.eval_batches(4):
-      loss_sum, n = self.ptx_eval(params, common.to_global(batch, self.mesh, self.rules))
-      total, count = total + float(loss_sum), count + float(n)
-    return total / max(count, 1.0)
+    loss = lm_steps.eval_loss(self.ptx_eval, params, self.ptx.eval_batches(4), self.mesh, self.rules)
+    return 0.0 if loss is None else loss
 
   def _sample(self, params):
     c = self.config

@@ -39,12 +39,8 @@ def train(config, workdir: str) -> dict[str, float]:
   eval_fn = jax.jit(sharding.traced_with_rules(eval_step, mesh, rules), in_shardings=(state_shardings.params, batch_sh))
 
   def evaluate(state) -> dict[str, float]:
-    params = state.params
-    total, count = 0.0, 0.0
-    for batch in data.eval_batches(config.data.eval_batches):
-      loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
-      total, count = total + float(loss_sum), count + float(n)
-    return {"eval_loss": total / count} if count else {}
+    loss = lm_steps.eval_loss(eval_fn, state.params, data.eval_batches(config.data.eval_batches), mesh, rules)
+    return {"eval_loss": loss} if loss is not None else {}
 
   # ---------------------------------------------------------------- train loop
   loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)

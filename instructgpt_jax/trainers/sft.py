@@ -78,11 +78,8 @@ def train(config, workdir: str) -> dict[str, float]:
 
   def evaluate(state) -> dict[str, float]:
     params = state.params
-    total, count = 0.0, 0.0
-    for batch in data.eval_batches(config.data.eval_batches or None):
-      loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
-      total, count = total + float(loss_sum), count + float(n)
-    row = {"eval_loss": total / count} if count else {}
+    loss = lm_steps.eval_loss(eval_fn, params, data.eval_batches(config.data.eval_batches or None), mesh, rules)
+    row = {"eval_loss": loss} if loss is not None else {}
     if judge is not None:
       # The paper selects SFT checkpoints by this score, not by validation loss (docs/paper.md §3.1).
       scores, _ = judging.sample_and_score(
