@@ -348,6 +348,29 @@ def jit_on_mesh(fn: Callable, *, mesh: Mesh | None = None, rules=None, static_ar
   return jax.jit(sharding.traced_with_rules(fn, mesh, rules), static_argnames=static_argnames)
 
 
+def sample_batches(
+  sampler: Sampler,
+  params,
+  prompts: Sequence[np.ndarray],
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  pad_id: int,
+  max_new_tokens: int,
+  key_of: Callable[[int], jax.Array],
+):
+  """One response per prompt, `batch_size` prompts per call (the last call padded to the same shape, so one
+  program serves all). Yields (prompts of the call, prompt tokens, prompt segment ids, Rollout); the call
+  that starts at prompt `start` draws with `key_of(start)`."""
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start : start + batch_size]
+    tokens, segment_ids = left_pad(chunk, buckets=buckets, pad_id=pad_id, batch_size=batch_size)
+    rollout = sampler(
+      params, jnp.asarray(tokens), jnp.asarray(segment_ids), key_of(start), max_new_tokens=max_new_tokens
+    )
+    yield chunk, tokens, segment_ids, rollout
+
+
 class Sampler:
   """Jitted `generate` for one model structure, with response-length buckets.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from instructgpt_jax import models, sampling, train_state
@@ -73,16 +72,17 @@ def sample_and_score(
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
   """RM scores [n] of a response sampled for each of the n `prompts`, and the (prompt, response) token pairs."""
   scores, samples = [], []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start : start + batch_size]
-    tokens, segment_ids = sampling.left_pad(chunk, buckets=buckets, pad_id=pad_id, batch_size=batch_size)
-    rollout = sampler(
-      params,
-      jnp.asarray(tokens),
-      jnp.asarray(segment_ids),
-      jax.random.fold_in(rng, start),
-      max_new_tokens=max_new_tokens,
-    )
+  batches = sampling.sample_batches(
+    sampler,
+    params,
+    prompts,
+    batch_size=batch_size,
+    buckets=buckets,
+    pad_id=pad_id,
+    max_new_tokens=max_new_tokens,
+    key_of=lambda start: jax.random.fold_in(rng, start),
+  )
+  for chunk, tokens, segment_ids, rollout in batches:
     batch_scores = np.asarray(judge.score(tokens, segment_ids, rollout.tokens, rollout.mask))
     scores.extend(batch_scores[: len(chunk)].tolist())
     response_tokens, response_mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)

@@ -101,14 +101,17 @@ class _Policy:
     rows = [i for i in ids for _ in range(copies)]
     rows_per_call = max(copies, batch_rows // copies * copies)
     outputs = []
-    for start in range(0, len(rows), rows_per_call):
-      chunk = rows[start : start + rows_per_call]
-      tokens, segments = sampling.left_pad(
-        chunk, buckets=(32, 64, 128), pad_id=self.tokenizer.pad_id, batch_size=rows_per_call
-      )
-      rollout = self.sampler(
-        self.params, tokens, segments, jax.random.PRNGKey(seed + start), max_new_tokens=self.max_new_tokens
-      )
+    batches = sampling.sample_batches(
+      self.sampler,
+      self.params,
+      rows,
+      batch_size=rows_per_call,
+      buckets=(32, 64, 128),
+      pad_id=self.tokenizer.pad_id,
+      max_new_tokens=self.max_new_tokens,
+      key_of=lambda start: jax.random.PRNGKey(seed + start),
+    )
+    for chunk, _, _, rollout in batches:
       response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
       for i in range(len(chunk)):
         real = response[i][mask[i] > 0]
