@@ -103,6 +103,34 @@ def test_first_minibatch_of_every_iteration_has_ratio_one(short_ppo):
   assert rows[-1]["kl"] > 0.0
 
 
+@pytest.mark.slow
+def test_a_ppo_workdir_gives_its_ema_policy_and_the_raw_policy_on_request(short_ppo, tmp_path, capsys):
+  """What `sample --checkpoint`, `model.init_from` and the export command read from a PPO workdir: the EMA of
+  the policy (the paper's model), the same weights as `<workdir>/export`; `--raw_policy` the optimizer's."""
+  from instructgpt_jax import export as export_command
+
+  mesh = sharding.make_mesh({"fsdp": -1})
+  rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+  source = model_io.read_source(str(short_ppo))  # as sample.py and init_from read it
+  _, target = train_state.param_shardings_for(source.config, mesh, rules)
+
+  def load(path, **kw):
+    return model_io.load(model_io.read_source(path, **kw), "lm", target, source.config, 0)
+
+  ema, raw = load(str(short_ppo)), load(str(short_ppo), ema=False)
+  jax.tree.map(np.testing.assert_array_equal, ema, load(str(short_ppo / "export")))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+
+  export_command.main([f"--workdir={short_ppo}", f"--out={tmp_path / 'ema'}"])
+  assert capsys.readouterr().out.startswith(f"exported the EMA policy of {short_ppo} step 4 to {tmp_path / 'ema'}")
+  jax.tree.map(np.testing.assert_array_equal, ema, load(f"hf:{tmp_path / 'ema'}"))
+  export_command.main([f"--workdir={short_ppo}", f"--out={tmp_path / 'raw'}", "--raw_policy"])
+  jax.tree.map(np.testing.assert_array_equal, raw, load(f"hf:{tmp_path / 'raw'}"))
+  with pytest.raises(SystemExit) as exit_info:
+    export_command.main([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}"])
+  assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --workdir: ")
+
+
 def test_in_chunks_runs_rows_in_minibatch_shaped_chunks_and_rejoins_them_in_order():
   x = jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3)
   seen = []
