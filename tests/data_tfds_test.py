@@ -228,3 +228,18 @@ def test_no_tensorflow_is_imported_even_where_it_is_installed(corpus, tmp_path):
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "(2, 4, 200) False" and not marker.exists()
+
+
+def test_evaluation_prompts_are_reported_as_the_eval_split(tmp_path, capsys):
+  """PPO's held-out prompts are built and reported as `prompts/eval` (they were printed as prompts/train)."""
+  from instructgpt_jax.data import tokenizer as tokenizer_lib
+  from instructgpt_jax.trainers import judging
+
+  lines = [{"prompt": "short one"}, {"prompt": "x" * 40}, {"prompt": "another"}]
+  (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  texts, ids = judging.load_prompts(
+    str(tmp_path / "eval.jsonl"), tokenizer_lib.load("bytes"), data_dir=str(tmp_path / "tfds"), max_prompt_len=16
+  )
+  assert texts == ["short one", "another"] and [len(i) for i in ids] == [9, 7]
+  out = capsys.readouterr().out
+  assert out.startswith("data: prompts/eval: 2 records, 1 dropped") and "prompts/train" not in out, out

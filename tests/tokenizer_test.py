@@ -77,7 +77,7 @@ def test_bpe_command_line_trains_on_a_local_corpus(tmp_path, capsys):
   assert loaded.encode("hello") == [loaded.hf.token_to_id("hello")]  # a frequent word became one token
 
 
-def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_path):
+def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_path, caplog):
   """An hf: start without data.tokenizer takes the folder's own (its tokenizer_config.json specials), the run
   records it for the next stage, and a tokenizer with more ids than the model's vocabulary is refused."""
   import jax
@@ -97,8 +97,15 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
   hf.export(str(tmp_path / "hf"), params, cfg, tokenizer=str(tmp_path / "bpe.json"), token_ids=token_ids)
 
   config = configured(sft, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}"})
-  assert config.data.tokenizer == ""
-  stage = common.setup_stage(config, str(tmp_path / "sft"))
+  assert config.data.tokenizer == "" and config.model.resid_dropout == 0.2  # the paper's SFT dropout
+  with caplog.at_level("WARNING"):
+    stage = common.setup_stage(config, str(tmp_path / "sft"))
+  # A pretrained model meets the GPT-3-from-scratch dropout: one warning naming the field and the remedy.
+  warned = [r.getMessage() for r in caplog.records if "resid_dropout" in r.getMessage()]
+  assert warned == [
+    f"model.resid_dropout=0.2 on a pretrained model ({tmp_path / 'hf'}) that its authors may have trained "
+    "without dropout; set --config.model.resid_dropout=0.0 unless you mean it"
+  ]
   assert config.data.tokenizer == str(tmp_path / "hf")  # written back: config.json records it
   assert (stage.tokenizer.vocab_size, stage.tokenizer.eos_id, stage.tokenizer.pad_id) == (
     bpe.vocab_size,
