@@ -59,3 +59,14 @@ def test_cpu_side_by_side_against_trl_prints_the_ratio():
   assert match, done.stdout
   assert float(match.group(1)) > 0
   assert "| ppo | tiny | instructgpt_jax |" in done.stdout and "| ppo | tiny | TRL 1.12 PPOTrainer |" in done.stdout
+
+
+def test_same_results_ignores_timings_and_names_each_moved_number():
+  from benchmarks import same_results
+
+  before = [{"step": 1, "loss": 2.5, "time_rollout": 3.0, "steps_per_sec": 1.0}, {"step": 2, "loss": 2.25}]
+  timing_only = [{"step": 1, "loss": 2.5, "time_rollout": 9.0, "steps_per_sec": 7.0}, {"step": 2, "loss": 2.25}]
+  assert same_results.compare_rows(before, timing_only) == []
+  moved = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.2500001, "kl": 0.0}]
+  assert same_results.compare_rows(before, moved) == ["step 2 kl: None -> 0.0", "step 2 loss: 2.25 -> 2.2500001"]
+  assert same_results.compare_rows(before, before[:1]) == ["2 rows before, 1 after"]
