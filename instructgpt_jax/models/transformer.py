@@ -121,7 +121,7 @@ def attention_f32_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   """softmax(q kᵀ / √H + mask) v with the probabilities kept in float32 through the product with v.
 
   q [B, T, N, H], k and v [B, S, K, H] (K divides N: grouped heads), mask bool [B, 1, T, S] -> [B, T, N, H] in
-  q's dtype. `jax.nn.dot_product_attention`'s XLA path computes the same logits and softmax in float32 but
+  v's dtype. `jax.nn.dot_product_attention`'s XLA path computes the same logits and softmax in float32 but
   rounds the probabilities to v's dtype before P·V; in bfloat16 that rounding is where two compilations of
   the same forward (another batch size, or inside `value_and_grad`) part ways (docs/ppo.md).
   """
