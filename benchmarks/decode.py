@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from instructgpt_jax import models, sampling
+from instructgpt_jax import generation, models
 from instructgpt_jax.models.kv_cache import cache_bytes
 
 # Peak memory bandwidth in GB/s (vendor datasheets), matched against jax's device_kind in this order
@@ -91,16 +91,16 @@ def measure(size, batch, prompt_len, response_len, *, dtype, scan_layers, repeat
   cfg = models.resolve({"size": size, "dtype": dtype, "param_dtype": dtype, "scan_layers": scan_layers})
   graphdef, params = models.init(cfg, jax.random.key(0))
   # An EOS id outside the vocabulary is never drawn, so every row decodes the whole response.
-  settings = sampling.SamplingSettings(eos_id=cfg.vocab_size, pad_id=cfg.vocab_size + 1)
+  settings = generation.SamplingSettings(eos_id=cfg.vocab_size, pad_id=cfg.vocab_size + 1)
   prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   segment_ids = np.ones_like(prompts)
   key = jax.random.key(1)
 
   generate = jax.jit(
-    lambda p, t, s, k: sampling.generate(graphdef, p, t, s, k, settings=settings, max_new_tokens=response_len)
+    lambda p, t, s, k: generation.generate(graphdef, p, t, s, k, settings=settings, max_new_tokens=response_len)
   )
   prefill = jax.jit(
-    lambda p, t, s: sampling.prefill(nnx.merge(graphdef, p), t, s, cache_length=prompt_len + response_len - 1)
+    lambda p, t, s: generation.prefill(nnx.merge(graphdef, p), t, s, cache_length=prompt_len + response_len - 1)
   )
   total_s = timed(lambda: jax.block_until_ready(generate(params, prompts, segment_ids, key)), repeats)
   prefill_s = timed(lambda: jax.block_until_ready(prefill(params, prompts, segment_ids)), repeats)

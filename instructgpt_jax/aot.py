@@ -19,9 +19,9 @@ Per device, for each program a stage runs:
               its outputs that are not donated inputs, and temp
 
 The steps are the trainers' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
-`trainers/sft.py` builds it; the RM's `rm.make_train_step`, as `trainers/rm.py`; PPO's
-`ppo.make_minibatch_step` (separate critic), as `trainers/ppo.py`; the rollout program is `sampling.generate`,
-as `sampling.Sampler` jits it.
+`trainers/sft.py` builds it; the RM's `rm.make_train_step`, as `trainers/rm.py`; PPO's state, rollout
+sampler and minibatch step from `trainers/ppo_steps.py` (`abstract_state`, `jit_steps`), the pieces
+`trainers/ppo.py` runs, with a separate critic or a shared trunk as the config says.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from instructgpt_jax import models, optim, rl, sampling, sharding, train_state
-from instructgpt_jax.trainers import common, lm_steps, model_io, ppo, rm
+from instructgpt_jax import models, optim, sharding, train_state
+from instructgpt_jax.trainers import common, lm_steps, model_io, ppo_steps, rm
 
 GiB = 2**30
 
@@ -212,110 +212,87 @@ def rm_plan(config, mesh, rules) -> StagePlan:
 
 def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   """PPO-ptx: policy (with optimizer and EMA), reference, reward model and critic (`rm_size`, the critic
-  starts from the RM); programs: the rollout sampler (KV cache) and the minibatch step."""
+  starts from the RM; a value head on the policy with ppo.shared_trunk); programs: the rollout sampler (KV
+  cache) and the minibatch step, both built by trainers/ppo_steps.py as the trainer builds them."""
   p = config.ppo
-  common.check(not p.shared_trunk, "ppo.shared_trunk: the AOT plan holds a separate critic; set it False")
   policy_cfg = models.resolve(config.model.to_dict())
   # The RM and critic: the shape of `rm_size`, the policy's runtime fields (dtypes, remat, scanned layers).
   runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
   rm_cfg = models.resolve(dict(runtime, size=rm_size))
-  policy_tx, critic_tx = _tx(config), optim.make_optimizer(config.value_optim, 1000)
-  policy_graphdef, policy_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
-  policy_abstract, policy_sh = train_state.abstract_state_for(policy_target, policy_tx, mesh, ema=True)
-  critic_graphdef, critic_abstract, critic_sh = train_state.abstract_state(
-    rm_cfg, critic_tx, mesh, rules, kind="scalar"
-  )
-  _, reference = train_state.param_shardings_for(policy_cfg, mesh, rules)
-  _, reward_model = train_state.param_shardings_for(rm_cfg, mesh, rules, kind="scalar")
-  replicated = train_state.replicated(mesh)
-  state_sh = ppo.PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
-  state = ppo.PPOState(
-    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-    policy=policy_abstract,
-    critic=critic_abstract,
-    kl=rl.KLControllerState(jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
-  )
-
-  # Rollout: the largest prompt bucket and the response bucket, as sampling.Sampler jits generate.
-  prompt_len, rollout, minibatch = config.data.max_prompt_len, p.rollout_batch, p.minibatch
-  common.check_batch("ppo.minibatch", minibatch, mesh)
-  settings = sampling.SamplingSettings(eos_id=0, pad_id=1, temperature=p.temperature)  # ids change no buffer
-  generate = sampling.jit_on_mesh(
-    functools.partial(sampling.generate, policy_graphdef, settings=settings),
+  m = ppo_steps.Models.build(
+    p,
+    policy_cfg=policy_cfg,
+    reference_cfg=policy_cfg,
+    reward_cfg=rm_cfg,
+    critic_cfg=rm_cfg,
+    reward_bias=0.0,
+    eos_id=0,  # token ids change no buffer
+    pad_id=1,
+    policy_tx=_tx(config),
+    policy_lr=optim.schedule(config.optim, 1000),
+    critic_tx=optim.make_optimizer(config.value_optim, 1000),
     mesh=mesh,
     rules=rules,
-    static_argnames=("max_new_tokens",),
   )
+  state, shardings = ppo_steps.abstract_state(m)
+  steps = ppo_steps.jit_steps(m, shardings)
+  replicated = train_state.replicated(mesh)
+
+  # Rollout: the largest prompt bucket and the response bucket, as the trainer's sampler runs them.
+  prompt_len, rollout, minibatch = config.data.max_prompt_len, p.rollout_batch, p.minibatch
+  common.check_batch("ppo.minibatch", minibatch, mesh)
   prompts = batch_spec({k: ((rollout, prompt_len), jnp.int32) for k in ("tokens", "segment_ids")}, mesh, rules)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
   limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   rollout_program = Program(
     "rollout",
-    generate,
-    (policy_abstract.params, prompts["tokens"], prompts["segment_ids"], key),
+    steps.sample.jitted,
+    (m.lm(state.policy.params), prompts["tokens"], prompts["segment_ids"], key),
     (0,),
     {"max_new_tokens": p.max_new_tokens, "length_limit": limit},
   )
   cache_len = prompt_len + p.max_new_tokens - 1
-  cache_spec = sharding.logical_to_spec(
-    ("layers", "batch", "kv_heads", "length", "kv"),
-    rules,
-    (policy_cfg.n_layers, rollout, policy_cfg.kv_heads, cache_len, policy_cfg.head_dim),
-    mesh,
-  )
   cache_shape = (policy_cfg.n_layers, rollout, policy_cfg.kv_heads, cache_len, policy_cfg.head_dim)
+  cache_spec = sharding.logical_to_spec(("layers", "batch", "kv_heads", "length", "kv"), rules, cache_shape, mesh)
   cache = jax.ShapeDtypeStruct(cache_shape, policy_cfg.dtype, sharding=NamedSharding(mesh, cache_spec))
-  kv_cache = 2 * device_bytes(cache)
 
   # Training: one minibatch of the scored rollout and its pretraining rows.
-  r = p.max_new_tokens
-  scored_shapes = {
-    "prompt_tokens": ((rollout, prompt_len), jnp.int32),
-    "prompt_segment_ids": ((rollout, prompt_len), jnp.int32),
-    "tokens": ((rollout, r), jnp.int32),
-    "mask": ((rollout, r), jnp.int32),
-    **{k: ((rollout, r), jnp.float32) for k in ("old_logprobs", "old_values", "advantages", "returns")},
-  }
-  scored = ppo.Scored(**batch_spec(scored_shapes, mesh, rules))
+  scored = jax.eval_shape(
+    functools.partial(ppo_steps.score_rollout, m),
+    state.policy.params,
+    None if m.shared_trunk else state.critic.params,
+    m.targets["reference"],
+    m.targets["reward"],
+    state.kl.kl_coef,
+    prompts["tokens"],
+    prompts["segment_ids"],
+    jax.eval_shape(steps.sample.jitted, *rollout_program.args, **rollout_program.kwargs),
+  )[0]
+  scored = with_shardings(scored, jax.tree.map(lambda _: common.batch_sharding(mesh, rules), scored))
   rows = jax.ShapeDtypeStruct((minibatch,), jnp.int32, sharding=replicated)
   ptx_batch = {}
   if p.ptx_coef:
     ptx_rows, n = p.ptx_per_episode * minibatch, config.data.ptx_seq_len
     keys = {k: ((ptx_rows, n), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
     ptx_batch = batch_spec(dict(keys, mask=((ptx_rows, n), jnp.float32)), mesh, rules)
-  batch_sh = common.batch_sharding(mesh, rules)
-  step = jax.jit(
-    sharding.traced_with_rules(
-      ppo.make_minibatch_step(
-        p,
-        policy_graphdef,
-        policy_tx,
-        optim.schedule(config.optim, 1000),
-        critic_graphdef=critic_graphdef,
-        critic_tx=critic_tx,
-      ),
-      mesh,
-      rules,
-    ),
-    in_shardings=(state_sh, batch_sh, replicated, batch_sh),
-    out_shardings=(state_sh, replicated),
-    donate_argnums=(0,),
-  )
-  train_program = Program("train_step", step, (state, scored, rows, ptx_batch), (0,))
+  train_program = Program("train_step", steps.train, (state, scored, rows, ptx_batch), (0,))
 
+  critic = () if m.shared_trunk else (state.critic,)
+  counts = {
+    "policy": models.param_count(m.lm(state.policy.params)),
+    "reference": models.param_count(m.targets["reference"]),
+    "reward model": models.param_count(m.targets["reward"]),
+  }
+  counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})
+  counts.update({} if m.shared_trunk else {"critic": models.param_count(state.critic.params)})
   return StagePlan(
     "ppo",
-    params=device_bytes((policy_abstract.params, critic_abstract.params, reference, reward_model)),
-    opt_state=device_bytes((policy_abstract.opt_state, policy_abstract.ema, critic_abstract.opt_state)),
-    kv_cache=kv_cache,
+    params=device_bytes((state.policy.params, [c.params for c in critic], m.targets["reference"], m.targets["reward"])),
+    opt_state=device_bytes((state.policy.opt_state, state.policy.ema, [c.opt_state for c in critic])),
+    kv_cache=2 * device_bytes(cache),
     programs=[rollout_program, train_program],
-    models={
-      "policy": models.param_count(policy_abstract.params),
-      "reference": models.param_count(reference),
-      "reward model": models.param_count(reward_model),
-      "critic": models.param_count(critic_abstract.params),
-    },
-    resident=device_bytes((state, reference, reward_model)),
+    models=counts,
+    resident=device_bytes((state, m.targets["reference"], m.targets["reward"])),
   )
 
 

@@ -15,10 +15,10 @@ tokenizer's own special tokens, e.g. a BOS), or with `--chat` the folder's chat 
 checkpoints gets the prompt in the format its run trained on (config.json's `data.template`; `--chat`
 forces the "chat" template), encoded with the run's tokenizer (`--tokenizer` overrides it).
 
-Streaming: a Python loop over the jitted prefill and one-token decode step of sampling.py (the functions
-`sampling.generate` runs inside its lax.while_loop, with the same per-step keys fold_in(seed, t)), so the
-tokens are those `generate` would return, printed as they come. The completion stops at EOS (any of the
-model's EOS ids) or after --max_new_tokens tokens; only the completion is printed.
+Streaming: a Python loop over generation.py's `first_tokens` and `sample_step`, jitted (the functions
+`generation.generate` runs before and inside its lax.while_loop, with the same per-step keys
+fold_in(seed, t)), so the tokens are those `generate` would return, printed as they come. The completion
+stops at EOS (any of the model's EOS ids) or after --max_new_tokens tokens; only the completion is printed.
 """
 
 from __future__ import annotations
@@ -33,18 +33,25 @@ import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
-from instructgpt_jax import errors, paths, sampling, sharding, train_state
+from instructgpt_jax import errors, generation, paths, sharding, train_state
 from instructgpt_jax.data import templates
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import model_io
 
 
 def stream_tokens(
-  graphdef, params, prompt: list[int], rng: jax.Array, *, settings: sampling.SamplingSettings, max_new_tokens: int, mesh
+  graphdef,
+  params,
+  prompt: list[int],
+  rng: jax.Array,
+  *,
+  settings: generation.SamplingSettings,
+  max_new_tokens: int,
+  mesh,
 ) -> Iterator[int]:
   """Yields up to max_new_tokens sampled token ids, one per jitted step (EOS included; the caller stops).
 
-  The cache has the P + max_new_tokens - 1 slots `sampling.generate` gives it, and step t draws with
+  The cache has the P + max_new_tokens - 1 slots `generation.generate` gives it, and step t draws with
   fold_in(rng, t), so the ids are generate's for a batch of this one prompt.
   """
   rules = sharding.DEFAULT_RULES
@@ -52,13 +59,15 @@ def stream_tokens(
 
   def prefill_and_draw(params, tokens, rng):
     model = nnx.merge(graphdef, params)
-    logits, cache = sampling.prefill(model, tokens, jnp.ones_like(tokens), cache_length=cache_length)
-    return sampling.sample_tokens(logits, jax.random.fold_in(rng, 0), settings)[0], cache
+    token, _, cache = generation.first_tokens(
+      model, tokens, jnp.ones_like(tokens), rng, settings=settings, cache_length=cache_length
+    )
+    return token, cache
 
   def decode_and_draw(params, token, cache, rng, t):
     model = nnx.merge(graphdef, params)
-    logits, cache = sampling.decode_step(model, token, jnp.ones_like(token), cache)
-    return sampling.sample_tokens(logits, jax.random.fold_in(rng, t), settings)[0], cache
+    token, _, cache = generation.sample_step(model, token, jnp.ones_like(token), cache, rng, t, settings=settings)
+    return token, cache
 
   prefill_and_draw = jax.jit(sharding.traced_with_rules(prefill_and_draw, mesh, rules))
   decode_and_draw = jax.jit(sharding.traced_with_rules(decode_and_draw, mesh, rules), donate_argnums=(2,))
@@ -205,7 +214,7 @@ def sample(args: argparse.Namespace) -> list[int]:
       f"--max_new_tokens: the prompt ({len(prompt)} tokens) and {args.max_new_tokens} new tokens exceed the "
       f"model's {cfg.max_len} positions"
     )
-  settings = sampling.SamplingSettings(
+  settings = generation.SamplingSettings(
     eos_id=tokenizer.eos_id,
     pad_id=tokenizer.pad_id,
     temperature=args.temperature,

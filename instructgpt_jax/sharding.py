@@ -134,6 +134,19 @@ def traced_with_rules(fn, mesh: Mesh, rules):
   return under_rules
 
 
+def jit_on_mesh(fn, *, mesh: Mesh | None = None, rules=None, static_argnames=()):
+  """jax.jit of fn whose trace runs under `use_mesh_rules(mesh, rules)` (`traced_with_rules`).
+
+  Inputs keep the shardings they arrive with (params sharded by their logical axes, batches over
+  data × fsdp); the constraints inside shard the activations, the KV cache and the outputs. Without a mesh,
+  a plain jit.
+  """
+  if mesh is None:
+    return jax.jit(fn, static_argnames=static_argnames)
+  rules = DEFAULT_RULES if rules is None else rules
+  return jax.jit(traced_with_rules(fn, mesh, rules), static_argnames=static_argnames)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside `use_mesh_rules`."""
   active = _ACTIVE.get()

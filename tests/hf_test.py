@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructgpt_jax import models, sample, sampling, sharding, train_state
+from instructgpt_jax import generation, models, sample, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
 from instructgpt_jax.models import hf
@@ -508,11 +508,11 @@ def tiny_hf_folder(tmp_path, *, chat_template=None) -> tuple[pathlib.Path, objec
 
 
 def generated(graphdef, params, prompt, *, greedy, max_new_tokens, seed=0, temperature=1.0):
-  """What sampling.generate returns for this one prompt (EOS cut off)."""
+  """What generation.generate returns for this one prompt (EOS cut off)."""
   tokenizer = tokenizer_lib.byte_tokenizer()
-  settings = sampling.SamplingSettings(tokenizer.eos_id, tokenizer.pad_id, temperature=temperature, greedy=greedy)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(max_new_tokens,))
-  tokens, segments = sampling.left_pad([prompt], buckets=(len(prompt),), pad_id=tokenizer.pad_id)
+  settings = generation.SamplingSettings(tokenizer.eos_id, tokenizer.pad_id, temperature=temperature, greedy=greedy)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(max_new_tokens,))
+  tokens, segments = generation.left_pad([prompt], buckets=(len(prompt),), pad_id=tokenizer.pad_id)
   rollout = sampler(params, tokens, segments, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens)
   ids = np.asarray(rollout.tokens[0])[np.asarray(rollout.mask[0]) > 0].tolist()
   return ids[: ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
@@ -622,16 +622,16 @@ def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, exclusive_
   n_prompts = len(SMOLLM2_PROMPTS["chat"]) + len(SMOLLM2_PROMPTS["raw"])
   prompts = [reference[f"prompt_{k}"].tolist() for k in range(n_prompts)]
   pad = cfg.vocab_size  # never looked up
-  tokens, segments = sampling.left_pad(prompts, buckets=(64,), pad_id=pad)
+  tokens, segments = generation.left_pad(prompts, buckets=(64,), pad_id=pad)
 
-  forward = sampling.jit_on_mesh(lambda p, t, s: models.apply(graphdef, p, t, segment_ids=s)[0], mesh=fsdp)
+  forward = sharding.jit_on_mesh(lambda p, t, s: models.apply(graphdef, p, t, segment_ids=s)[0], mesh=fsdp)
   logits = np.asarray(forward(params, tokens, segments))
   for k, prompt in enumerate(prompts):
     np.testing.assert_allclose(logits[k, 64 - len(prompt) :], reference[f"logits_{k}"], atol=1e-3, rtol=0)
 
   eos = int(reference["eos_id"])
-  settings = sampling.SamplingSettings(eos_id=eos, pad_id=pad, greedy=True)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(32,), mesh=fsdp)
+  settings = generation.SamplingSettings(eos_id=eos, pad_id=pad, greedy=True)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(32,), mesh=fsdp)
   rollout = sampler(params, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=32)
   full_length = 0
   for k in range(n_prompts):

@@ -19,7 +19,7 @@ FORBIDDEN = {
   "metrics.py": ("trainers",),
   "optim.py": ("trainers",),
   "train_state.py": ("trainers",),
-  "sampling.py": ("trainers",),
+  "generation.py": ("trainers",),
 }
 # losses.py and rl.py may import only these third-party modules
 MATH_ALLOWED = {"jax", "numpy", "math", "typing", "functools", "__future__", "dataclasses", "collections"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import ppo, rm, sft
-from instructgpt_jax import checkpoint, losses, main, paths, rl, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, generation, losses, main, paths, rl, scoring, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging, model_io
 from instructgpt_jax.trainers import ppo as ppo_trainer
@@ -166,14 +166,14 @@ def test_per_token_rewards_sum_to_the_eq2_bracket_on_a_real_batch(chain, short_p
   from instructgpt_jax.lab import datasets
 
   prompts = [np.array(tokenizer.encode(r["prompt"]), np.int32) for r in datasets.records("prompts", "eval", 16)]
-  tokens, segments = sampling.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
-  settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  rollout = sampling.Sampler(graphdef, settings, response_buckets=(64,), mesh=mesh, rules=rules)(
+  tokens, segments = generation.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
+  settings = generation.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  rollout = generation.Sampler(graphdef, settings, response_buckets=(64,), mesh=mesh, rules=rules)(
     policy, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=64
   )
   seq = (tokens, segments, rollout.tokens, rollout.mask)
-  logprobs = sampling.response_logprobs(graphdef, policy, *seq)
-  ref_logprobs = sampling.response_logprobs(graphdef, reference, *seq)
+  logprobs = scoring.response_logprobs(graphdef, policy, *seq)
+  ref_logprobs = scoring.response_logprobs(graphdef, reference, *seq)
   score = judge.score(*seq)
   beta = 0.02
   rewards = rl.per_token_rewards(score, logprobs, ref_logprobs, rollout.mask, kl_coef=beta)
@@ -329,13 +329,13 @@ def test_critic_starts_from_the_rm_with_its_bias_so_its_first_values_are_the_nor
   from instructgpt_jax.lab import datasets
 
   prompts = [np.array(tokenizer.encode(r["prompt"]), np.int32) for r in datasets.records("prompts", "eval", 16)]
-  tokens, segments = sampling.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
-  settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  rollout = sampling.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh, rules=rules)(
+  tokens, segments = generation.left_pad(prompts, buckets=(64, 128), pad_id=tokenizer.pad_id)
+  settings = generation.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  rollout = generation.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh, rules=rules)(
     policy, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=32
   )
   seq = (tokens, segments, rollout.tokens, rollout.mask)
-  _, critic_last = sampling.response_values(critic_graphdef, critic, *seq)  # the value at the last token
+  _, critic_last = scoring.response_values(critic_graphdef, critic, *seq)  # the value at the last token
   normalized_score = judge.score(*seq)  # r_θ(x, y) − b, what the rollout is rewarded
   assert np.asarray(rollout.mask).sum(axis=1).min() > 0
   np.testing.assert_allclose(np.asarray(critic_last), np.asarray(normalized_score), atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from instructgpt_jax import paths, sampling, sharding, train_state
+from instructgpt_jax import generation, paths, sharding, train_state
 from instructgpt_jax.trainers import model_io
 
 from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference
@@ -53,13 +53,14 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   # The export: transformers loads it as it is, stops a chat turn at its end, and its greedy tokens are our
   # sampler's on the same (EMA) weights.
   export = workdir / "export"
-  generation = json.loads((export / "generation_config.json").read_text())
+  generation_config = json.loads((export / "generation_config.json").read_text())
   spec = tmp_path / "spec.json"
   spec.write_text(json.dumps(SMOLLM2_PROMPTS))
   run_reference("smollm2", export, spec, tmp_path / "reference.npz")
   reference = np.load(tmp_path / "reference.npz")
   eos = int(reference["eos_id"])
-  eos_ids = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
+  eos_ids = generation_config["eos_token_id"]
+  eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
   assert eos in eos_ids
   first_chat = reference["greedy_0"].tolist()
   assert first_chat[-1] in eos_ids and len(first_chat) < SMOLLM2_PROMPTS["new_tokens"]  # the turn ended
@@ -72,9 +73,9 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   jax.tree.map(np.testing.assert_array_equal, params, ema)  # the export holds the EMA policy
   n_prompts = len(SMOLLM2_PROMPTS["chat"]) + len(SMOLLM2_PROMPTS["raw"])
   prompts = [reference[f"prompt_{k}"].tolist() for k in range(n_prompts)]
-  tokens, segments = sampling.left_pad(prompts, buckets=(64,), pad_id=0)
-  settings = sampling.SamplingSettings(eos_id=eos, pad_id=0 if eos else 1, greedy=True)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh)
+  tokens, segments = generation.left_pad(prompts, buckets=(64,), pad_id=0)
+  settings = generation.SamplingSettings(eos_id=eos, pad_id=0 if eos else 1, greedy=True)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(32,), mesh=mesh)
   rollout = sampler(params, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=SMOLLM2_PROMPTS["new_tokens"])
   for k in range(n_prompts):
     ours = np.asarray(rollout.tokens[k])[np.asarray(rollout.mask[k]) > 0].tolist()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import rm
-from instructgpt_jax import errors, losses, main, sampling, sharding
+from instructgpt_jax import errors, generation, losses, main, sharding
 from instructgpt_jax.data import batching
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging
@@ -138,7 +138,7 @@ def test_after_normalization_demonstrations_score_zero_on_average(rule_rm):
   demos = [json.loads(line) for line in open(root / "demos.jsonl")]
   prompts = [np.array(tokenizer.encode(d["prompt"]), np.int32) for d in demos]
   responses = [tokenizer.encode(d["response"]) + [tokenizer.eos_id] for d in demos]
-  prompt_tokens, prompt_segments = sampling.left_pad(prompts, buckets=(32,), pad_id=tokenizer.pad_id)
+  prompt_tokens, prompt_segments = generation.left_pad(prompts, buckets=(32,), pad_id=tokenizer.pad_id)
   width = 32
   response_tokens = np.full((len(demos), width), tokenizer.pad_id, np.int32)
   response_mask = np.zeros((len(demos), width), np.int32)

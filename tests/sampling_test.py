@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from instructgpt_jax import models, sampling, sharding
+from instructgpt_jax import generation, models, scoring, sharding
 
 TINY = {"gpt": models.resolve({"size": "tiny"}), "llama": models.resolve({"size": "tiny-llama"})}
 # The llama options of Llama 3.x and Qwen3. The pretraining context 16 lies inside the 20 cached positions of
@@ -76,7 +76,7 @@ def test_cached_decoding_matches_the_full_forward_pass(family, scan_layers):
   # response ends after 3 tokens, so it feeds padding (segment 0) for the remaining steps.
   cfg = dataclasses.replace(TINY[family], scan_layers=scan_layers)
   graphdef, params = init(cfg, jax.random.key(0))
-  prompt_tokens, prompt_segments = sampling.left_pad(ragged_prompts(0, [12, 1, 7, 4]), buckets=(12,), pad_id=PAD)
+  prompt_tokens, prompt_segments = generation.left_pad(ragged_prompts(0, [12, 1, 7, 4]), buckets=(12,), pad_id=PAD)
   steps = 9
   response_tokens = np.random.default_rng(1).integers(0, 256, (4, steps)).astype(np.int32)
   response_mask = np.ones((4, steps), np.int32)
@@ -84,9 +84,9 @@ def test_cached_decoding_matches_the_full_forward_pass(family, scan_layers):
   response_tokens[2, 3:] = PAD
 
   prefill = jax.jit(
-    lambda p, t, s: sampling.prefill(nnx.merge(graphdef, p), t, s, cache_length=12 + steps - 1),
+    lambda p, t, s: generation.prefill(nnx.merge(graphdef, p), t, s, cache_length=12 + steps - 1),
   )
-  step = jax.jit(lambda p, t, s, c: sampling.decode_step(nnx.merge(graphdef, p), t, s, c))
+  step = jax.jit(lambda p, t, s, c: generation.decode_step(nnx.merge(graphdef, p), t, s, c))
   logits, cache = prefill(params, prompt_tokens, prompt_segments)
   cached = [np.asarray(logits)]
   for t in range(1, steps):
@@ -110,10 +110,10 @@ def test_cached_decoding_matches_the_full_forward_pass(family, scan_layers):
 def test_greedy_tokens_are_the_same_alone_among_others_and_on_the_mesh(family):
   cfg = TINY[family]
   graphdef, params = models.init(cfg, jax.random.key(1))
-  settings = sampling.SamplingSettings(eos_id=EOS, pad_id=PAD, greedy=True)
+  settings = generation.SamplingSettings(eos_id=EOS, pad_id=PAD, greedy=True)
   prompts = ragged_prompts(2, [5, 16, 1, 9, 3, 12, 7, 2])
-  tokens, segments = sampling.left_pad(prompts, buckets=PROMPT_BUCKETS, pad_id=PAD)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(8,))
+  tokens, segments = generation.left_pad(prompts, buckets=PROMPT_BUCKETS, pad_id=PAD)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(8,))
   batch = sampler(params, tokens, segments, jax.random.key(0), max_new_tokens=8)
   assert batch.tokens.shape == (8, 8) and int(batch.mask.sum()) > 8
 
@@ -123,14 +123,14 @@ def test_greedy_tokens_are_the_same_alone_among_others_and_on_the_mesh(family):
   np.testing.assert_array_equal(np.asarray(batch.tokens)[mask], want[mask])
 
   for row, prompt in enumerate(prompts):  # alone, left-padded to its own (smaller) bucket
-    alone_tokens, alone_segments = sampling.left_pad([prompt], buckets=PROMPT_BUCKETS, pad_id=PAD)
+    alone_tokens, alone_segments = generation.left_pad([prompt], buckets=PROMPT_BUCKETS, pad_id=PAD)
     alone = sampler(params, alone_tokens, alone_segments, jax.random.key(0), max_new_tokens=8)
     np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batch.tokens[row]), err_msg=str(row))
     np.testing.assert_array_equal(np.asarray(alone.mask[0]), np.asarray(batch.mask[row]))
     np.testing.assert_allclose(np.asarray(alone.logprobs[0]), np.asarray(batch.logprobs[row]), atol=1e-5)
 
   mesh, sharded_params = mesh_and_sharded_params(cfg, params)
-  on_mesh = sampling.Sampler(graphdef, settings, response_buckets=(8,), mesh=mesh)
+  on_mesh = generation.Sampler(graphdef, settings, response_buckets=(8,), mesh=mesh)
   sharded = on_mesh(sharded_params, *batch_sharded(mesh, tokens, segments), jax.random.key(0), max_new_tokens=8)
   np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(batch.tokens))
   np.testing.assert_array_equal(np.asarray(sharded.mask), np.asarray(batch.mask))
@@ -142,9 +142,9 @@ def test_kv_cache_is_sharded_over_batch_and_kv_heads():
   cfg = TINY["llama"]  # 2 kv heads: split by tensor = 2
   graphdef, params = models.init(cfg, jax.random.key(2))
   mesh, sharded_params = mesh_and_sharded_params(cfg, params)
-  tokens, segments = sampling.left_pad(ragged_prompts(3, [3, 8, 1, 6] * 2), buckets=(8,), pad_id=PAD)
-  prefill = sampling.jit_on_mesh(
-    lambda p, t, s: sampling.prefill(nnx.merge(graphdef, p), t, s, cache_length=12)[1], mesh=mesh
+  tokens, segments = generation.left_pad(ragged_prompts(3, [3, 8, 1, 6] * 2), buckets=(8,), pad_id=PAD)
+  prefill = sharding.jit_on_mesh(
+    lambda p, t, s: generation.prefill(nnx.merge(graphdef, p), t, s, cache_length=12)[1], mesh=mesh
   )
   cache = prefill(sharded_params, *batch_sharded(mesh, tokens, segments))
   # XLA drops trailing unsharded axes from a spec; compare the named axes only.
@@ -160,12 +160,12 @@ def test_rows_stop_at_eos_and_at_their_length_limit():
   cfg = TINY["gpt"]
   graphdef, params = models.init(cfg, jax.random.key(3))
   prompts = ragged_prompts(4, [6, 2, 8, 4]) + [[]]  # the last row is batch filler: no prompt, no response
-  tokens, segments = sampling.left_pad(prompts, buckets=(8,), pad_id=PAD)
-  run = jax.jit(sampling.generate, static_argnums=0, static_argnames=("settings", "max_new_tokens"))
+  tokens, segments = generation.left_pad(prompts, buckets=(8,), pad_id=PAD)
+  run = jax.jit(generation.generate, static_argnums=0, static_argnames=("settings", "max_new_tokens"))
   key = jax.random.key(0)
 
   # Without an EOS in sight (an id the model never emits), every real row runs to the bucket.
-  never = sampling.SamplingSettings(eos_id=cfg.vocab_size, pad_id=PAD, greedy=True)
+  never = generation.SamplingSettings(eos_id=cfg.vocab_size, pad_id=PAD, greedy=True)
   free = run(graphdef, params, tokens, segments, key, settings=never, max_new_tokens=10)
   np.testing.assert_array_equal(np.asarray(free.mask).sum(1), [10, 10, 10, 10, 0])
   assert np.all(np.asarray(free.tokens)[4] == PAD) and np.all(np.asarray(free.logprobs)[4] == 0)
@@ -203,14 +203,14 @@ def test_rows_stop_at_eos_and_at_their_length_limit():
 def test_teacher_forced_logprobs_equal_the_samplers(family, scan_layers):
   cfg = dataclasses.replace(TINY[family], scan_layers=scan_layers)
   graphdef, params = models.init(cfg, jax.random.key(4))
-  tokens, segments = sampling.left_pad(ragged_prompts(5, [7, 3, 16, 1, 10, 5, 12, 2]), buckets=(16,), pad_id=PAD)
-  settings = sampling.SamplingSettings(eos_id=EOS, pad_id=PAD, temperature=0.7, top_k=40, top_p=0.95)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(12,))
+  tokens, segments = generation.left_pad(ragged_prompts(5, [7, 3, 16, 1, 10, 5, 12, 2]), buckets=(16,), pad_id=PAD)
+  settings = generation.SamplingSettings(eos_id=EOS, pad_id=PAD, temperature=0.7, top_k=40, top_p=0.95)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(12,))
   rollout = sampler(params, tokens, segments, jax.random.key(7), max_new_tokens=12)
   other = sampler(params, tokens, segments, jax.random.key(8), max_new_tokens=12)
   assert not np.array_equal(np.asarray(rollout.tokens), np.asarray(other.tokens))  # really sampled
 
-  score = jax.jit(sampling.response_logprobs, static_argnums=0, static_argnames="temperature")
+  score = jax.jit(scoring.response_logprobs, static_argnums=0, static_argnames="temperature")
   scored = score(graphdef, params, tokens, segments, rollout.tokens, rollout.mask, temperature=0.7)
   mask = np.asarray(rollout.mask) > 0
   assert mask.sum() > 40 and np.asarray(rollout.logprobs)[mask].min() < -1.0
@@ -224,12 +224,12 @@ def test_teacher_forced_logprobs_equal_the_samplers(family, scan_layers):
 def test_values_and_scores_are_read_at_the_response_positions_and_match_on_the_mesh():
   cfg = TINY["llama"]
   graphdef, params = models.init(cfg, jax.random.key(5), kind="scalar")
-  tokens, segments = sampling.left_pad(ragged_prompts(6, [3, 8, 1, 6, 2, 7, 5, 4]), buckets=(8,), pad_id=PAD)
+  tokens, segments = generation.left_pad(ragged_prompts(6, [3, 8, 1, 6, 2, 7, 5, 4]), buckets=(8,), pad_id=PAD)
   response = np.random.default_rng(7).integers(0, 256, (8, 6)).astype(np.int32)
   lengths = np.array([6, 1, 3, 0, 6, 2, 5, 4])
   mask = (np.arange(6) < lengths[:, None]).astype(np.int32)
   response = np.where(mask > 0, response, PAD)
-  values, scores = jax.jit(sampling.response_values, static_argnums=0)(
+  values, scores = jax.jit(scoring.response_values, static_argnums=0)(
     graphdef, params, tokens, segments, response, mask
   )
 
@@ -243,7 +243,7 @@ def test_values_and_scores_are_read_at_the_response_positions_and_match_on_the_m
     np.testing.assert_allclose(float(scores[row]), want, atol=1e-5)
 
   mesh, sharded_params = mesh_and_sharded_params(cfg, params, kind="scalar")
-  on_mesh = sampling.jit_on_mesh(lambda *a: sampling.response_values(graphdef, *a), mesh=mesh)
+  on_mesh = sharding.jit_on_mesh(lambda *a: scoring.response_values(graphdef, *a), mesh=mesh)
   sharded_values, sharded_scores = on_mesh(sharded_params, *batch_sharded(mesh, tokens, segments, response, mask))
   np.testing.assert_allclose(np.asarray(sharded_values), np.asarray(values), atol=1e-5)
   np.testing.assert_allclose(np.asarray(sharded_scores), np.asarray(scores), atol=1e-5)
@@ -276,8 +276,8 @@ def test_top_k_top_p_token_frequencies_match_the_truncated_distribution(top_k, t
   vocab, draws = 16, 20_000
   logits = np.random.default_rng(8).normal(0, 1.5, vocab).astype(np.float32)
   want = truncated_distribution(logits.astype(np.float64), temperature, top_k, top_p)
-  settings = sampling.SamplingSettings(eos_id=0, pad_id=1, temperature=temperature, top_k=top_k, top_p=top_p)
-  tokens, logprobs = jax.jit(sampling.sample_tokens, static_argnums=2)(
+  settings = generation.SamplingSettings(eos_id=0, pad_id=1, temperature=temperature, top_k=top_k, top_p=top_p)
+  tokens, logprobs = jax.jit(generation.sample_tokens, static_argnums=2)(
     jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)), jax.random.key(9), settings
   )
   counts = np.bincount(np.asarray(tokens), minlength=vocab)
@@ -295,13 +295,13 @@ def test_top_k_top_p_token_frequencies_match_the_truncated_distribution(top_k, t
 def test_no_recompilation_across_prompt_lengths_in_one_bucket():
   cfg = TINY["llama"]
   graphdef, params = models.init(cfg, jax.random.key(10))
-  settings = sampling.SamplingSettings(eos_id=EOS, pad_id=PAD, temperature=1.0, top_k=20)
-  sampler = sampling.Sampler(graphdef, settings, response_buckets=(4, 8))
+  settings = generation.SamplingSettings(eos_id=EOS, pad_id=PAD, temperature=1.0, top_k=20)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(4, 8))
   rng = np.random.default_rng(11)
   batches = []
   for longest in [16, 9, 10, 11, 12, 13, 14, 15, 16, 12, 9]:  # warm-up batch, then 10 more in bucket 16
     lengths = [longest] + rng.integers(1, longest + 1, 3).tolist()
-    batches.append(sampling.left_pad(ragged_prompts(int(longest), lengths), buckets=PROMPT_BUCKETS, pad_id=PAD))
+    batches.append(generation.left_pad(ragged_prompts(int(longest), lengths), buckets=PROMPT_BUCKETS, pad_id=PAD))
   keys = [jax.random.key(i) for i in range(len(batches))]
   new_tokens = [8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # all in response bucket 8
   jax.block_until_ready(sampler(params, *batches[0], keys[0], max_new_tokens=new_tokens[0]))
@@ -317,7 +317,7 @@ def test_no_recompilation_across_prompt_lengths_in_one_bucket():
       assert rollout.tokens.shape == (4, 8) and np.asarray(rollout.mask).sum(1).max() <= n
     compiles = [e for e in events if e.endswith(("backend_compile_duration", "jaxpr_trace_duration"))]
     assert compiles == []
-    tokens, segments = sampling.left_pad(ragged_prompts(12, [20, 3]), buckets=PROMPT_BUCKETS, pad_id=PAD)
+    tokens, segments = generation.left_pad(ragged_prompts(12, [20, 3]), buckets=PROMPT_BUCKETS, pad_id=PAD)
     sampler(params, tokens, segments, keys[0], max_new_tokens=8)  # bucket 32: a new program, and the counter sees it
     assert any(e.endswith("backend_compile_duration") for e in events)
   finally:
@@ -325,13 +325,13 @@ def test_no_recompilation_across_prompt_lengths_in_one_bucket():
 
 
 def test_left_pad_buckets_and_settings_errors():
-  tokens, segments = sampling.left_pad([[5, 6, 7], [8]], buckets=(2, 4, 8), pad_id=PAD, batch_size=3)
+  tokens, segments = generation.left_pad([[5, 6, 7], [8]], buckets=(2, 4, 8), pad_id=PAD, batch_size=3)
   np.testing.assert_array_equal(tokens, [[PAD, 5, 6, 7], [PAD, PAD, PAD, 8], [PAD] * 4])
   np.testing.assert_array_equal(segments, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
-  assert sampling.pick_bucket(5, (16, 8)) == 8
+  assert generation.pick_bucket(5, (16, 8)) == 8
   with pytest.raises(ValueError, match="length 17 exceeds the largest bucket 16"):
-    sampling.pick_bucket(17, (8, 16))
+    generation.pick_bucket(17, (8, 16))
   with pytest.raises(ValueError, match="pad_id must differ from eos_id"):
-    sampling.SamplingSettings(eos_id=3, pad_id=3)
+    generation.SamplingSettings(eos_id=3, pad_id=3)
   with pytest.raises(ValueError, match="top_p"):
-    sampling.SamplingSettings(eos_id=3, pad_id=4, top_p=0.0)
+    generation.SamplingSettings(eos_id=3, pad_id=4, top_p=0.0)

@@ -114,14 +114,10 @@ def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_
   def evaluate(state):
     return {"eval_loss": eval_loss[int(state.step)]}
 
-  class NoData:
-    def get_state(self):
-      return {}
-
   select = checkpoint.Selection(str(tmp_path), "eval_loss", "min")
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, select=select)
   model_io.write_model_json(str(tmp_path), "lm", models.resolve({"size": "tiny"}))
-  loop = common.LoopIO(config, str(tmp_path), ckpt, NoData(), start_step=0, select=select)
+  loop = common.LoopIO(config, str(tmp_path), ckpt, dict, start_step=0, select=select)
   with loop:
     for step in range(1, 9):
       state = State(jnp.int32(step), {"w": jnp.full((2,), float(step))})

@@ -1,1 +1,1 @@
-"""One trainer module per stage: orchestration only (the math lives in losses.py, rl.py, sampling.py)."""
+"""One trainer module per stage: orchestration only (the math lives in losses.py, rl.py, generation.py)."""

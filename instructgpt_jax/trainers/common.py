@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -131,8 +132,8 @@ class LoopIO:
   `eval_every_steps`, saves every `checkpoint_every_steps`, and on preemption saves and raises
   errors.Preempted (the checkpoint completes as the `with` block closes). With `select` (a
   checkpoint.Selection, the checkpointer made with it), every evaluated step is also saved with its metric,
-  and a step better than all before it becomes the selected one once its save is complete.
-  Use it as a context manager.
+  and a step better than all before it becomes the selected one once its save is complete. `data_state()`
+  returns the input pipelines' state saved with each checkpoint. Use it as a context manager.
   """
 
   def __init__(
@@ -140,13 +141,13 @@ class LoopIO:
     config,
     workdir: str,
     ckpt: checkpoint.Checkpointer,
-    data,
+    data_state: Callable[[], dict],
     *,
     start_step: int,
     tokens_per_step: int = 0,
     select: checkpoint.Selection | None = None,
   ):
-    self.config, self.ckpt, self.data, self.select = config, ckpt, data, select
+    self.config, self.ckpt, self.data_state, self.select = config, ckpt, data_state, select
     self.start_step = start_step
     self.writer = metrics_lib.MetricWriter(
       workdir,
@@ -201,7 +202,7 @@ class LoopIO:
       return
     self.writer.flush()  # the rows up to this checkpoint are durable before it can be resumed from
     metrics = None if value is None else {self.select.metric: float(value)}
-    self.ckpt.save(step, state, self.data.get_state(), force=force, metrics=metrics)
+    self.ckpt.save(step, state, self.data_state(), force=force, metrics=metrics)
     if value is not None and self.select.better(value):
       self.ckpt.wait()  # selected.json never names a step whose save could still fail
       self.select.record(step, value)

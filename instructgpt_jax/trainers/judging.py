@@ -10,7 +10,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from instructgpt_jax import models, sampling, train_state
+from instructgpt_jax import generation, models, scoring, sharding, train_state
 from instructgpt_jax.data import tfds_builders
 from instructgpt_jax.data.tokenizer import Tokenizer
 from instructgpt_jax.trainers import common, model_io
@@ -35,8 +35,8 @@ class Judge:
     graphdef, target = train_state.param_shardings_for(source.config, mesh, rules, kind="scalar")
     params = model_io.load(source, "scalar", target, source.config, seed)
     judge = cls(graphdef, params, float(source.metadata.get("reward_bias", 0.0)), source.config)
-    judge._score = sampling.jit_on_mesh(
-      lambda p, *rollout: sampling.response_values(graphdef, p, *rollout)[1] - judge.bias, mesh=mesh, rules=rules
+    judge._score = sharding.jit_on_mesh(
+      lambda p, *rollout: scoring.response_values(graphdef, p, *rollout)[1] - judge.bias, mesh=mesh, rules=rules
     )
     return judge
 
@@ -59,7 +59,7 @@ def load_prompts(
 
 
 def sample_and_score(
-  sampler: sampling.Sampler,
+  sampler: generation.Sampler,
   params,
   judge: Judge,
   prompts: list[np.ndarray],
@@ -72,7 +72,7 @@ def sample_and_score(
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
   """RM scores [n] of a response sampled for each of the n `prompts`, and the (prompt, response) token pairs."""
   scores, samples = [], []
-  batches = sampling.sample_batches(
+  batches = generation.sample_batches(
     sampler,
     params,
     prompts,

@@ -15,7 +15,7 @@ import random
 import jax
 import numpy as np
 
-from instructgpt_jax import paths, sampling, sharding, train_state
+from instructgpt_jax import generation, paths, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, report, tasks, world
 from instructgpt_jax.trainers import chain, model_io
@@ -89,8 +89,8 @@ class _Policy:
     source = model_io.read_source(source_path)
     self.graphdef, target = train_state.param_shardings_for(source.config, self.mesh, self.rules)
     self.params = model_io.load(source, "lm", target, source.config, 0)
-    settings = sampling.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature)
-    self.sampler = sampling.Sampler(
+    settings = generation.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature)
+    self.sampler = generation.Sampler(
       self.graphdef, settings, response_buckets=(max_new_tokens,), mesh=self.mesh, rules=self.rules
     )
     self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
@@ -101,7 +101,7 @@ class _Policy:
     rows = [i for i in ids for _ in range(copies)]
     rows_per_call = max(copies, batch_rows // copies * copies)
     outputs = []
-    batches = sampling.sample_batches(
+    batches = generation.sample_batches(
       self.sampler,
       self.params,
       rows,

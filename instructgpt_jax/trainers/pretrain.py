@@ -43,7 +43,7 @@ def train(config, workdir: str) -> dict[str, float]:
     return {"eval_loss": loss} if loss is not None else {}
 
   # ---------------------------------------------------------------- train loop
-  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  loop = common.LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step)
   with loop, common.Preemption() as preemption:
     loop.begin(state, evaluate)
     for step in range(start_step, config.total_steps):

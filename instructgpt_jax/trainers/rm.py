@@ -126,7 +126,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
-  loop = common.LoopIO(config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step)
+  loop = common.LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step)
   with loop, common.Preemption() as preemption:
     loop.begin(state, evaluate)
     for step in range(start_step, total_steps):

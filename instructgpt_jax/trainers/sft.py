@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 
-from instructgpt_jax import checkpoint, paths, sampling, sharding, train_state
+from instructgpt_jax import checkpoint, generation, paths, sharding, train_state
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.trainers import common, judging, lm_steps
 
@@ -69,10 +69,10 @@ def train(config, workdir: str) -> dict[str, float]:
   )
   sampler = None
   if judge is not None:
-    settings = sampling.SamplingSettings(
+    settings = generation.SamplingSettings(
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=config.eval_rm.temperature
     )
-    sampler = sampling.Sampler(
+    sampler = generation.Sampler(
       graphdef, settings, response_buckets=(config.eval_rm.max_new_tokens,), mesh=mesh, rules=rules
     )
 
@@ -98,7 +98,7 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
   loop = common.LoopIO(
-    config, workdir, ckpt, data, start_step=start_step, tokens_per_step=tokens_per_step, select=select
+    config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step, select=select
   )
   with loop, common.Preemption() as preemption:
     loop.begin(state, evaluate)

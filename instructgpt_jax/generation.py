@@ -1,28 +1,27 @@
-"""KV-cached sampling and teacher-forced scoring, jit-compiled with static shapes.
+"""KV-cached generation, jit-compiled with static shapes (PPO rollouts, evaluation, the `sample` command).
 
-Generation (PPO rollouts, evaluation): prompts are left-padded to a prompt-length bucket, so every row's
-next token goes to the same cache slot. `generate` runs one prefill over the prompts, then a
-`lax.while_loop` that samples one token per step into a fixed [B, R] buffer (R a response-length bucket)
-against an explicit KVCache (models/kv_cache.py). A run therefore compiles one program per (prompt bucket,
-response bucket) pair, whatever the actual prompt and response lengths.
+Prompts are left-padded to a prompt-length bucket, so every row's next token goes to the same cache slot.
+`generate` runs one prefill over the prompts (`first_tokens`), then a `lax.while_loop` over `sample_step`,
+which feeds each row's previous token and draws the next one into a fixed [B, R] buffer (R a
+response-length bucket) against an explicit KVCache (models/kv_cache.py). A run therefore compiles one
+program per (prompt bucket, response bucket) pair, whatever the actual prompt and response lengths. The
+streaming command line (`instructgpt_jax.sample`) jits the same two functions and calls them from Python.
 
-Layout shared by the sampler and the scorers. For prompt tokens [B, P] with segment ids (1 real, 0 pad)
-and a response [B, R] with its mask, the sequence the model sees is `prompt ‖ response` with segment ids
-`prompt_segment_ids ‖ response_mask`, and position ids `cumsum(mask) - mask` (docs/paper.md §8 rows 2-4). The
-response is right-padded: a row stops after emitting EOS (which is part of the response, mask 1) or at its
-length limit, and from then on holds `pad_id` with mask 0 and log-prob 0. A row whose prompt is all padding
-(a filler row of a global batch) produces no response at all.
+The sequence layout (prompt ‖ response, segment ids, positions) is the one `scoring.py` describes and
+scores: a row stops after emitting EOS (which is part of the response, mask 1) or at its length limit, and
+from then on holds `pad_id` with mask 0 and log-prob 0. A row whose prompt is all padding (a filler row of
+a global batch) produces no response at all.
 
 Log-prob semantics (docs/paper.md §8 row 13). The sampler returns, for each sampled token y_t,
 
     log softmax(z_t / T)[y_t]
 
 the log-probability under the temperature-scaled **full** distribution, which is exactly what the
-teacher-forced pass (`response_logprobs`, with the same T) recomputes, so PPO's first ratio is 1 and the
-sampler-vs-scorer gap it logs measures only numerical drift. With top-k or top-p the tokens are drawn from
-the truncated, renormalized distribution instead, so those log-probs are not the log-probs of the proposal
-that drew the tokens; the InstructGPT setting (T = 1, no truncation) has the two coincide. Greedy decoding
-takes the argmax and reports its log-prob under the same scaled distribution.
+teacher-forced pass (`scoring.response_logprobs`, with the same T) recomputes, so PPO's first ratio is 1 and
+the sampler-vs-scorer gap it logs measures only numerical drift. With top-k or top-p the tokens are drawn
+from the truncated, renormalized distribution instead, so those log-probs are not the log-probs of the
+proposal that drew the tokens; the InstructGPT setting (T = 1, no truncation) has the two coincide. Greedy
+decoding takes the argmax and reports its log-prob under the same scaled distribution.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from instructgpt_jax import errors, losses, sharding
-from instructgpt_jax.models.heads import final_token_value
 from instructgpt_jax.models.kv_cache import KVCache
 
 BT = ("batch", "length")
@@ -162,10 +160,26 @@ def prefill(model, prompt_tokens: jax.Array, prompt_segment_ids: jax.Array, *, c
   return model.logits(hidden[:, -1:])[:, 0], cache
 
 
+def first_tokens(model, prompt_tokens, prompt_segment_ids, rng, *, settings: SamplingSettings, cache_length: int):
+  """The prefill and response token 0, drawn with fold_in(rng, 0). -> (tokens [B], log-probs [B], KVCache)."""
+  logits, cache = prefill(model, prompt_tokens, prompt_segment_ids, cache_length=cache_length)
+  tokens, logprobs = sample_tokens(logits, jax.random.fold_in(rng, 0), settings)
+  return tokens, logprobs, cache
+
+
 def decode_step(model, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache):
   """One token per row at slot `cache.end`. tokens, segment_ids [B] -> (next-token logits [B, V], cache)."""
   hidden, cache = model.decode(tokens[:, None], cache, segment_ids=segment_ids[:, None])
   return model.logits(hidden)[:, 0], cache
+
+
+def sample_step(model, tokens, segment_ids, cache: KVCache, rng, step, *, settings: SamplingSettings):
+  """Feeds each row's previous token (`decode_step`) and draws response token `step` with fold_in(rng, step).
+  tokens, segment_ids [B] -> (tokens [B], log-probs [B], cache). The body of `generate`'s loop and the
+  streaming command's step."""
+  logits, cache = decode_step(model, tokens, segment_ids, cache)
+  tokens, logprobs = sample_tokens(logits, jax.random.fold_in(rng, step), settings)
+  return tokens, logprobs, cache
 
 
 def generate(
@@ -207,8 +221,10 @@ def generate(
   limit = jnp.broadcast_to(max_new_tokens if length_limit is None else length_limit, (batch,))
 
   # The last generated token is never fed back, so the cache needs P + R - 1 slots.
-  logits, cache = prefill(model, prompt_tokens, prompt_segment_ids, cache_length=prompt_length + max_new_tokens - 1)
-  first, first_logprob = sample_tokens(logits, jax.random.fold_in(rng, 0), settings)
+  cache_length = prompt_length + max_new_tokens - 1
+  first, first_logprob, cache = first_tokens(
+    model, prompt_tokens, prompt_segment_ids, rng, settings=settings, cache_length=cache_length
+  )
   active = jnp.any(prompt_segment_ids > 0, axis=-1) & (limit > 0)
 
   def write(buffers, step, tokens, logprobs, real):
@@ -242,110 +258,13 @@ def generate(
     step, cache, rollout, running = carry
     previous = jax.lax.dynamic_index_in_dim(rollout.tokens, step - 1, axis=1, keepdims=False)
     previous_mask = jax.lax.dynamic_index_in_dim(rollout.mask, step - 1, axis=1, keepdims=False)
-    logits, cache = decode_step(model, previous, previous_mask, cache)
-    tokens, logprobs = sample_tokens(logits, jax.random.fold_in(rng, step), settings)
+    tokens, logprobs, cache = sample_step(model, previous, previous_mask, cache, rng, step, settings=settings)
     rollout = write(rollout, step, tokens, logprobs, running)
     running = running & (tokens != settings.eos_id) & (step + 1 < limit)
     return step + 1, cache, rollout, running
 
   _, _, rollout, _ = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(1), cache, rollout, running))
   return rollout
-
-
-# ------------------------------------------------------------------------------------------ teacher forcing
-
-
-def _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
-  """The sequence the model sees: tokens and segment ids [B, P + R] (module docstring)."""
-  tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
-  segment_ids = jnp.concatenate([prompt_segment_ids, response_mask], axis=1).astype(jnp.int32)
-  return sharding.constrain(tokens, BT), sharding.constrain(segment_ids, BT)
-
-
-def response_hidden(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask):
-  """(model, hidden [B, R, D]) at the R positions that predict the response tokens (P - 1 + t predicts t).
-
-  A value read from hidden[:, t] sees the state before response token t, as `response_values` does.
-  """
-  model = nnx.merge(graphdef, params)
-  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
-  prompt_length = prompt_tokens.shape[1]
-  return model, model.hidden_states(tokens, segment_ids=segment_ids)[:, prompt_length - 1 : -1]
-
-
-def logprobs_from_hidden(model, hidden, response_tokens, response_mask, *, temperature=1.0, with_entropy=False):
-  """The response's per-token log-probs (and entropies) from `response_hidden`'s output; 0 where masked."""
-  logits = model.logits(hidden)
-  logprobs = losses.token_logprobs(logits, response_tokens, temperature=temperature)
-  logprobs = sharding.constrain(jnp.where(response_mask > 0, logprobs, 0.0), BT)
-  if not with_entropy:
-    return logprobs
-  entropy = jnp.where(response_mask > 0, losses.token_entropy(logits, temperature=temperature), 0.0)
-  return logprobs, sharding.constrain(entropy, BT)
-
-
-def response_logprobs(
-  graphdef,
-  params,
-  prompt_tokens: jax.Array,
-  prompt_segment_ids: jax.Array,
-  response_tokens: jax.Array,
-  response_mask: jax.Array,
-  *,
-  temperature: float = 1.0,
-  with_entropy: bool = False,
-):
-  """Per-token log softmax(z/T)[y_t] of a given response under any language model (policy, reference).
-
-  prompt_*: [B, P] left-padded; response_*: [B, R] right-padded (the Rollout layout). Logits are computed
-  only at the R positions that predict response tokens. Returns [B, R] float32, 0 where the mask is 0;
-  with `with_entropy`, also the entropy [B, R] of each of those temperature-scaled distributions.
-  """
-  model, hidden = response_hidden(graphdef, params, prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
-  return logprobs_from_hidden(
-    model, hidden, response_tokens, response_mask, temperature=temperature, with_entropy=with_entropy
-  )
-
-
-def response_values(
-  graphdef,
-  params,
-  prompt_tokens: jax.Array,
-  prompt_segment_ids: jax.Array,
-  response_tokens: jax.Array,
-  response_mask: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """Per-token values and the final-token score of a response under a scalar-head model (value, reward).
-
-  prompt_*: [B, P] left-padded; response_*: [B, R] right-padded. Returns (values [B, R], scores [B]),
-  float32: values[t] is read at the state before response token t (position P - 1 + t, docs/paper.md §5.4 step 5),
-  0 where the mask is 0; scores[b] is read at the last real response token (EOS when the row ended
-  there, docs/paper.md §8 row 7), 0 for an empty response.
-  """
-  model = nnx.merge(graphdef, params)
-  tokens, segment_ids = _prompt_and_response(prompt_tokens, prompt_segment_ids, response_tokens, response_mask)
-  prompt_length = prompt_tokens.shape[1]
-  scalars, _ = model(tokens, segment_ids=segment_ids)
-  values = jnp.where(response_mask > 0, scalars[:, prompt_length - 1 : -1], 0.0)
-  scores = final_token_value(scalars[:, prompt_length:], response_mask)
-  return sharding.constrain(values, BT), sharding.constrain(scores, ("batch",))
-
-
-# ------------------------------------------------------------------------------------------ jit on a mesh
-
-
-def jit_on_mesh(fn: Callable, *, mesh: Mesh | None = None, rules=None, static_argnames=()) -> Callable:
-  """jax.jit of fn whose trace runs under `sharding.use_mesh_rules(mesh, rules)`.
-
-  Entering the rules inside the traced function (not around the jax.jit call) makes every logical
-  constraint apply whenever and wherever the function is first called. Without a mesh, a plain jit.
-  Inputs keep the shardings they arrive with (params sharded by their logical axes, batches over
-  data × fsdp); the constraints inside shard the KV cache and the outputs.
-  """
-  if mesh is None:
-    return jax.jit(fn, static_argnames=static_argnames)
-  rules = sharding.DEFAULT_RULES if rules is None else rules
-  return jax.jit(sharding.traced_with_rules(fn, mesh, rules), static_argnames=static_argnames)
 
 
 def sample_batches(
@@ -389,7 +308,7 @@ class Sampler:
   ):
     self.settings = settings
     self.response_buckets = tuple(sorted(response_buckets))
-    self._generate = jit_on_mesh(
+    self.jitted = sharding.jit_on_mesh(  # also what aot.py lowers
       functools.partial(generate, graphdef, settings=settings),
       mesh=mesh,
       rules=rules,
@@ -401,4 +320,4 @@ class Sampler:
     bucket = pick_bucket(max_new_tokens, self.response_buckets)
     # A NumPy scalar is a traced argument: its value changes no compiled program.
     limit = np.int32(max_new_tokens)
-    return self._generate(params, prompt_tokens, prompt_segment_ids, rng, max_new_tokens=bucket, length_limit=limit)
+    return self.jitted(params, prompt_tokens, prompt_segment_ids, rng, max_new_tokens=bucket, length_limit=limit)
