@@ -107,39 +107,64 @@ def _build_splits(kind: str, data_cfg, tokenizer: Tokenizer, **limits):
   return dataset, dataset.source(f"train[:-{held_out}]"), dataset.source(f"train[-{held_out}:]")
 
 
+def _stage_data(kind: str, data_cfg, tokenizer: Tokenizer, host: dict, *, limits: dict, batches, collate, options):
+  """What every build_*_data shares: the TFDS splits (`limits` for the builder), this host's share of the
+  batch, and its training batches `batches(train source, batch_size=, seed=, process_index=,
+  process_count=, **options(train source))`; `collate` makes eval batches. host: seed, process_index,
+  process_count. A "mix_fraction" among the options is recorded in the StageData."""
+  dataset, train, evals = _build_splits(kind, data_cfg, tokenizer, **limits)
+  batch_size = _per_host(data_cfg, host["process_count"])
+  kwargs = options(train)
+  return StageData(
+    batches(train, batch_size=batch_size, **host, **kwargs),
+    dataset,
+    train,
+    evals,
+    collate,
+    batch_size,
+    host["process_index"],
+    host["process_count"],
+    kwargs.get("mix_fraction", 0.0),
+  )
+
+
 def build_sft_data(
   data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
 ) -> StageData:
   """Demonstrations -> SFT batches (pipeline.sft_batches); examples longer than seq_len + 1 tokens are errors."""
   seq_len = int(data_cfg["seq_len"])
-  dataset, train, evals = _build_splits("demonstrations", data_cfg, tokenizer, max_tokens=seq_len + 1)
-  batch_size = _per_host(data_cfg, process_count)
   loss_on_prompt = bool(data_cfg.get("loss_on_prompt", False))
-  mix_fraction, mix_rows = float(data_cfg.get("pretrain_mix", 0.0)), None
-  if mix_fraction:
-    documents = text.load_documents(data_cfg["pretrain_corpus"])
-    mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
-    by = data_cfg.get("pretrain_mix_by", "rows")
-    if by == "loss_tokens":
-      mix_fraction = pretrain_row_fraction(mix_fraction, _mean_loss_tokens(train, loss_on_prompt), seq_len)
-    elif by != "rows":
-      raise formats.DataError(f"data.pretrain_mix_by: {by!r} is not 'rows' or 'loss_tokens'")
-  batches = pipeline.sft_batches(
-    train,
-    batch_size=batch_size,
-    seq_len=seq_len,
-    pad_id=tokenizer.pad_id,
-    seed=seed,
-    process_index=process_index,
-    process_count=process_count,
-    pack=bool(data_cfg.get("pack", False)),
-    loss_on_prompt=loss_on_prompt,
-    shuffle=bool(data_cfg.get("shuffle", True)),
-    mix_rows=mix_rows,
-    mix_fraction=mix_fraction,
+
+  def options(train) -> dict:
+    mix_fraction, mix_rows = float(data_cfg.get("pretrain_mix", 0.0)), None
+    if mix_fraction:
+      documents = text.load_documents(data_cfg["pretrain_corpus"])
+      mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
+      by = data_cfg.get("pretrain_mix_by", "rows")
+      if by == "loss_tokens":
+        mix_fraction = pretrain_row_fraction(mix_fraction, _mean_loss_tokens(train, loss_on_prompt), seq_len)
+      elif by != "rows":
+        raise formats.DataError(f"data.pretrain_mix_by: {by!r} is not 'rows' or 'loss_tokens'")
+    return dict(
+      seq_len=seq_len,
+      pad_id=tokenizer.pad_id,
+      pack=bool(data_cfg.get("pack", False)),
+      loss_on_prompt=loss_on_prompt,
+      shuffle=bool(data_cfg.get("shuffle", True)),
+      mix_rows=mix_rows,
+      mix_fraction=mix_fraction,
+    )
+
+  return _stage_data(
+    "demonstrations",
+    data_cfg,
+    tokenizer,
+    dict(seed=seed, process_index=process_index, process_count=process_count),
+    limits=dict(max_tokens=seq_len + 1),
+    batches=pipeline.sft_batches,
+    collate=pipeline.sft_collate(seq_len=seq_len, pad_id=tokenizer.pad_id, loss_on_prompt=loss_on_prompt),
+    options=options,
   )
-  collate = pipeline.sft_collate(seq_len=seq_len, pad_id=tokenizer.pad_id, loss_on_prompt=loss_on_prompt)
-  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count, mix_fraction)
 
 
 def pretrain_row_fraction(token_fraction: float, demonstration_tokens: float, row_tokens: int) -> float:
@@ -171,22 +196,16 @@ def build_comparison_data(
 ) -> StageData:
   """Comparisons -> K-wise RM batches (pipeline.comparison_batches); K_max = data.max_responses."""
   seq_len, max_responses = int(data_cfg["seq_len"]), int(data_cfg["max_responses"])
-  dataset, train, evals = _build_splits(
-    "comparisons", data_cfg, tokenizer, max_tokens=seq_len, max_responses=max_responses
-  )
-  batch_size = _per_host(data_cfg, process_count)
   layout = dict(seq_len=seq_len, max_responses=max_responses, pad_id=tokenizer.pad_id)
-  batches = pipeline.comparison_batches(
-    train,
-    batch_size=batch_size,
-    seed=seed,
-    process_index=process_index,
-    process_count=process_count,
-    shuffle=bool(data_cfg.get("shuffle", True)),
-    **layout,
-  )
-  return StageData(
-    batches, dataset, train, evals, pipeline.comparison_collate(**layout), batch_size, process_index, process_count
+  return _stage_data(
+    "comparisons",
+    data_cfg,
+    tokenizer,
+    dict(seed=seed, process_index=process_index, process_count=process_count),
+    limits=dict(max_tokens=seq_len, max_responses=max_responses),
+    batches=pipeline.comparison_batches,
+    collate=pipeline.comparison_collate(**layout),
+    options=lambda _: dict(layout, shuffle=bool(data_cfg.get("shuffle", True))),
   )
 
 
@@ -207,22 +226,17 @@ def build_prompt_data(
   data_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
 ) -> StageData:
   """Prompts -> PPO batches (pipeline.prompt_batches); prompts over max_prompt_len are dropped and counted."""
-  buckets = prompt_buckets(data_cfg)
-  dataset, train, evals = _build_splits(
-    "prompts", data_cfg, tokenizer, max_tokens=int(data_cfg.get("max_prompt_len", 1024))
+  layout = dict(buckets=prompt_buckets(data_cfg), pad_id=tokenizer.pad_id)
+  return _stage_data(
+    "prompts",
+    data_cfg,
+    tokenizer,
+    dict(seed=seed, process_index=process_index, process_count=process_count),
+    limits=dict(max_tokens=int(data_cfg.get("max_prompt_len", 1024))),
+    batches=pipeline.prompt_batches,
+    collate=pipeline.prompt_collate(**layout),
+    options=lambda _: layout,
   )
-  batch_size = _per_host(data_cfg, process_count)
-  batches = pipeline.prompt_batches(
-    train,
-    batch_size=batch_size,
-    buckets=buckets,
-    pad_id=tokenizer.pad_id,
-    seed=seed,
-    process_index=process_index,
-    process_count=process_count,
-  )
-  collate = pipeline.prompt_collate(buckets=buckets, pad_id=tokenizer.pad_id)
-  return StageData(batches, dataset, train, evals, collate, batch_size, process_index, process_count)
 
 
 def build_pretraining_data(

@@ -231,6 +231,20 @@ class LoopIO:
     return False
 
 
+def train_loop(config, workdir: str, stage, ckpt, data, state, step_fn, evaluate, **io):
+  """The loop of the supervised stages (pretraining, SFT, RM): `step_fn(state, global batch)` from the
+  state's step to config.total_steps, with LoopIO's metrics, evaluations and checkpoints (`io`: its
+  tokens_per_step and select) and a clean stop on preemption. -> (the final state, the final row)."""
+  start_step = int(state.step)
+  loop = LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, **io)
+  with loop, Preemption() as preemption:
+    loop.begin(state, evaluate)
+    for step in range(start_step, config.total_steps):
+      state, step_metrics = step_fn(state, to_global(next(data), stage.mesh, stage.rules))
+      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
+    return state, loop.finish(state, evaluate)
+
+
 class Stage(NamedTuple):
   """What every stage sets up before it builds anything (all checked before any compile)."""
 

@@ -28,7 +28,6 @@ def train(config, workdir: str) -> dict[str, float]:
   graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
     config, workdir, stage, kind="lm", total_steps=config.total_steps, data=data
   )
-  start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
   train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
@@ -43,12 +42,8 @@ def train(config, workdir: str) -> dict[str, float]:
     return {"eval_loss": loss} if loss is not None else {}
 
   # ---------------------------------------------------------------- train loop
-  loop = common.LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step)
-  with loop, common.Preemption() as preemption:
-    loop.begin(state, evaluate)
-    for step in range(start_step, config.total_steps):
-      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
-      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
+  _, final = common.train_loop(
+    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+  )
 
-    # -------------------------------------------------------------- final evaluation and save
-    return loop.finish(state, evaluate)
+  return final

@@ -80,7 +80,6 @@ def train(config, workdir: str) -> dict[str, float]:
   graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
     config, workdir, stage, kind="scalar", total_steps=total_steps, data=data
   )
-  start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
   train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer)
@@ -126,13 +125,9 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
-  loop = common.LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step)
-  with loop, common.Preemption() as preemption:
-    loop.begin(state, evaluate)
-    for step in range(start_step, total_steps):
-      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
-      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
-    final = loop.finish(state, evaluate)
+  state, final = common.train_loop(
+    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+  )
 
   # ---------------------------------------------------------------- the bias (docs/paper.md §4.1) and export
   bias, count = demonstration_reward_mean(

@@ -57,7 +57,6 @@ def train(config, workdir: str) -> dict[str, float]:
   graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
     config, workdir, stage, kind="lm", total_steps=total_steps, data=data, select=select
   )
-  start_step = int(state.step)
 
   # ---------------------------------------------------------------- step functions
   train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
@@ -97,15 +96,10 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  loop = common.LoopIO(
-    config, workdir, ckpt, data.get_state, start_step=start_step, tokens_per_step=tokens_per_step, select=select
+  _, final = common.train_loop(
+    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step, select=select
   )
-  with loop, common.Preemption() as preemption:
-    loop.begin(state, evaluate)
-    for step in range(start_step, total_steps):
-      state, step_metrics = step_fn(state, common.to_global(next(data), mesh, rules))
-      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
-    final = loop.finish(state, evaluate)
+
   selected = select.best if select is not None else None
   chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the newest"
   common.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)
