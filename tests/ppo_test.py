@@ -15,7 +15,7 @@ import pytest
 from configs import ppo, rm, sft
 from instructgpt_jax import checkpoint, generation, losses, main, paths, rl, scoring, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import judging, model_io
+from instructgpt_jax.trainers import judging, model_io, ppo_steps
 from instructgpt_jax.trainers import ppo as ppo_trainer
 
 from runs import configured, read_metrics
@@ -139,7 +139,7 @@ def test_in_chunks_runs_rows_in_minibatch_shaped_chunks_and_rejoins_them_in_orde
     seen.append(a.shape)
     return a * 2 + b, None
 
-  doubled, nothing = ppo_trainer.in_chunks(fn, 4, x, jnp.ones_like(x))
+  doubled, nothing = ppo_steps.in_chunks(fn, 4, x, jnp.ones_like(x))
   np.testing.assert_array_equal(doubled, x * 2 + 1)
   assert nothing is None and seen == [(4, 3)]  # one traced body, at the chunk's shape
   chunks = []
@@ -148,9 +148,9 @@ def test_in_chunks_runs_rows_in_minibatch_shaped_chunks_and_rejoins_them_in_orde
     jax.debug.callback(lambda v: chunks.append(np.asarray(v)[:, 0]), a, ordered=True)
     return a
 
-  ppo_trainer.in_chunks(record, 4, x)
+  ppo_steps.in_chunks(record, 4, x)
   assert [c.tolist() for c in chunks] == [[0, 9, 18, 27], [3, 12, 21, 30], [6, 15, 24, 33]]  # rows c, c+3, c+6, c+9
-  assert ppo_trainer.in_chunks(lambda a: a + 1, 16, x).shape == (12, 3)  # fewer rows than a chunk: one call
+  assert ppo_steps.in_chunks(lambda a: a + 1, 16, x).shape == (12, 3)  # fewer rows than a chunk: one call
 
 
 @pytest.mark.slow
