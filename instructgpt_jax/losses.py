@@ -135,6 +135,38 @@ def ranking_prompt_terms(
   }
 
 
+def dpo_loss(
+  policy_logps: jax.Array,
+  ref_logps: jax.Array,
+  ranks: jax.Array,
+  *,
+  beta: float,
+  normalizer: Literal["binom_k", "valid_pairs"] = "binom_k",
+) -> tuple[jax.Array, Metrics]:
+  """Direct preference optimization (Rafailov et al. 2023) on K-wise comparisons: Eq. 1 applied to the
+  implicit rewards of the policy against a reference,
+
+      ρ_k = β · (log π(y_k | x) − log π_ref(y_k | x))
+      loss = ranking_loss(ρ, ranks)   (every C(K,2) pair of a prompt in one batch element, as the RM)
+
+  For K = 2 this is DPO's loss, −log σ(β·((log π_w − log π_ref,w) − (log π_l − log π_ref,l))).
+
+  Args:
+    policy_logps, ref_logps: [B, K] sequence log-probabilities, summed over each response's tokens.
+    ranks: [B, K] int, as in ranking_loss (0 best, −1 an empty slot).
+    beta: β, the strength of the implicit KL constraint.
+    normalizer: as in ranking_loss. Static under jit.
+
+  Returns:
+    (loss, metrics): ranking_loss's metrics on ρ ("accuracy": the implicit-reward accuracy, "margin": the
+    mean implicit-reward margin r_w − r_l), and "reward_mean", the mean ρ over the present responses.
+  """
+  rewards = beta * (to_float32(policy_logps) - to_float32(ref_logps))
+  loss, metrics = ranking_loss(rewards, ranks, normalizer=normalizer)
+  metrics["reward_mean"] = masked_mean(rewards, jnp.asarray(ranks) >= 0)
+  return loss, metrics
+
+
 # ----------------------------------------------------------------------------------------------------
 # Language modelling: SFT loss and the ptx term of Eq. 2
 # ----------------------------------------------------------------------------------------------------

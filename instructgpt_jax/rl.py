@@ -1,4 +1,5 @@
-"""RL pieces of PPO-ptx (Ouyang et al. 2022, §3.5): per-token KL rewards, GAE, whitening, KL control.
+"""RL pieces of PPO-ptx (Ouyang et al. 2022, §3.5): per-token KL rewards, GAE, whitening, KL control; and the
+critic-free advantage estimators that came after it (group baselines: GRPO, Dr. GRPO, RLOO; REINFORCE++).
 
 The environment is a bandit (one prompt, one response, one reward-model score), turned into a
 per-token return by spreading the KL penalty of Eq. 2 over the response tokens (docs/paper.md §5.1).
@@ -10,7 +11,7 @@ not reach any output. Every function is pure and jit-able with no Python control
 docs/losses.md sets each function beside its equation and lists the choices the paper leaves open.
 """
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,71 @@ def gae(
   advantages_BxT = advantages_TxB.T
   returns_BxT = jnp.where(keep_BxT, advantages_BxT + values_BxT, 0.0)
   return advantages_BxT, returns_BxT
+
+
+def group_advantages(
+  scores: jax.Array,
+  *,
+  group_size: int,
+  baseline: Literal["mean", "leave_one_out"] = "mean",
+  scale: Literal["group_std", "none"] = "group_std",
+  eps: float = 1e-6,
+) -> jax.Array:
+  """Critic-free advantages of G responses sampled for the same prompt, one number per response.
+
+  `scores` [B] holds B = prompts × G rows, each prompt's G responses consecutive. For response i of a
+  group g with scores r_1..r_G:
+
+      baseline "mean":            A_i = r_i − mean_g r                          (GRPO, Dr. GRPO)
+      baseline "leave_one_out":   A_i = r_i − 1/(G−1) Σ_{j≠i} r_j = G/(G−1) · (r_i − mean_g r)
+                                                                                (RLOO, Ahmadian et al. 2024)
+      scale "group_std":          A_i ← A_i / (std_g r + eps),  std with ddof = 1   (GRPO, Shao et al. 2024)
+      scale "none":               no division                    (Dr. GRPO, Liu et al. 2025; RLOO)
+
+  Adding a constant to a group's scores leaves its advantages unchanged; a group whose responses all
+  score the same gets zeros.
+
+  Args:
+    scores: [B] float, each response's (sequence-level) reward.
+    group_size: G ≥ 2, the responses per prompt (static). B must be a multiple of G.
+    baseline, scale: as above (static).
+    eps: added to the standard deviation with scale "group_std".
+
+  Returns:
+    [B] float32 advantages, in the rows' order.
+  """
+  if group_size < 2:
+    raise ValueError(
+      f"group_advantages: group_size {group_size} has no baseline; it needs at least 2 responses per prompt"
+    )
+  if baseline not in ("mean", "leave_one_out"):
+    raise ValueError(f"group_advantages: baseline {baseline!r} is not 'mean' or 'leave_one_out'")
+  if scale not in ("group_std", "none"):
+    raise ValueError(f"group_advantages: scale {scale!r} is not 'group_std' or 'none'")
+  scores = to_float32(scores)
+  if scores.shape[0] % group_size:
+    raise ValueError(f"group_advantages: {scores.shape[0]} rows are not whole groups of {group_size}")
+  groups_GxN = scores.reshape(-1, group_size)
+  centred = groups_GxN - jnp.mean(groups_GxN, axis=1, keepdims=True)
+  advantages = centred * (group_size / (group_size - 1.0)) if baseline == "leave_one_out" else centred
+  if scale == "group_std":
+    advantages = advantages / (jnp.std(groups_GxN, axis=1, ddof=1, keepdims=True) + eps)
+  return advantages.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """REINFORCE++ (Hu et al. 2025): per-token rewards (KL penalty in the reward, `per_token_rewards`) summed into
+  returns-to-go, then whitened over every real token of the batch; no critic:
+
+      G_t = Σ_{s ≥ t} γ^{s−t} r_s,      A_t = whiten(G)_t
+
+  G is `gae` with V ≡ 0 and λ = 1 (then δ_t = r_t and A_t = Σ_s (γλ)^{s−t} δ_s is the return-to-go).
+
+  Returns:
+    (advantages, returns G), each [B, T] float32, 0 at masked positions.
+  """
+  returns, _ = gae(rewards, jnp.zeros_like(to_float32(rewards)), mask, gamma=gamma, lam=1.0)
+  return whiten(returns, mask), returns
 
 
 def _sum_over_devices(x: jax.Array, axis_name: AxisName | None) -> jax.Array:

@@ -538,3 +538,62 @@ def test_jit_traces_once_per_shape(name):
 def test_batch_sharded_on_8_devices_equals_one_device(name):
   fn, make_args, _ = CASES[name]
   assert_batch_sharded_equals_single_device(fn, make_args(np.random.default_rng(9), 16, 3.0), name=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPO on K-wise comparisons
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_dpo_loss(policy_logps, ref_logps, ranks, beta):
+  """Eq. 1 on the implicit rewards β(π − π_ref), looped over prompts and pairs in float64."""
+  rewards = beta * (np.asarray(policy_logps, np.float64) - np.asarray(ref_logps, np.float64))
+  return reference_ranking_loss(rewards, ranks, "binom_k")
+
+
+def test_dpo_loss_with_k_2_is_rafailovs_loss_by_hand():
+  # β = 0.1; π_w − ref_w = 1, π_l − ref_l = −1: −log σ(0.1 · 2) = log(1 + e^{−0.2}) = 0.598139...
+  loss, metrics = losses.dpo_loss(np.array([[-10.0, -12.0]]), np.array([[-11.0, -11.0]]), np.array([[0, 1]]), beta=0.1)
+  np.testing.assert_allclose(loss, math.log1p(math.exp(-0.2)), rtol=1e-6)
+  np.testing.assert_allclose(metrics["margin"], 0.2, rtol=1e-6)
+  assert float(metrics["accuracy"]) == 1.0 and abs(float(metrics["reward_mean"])) < 1e-7
+  # The loser ranked first: the same pair, the other way round.
+  flipped, metrics = losses.dpo_loss(
+    np.array([[-10.0, -12.0]]), np.array([[-11.0, -11.0]]), np.array([[1, 0]]), beta=0.1
+  )
+  np.testing.assert_allclose(flipped, math.log1p(math.exp(0.2)), rtol=1e-6)
+  assert float(metrics["accuracy"]) == 0.0
+
+
+_dpo_loss = jitted(losses.dpo_loss, beta=0.3, normalizer="binom_k")
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  policy=hnp.arrays(np.float32, (3, 5), elements=st.floats(-80, 0, width=32)),
+  ref=hnp.arrays(np.float32, (3, 5), elements=st.floats(-80, 0, width=32)),
+  ranks=hnp.arrays(np.int32, (3, 5), elements=st.integers(-1, 4)),
+)
+def test_dpo_loss_matches_the_float64_reference_hypothesis(policy, ref, ranks):
+  loss, metrics = _dpo_loss(policy, ref, ranks)
+  expected, num_pairs, accuracy = reference_dpo_loss(policy, ref, ranks, 0.3)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-5)
+  assert float(metrics["num_pairs"]) == num_pairs
+
+
+def test_dpo_loss_k_wise_equals_the_mean_of_its_pairs_and_ignores_a_shared_reference_shift():
+  rng = np.random.default_rng(3)
+  policy, ref = rng.normal(-20, 3, (4, 4)), rng.normal(-20, 3, (4, 4))
+  ranks = np.array([[0, 1, 2, 3]] * 4)
+  loss, _ = losses.dpo_loss(policy, ref, ranks, beta=0.5)
+  pairs = [(w, lo) for w in range(4) for lo in range(4) if w < lo]
+  by_pair = [
+    np.mean(
+      [math.log1p(math.exp(-0.5 * ((policy[b, w] - ref[b, w]) - (policy[b, lo] - ref[b, lo])))) for w, lo in pairs]
+    )
+    for b in range(4)
+  ]
+  np.testing.assert_allclose(loss, np.mean(by_pair), rtol=1e-5)
+  # A per-prompt constant in the policy's (or the reference's) log-probs cancels in every pair.
+  shifted, _ = losses.dpo_loss(policy + rng.normal(0, 5, (4, 1)), ref, ranks, beta=0.5)
+  np.testing.assert_allclose(shifted, loss, rtol=1e-5)

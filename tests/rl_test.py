@@ -302,3 +302,75 @@ def test_explained_variance_by_hand():
     0.0, abs=1e-6
   )
   assert float(rl.explained_variance(returns + 1.0, returns, mask)) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Critic-free estimators: group baselines (GRPO, Dr. GRPO, RLOO) and REINFORCE++
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_group_advantages(scores, group_size, baseline, scale, eps=1e-6):
+  """Each response against the others of its group, looped in float64."""
+  scores = np.asarray(scores, np.float64)
+  out = np.zeros(len(scores))
+  for start in range(0, len(scores), group_size):
+    group = scores[start : start + group_size]
+    mean = sum(group) / group_size
+    std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+    for i, r in enumerate(group):
+      others = [group[j] for j in range(group_size) if j != i]
+      a = r - (mean if baseline == "mean" else sum(others) / len(others))
+      out[start + i] = a / (std + eps) if scale == "group_std" else a
+  return out
+
+
+def test_group_advantages_by_hand():
+  scores = np.array([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])  # two groups of 4; the second all equal
+  grpo = rl.group_advantages(scores, group_size=4)
+  std = math.sqrt(14 / 3)  # deviations -2, -1, 0, 3 from the mean 3, ddof 1
+  np.testing.assert_allclose(grpo[:4], np.array([-2, -1, 0, 3]) / (std + 1e-6), rtol=1e-6)
+  np.testing.assert_array_equal(grpo[4:], 0.0)  # a group that scores the same everywhere teaches nothing
+  rloo = rl.group_advantages(scores, group_size=4, baseline="leave_one_out", scale="none")
+  np.testing.assert_allclose(rloo[:4], [1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3], rtol=1e-6)
+  dr_grpo = rl.group_advantages(scores, group_size=4, scale="none")
+  np.testing.assert_allclose(dr_grpo[:4], [-2, -1, 0, 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "leave_one_out"])
+@pytest.mark.parametrize("scale", ["group_std", "none"])
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_group_advantages_match_the_float64_reference_and_ignore_a_constant_per_group(baseline, scale, group_size):
+  rng = np.random.default_rng(group_size)
+  scores = rng.normal(0, 2, 4 * group_size).astype(np.float32)
+  fn = jax.jit(functools.partial(rl.group_advantages, group_size=group_size, baseline=baseline, scale=scale))
+  out = fn(scores)
+  np.testing.assert_allclose(out, reference_group_advantages(scores, group_size, baseline, scale), rtol=1e-5, atol=1e-5)
+  shift = np.repeat(rng.normal(0, 10, 4), group_size).astype(np.float32)  # one constant per group
+  np.testing.assert_allclose(fn(scores + shift), out, rtol=1e-4, atol=1e-4)
+
+
+def test_group_advantages_refuse_a_group_of_one_and_partial_groups():
+  with pytest.raises(ValueError, match="group_size 1 has no baseline") as excinfo:
+    rl.group_advantages(np.zeros(4), group_size=1)
+  assert "\n" not in str(excinfo.value)
+  with pytest.raises(ValueError, match="6 rows are not whole groups of 4"):
+    rl.group_advantages(np.zeros(6), group_size=4)
+
+
+def test_reinforce_pp_returns_to_go_whitened_over_the_batch():
+  rng = np.random.default_rng(5)
+  rewards = rng.normal(size=(4, 6)).astype(np.float32)
+  mask = np.ones((4, 6), bool)
+  mask[1, 4:] = False
+  mask[3, 1:] = False
+  gamma = 0.9
+  advantages, returns = rl.reinforce_pp_advantages(rewards, mask, gamma=gamma)
+  expected = np.zeros((4, 6))
+  for b in range(4):
+    real = [t for t in range(6) if mask[b, t]]
+    for i, t in enumerate(real):
+      expected[b, t] = sum(gamma ** (j - i) * float(rewards[b, s]) for j, s in enumerate(real) if j >= i)
+  np.testing.assert_allclose(returns, expected, rtol=1e-5, atol=1e-6)
+  values = expected[mask]
+  whitened = (expected - values.mean()) / math.sqrt(values.var() + 1e-8)
+  np.testing.assert_allclose(advantages, np.where(mask, whitened, 0.0), rtol=1e-5, atol=1e-5)
