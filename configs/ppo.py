@@ -71,6 +71,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       whiten_advantages=True,
       missing_eos_penalty=0.0,  # 0: off; else the score of a response that never emitted EOS (e.g. -1)
       ema_decay=0.992,
+      # Beyond the paper (docs/losses.md): "gae" (PPO with a critic, the paper's), or the critic-free "grpo",
+      # "dr_grpo", "rloo" (each prompt's samples_per_prompt responses compared with each other) and
+      # "reinforce_pp"; kl_in: "reward" (−β·KL per token, Eq. 2) or "loss" (β·k3 in the policy loss, GRPO).
+      advantage_estimator="gae",
+      samples_per_prompt=1,  # responses sampled per prompt; rollout_batch counts responses
+      kl_in="reward",
       # One trunk for policy and value (a value head on the policy, one optimizer): half the memory of a
       # separate critic; the value loss enters the policy's loss with vf_coef (Ziegler et al.: 0.1).
       shared_trunk=False,

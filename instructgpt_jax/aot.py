@@ -212,7 +212,8 @@ def rm_plan(config, mesh, rules) -> StagePlan:
 
 def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   """PPO-ptx: policy (with optimizer and EMA), reference, reward model and critic (`rm_size`, the critic
-  starts from the RM; a value head on the policy with ppo.shared_trunk); programs: the rollout sampler (KV
+  starts from the RM; a value head on the policy with ppo.shared_trunk; none with a critic-free
+  ppo.advantage_estimator); programs: the rollout sampler (KV
   cache) and the minibatch step, both built by trainers/ppo_steps.py as the trainer builds them."""
   p = config.ppo
   policy_cfg = models.resolve(config.model.to_dict())
@@ -260,7 +261,7 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   scored = jax.eval_shape(
     functools.partial(ppo_steps.score_rollout, m),
     state.policy.params,
-    None if m.shared_trunk else state.critic.params,
+    state.critic.params if m.has_critic else None,
     m.targets["reference"],
     m.targets["reward"],
     state.kl.kl_coef,
@@ -277,14 +278,14 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
     ptx_batch = batch_spec(dict(keys, mask=((ptx_rows, n), jnp.float32)), mesh, rules)
   train_program = Program("train_step", steps.train, (state, scored, rows, ptx_batch), (0,))
 
-  critic = () if m.shared_trunk else (state.critic,)
+  critic = (state.critic,) if m.has_critic else ()  # critic-free estimators hold none
   counts = {
     "policy": models.param_count(m.lm(state.policy.params)),
     "reference": models.param_count(m.targets["reference"]),
     "reward model": models.param_count(m.targets["reward"]),
   }
   counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})
-  counts.update({} if m.shared_trunk else {"critic": models.param_count(state.critic.params)})
+  counts.update({"critic": models.param_count(state.critic.params)} if m.has_critic else {})
   return StagePlan(
     "ppo",
     params=device_bytes((state.policy.params, [c.params for c in critic], m.targets["reference"], m.targets["reward"])),

@@ -182,6 +182,72 @@ def reinforce_pp_advantages(rewards: jax.Array, mask: jax.Array, *, gamma: float
   return whiten(returns, mask), returns
 
 
+# The advantage estimators PPO can train with (ppo.advantage_estimator): GAE needs a value function; the group
+# estimators are (baseline, scale) of group_advantages; REINFORCE++ needs neither critic nor groups.
+GROUP_ESTIMATORS = {"grpo": ("mean", "group_std"), "dr_grpo": ("mean", "none"), "rloo": ("leave_one_out", "none")}
+ESTIMATORS = ("gae", "reinforce_pp", *GROUP_ESTIMATORS)
+
+
+def needs_critic(estimator: str) -> bool:
+  return estimator == "gae"
+
+
+def estimate_advantages(
+  estimator: str,
+  score: jax.Array,
+  penalty: jax.Array,
+  values: jax.Array,
+  mask: jax.Array,
+  *,
+  kl_coef: float | jax.Array,
+  gamma: float = 1.0,
+  lam: float = 0.95,
+  group_size: int = 1,
+  whiten_rewards: bool = False,
+  whiten_advantages: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token advantages and returns of a scored rollout, by `estimator` (static):
+
+      "gae"            r_t = per_token_rewards (−β·k_t, + score at the last token), optionally whitened
+                       (`whiten_rewards`, scale only); GAE on the critic's `values`; advantages whitened over
+                       the batch with `whiten_advantages` (the paper's method, docs/paper.md §5)
+      "reinforce_pp"   the same r_t; A = whitened returns-to-go (`reinforce_pp_advantages`); `values` unused
+      "grpo", "dr_grpo", "rloo"
+                       one reward per response, R = score − β·Σ_t k_t, compared within its group of
+                       `group_size` responses to one prompt (`group_advantages`); A_t = A for every real
+                       token of the response; `values` unused
+
+  Args:
+    score: [B] the RM's score of each response (bias removed).
+    penalty: [B, T] the per-token KL estimate k_t (losses.kl_penalty); kl_coef β multiplies it (0: the KL
+      is not in the reward).
+    values: [B, T] the value function's V_t ("gae" only).
+    mask: [B, T] the real response tokens.
+
+  Returns:
+    (advantages, returns), [B, T] float32, 0 at masked positions; returns are the value targets (zeros for
+    the group estimators, the returns-to-go for "reinforce_pp").
+  """
+  keep = jnp.asarray(mask).astype(bool)
+  if estimator in GROUP_ESTIMATORS:
+    baseline, scale = GROUP_ESTIMATORS[estimator]
+    reward = to_float32(score) - kl_coef * jnp.sum(jnp.where(keep, to_float32(penalty), 0.0), axis=1)
+    advantage = group_advantages(reward, group_size=group_size, baseline=baseline, scale=scale)
+    return jnp.where(keep, advantage[:, None], 0.0), jnp.zeros(keep.shape, jnp.float32)
+  if estimator not in ("gae", "reinforce_pp"):
+    raise ValueError(f"estimate_advantages: {estimator!r} is not one of {ESTIMATORS}")
+  # per_token_rewards takes the log-ratio as logprobs − ref_logprobs: the estimate goes in against zeros.
+  rewards = per_token_rewards(score, penalty, jnp.zeros_like(penalty), mask, kl_coef=kl_coef)
+  if whiten_rewards:
+    rewards = whiten(rewards, mask, shift_mean=False)
+  if estimator == "reinforce_pp":
+    return reinforce_pp_advantages(rewards, mask, gamma=gamma)
+  advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+  if whiten_advantages:  # over the whole rollout batch (docs/paper.md §8.5)
+    advantages = whiten(advantages, mask)
+  return advantages, returns
+
+
 def _sum_over_devices(x: jax.Array, axis_name: AxisName | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 

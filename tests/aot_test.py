@@ -68,6 +68,27 @@ def test_ppo_holds_four_models_and_a_sharded_kv_cache():
   assert r.fits is None
 
 
+def test_a_critic_free_estimator_plans_no_critic_and_saves_its_memory():
+  overrides = [
+    "--config.mesh.fsdp=8",
+    "--config.ppo.rollout_batch=16",
+    "--config.ppo.minibatch=8",
+    "--config.ppo.max_new_tokens=8",
+    "--config.data.max_prompt_len=16",
+    "--config.data.ptx_seq_len=32",
+  ]
+  gae = aot.report(sweep.load_config("configs/ppo.py:tiny", overrides), CPU8, rm_size="tiny")
+  grpo_overrides = overrides + ["--config.ppo.advantage_estimator=grpo", "--config.ppo.samples_per_prompt=4"]
+  grpo = aot.report(sweep.load_config("configs/ppo.py:tiny", grpo_overrides), CPU8, rm_size="tiny")
+  print("\n" + aot.summary(gae) + "\n" + aot.summary(grpo))
+  assert set(grpo.plan.models) == {"policy", "reference", "reward model"}
+  critic = gae.plan.programs[1].args[0].critic
+  assert grpo.plan.params == gae.plan.params - aot.device_bytes(critic.params)
+  assert grpo.plan.opt_state == gae.plan.opt_state - aot.device_bytes(critic.opt_state)
+  assert grpo.plan.resident == gae.plan.resident - aot.device_bytes(critic)
+  assert grpo.programs[1].aliased == aot.device_bytes(grpo.plan.programs[1].args[0])
+
+
 def test_a_state_larger_than_memory_does_not_fit_and_the_cli_prints_the_row(capsys):
   config = sweep.load_config("configs/rm.py:tiny", ["--config.mesh.fsdp=8"])
   small = dataclasses.replace(CPU8, name="cpu-8-small", hbm_gib=1e-4)  # 105 kB per device

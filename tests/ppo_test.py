@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import ppo, rm, sft
-from instructgpt_jax import checkpoint, generation, losses, main, paths, rl, scoring, sharding, train_state
+from instructgpt_jax import checkpoint, errors, generation, losses, main, paths, rl, scoring, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging, model_io, ppo_steps
 from instructgpt_jax.trainers import ppo as ppo_trainer
@@ -213,9 +213,62 @@ def test_one_iteration_on_8_devices_equals_one_device(chain, tmp_path):
     assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-4), key
 
 
+CRITIC_FREE = {  # estimator -> the overrides a run of it needs
+  "grpo": {"ppo.samples_per_prompt": 4, "ppo.kl_in": "loss"},
+  "dr_grpo": {"ppo.samples_per_prompt": 4},
+  "rloo": {"ppo.samples_per_prompt": 2},
+  "reinforce_pp": {},
+}
+
+
 @pytest.mark.slow
-def test_kill_9_mid_run_then_rerun_matches_the_uninterrupted_run(chain, tmp_path):
-  flags = {"ppo.episodes": 6 * 32}
+@pytest.mark.parametrize("estimator", sorted(CRITIC_FREE))
+def test_critic_free_estimators_start_at_ratio_one_and_keep_no_critic(chain, tmp_path, estimator):
+  flags = ppo_flags(chain, **{"ppo.episodes": 2 * 32, "ppo.advantage_estimator": estimator, **CRITIC_FREE[estimator]})
+  main.run(configured(ppo, "tiny", **flags), str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:  # the first minibatch trains on the rollout policy itself
+    assert r["first_minibatch_approx_kl"] <= 1e-5 and abs(r["first_minibatch_ratio_max"] - 1.0) <= 1e-5, r
+    assert np.isfinite(r["loss"]) and r["policy_grad_norm"] > 0
+    assert not any(k.startswith(("value_", "explained_variance")) for k in r), sorted(r)  # no value function
+  assert ("kl_loss" in rows[0]) == (flags.get("ppo.kl_in") == "loss")
+  saved = checkpoint._saved_tree(checkpoint.Checkpointer(str(tmp_path)).directory / "2" / "state")
+  assert saved.get("critic") in (None, {}), "a critic-free run checkpoints no critic"
+  assert set(saved["policy"]) >= {"params", "opt_state", "ema"}
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"ppo.advantage_estimator": "grpo"}, "ppo.samples_per_prompt: grpo compares the responses to one prompt"),
+    ({"ppo.advantage_estimator": "rloo", "ppo.samples_per_prompt": 3}, "ppo.samples_per_prompt: 3 does not divide"),
+    (
+      {"ppo.advantage_estimator": "reinforce_pp", "ppo.shared_trunk": True},
+      "ppo.shared_trunk: reinforce_pp has no value function",
+    ),
+    ({"ppo.advantage_estimator": "vtrace"}, "ppo.advantage_estimator: 'vtrace' is not one of"),
+    ({"ppo.kl_in": "both"}, "ppo.kl_in: 'both' is not one of"),
+  ],
+)
+def test_estimator_settings_that_cannot_work_are_one_line_errors(ppo_models, tmp_path, overrides, message):
+  flags = {
+    "model.init_from": str(ppo_models / "sft"),
+    "ppo.reward_model": str(ppo_models / "rm" / "export"),
+    "data.eval": "",
+    **overrides,
+  }
+  with pytest.raises(errors.ConfigError, match=message) as excinfo:
+    main.run(configured(ppo, "tiny", **flags), str(tmp_path))
+  assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_kill_9_mid_run_then_rerun_matches_the_uninterrupted_run(chain, tmp_path, estimator):
+  flags = {"ppo.episodes": 6 * 32, "ppo.advantage_estimator": estimator}
+  if estimator == "grpo":
+    flags.update(CRITIC_FREE["grpo"])
   cmd, env = run_cli(chain, tmp_path / "straight", 8, **flags)
   assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
   cmd, env = run_cli(chain, tmp_path / "killed", 8, **flags)
@@ -231,7 +284,7 @@ def test_kill_9_mid_run_then_rerun_matches_the_uninterrupted_run(chain, tmp_path
   straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
   for a, b in zip(straight, resumed):
-    for key in ("score", "kl", "loss", "value_loss", "entropy"):
+    for key in ("score", "kl", "loss", "entropy", "policy_grad_norm") + (("value_loss",) if estimator == "gae" else ()):
       assert a[key] == b[key], (a["step"], key)
   jax.tree.map(
     np.testing.assert_array_equal,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoint, optim, paths, sharding
+from instructgpt_jax import checkpoint, optim, paths, rl, sharding
 from instructgpt_jax.data import stage_data, text
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io, ppo_steps
 
@@ -57,9 +57,24 @@ def check_config(config, stage: common.Stage) -> None:
     ("kl_controller", ppo_steps.KL_CONTROLLERS),
     ("kl_estimator", ppo_steps.KL_ESTIMATORS),
     ("ptx_reduction", ppo_steps.PTX_REDUCTIONS),
+    ("advantage_estimator", rl.ESTIMATORS),
+    ("kl_in", ppo_steps.KL_PLACES),
   ):
     common.check(p[field] in allowed, f"ppo.{field}: {p[field]!r} is not one of {allowed}")
   common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
+  group = p.samples_per_prompt
+  common.check(
+    group >= 1 and p.rollout_batch % group == 0,
+    f"ppo.samples_per_prompt: {group} does not divide ppo.rollout_batch {p.rollout_batch} (it counts responses)",
+  )
+  common.check(
+    group >= 2 or p.advantage_estimator not in rl.GROUP_ESTIMATORS,
+    f"ppo.samples_per_prompt: {p.advantage_estimator} compares the responses to one prompt; set it to 2 or more",
+  )
+  common.check(
+    not p.shared_trunk or rl.needs_critic(p.advantage_estimator),
+    f"ppo.shared_trunk: {p.advantage_estimator} has no value function to put on the policy's trunk; set it False",
+  )
   common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
   common.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
   if policy_cfg.family == "gpt":
@@ -73,7 +88,7 @@ def build_data(config, stage: common.Stage):
   """(the rollout prompts, the pretraining data or None): `rollout_batch` prompts per batch; the ptx corpus
   in batches of ppo.ptx_per_episode × ppo.minibatch sequences (8 per episode, docs/paper.md §5.2)."""
   p, data_cfg = config.ppo, stage.data_cfg
-  data_cfg["batch_size"] = p.rollout_batch
+  data_cfg["batch_size"] = p.rollout_batch // p.samples_per_prompt  # prompts; each sampled samples_per_prompt times
   prompts = stage_data.build_prompt_data(data_cfg, stage.tokenizer, seed=config.seed, **stage.process)
   if not (p.ptx_coef or config.data.ptx_corpus):
     return prompts, None
@@ -96,7 +111,8 @@ def build_models(config, stage: common.Stage, judge: judging.Judge, iterations: 
   policy_optim = config.optim.copy_and_resolve_references()
   policy_optim.warmup_steps = config.optim.warmup_steps * per_iteration
   reference = model_io.read_source(p.reference) if p.reference else stage.source
-  critic_cfg = None if p.shared_trunk else model_io.read_source(p.value_init or p.reward_model).config
+  separate_critic = rl.needs_critic(p.advantage_estimator) and not p.shared_trunk
+  critic_cfg = model_io.read_source(p.value_init or p.reward_model).config if separate_critic else None
   return ppo_steps.Models.build(
     p,
     policy_cfg=stage.model_cfg,
@@ -125,7 +141,7 @@ def start_state(config, stage: common.Stage, m: ppo_steps.Models, shardings) -> 
   if m.shared_trunk:
     head = ppo_steps.init_value_head(stage.model_cfg, m.targets["policy"]["value_head"], params_key)
     params = {"lm": params, "value_head": head}
-  else:
+  elif m.has_critic:
     value_source = model_io.read_source(p.value_init or p.reward_model)
     critic_params = critic_init_params(value_source, m.targets["critic"], value_source.config, config.seed)
   critic_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))[1]
@@ -146,7 +162,7 @@ def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, p
   )
   rollout = jax.block_until_ready(rollout)
   t1 = time.perf_counter()
-  critic_params = None if m.shared_trunk else state.critic.params
+  critic_params = state.critic.params if m.has_critic else None
   scored, rollout_metrics = jax.block_until_ready(
     steps.score(
       state.policy.params, critic_params, *frozen, state.kl.kl_coef, batch["tokens"], batch["segment_ids"], rollout
@@ -222,7 +238,9 @@ def train(config, workdir: str) -> dict[str, float]:
     loop.begin(state, evaluation)
     for iteration in range(start_iteration, iterations):
       rng = jax.random.fold_in(base_rng, iteration)  # an iteration is a pure function of (state, seed, i)
-      batch = common.to_global(next(prompts), stage.mesh, stage.rules)
+      # Each prompt samples_per_prompt times, its responses in consecutive rows (a group of rl.group_advantages).
+      batch = {k: np.repeat(v, p.samples_per_prompt, axis=0) for k, v in next(prompts).items()}
+      batch = common.to_global(batch, stage.mesh, stage.rules)
       state, row = iterate(config, m, steps, state, batch, ptx, (ref_params, judge.params), rng)
       loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
     final = loop.finish(state, evaluation)

@@ -9,7 +9,8 @@ and `aot.py` compiles the same ones.
 and `minibatch_step` is one optimizer step of the clipped policy loss (+ ptx) and the value loss. Both
 take the `Models` description as their first argument; `jit_steps` binds it and places them on the mesh.
 The value function is chosen once, in `Models.build`: a separate critic (a scalar-head model with its own
-optimizer, initialized from the RM) or, with `ppo.shared_trunk`, a value head on the policy's own trunk.
+optimizer, initialized from the RM), with `ppo.shared_trunk` a value head on the policy's own trunk, or none
+at all for the critic-free advantage estimators (`ppo.advantage_estimator`, `rl.estimate_advantages`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from instructgpt_jax import generation, losses, models, rl, scoring, sharding, t
 from instructgpt_jax.trainers import common, lm_steps
 
 KL_CONTROLLERS = ("fixed", "adaptive")
+KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 PTX_REDUCTIONS = ("sequence_sum", "token_mean")
 
@@ -51,7 +53,8 @@ class Scored:
   tokens: jax.Array
   mask: jax.Array
   old_logprobs: jax.Array
-  old_values: jax.Array
+  ref_logprobs: jax.Array
+  old_values: jax.Array  # zeros without a value function
   advantages: jax.Array
   returns: jax.Array
 
@@ -61,8 +64,9 @@ class Models:
   """A PPO run's models and settings, fixed at setup; the steps read everything static from here.
 
   ppo: the config's ppo section. policy, reference, reward: graphdefs (language models and the RM);
-  value: the critic's graphdef (a scalar-head model), or with ppo.shared_trunk the value head's, which sits
-  in the policy's params next to the language model. targets: abstract params carrying their shardings, per
+  value_kind: "critic" (a separate scalar-head model), "head" (ppo.shared_trunk: a value head in the policy's
+  params next to the language model) or "none" (a critic-free estimator); value: its graphdef (None for
+  "none"). targets: abstract params carrying their shardings, per
   model ("policy" is the trainable tree, value head included). reward_bias: the RM's normalization bias.
   """
 
@@ -70,6 +74,7 @@ class Models:
   policy: Any
   reference: Any
   reward: Any
+  value_kind: str
   value: Any
   targets: dict[str, Any]
   settings: generation.SamplingSettings
@@ -83,7 +88,11 @@ class Models:
 
   @property
   def shared_trunk(self) -> bool:
-    return bool(self.ppo.shared_trunk)
+    return self.value_kind == "head"
+
+  @property
+  def has_critic(self) -> bool:
+    return self.value_kind == "critic"
 
   def lm(self, params):
     """The language model inside the policy's params (all of them without a shared value head)."""
@@ -107,17 +116,21 @@ class Models:
     mesh,
     rules,
   ) -> Models:
-    """Graphdefs and sharded abstract params of every model; `critic_cfg`/`critic_tx` unused with a shared trunk."""
+    """Graphdefs and sharded abstract params of every model; `critic_cfg`/`critic_tx` are used only with a
+    separate critic (a critic-based estimator without ppo.shared_trunk)."""
     policy, lm_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
     reference, reference_target = train_state.param_shardings_for(reference_cfg, mesh, rules)
     reward, reward_target = train_state.param_shardings_for(reward_cfg, mesh, rules, kind="scalar")
     targets = {"policy": lm_target, "reference": reference_target, "reward": reward_target}
-    if ppo.shared_trunk:
+    value_kind = "critic" if rl.needs_critic(ppo.advantage_estimator) else "none"
+    value_kind = "head" if value_kind == "critic" and ppo.shared_trunk else value_kind
+    value = None
+    if value_kind == "head":
       value, head_target = _value_head_target(policy_cfg, mesh, rules)
       targets["policy"] = {"lm": lm_target, "value_head": head_target}
-      critic_tx = None
-    else:
+    elif value_kind == "critic":
       value, targets["critic"] = train_state.param_shardings_for(critic_cfg, mesh, rules, kind="scalar")
+    critic_tx = critic_tx if value_kind == "critic" else None
     settings = generation.SamplingSettings(eos_id=eos_id, pad_id=pad_id, temperature=ppo.temperature)
     # The policy scores its rollout in passes of `minibatch` rows in low precision (docs/ppo.md, "bfloat16
     # parity"), of the whole rollout in float32.
@@ -127,6 +140,7 @@ class Models:
       policy,
       reference,
       reward,
+      value_kind,
       value,
       targets,
       settings,
@@ -159,7 +173,7 @@ def abstract_state(m: Models) -> tuple[PPOState, PPOState]:
   """(the abstract PPOState carrying shardings, its shardings): the restore target; nothing allocated."""
   policy, policy_sh = train_state.abstract_state_for(m.targets["policy"], m.policy_tx, m.mesh, ema=True)
   critic = critic_sh = None
-  if not m.shared_trunk:
+  if m.has_critic:
     critic, critic_sh = train_state.abstract_state_for(m.targets["critic"], m.critic_tx, m.mesh)
   replicated = train_state.replicated(m.mesh)
   shardings = PPOState(step=replicated, policy=policy_sh, critic=critic_sh, kl=rl.KLControllerState(replicated))
@@ -177,7 +191,7 @@ def initial_state(m: Models, shardings: PPOState, policy_params, critic_params, 
   keys become their TrainStates' RNG keys."""
   policy = train_state.create_from_params(policy_params, m.policy_tx, policy_key, shardings.policy, ema=True)
   critic = None
-  if not m.shared_trunk:
+  if m.has_critic:
     critic = train_state.create_from_params(critic_params, m.critic_tx, critic_key, shardings.critic)
   replicated = train_state.replicated(m.mesh)
   kl = jax.device_put(rl.kl_controller_init(m.ppo.kl_coef), replicated)
@@ -229,22 +243,31 @@ def score_rollout(
   pass_fn = lambda *seq: _policy_pass(m, policy_params, seq, with_entropy=True)  # noqa: E731
   old_logprobs, entropy, values = in_chunks(pass_fn, m.score_rows, *seq)
   ref_logprobs = scoring.response_logprobs(m.reference, ref_params, *seq, temperature=p.temperature)
-  if not m.shared_trunk:
+  if m.has_critic:
     values, _ = scoring.response_values(m.value, critic_params, *seq)
+  elif values is None:  # critic-free
+    values = jnp.zeros_like(old_logprobs)
   _, raw_score = scoring.response_values(m.reward, rm_params, *seq)
   score = raw_score - m.reward_bias
   ended = jnp.any((rollout.tokens == m.settings.eos_id) & (mask > 0), axis=1)
   if p.missing_eos_penalty:  # the "EOS trick" (docs/paper.md §8 row 6): a fixed score for responses that never stop
     score = jnp.where(ended, score, p.missing_eos_penalty)
-  # The per-token penalty -β·k_t; with k1 it is the paper's log-ratio (docs/paper.md §5.1). per_token_rewards takes
-  # the log-ratio as logprobs - ref_logprobs, so the chosen estimator goes in as logprobs against zeros.
+  # The per-token penalty k_t; with k1 it is the paper's log-ratio (docs/paper.md §5.1). In the reward it is
+  # −β·k_t; with ppo.kl_in="loss" the reward holds the score alone and minibatch_step adds β·k3.
   penalty = losses.kl_penalty(old_logprobs, ref_logprobs, estimator=p.kl_estimator)
-  rewards = rl.per_token_rewards(score, penalty, jnp.zeros_like(penalty), mask, kl_coef=kl_coef)
-  if p.whiten_rewards:
-    rewards = rl.whiten(rewards, mask, shift_mean=False)
-  advantages, returns = rl.gae(rewards, values, mask, gamma=p.gamma, lam=p.lam)
-  if p.whiten_advantages:  # over the whole rollout batch (docs/paper.md §8.5: our default, not per minibatch)
-    advantages = rl.whiten(advantages, mask)
+  advantages, returns = rl.estimate_advantages(
+    p.advantage_estimator,
+    score,
+    penalty,
+    values,
+    mask,
+    kl_coef=kl_coef if p.kl_in == "reward" else 0.0,
+    gamma=p.gamma,
+    lam=p.lam,
+    group_size=p.samples_per_prompt,
+    whiten_rewards=p.whiten_rewards,
+    whiten_advantages=p.whiten_advantages,
+  )
   log_ratio = old_logprobs - ref_logprobs
   metrics = {
     "score": jnp.mean(score),
@@ -256,16 +279,30 @@ def score_rollout(
     "ended_with_eos": jnp.mean(ended),
     # The sampler's log-probs against the teacher-forced ones: numerical drift only (docs/paper.md §9 item 8).
     "logprob_gap": jnp.max(jnp.abs(jnp.where(mask > 0, rollout.logprobs - old_logprobs, 0.0))),
-    "value_mean": losses.masked_mean(values, mask),
-    "explained_variance": rl.explained_variance(values, returns, mask),
     "kl_coef": kl_coef,
   }
-  scored = Scored(prompt_tokens, prompt_segments, rollout.tokens, mask, old_logprobs, values, advantages, returns)
+  if m.value_kind != "none":
+    metrics["value_mean"] = losses.masked_mean(values, mask)
+    metrics["explained_variance"] = rl.explained_variance(values, returns, mask)
+  scored = Scored(
+    prompt_tokens, prompt_segments, rollout.tokens, mask, old_logprobs, ref_logprobs, values, advantages, returns
+  )
+  scored = jax.tree.map(lambda x: sharding.constrain(x, ("batch",)), scored)  # as the minibatch step takes it
   return scored, metrics
 
 
-def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch):
-  """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx, Eq. 2)."""
+def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, kl_coef):
+  """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx, Eq. 2), plus
+  β · the mean k3 estimate of KL(π ‖ π_ref) over the response tokens with ppo.kl_in="loss" (GRPO's form)."""
+  p = m.ppo
+  loss, metrics = _clipped_and_ptx(m, mb, lm_params, logprobs, ptx_batch)
+  if p.kl_in == "loss":
+    kl = losses.masked_mean(losses.kl_penalty(logprobs, mb.ref_logprobs, estimator="k3"), mb.mask)
+    loss, metrics = loss + kl_coef * kl, dict(metrics, kl_loss=kl)
+  return loss, metrics
+
+
+def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch):
   p = m.ppo
   if not p.ptx_coef:
     return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
@@ -299,7 +336,7 @@ def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, 
 
     def shared_loss(params):
       logprobs, _, values = _policy_pass(m, params, seq, with_entropy=False)
-      loss, policy_metrics = _policy_objective(m, mb, params["lm"], logprobs, ptx_batch)
+      loss, policy_metrics = _policy_objective(m, mb, params["lm"], logprobs, ptx_batch, state.kl.kl_coef)
       vf_loss, value_metrics = value_objective(values)
       return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)
 
@@ -310,24 +347,24 @@ def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, 
 
     def policy_loss(params):
       logprobs = scoring.response_logprobs(m.policy, params, *seq, temperature=p.temperature)
-      return _policy_objective(m, mb, params, logprobs, ptx_batch)
-
-    def value_loss(params):
-      return value_objective(scoring.response_values(m.value, params, *seq)[0])
+      return _policy_objective(m, mb, params, logprobs, ptx_batch, state.kl.kl_coef)
 
     (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
-    (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
-    critic = state.critic.apply_gradients(critic_grads, m.critic_tx)
+    critic = None
+    if m.has_critic:
+
+      def value_loss(params):
+        return value_objective(scoring.response_values(m.value, params, *seq)[0])
+
+      (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+      critic = state.critic.apply_gradients(critic_grads, m.critic_tx)
   policy = state.policy.apply_gradients(policy_grads, m.policy_tx, ema_decay=p.ema_decay)
-  metrics = {
-    "loss": loss,
-    **policy_metrics,
-    "value_loss": vf_loss,
-    "value_clip_frac": value_metrics["clip_frac"],
-    "policy_grad_norm": optax.tree.norm(policy_grads),
-    "value_grad_norm": optax.tree.norm(critic_grads),
-    "lr": m.policy_lr(state.policy.step),
-  }
+  metrics = {"loss": loss, **policy_metrics}
+  if m.value_kind != "none":
+    metrics.update(
+      value_loss=vf_loss, value_clip_frac=value_metrics["clip_frac"], value_grad_norm=optax.tree.norm(critic_grads)
+    )
+  metrics.update(policy_grad_norm=optax.tree.norm(policy_grads), lr=m.policy_lr(state.policy.step))
   return state.replace(policy=policy, critic=critic), metrics
 
 
