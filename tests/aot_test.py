@@ -34,18 +34,18 @@ def test_sft_step_compiles_with_exact_per_device_state_and_batch():
   print(f"\nSFT tiny per device: params {plan.params} B replicated, {r.plan.params} B with fsdp=8")
 
 
+PPO_SMALL = [  # the tiny PPO config on 8 devices, small enough to compile in seconds
+  "--config.mesh.fsdp=8",
+  "--config.ppo.rollout_batch=16",
+  "--config.ppo.minibatch=8",
+  "--config.ppo.max_new_tokens=8",
+  "--config.data.max_prompt_len=16",
+  "--config.data.ptx_seq_len=32",
+]
+
+
 def test_ppo_holds_four_models_and_a_sharded_kv_cache():
-  config = sweep.load_config(
-    "configs/ppo.py:tiny",
-    [
-      "--config.mesh.fsdp=8",
-      "--config.ppo.rollout_batch=16",
-      "--config.ppo.minibatch=8",
-      "--config.ppo.max_new_tokens=8",
-      "--config.data.max_prompt_len=16",
-      "--config.data.ptx_seq_len=32",
-    ],
-  )
+  config = sweep.load_config("configs/ppo.py:tiny", PPO_SMALL)
   r = aot.report(config, CPU8, rm_size="tiny")
   print("\n" + aot.summary(r))
   cfg = models.resolve(config.model.to_dict())
@@ -69,14 +69,7 @@ def test_ppo_holds_four_models_and_a_sharded_kv_cache():
 
 
 def test_a_critic_free_estimator_plans_no_critic_and_saves_its_memory():
-  overrides = [
-    "--config.mesh.fsdp=8",
-    "--config.ppo.rollout_batch=16",
-    "--config.ppo.minibatch=8",
-    "--config.ppo.max_new_tokens=8",
-    "--config.data.max_prompt_len=16",
-    "--config.data.ptx_seq_len=32",
-  ]
+  overrides = PPO_SMALL
   gae = aot.report(sweep.load_config("configs/ppo.py:tiny", overrides), CPU8, rm_size="tiny")
   grpo_overrides = overrides + ["--config.ppo.advantage_estimator=grpo", "--config.ppo.samples_per_prompt=4"]
   grpo = aot.report(sweep.load_config("configs/ppo.py:tiny", grpo_overrides), CPU8, rm_size="tiny")
