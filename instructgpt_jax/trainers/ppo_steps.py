@@ -40,7 +40,7 @@ class PPOState:
 
   step: jax.Array
   policy: train_state.TrainState  # with ppo.shared_trunk its params are {"lm": ..., "value_head": ...}
-  critic: train_state.TrainState | None  # None with ppo.shared_trunk
+  critic: train_state.TrainState | None  # None with ppo.shared_trunk or a critic-free estimator
   kl: rl.KLControllerState
 
 
@@ -53,10 +53,11 @@ class Scored:
   tokens: jax.Array
   mask: jax.Array
   old_logprobs: jax.Array
-  ref_logprobs: jax.Array
-  old_values: jax.Array  # zeros without a value function
+  ref_logprobs: jax.Array | None  # with ppo.kl_in="loss"
+  old_values: jax.Array | None  # None without a value function
+
   advantages: jax.Array
-  returns: jax.Array
+  returns: jax.Array | None  # None without a value function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +285,18 @@ def score_rollout(
   if m.value_kind != "none":
     metrics["value_mean"] = losses.masked_mean(values, mask)
     metrics["explained_variance"] = rl.explained_variance(values, returns, mask)
+  # Only what the minibatch step reads (jit drops unused arguments, so the AOT plan counts exactly these).
+  critic_free = m.value_kind == "none"
   scored = Scored(
-    prompt_tokens, prompt_segments, rollout.tokens, mask, old_logprobs, ref_logprobs, values, advantages, returns
+    prompt_tokens,
+    prompt_segments,
+    rollout.tokens,
+    mask,
+    old_logprobs,
+    ref_logprobs if p.kl_in == "loss" else None,
+    None if critic_free else values,
+    advantages,
+    None if critic_free else returns,
   )
   scored = jax.tree.map(lambda x: sharding.constrain(x, ("batch",)), scored)  # as the minibatch step takes it
   return scored, metrics
