@@ -94,3 +94,21 @@ def response_values(
   values = jnp.where(response_mask > 0, scalars[:, prompt_length - 1 : -1], 0.0)
   scores = final_token_value(scalars[:, prompt_length:], response_mask)
   return sharding.constrain(values, BT), sharding.constrain(scores, ("batch",))
+
+
+def sequence_logprobs(graphdef, params, tokens, segment_ids, prompt_lengths, response_lengths) -> jax.Array:
+  """Σ_t log π(y_t | x, y_<t) over each response's tokens, for rows `prompt ‖ response` right-padded (the
+  comparison layout of data/batching.comparison_element: every row of a prompt starts with its prompt).
+
+  tokens, segment_ids: [..., L]; prompt_lengths: broadcastable to [...] (e.g. [B, 1] for [B, K] rows);
+  response_lengths: [...] (0 for an empty slot, which gets 0). Returns [...] float32.
+  """
+  shape, length = tokens.shape[:-1], tokens.shape[-1]
+  flat_tokens = tokens.reshape(-1, length)
+  logits, _ = nnx.merge(graphdef, params)(flat_tokens, segment_ids=segment_ids.reshape(-1, length))
+  logprobs = losses.token_logprobs(logits[:, :-1], flat_tokens[:, 1:])  # column j predicts token j + 1
+  start = jnp.broadcast_to(prompt_lengths, shape).reshape(-1, 1)
+  end = start + response_lengths.reshape(-1, 1)
+  target = jnp.arange(1, length)[None, :]
+  in_response = (target >= start) & (target < end)
+  return jnp.sum(jnp.where(in_response, logprobs, 0.0), axis=1).reshape(shape)

@@ -12,7 +12,7 @@ import jax
 
 from instructgpt_jax import errors
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "pipeline", "recipe")
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "pipeline", "recipe")
 
 
 DISTRIBUTED_MODES = ("off", "auto", "manual")

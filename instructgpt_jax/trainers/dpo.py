@@ -1,0 +1,146 @@
+"""DPO (beyond the paper; Rafailov et al. 2023, K-wise as in docs/losses.md): the SFT model trained directly on
+the RM's comparison data, against a frozen reference.
+
+    python -m instructgpt_jax.main --config=configs/dpo.py:tiny --workdir=W_DPO --config.model.init_from=W_SFT
+
+Phases: setup and validation → init (from model.init_from) or restore → train loop (a prompt's K responses in
+one batch element: their sequence log-probabilities under the policy and the reference, `losses.dpo_loss`
+over every C(K,2) pair) → evaluation on held-out comparisons (implicit-reward accuracy, margin, loss) →
+export of the policy as a language model. Resumable like every stage.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instructgpt_jax import losses, paths, scoring, sharding, train_state
+from instructgpt_jax.data import stage_data
+from instructgpt_jax.trainers import common, model_io
+
+
+def sequence_logps(graphdef, params, batch):
+  """[B, K] log π(y_k | x) of a comparison batch's rows, summed over each response's tokens."""
+  return scoring.sequence_logprobs(
+    graphdef,
+    params,
+    batch["tokens"],
+    batch["segment_ids"],
+    batch["prompt_lengths"][:, None],
+    batch["response_lengths"],
+  )
+
+
+def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float, normalizer: str):
+  """The DPO step (state, batch) -> (state, metrics); `batch["ref_logps"]` [B, K] holds the reference's
+  sequence log-probs. `losses.dpo_loss` is a mean over the prompts with pairs: sums make micro-batching exact."""
+
+  def loss_sums(params, batch, _rng):
+    loss, m = losses.dpo_loss(
+      sequence_logps(graphdef, params, batch), batch["ref_logps"], batch["ranks"], beta=beta, normalizer=normalizer
+    )
+    return loss * m["num_prompts"], {
+      "count": m["num_prompts"],
+      "pairs": m["num_pairs"],
+      "correct": m["accuracy"] * m["num_pairs"],
+      "margin_sum": m["margin"] * m["num_pairs"],
+    }
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    metrics = {
+      "loss": loss,
+      "accuracy": sums["correct"] / pairs,  # implicit-reward accuracy
+      "margin": sums["margin_sum"] / pairs,  # implicit-reward margin r_w − r_l
+      "pairs_per_batch": sums["pairs"],
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  return train_step
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  # ---------------------------------------------------------------- setup and validation (no compile yet)
+  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  d = config.dpo
+  common.check(source is not None, "model.init_from: DPO starts from the SFT model; set it")
+  common.check(d.beta > 0, f"dpo.beta: {d.beta} must be > 0")
+  common.check(
+    d.pair_normalizer in ("binom_k", "valid_pairs"),
+    f"dpo.pair_normalizer: {d.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
+  )
+  reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else source
+  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  total_steps = common.steps_for_epochs(config, len(data.train_source))
+
+  # ---------------------------------------------------------------- init (from the SFT model) or restore
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+    config, workdir, stage, kind="lm", total_steps=total_steps, data=data
+  )
+  ref_graphdef, ref_target = train_state.param_shardings_for(reference.config, mesh, rules)
+  ref_params = model_io.load(reference, "lm", ref_target, reference.config, config.seed)
+
+  # ---------------------------------------------------------------- step functions
+  train_step = make_train_step(
+    graphdef, tx, lr_schedule, config.optim.microbatches, beta=d.beta, normalizer=d.pair_normalizer
+  )
+  batch_sh = common.batch_sharding(mesh, rules)
+  jitted_step = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
+  ref_fn = jax.jit(
+    sharding.traced_with_rules(lambda p, b: sequence_logps(ref_graphdef, p, b), mesh, rules),
+    in_shardings=(jax.tree.map(lambda t: t.sharding, ref_target), batch_sh),
+    out_shardings=batch_sh,
+  )
+
+  def with_reference(batch):
+    return dict(batch, ref_logps=ref_fn(ref_params, batch))
+
+  def step_fn(state, batch):
+    return jitted_step(state, with_reference(batch))
+
+  def eval_step(params, batch):
+    """Per prompt: (loss, correct pairs, pairs, Σ margins), as training computes them."""
+    rewards = d.beta * (sequence_logps(graphdef, params, batch) - batch["ref_logps"])
+    terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=d.pair_normalizer)
+    return terms["loss"], terms["correct"], terms["num_pairs"], terms["margin_sum"]
+
+  eval_fn = jax.jit(
+    sharding.traced_with_rules(eval_step, mesh, rules),
+    in_shardings=(state_shardings.params, batch_sh),
+    out_shardings=train_state.replicated(mesh),
+  )
+
+  def evaluate(state) -> dict[str, float]:
+    totals = np.zeros(5)  # Σ prompt losses, prompts with pairs, correct pairs, pairs, Σ margins
+    for batch in data.eval_batches(config.data.eval_batches or None):
+      batch = with_reference(common.to_global(batch, mesh, rules))
+      prompt_loss, correct, pairs, margin = jax.device_get(eval_fn(state.params, batch))
+      totals += (prompt_loss[pairs > 0].sum(), (pairs > 0).sum(), correct.sum(), pairs.sum(), margin.sum())
+    if not totals[1]:
+      return {}
+    return {
+      "eval_loss": totals[0] / totals[1],
+      "eval_accuracy": totals[2] / totals[3],
+      "eval_margin": totals[4] / totals[3],
+      "eval_pairs": totals[3],
+    }
+
+  # ---------------------------------------------------------------- train loop
+  tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
+  state, final = common.train_loop(
+    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+  )
+
+  # ---------------------------------------------------------------- export: the policy, a language model
+  export_dir = paths.join(workdir, "export")
+  model_io.export(export_dir, state.params, "lm", model_cfg, tokenizer=config.data.tokenizer)
+  common.print_summary("DPO", final, export=export_dir)
+  return final
