@@ -9,7 +9,7 @@ trains (`losses.dpo_loss`). Logs the implicit-reward accuracy and margin, on hel
 
 import ml_collections
 
-from configs import common
+from configs import common, rm
 from instructgpt_jax import config_lib
 
 
@@ -27,22 +27,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
   c.epochs = 1
   c.eval_every_steps = 100
-  c.data = ml_collections.ConfigDict(
-    dict(
-      train="",  # comparison JSONL files (K-wise or HH-RLHF pairwise), or lab:comparisons:train:N
-      eval="",
-      eval_examples=0,  # with no eval files: hold out the last N training prompts
-      data_dir="",
-      tokenizer="",  # "": the model's own (model.init_from's)
-      template="plain",
-      on_error="raise",
-      truncate_prompt="none",
-      batch_size=64,  # prompts per batch, each with all of its K responses
-      seq_len=2048,
-      max_responses=9,
-      eval_batches=0,  # 0: the whole eval split
-    )
-  )
+  # The RM's comparison data, read the same way (K-wise or HH-RLHF pairwise); the RM's bias has no use here.
+  c.data = rm.get_config("tiny" if a.tiny else "").data
+  del c.data["bias_demonstrations"]
   c.optim = common.optim_config(
     lr=1e-6, schedule="cosine", warmup_steps=100, final_lr_fraction=0.1, eps=1e-8, clip_norm=1.0, weight_decay=0.0
   )
@@ -55,16 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
   if a.tiny:
     c.model.dtype = "float32"
-    c.epochs = 1
     c.checkpoint_every_steps = 20
     c.eval_every_steps = 0
-    c.data.update(
-      train="lab:comparisons:train:2000",
-      eval="lab:comparisons:eval:200",
-      batch_size=16,
-      seq_len=256,
-      max_responses=7,
-    )
     c.optim = common.optim_config(lr=1e-4, schedule="cosine", warmup_steps=5, final_lr_fraction=0.1)
   return c
 

@@ -180,6 +180,25 @@ def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, m
   return loss_sum / count, sums, jax.tree.map(lambda g: g / count, grads)
 
 
+def sums_step(loss_sums: Callable, tx, lr_schedule, microbatches: int, summarize: Callable) -> Callable:
+  """train_step(state, batch) -> (state, metrics) for a loss given as sums (`microbatched_grads`), so exact
+  over `microbatches`. `summarize(sums, batch)` gives the stage's own metrics; loss, grad_norm and lr are
+  added. The state's RNG key is split once per step and its second half goes to `loss_sums`."""
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    loss, sums, grads = microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
+    metrics = {
+      "loss": loss,
+      **summarize(sums, batch),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr_schedule(state.step),
+    }
+    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+
+  return train_step
+
+
 def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, rules, *, static_argnums=()) -> Callable:
   """jit of fn(state, batch, ...) -> (state, metrics) with explicit shardings; the input state is donated.
 

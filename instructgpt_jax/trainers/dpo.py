@@ -14,7 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from instructgpt_jax import losses, paths, scoring, sharding, train_state
 from instructgpt_jax.data import stage_data
@@ -48,21 +47,12 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float
       "margin_sum": m["margin"] * m["num_pairs"],
     }
 
-  def train_step(state, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
+  def summarize(sums, _batch):
     pairs = jnp.maximum(sums["pairs"], 1.0)
-    metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / pairs,  # implicit-reward accuracy
-      "margin": sums["margin_sum"] / pairs,  # implicit-reward margin r_w − r_l
-      "pairs_per_batch": sums["pairs"],
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-    }
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+    # the implicit-reward accuracy and margin r_w − r_l
+    return {"accuracy": sums["correct"] / pairs, "margin": sums["margin_sum"] / pairs, "pairs_per_batch": sums["pairs"]}
 
-  return train_step
+  return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)
 
 
 def train(config, workdir: str) -> dict[str, float]:

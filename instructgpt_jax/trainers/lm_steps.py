@@ -6,9 +6,7 @@ and packing) and `kind` [B] (SFT with a pretraining mix: 0 demonstration, 1 pret
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import optax
 
 from instructgpt_jax import losses, models, train_state
 from instructgpt_jax.trainers import common
@@ -43,28 +41,17 @@ def make_train_step(graphdef, model_cfg: models.ModelConfig, tx, lr_schedule, *,
   """train_step(state, batch) -> (state, metrics) for train_state.jit_step."""
   use_dropout = model_cfg.resid_dropout > 0
 
-  def train_step(state: train_state.TrainState, batch):
-    rng, dropout_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(
-      lambda p, b, r: loss_sums(graphdef, p, b, r if use_dropout else None),
-      state.params,
-      batch,
-      dropout_rng,
-      microbatches,
-    )
-    metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-    }
+  def summarize(sums, batch):
+    metrics = {"accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0)}
     if "ptx_count" in sums:
       metrics["demo_loss"] = sums["demo_nll"] / jnp.maximum(sums["demo_count"], 1.0)
       metrics["ptx_loss"] = sums["ptx_nll"] / jnp.maximum(sums["ptx_count"], 1.0)
       metrics["ptx_fraction"] = jnp.mean(batch["kind"] == 1)
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+    return metrics
 
-  return train_step
+  return train_state.sums_step(
+    lambda p, b, r: loss_sums(graphdef, p, b, r if use_dropout else None), tx, lr_schedule, microbatches, summarize
+  )
 
 
 def eval_loss(eval_fn, params, batches, mesh, rules) -> float | None:

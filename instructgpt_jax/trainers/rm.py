@@ -15,7 +15,6 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from instructgpt_jax import losses, models, paths, sharding, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
@@ -45,19 +44,10 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: st
       "correct": m["accuracy"] * m["num_pairs"],
     }
 
-  def train_step(state, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    loss, sums, grads = train_state.microbatched_grads(loss_sums, state.params, batch, step_rng, microbatches)
-    metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0),
-      "pairs_per_batch": sums["pairs"],
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-    }
-    return state.apply_gradients(grads, tx).replace(rng=rng), metrics
+  def summarize(sums, _batch):
+    return {"accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0), "pairs_per_batch": sums["pairs"]}
 
-  return train_step
+  return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)
 
 
 def train(config, workdir: str) -> dict[str, float]:
