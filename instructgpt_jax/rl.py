@@ -11,6 +11,7 @@ not reach any output. Every function is pure and jit-able with no Python control
 docs/losses.md sets each function beside its equation and lists the choices the paper leaves open.
 """
 
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -355,3 +356,12 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
     return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
   return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def best_of_n_kl(n: int) -> float:
+  """The KL of best-of-n sampling to the policy it samples from, as Stiennon et al. (2020, App. G.3) and Gao
+  et al. (2022, §2) give it: log n − (n − 1)/n nats, whatever the reward. Beirami et al. (2024) show it is an
+  upper bound on the actual KL(π_bon ‖ π). n = 1: 0."""
+  if n < 1:
+    raise ValueError(f"best_of_n_kl: n {n} must be at least 1")
+  return math.log(n) - (n - 1) / n

@@ -88,3 +88,42 @@ def sample_and_score(
     response_tokens, response_mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     samples.extend((p, response_tokens[i][response_mask[i] > 0]) for i, p in enumerate(chunk))
   return np.asarray(scores), samples
+
+
+def best_of_n(
+  sampler: generation.Sampler,
+  params,
+  judge: Judge,
+  prompts: list[np.ndarray],
+  rng: jax.Array,
+  *,
+  n: int,
+  batch_size: int,
+  max_new_tokens: int,
+  pad_id: int,
+  buckets=(32, 64, 128, 256, 512, 1024),
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+  """Best-of-n, an evaluation method that trains nothing: n responses per prompt from the policy (`params`,
+  e.g. the SFT model), the RM's best kept. Its KL to the policy is `rl.best_of_n_kl(n)` (Stiennon et al.
+  2020, App. G.3; Gao et al. 2022).
+
+  Returns (the kept responses' scores [P], their (prompt, response) token pairs, all scores [P, n]); the
+  samples are `sample_and_score`'s on the prompts each repeated n times, in prompt order.
+  """
+  if n < 1:
+    raise ValueError(f"best_of_n: n {n} must be at least 1")
+  repeated = [p for p in prompts for _ in range(n)]
+  scores, samples = sample_and_score(
+    sampler,
+    params,
+    judge,
+    repeated,
+    rng,
+    batch_size=batch_size,
+    max_new_tokens=max_new_tokens,
+    pad_id=pad_id,
+    buckets=buckets,
+  )
+  scores = scores.reshape(len(prompts), n)
+  best = np.argmax(scores, axis=1)
+  return scores[np.arange(len(prompts)), best], [samples[i * n + b] for i, b in enumerate(best)], scores
