@@ -128,25 +128,29 @@ def test_load_config_applies_overrides_like_the_command_line():
 
 
 @pytest.mark.slow
-def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(ppo_models, tmp_path, capsys):
+def test_estimator_by_beta_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(ppo_models, tmp_path, capsys):
   chain = ppo_models
+  grid = ["ppo.advantage_estimator=gae,grpo", "ppo.kl_coef=0.01,0.02"]
   fixed = [
     f"--config.model.init_from={chain / 'sft'}",
     f"--config.ppo.reward_model={chain / 'rm' / 'export'}",
     "--config.ppo.episodes=64",  # 2 iterations of 32 rollouts
+    "--config.ppo.samples_per_prompt=2",  # GRPO's groups (GAE samples each prompt twice too)
     "--config.eval_every_steps=0",
     "--config.data.eval=",
     "--config.progress_bar=false",
   ]
   start = time.perf_counter()
-  assert sweep_cli.main(["--config=configs/ppo.py:tiny", f"--root={tmp_path}", "--run", *fixed]) == 0
+  argv = ["--config=configs/ppo.py:tiny", f"--root={tmp_path}", "--run", *(f"--grid={g}" for g in grid), *fixed]
+  assert sweep_cli.main(argv) == 0
   out = capsys.readouterr().out
   print(f"\n2x2 tiny PPO sweep: {time.perf_counter() - start:.1f} s\n" + out[out.index("| run |") :])
   table = [line for line in out.splitlines() if line.startswith("| ")]
   header = [c.strip() for c in table[0].strip("|").split("|")]
-  assert header[:4] == ["run", "ppo.ptx_coef", "ppo.kl_coef", "step"] and "score" in header and "kl" in header
+  assert header[:4] == ["run", "ppo.advantage_estimator", "ppo.kl_coef", "step"] and "score" in header
   rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[1:]]
-  assert [r["run"] for r in rows] == [r.name for r in sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), "")]
+  runs = sweep.expand(sweep.grid_points(grid), str(tmp_path))
+  assert [r["run"] for r in rows] == [r.name for r in runs]
   for row in rows:
     metrics = read_metrics(tmp_path / row["run"])
     assert [m["step"] for m in metrics] == [1, 2]
@@ -157,7 +161,7 @@ def test_two_by_two_ppo_sweep_runs_here_and_its_table_holds_each_runs_metrics(pp
         assert row[key] == f"{last[key]:.6g}", (row["run"], key)
       else:
         assert row[key] == "-", (row["run"], key)
-    assert (row["ptx_loss"] != "-") == (float(row["ppo.ptx_coef"]) > 0)  # only PPO-ptx trains on pretraining text
-  _, structured = sweep.compare(sweep.expand(sweep.sweep_points("configs/ppo.py:tiny"), str(tmp_path)))
+    assert (row["value_loss"] != "-") == (row["ppo.advantage_estimator"] == "gae")  # only GAE trains a critic
+  _, structured = sweep.compare(runs)
   for r in structured:
     assert r["score"] == read_metrics(tmp_path / r["run"])[-1]["score"]
