@@ -16,6 +16,11 @@ and hold no optimizer state. One iteration:
              policy loss + γ · the LM loss of a pretraining minibatch (one gradient, so the paper's
              accumulation of both), the clipped value loss on the critic, and the EMA of the policy
   control    the KL controller (fixed β by default)
+
+Beyond the paper, `ppo.advantage_estimator` replaces GAE by a critic-free estimator (docs/losses.md): "grpo",
+"dr_grpo", "rloo" compare the `ppo.samples_per_prompt` responses sampled for each prompt, "reinforce_pp"
+whitens returns-to-go; none of them builds a critic. `ppo.kl_in="loss"` moves the KL from the reward into
+the policy's loss (β·k3, as GRPO). The ptx term works with every estimator.
 """
 
 from __future__ import annotations
