@@ -388,9 +388,19 @@ def _count(n: int) -> str:
   return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-TABLE_HEADER = (
-  "| target | stage | models | mesh (data, fsdp, tensor) | program | params | opt state | KV cache | temp | "
-  "peak | HBM | fits |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+TABLE_COLUMNS = (
+  "target",
+  "stage",
+  "models",
+  "mesh (data, fsdp, tensor)",
+  "program",
+  "params",
+  "opt state",
+  "KV cache",
+  "temp",
+  "peak",
+  "HBM",
+  "fits",
 )
 
 
@@ -403,8 +413,8 @@ def _short_error(error: str) -> str:
   return f"no compile: temp {found[1]} G > {found[2]} G usable" if found else error
 
 
-def table_rows(r: Report) -> list[str]:
-  """Markdown rows, one per program, GiB per device."""
+def table_records(r: Report) -> list[dict[str, str]]:
+  """One row per program, keyed by TABLE_COLUMNS, GiB per device (`metrics.markdown_table` writes them)."""
   mesh = f"{r.mesh['data']}, {r.mesh['fsdp']}, {r.mesh['tensor']}"
   models_text = " + ".join(f"{_count(n)} {name}" for name, n in r.plan.models.items())
   words = {True: "yes", False: "**no**", None: "state only: yes"}
@@ -414,12 +424,21 @@ def table_rows(r: Report) -> list[str]:
       fit = words[not m.error and m.peak <= r.target.hbm_gib * GiB]
     else:
       fit = words[r.fits]
-    peak = _short_error(m.error) if m.error else _gib(m.peak)
-    kv = _gib(r.plan.kv_cache) if m.name == "rollout" else "-"
-    out.append(
-      f"| {r.target.name} | {r.stage} | {models_text} | {mesh} | {m.name} | {_gib(r.plan.params)} | "
-      f"{_gib(r.plan.opt_state)} | {kv} | {_gib(m.temp)} | {peak} | {r.target.hbm_gib:g} | {fit} |"
+    cells = (
+      r.target.name,
+      r.stage,
+      models_text,
+      mesh,
+      m.name,
+      _gib(r.plan.params),
+      _gib(r.plan.opt_state),
+      _gib(r.plan.kv_cache) if m.name == "rollout" else "-",
+      _gib(m.temp),
+      _short_error(m.error) if m.error else _gib(m.peak),
+      f"{r.target.hbm_gib:g}",
+      fit,
     )
+    out.append(dict(zip(TABLE_COLUMNS, cells)))
   return out
 
 

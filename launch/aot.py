@@ -70,9 +70,9 @@ def main(argv=None) -> int:
   rows = REPORT if args.report else [(args.target, args.config, overrides)]
   _environment([r[0] for r in rows])
 
-  from instructgpt_jax import aot, sweep
+  from instructgpt_jax import aot, metrics, sweep
 
-  lines = [aot.TABLE_HEADER]
+  records = []
   started = time.time()
   for target_name, config_arg, flags in rows:
     command = " ".join([f"--target={target_name}", f"--config={config_arg}", *flags])
@@ -86,12 +86,12 @@ def main(argv=None) -> int:
       print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
       continue
     print(aot.summary(result), flush=True)
-    lines += aot.table_rows(result)
+    records += aot.table_records(result)
   print(
     f"\nper device, GiB; jax {__import__('jax').__version__}, libtpu {aot.libtpu_version()}; "
     f"{time.time() - started:.0f} s\n"
   )
-  print("\n".join(lines))
+  print(metrics.markdown_table(aot.TABLE_COLUMNS, records))
   return 0
 
 
