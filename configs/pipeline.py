@@ -2,6 +2,7 @@
 
     python -m instructgpt_jax.main --config=configs/pipeline.py --workdir=runs/lab        # about 15 minutes
     python -m instructgpt_jax.main --config=configs/pipeline.py:lab_quick --workdir=W     # the tests' version
+    python -m instructgpt_jax.main --config=configs/pipeline.py:compare --workdir=W       # methods side by side
 
 A generated world (lab/world.py) gives a pretraining corpus of plain prose and instruction tasks with gold
 answers (lab/tasks.py); simulated labelers (lab/labelers.py) write the demonstrations' ranking side. The
@@ -17,12 +18,17 @@ stages, each in its own folder of the workdir and each resumable:
               RM accuracy beside inter-labeler agreement, the alignment tax, success by constraint count
   report      report.md and plots in the workdir, a summary table on stdout
 
+`compare` (beyond the paper; `lab_quick,compare` for the quick scale) adds, from the same SFT model and RM:
+GRPO (4 samples per prompt, KL as a k3 term in the loss) and RLOO (4 samples, KL in the reward), no critic
+and no ptx term; DPO on the RM's comparisons; and best-of-n from the SFT model. trainers/compare.py measures
+them all the same way and lab/report.py writes compare.md with the over-optimization figure.
+
 Every stage's config is a section of this one: `--config.stages.ppo.ppo.kl_coef=0.05` changes one run.
 """
 
 import ml_collections
 
-from configs import common, ppo, pretrain, rm, sft
+from configs import common, dpo, ppo, pretrain, rm, sft
 from instructgpt_jax import config_lib
 
 # The lab's model: a 4-layer GPT over the lab's BPE (about 0.9M parameters). A 1,024-token BPE holds every word
@@ -31,7 +37,7 @@ LAB_MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, max_len=96, vocab
 
 
 def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, lab=False, lab_quick=False)
+  a = config_lib.parse_arg(arg, lab=False, lab_quick=False, compare=False)
   quick = a.lab_quick
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
@@ -117,8 +123,33 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
     p.value_optim = common.optim_config(lr=3e-4, schedule="constant", eps=1e-5)
     c.stages[name] = p
 
+  if a.compare:
+    _add_comparison(c, steps)
+
   # ---- evaluation on held-out prompts, by held-out labelers
   c.evaluation = ml_collections.ConfigDict(
     dict(prompts=int(400 * scale), max_new_tokens=24, temperature=1.0, bootstrap=2000)
   )
   return c
+
+
+def _add_comparison(c: ml_collections.ConfigDict, steps) -> None:
+  """GRPO, RLOO and DPO beside PPO and PPO-ptx, and best-of-n (configs/pipeline.py:compare)."""
+  for name, estimator, kl_in in (("grpo", "grpo", "loss"), ("rloo", "rloo", "reward")):
+    p = c.stages.ppo.copy_and_resolve_references()
+    p.ppo.update(advantage_estimator=estimator, samples_per_prompt=4, kl_in=kl_in, ptx_coef=0.0)
+    c.stages[name] = p
+  for name in ("ppo", "ppo_ptx", "grpo", "rloo"):  # curves for the over-optimization figure
+    c.stages[name].eval_at_start = True
+    c.stages[name].eval_every_steps = max(1, steps(80) // 8)
+  d = dpo.get_config("tiny")
+  d.model.update(LAB_MODEL)
+  d.data.update(seq_len=64, max_responses=9, batch_size=16, on_error="skip")  # the RM's comparisons, as the RM
+  d.epochs = 1
+  d.dpo.beta = 0.1
+  d.optim = common.optim_config(lr=5e-5, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  d.checkpoint_every_steps = 100
+  c.stages.dpo = d
+  # best_of_n samples per prompt from the SFT model; the RM keeps its best of the first n, n in `n`; the table
+  # shows n = table_n.
+  c.compare = ml_collections.ConfigDict(dict(best_of_n=64, n="1,2,4,8,16,32,64", table_n=16))

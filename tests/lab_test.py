@@ -1,6 +1,8 @@
 """The embedded lab: tasks and their gold judge, the simulated labelers, and the pipeline end to end."""
 
 import json
+import math
+import os
 import random
 import signal
 import subprocess
@@ -159,3 +161,54 @@ def test_lab_quick_shows_each_finding_in_its_direction(tmp_path):
   )
   # The pretraining mix pays less alignment tax than plain PPO.
   assert found["alignment_tax_ppo_ptx"] < found["alignment_tax_ppo"]
+
+
+MICRO_COMPARE = {
+  **MICRO,
+  "stages.grpo.ppo.episodes": 2 * 64,
+  "stages.rloo.ppo.episodes": 2 * 64,
+  "stages.ppo.eval_every_steps": 1,
+  "stages.ppo_ptx.eval_every_steps": 1,
+  "stages.grpo.eval_every_steps": 1,
+  "stages.rloo.eval_every_steps": 1,
+  "stages.dpo.total_steps": 4,
+  "compare.best_of_n": 8,
+  "compare.n": "1,2,4,8",
+  "compare.table_n": 4,
+}
+
+
+@pytest.mark.slow
+def test_compare_measures_every_method_alike_and_writes_its_table_and_figure_from_the_run(tmp_path):
+  # One device in a subprocess, as a user runs it (8 fake devices on 2 cores make it several times slower).
+  flags = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MICRO_COMPARE.items()]
+  command = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick,compare", *flags]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  done = subprocess.run([*command, f"--workdir={tmp_path}"], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "== the lab's comparison ==" in done.stdout
+  evaluation = json.loads((tmp_path / "evaluation" / "done.json").read_text())
+  compare = json.loads((tmp_path / "compare" / "done.json").read_text())
+  methods = compare["methods"]
+  assert list(methods) == ["SFT", "PPO", "PPO-ptx", "GRPO", "RLOO", "DPO"]
+  # One estimator for all: the SFT model's KL to itself is the sampler-vs-scorer drift only, and a PPO run's
+  # change of pretraining loss is the one its own evaluation measured (same prose, same EMA weights).
+  assert abs(methods["SFT"]["kl"]) < 1e-4 and methods["SFT"]["pretraining_loss_change"] == 0.0
+  for stage, name in (("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"), ("grpo", "GRPO")):
+    done = json.loads((tmp_path / stage / "done.json").read_text())
+    tax = done["eval_ptx_loss"] - done["eval_ptx_loss_sft"]
+    assert methods[name]["pretraining_loss_change"] == pytest.approx(tax, abs=1e-6), name
+    assert methods[name]["wall_time_s"] == done["wall_time_s"] > 0
+  assert [p["n"] for p in compare["best_of_n"]] == [1, 2, 4, 8]
+  for p in compare["best_of_n"]:
+    assert p["kl"] == pytest.approx(math.log(p["n"]) - (p["n"] - 1) / p["n"])
+  proxies = [p["proxy"] for p in compare["best_of_n"]]
+  assert proxies == sorted(proxies)  # the RM's best of more samples scores at least as high
+  # The table prints what was computed, and the figure exists.
+  table = (tmp_path / "compare.md").read_text()
+  for name in ("PPO", "PPO-ptx", "GRPO", "RLOO", "DPO"):
+    row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    assert f"| {100 * evaluation[f'win_rate_{name}']:.1f}% |" in row
+    assert f"| {methods[name]['kl']:.2f} |" in row
+  assert "| best-of-4 (SFT + RM) |" in table
+  assert (tmp_path / "overoptimization.png").stat().st_size > 1000

@@ -48,7 +48,7 @@ def _plots(workdir: str, results: dict) -> list[str]:
   # Reward against KL along each PPO run (Figure-style: what the RM score costs in divergence).
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for stage, label in (("ppo", "PPO (γ = 0)"), ("ppo_ptx", "PPO-ptx (γ = 27.8)")):
-    rows = _rows(workdir, stage)
+    rows = [r for r in _rows(workdir, stage) if "kl" in r]  # training rows (not an evaluation of the start)
     ax.plot([r["kl"] for r in rows], [r["score"] for r in rows], ".-", label=label, alpha=0.8)
   ax.set(xlabel="KL to the SFT model (nats per response)", ylabel="RM score (minus bias)", title="Reward vs KL")
   ax.legend()
@@ -77,7 +77,7 @@ def _plots(workdir: str, results: dict) -> list[str]:
     ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
     ax.set(title=title, xlabel="step")
   for stage, label in (("ppo", "PPO"), ("ppo_ptx", "PPO-ptx")):
-    rows = _rows(workdir, stage)
+    rows = [r for r in _rows(workdir, stage) if "score" in r]
     axes[3].plot([r["step"] for r in rows], [r["score"] for r in rows], label=label)
   axes[3].set(title="RM score of samples", xlabel="PPO iteration")
   axes[3].legend()
@@ -188,3 +188,110 @@ def write(workdir: str, results: dict) -> str:
   ]
   paths.write_text(paths.join(workdir, "report.md"), "\n".join(lines) + "\n")
   return summary
+
+
+# ------------------------------------------------------------------------------------------ the comparison
+
+
+COMPARE_COLUMNS = (
+  "method",
+  "preferred to SFT",
+  "95% interval",
+  "gold quality",
+  "KL to SFT",
+  "Δ pretraining loss",
+  "wall time",
+)
+
+
+def comparison_rows(results: dict) -> list[dict[str, str]]:
+  """The comparison table's rows (configs/pipeline.py:compare), every cell from `results`."""
+  e, c = results["evaluation"], results["compare"]
+  pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+  minutes = lambda s: "-" if s is None else f"{s / 60:.1f} min"  # noqa: E731
+  rows = []
+  for name, m in c["methods"].items():
+    trained = name != "SFT"
+    rows.append(
+      {
+        "method": name,
+        "preferred to SFT": pct(e[f"win_rate_{name}"]) if trained else "-",
+        "95% interval": (
+          f"[{pct(e[f'win_rate_{name}_interval'][0])}, {pct(e[f'win_rate_{name}_interval'][1])}]" if trained else "-"
+        ),
+        "gold quality": f"{e[f'gold_{name}']:.3f}",
+        "KL to SFT": f"{m['kl']:.2f}",
+        "Δ pretraining loss": f"{m['pretraining_loss_change']:+.3f}",
+        "wall time": minutes(m["wall_time_s"]),
+      }
+    )
+  point = next(p for p in c["best_of_n"] if "win_rate" in p)
+  low, high = point["win_rate_interval"]
+  rows.append(
+    {
+      "method": f"best-of-{point['n']} (SFT + RM)",
+      "preferred to SFT": pct(point["win_rate"]),
+      "95% interval": f"[{pct(low)}, {pct(high)}]",
+      "gold quality": f"{point['gold']:.3f}",
+      "KL to SFT": f"{point['kl']:.2f}",
+      "Δ pretraining loss": "+0.000",  # the SFT model's own weights
+      "wall time": minutes(c["best_of_n_wall_time_s"]) + " (all n)",
+    }
+  )
+  return rows
+
+
+def _overoptimization_plot(workdir: str, results: dict, rl_stages: dict[str, str]) -> str:
+  """Gold quality and the RM's score against √KL (Gao et al. 2022): along each RL run (its evaluations, KL
+  from the same iteration's rollouts; 0 at the start) and for best-of-n from the SFT model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+  for stage, label in rl_stages.items():
+    rows = [r for r in _rows(workdir, stage) if "eval_gold" in r]
+    root_kl = [max(r.get("kl", 0.0), 0.0) ** 0.5 for r in rows]
+    axes[0].plot(root_kl, [r["eval_gold"] for r in rows], ".-", label=label)
+    axes[1].plot(root_kl, [r["eval_rm_score"] for r in rows], ".-", label=label)
+  bon = results["compare"]["best_of_n"]
+  root_kl = [p["kl"] ** 0.5 for p in bon]
+  axes[0].plot(root_kl, [p["gold"] for p in bon], "k^--", label="best-of-n")
+  axes[1].plot(root_kl, [p["proxy"] for p in bon], "k^--", label="best-of-n")
+  axes[0].set(xlabel="√KL to SFT (√nats)", ylabel="gold quality", title="Gold quality")
+  axes[1].set(xlabel="√KL to SFT (√nats)", ylabel="RM score (minus bias)", title="Proxy: the RM")
+  axes[0].legend(fontsize=8)
+  return _save(fig, workdir, "overoptimization.png")
+
+
+def write_comparison(workdir: str, results: dict, rl_stages: dict[str, str]) -> str:
+  """Writes compare.md and overoptimization.png into `workdir`; returns the table for stdout. rl_stages: the
+  RL runs' stage folders and their names in the table."""
+  plot = _overoptimization_plot(workdir, results, rl_stages)
+  table = metrics.markdown_table(COMPARE_COLUMNS, comparison_rows(results))
+  c = results["compare"]
+  lines = [
+    "# The lab's comparison: PPO-ptx and what came after it, from the same SFT model, RM and labelers",
+    "",
+    f"Held-out prompts: {c['prompts']}. Win rates: three held-out labelers against the SFT model's response",
+    "(95% interval by resampling prompts). KL to SFT: Σ_t log π(y_t) − log π_SFT(y_t) of each model's own",
+    "samples on those prompts, averaged (best-of-n: log n − (n − 1)/n). Δ pretraining loss: on held-out",
+    "prose against the SFT model's. Wall time: the method's training stage on this machine.",
+    "",
+    table,
+    "",
+    "## Over-optimization (Gao et al. 2022)",
+    "",
+    "Gold quality and the RM's score against √KL: each RL run at its evaluations (the EMA policy's samples;",
+    "KL of the same iteration's rollouts, so of the raw policy), and best-of-n from the SFT model at",
+    ", ".join(f"n = {p['n']}" for p in c["best_of_n"]) + ".",
+    "",
+    "| n | √KL | RM score | gold quality |",
+    "|---|---|---|---|",
+    *(f"| {p['n']} | {p['kl'] ** 0.5:.2f} | {p['proxy']:.3f} | {p['gold']:.3f} |" for p in c["best_of_n"]),
+    "",
+    f"![{plot}]({plot})",
+  ]
+  paths.write_text(paths.join(workdir, "compare.md"), "\n".join(lines) + "\n")
+  return "== the lab's comparison ==\n" + table + f"\n  {paths.join(workdir, 'compare.md')}"

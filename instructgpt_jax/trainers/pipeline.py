@@ -20,7 +20,9 @@ from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, report, tasks, world
 from instructgpt_jax.trainers import chain, model_io
 
-MODELS = ("SFT", "PPO", "PPO-ptx")
+# The RL stages a pipeline config may hold, by the name the report gives each (configs/pipeline.py:compare adds
+# GRPO and RLOO, and DPO, which trains on the RM's comparisons instead).
+RL_STAGES = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO"}
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -46,7 +48,7 @@ def train(config, workdir: str) -> dict[str, float]:
     stage.data.tokenizer = tokenizer_path
     stage.seed = config.seed
     stage.progress_bar = config.progress_bar
-  path = {name: paths.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx")}
+  path = {name: paths.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", *stages)}
 
   # ---------------------------------------------------------------- the stages
   results = {"pretrain": chain.once(workdir, "pretrain", lambda d: chain.run_stage(stages.pretrain, d))}
@@ -58,21 +60,31 @@ def train(config, workdir: str) -> dict[str, float]:
     train=results["labels"]["train"], eval=results["labels"]["eval"], bias_demonstrations=stages.sft.data.train
   )
   results["rm"] = chain.once(workdir, "rm", lambda d: chain.run_stage(stages.rm, d))
-  for name in ("ppo", "ppo_ptx"):
+  exports = {"SFT": path["sft"]}
+  for name in (n for n in RL_STAGES if n in stages):
     stages[name].model.init_from = path["sft"]
     stages[name].ppo.reward_model = paths.join(path["rm"], "export")
     results[name] = chain.once(workdir, name, lambda d, name=name: chain.run_stage(stages[name], d))
+    exports[RL_STAGES[name]] = paths.join(path[name], "export")
+  if "dpo" in stages:  # on the RM's comparisons, from the SFT model
+    stages.dpo.model.init_from = path["sft"]
+    stages.dpo.data.update(train=results["labels"]["train"], eval=results["labels"]["eval"])
+    results["dpo"] = chain.once(workdir, "dpo", lambda d: chain.run_stage(stages.dpo, d))
+    exports["DPO"] = paths.join(path["dpo"], "export")
 
   # ---------------------------------------------------------------- evaluation and report
-  exports = {
-    "SFT": path["sft"],
-    "PPO": paths.join(path["ppo"], "export"),
-    "PPO-ptx": paths.join(path["ppo_ptx"], "export"),
-  }
   results["evaluation"] = chain.once(
     workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d)
   )
   summary = report.write(workdir, results)
+  if config.get("compare"):
+    from instructgpt_jax.trainers import compare
+
+    results["compare"] = chain.once(
+      workdir, "compare", lambda d: compare.measure(config, exports, tokenizer_path, path, d)
+    )
+    rl_stages = {name: label for name, label in RL_STAGES.items() if name in stages}
+    summary += "\n" + report.write_comparison(workdir, results, rl_stages)
   print(summary, flush=True)
   return report.headline(results)
 
@@ -80,7 +92,7 @@ def train(config, workdir: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ sampling
 
 
-class _Policy:
+class Policy:
   """A language model loaded from a workdir or an export, and a sampler for it."""
 
   def __init__(self, source_path: str, tokenizer, *, temperature: float, max_new_tokens: int):
@@ -95,28 +107,35 @@ class _Policy:
     )
     self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
 
-  def sample(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144) -> list[list[tuple[str, bool]]]:
-    """`copies` responses per prompt as (text, stopped) pairs, in prompt order. Deterministic in `seed`."""
+  def batches(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144):
+    """`generation.sample_batches` over `copies` rows per prompt, in prompt order; deterministic in `seed`."""
     ids = [np.array(self.tokenizer.encode(p), np.int32) for p in prompts]
     rows = [i for i in ids for _ in range(copies)]
-    rows_per_call = max(copies, batch_rows // copies * copies)
-    outputs = []
-    batches = generation.sample_batches(
+    return generation.sample_batches(
       self.sampler,
       self.params,
       rows,
-      batch_size=rows_per_call,
+      batch_size=max(copies, batch_rows // copies * copies),
       buckets=(32, 64, 128),
       pad_id=self.tokenizer.pad_id,
       max_new_tokens=self.max_new_tokens,
       key_of=lambda start: jax.random.PRNGKey(seed + start),
     )
-    for chunk, _, _, rollout in batches:
-      response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-      for i in range(len(chunk)):
-        real = response[i][mask[i] > 0]
-        stopped = len(real) > 0 and int(real[-1]) == self.tokenizer.eos_id
-        outputs.append((self.tokenizer.decode(real), bool(stopped)))
+
+  def texts(self, rollout, rows: int) -> list[tuple[str, bool]]:
+    """The first `rows` responses of a rollout as (text, stopped) pairs."""
+    response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    out = []
+    for i in range(rows):
+      real = response[i][mask[i] > 0]
+      out.append((self.tokenizer.decode(real), bool(len(real) > 0 and int(real[-1]) == self.tokenizer.eos_id)))
+    return out
+
+  def sample(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144) -> list[list[tuple[str, bool]]]:
+    """`copies` responses per prompt as (text, stopped) pairs, in prompt order. Deterministic in `seed`."""
+    outputs = []
+    for chunk, _, _, rollout in self.batches(prompts, copies, seed, batch_rows):
+      outputs += self.texts(rollout, len(chunk))
     return [outputs[i * copies : (i + 1) * copies] for i in range(len(prompts))]
 
 
@@ -128,7 +147,7 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
   split by the held-out labelers (so the RM's eval accuracy is the paper's held-out-labeler accuracy)."""
   c = config.labels
   tokenizer = tokenizer_lib.from_file(tokenizer_path)
-  policy = _Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+  policy = Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
   w = world.make_world(0)
   rng = random.Random(config.seed)
   out = {}
@@ -168,7 +187,7 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
+def bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
   """95% interval of the mean over prompts, by resampling prompts."""
   rng = np.random.default_rng(seed)
   means = per_prompt[rng.integers(0, len(per_prompt), (draws, len(per_prompt)))].mean(axis=1)
@@ -183,18 +202,19 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
     c.prompts, split="eval", seed=config.seed, world=world.make_world(0), kind="evaluation"
   )
   prompts = [t.prompt for t in eval_tasks]
+  models = list(exports)  # SFT first
   responses = {}
-  for name in MODELS:
-    policy = _Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+  for name in models:
+    policy = Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
     responses[name] = [r[0] for r in policy.sample(prompts, 1, seed=config.seed + 7)]
   out = {"prompts": len(prompts)}
   features = {  # each response judged once; gold quality and correctness read from its features
     n: [tasks.features(t, text, stopped=stopped) for t, (text, stopped) in zip(eval_tasks, responses[n])]
-    for n in MODELS
+    for n in models
   }
-  gold = {n: np.array([tasks.gold_score(f) for f in features[n]]) for n in MODELS}
-  correct = {n: np.array([f["correct"] for f in features[n]]) for n in MODELS}
-  for n in MODELS:
+  gold = {n: np.array([tasks.gold_score(f) for f in features[n]]) for n in models}
+  correct = {n: np.array([f["correct"] for f in features[n]]) for n in models}
+  for n in models:
     out[f"features_{n}"] = {k: float(np.mean([f[k] for f in features[n]])) for k in tasks.FEATURES}
     out[f"gold_{n}"] = float(gold[n].mean())
     out[f"correct_{n}"] = float(correct[n].mean())
@@ -204,7 +224,7 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
       by_constraints[str(k)] = float(correct[n][chosen].mean())
     out[f"correct_by_constraints_{n}"] = by_constraints
   rng = random.Random(config.seed)
-  for n in ("PPO", "PPO-ptx"):
+  for n in models[1:]:
     per_prompt = np.array(
       [
         np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
@@ -212,13 +232,13 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
       ]
     )
     out[f"win_rate_{n}"] = float(per_prompt.mean())
-    out[f"win_rate_{n}_interval"] = _bootstrap_interval(per_prompt, c.bootstrap, config.seed)
+    out[f"win_rate_{n}_interval"] = bootstrap_interval(per_prompt, c.bootstrap, config.seed)
     out[f"gold_win_rate_{n}"] = float(np.mean((gold[n] > gold["SFT"]) + 0.5 * (gold[n] == gold["SFT"])))
   records = [
     {
       "prompt": task.prompt,
       "gold_answer": task.answer,
-      **{n: {"response": responses[n][i][0], "stopped": responses[n][i][1], "gold": float(gold[n][i])} for n in MODELS},
+      **{n: {"response": responses[n][i][0], "stopped": responses[n][i][1], "gold": float(gold[n][i])} for n in models},
     }
     for i, task in enumerate(eval_tasks)
   ]
