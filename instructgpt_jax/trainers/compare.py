@@ -44,11 +44,13 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     lambda p, *seq: scoring.response_logprobs(sft.graphdef, p, *seq), mesh=sft.mesh, rules=sft.rules
   )
   out = {"methods": {}}
+  responses = {}  # each policy's (text, stopped) samples: the evaluation step's, reused below for best-of-n
 
   # ---- KL to SFT of each policy's own samples (the evaluation step's samples: same seed, same batches)
   for name, policy in policies.items():
-    kl = []
+    kl, responses[name] = [], []
     for chunk, tokens, segments, rollout in policy.batches(prompts, 1, seed=config.seed + 7):
+      responses[name] += policy.texts(rollout, len(chunk))
       reference = np.asarray(sft_logprobs(sft.params, tokens, segments, rollout.tokens, rollout.mask))
       own, mask = np.asarray(rollout.logprobs), np.asarray(rollout.mask)
       kl += list(np.sum(np.where(mask > 0, own - reference, 0.0), axis=1)[: len(chunk)])
@@ -94,7 +96,7 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
       for t, (text_, stopped) in zip([t for t in eval_tasks for _ in range(c.best_of_n)], samples)
     ]
   ).reshape(len(prompts), c.best_of_n)
-  sft_responses = [r[0] for r in sft.sample(prompts, 1, seed=config.seed + 7)]  # the evaluation's SFT samples
+  sft_responses = responses["SFT"]  # the evaluation's SFT samples
   rng = random.Random(config.seed)
   bon = []
   for n in sorted(int(x) for x in str(c.n).split(",")):
