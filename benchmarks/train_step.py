@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", help="compute dtype; parameters stay float32")
   p.add_argument("--remat", default="none", help="none, full, dots, dots_no_batch")
   p.add_argument("--scan_layers", action="store_true")
-  p.add_argument("--attention", default="", help="jax.nn.dot_product_attention implementation: xla or cudnn")
+  p.add_argument("--attention", default="", help="model.attention_impl: auto (default), einsum, xla, cudnn, splash")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--steps", type=int, default=5, help="steps per timed run")

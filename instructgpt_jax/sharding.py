@@ -147,6 +147,16 @@ def jit_on_mesh(fn, *, mesh: Mesh | None = None, rules=None, static_argnames=())
   return jax.jit(traced_with_rules(fn, mesh, rules), static_argnames=static_argnames)
 
 
+def active_mesh_and_rules() -> tuple[Mesh, dict] | None:
+  """The (mesh, rules) of the enclosing `use_mesh_rules` block at trace time, or None outside one."""
+  return _ACTIVE.get()
+
+
+def active_mesh() -> Mesh | None:
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside `use_mesh_rules`."""
   active = _ACTIVE.get()

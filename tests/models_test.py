@@ -399,21 +399,6 @@ def test_bf16_compute_keeps_f32_parameters_and_float32_logits():
   np.testing.assert_allclose(np.asarray(plain_logits), np.asarray(f32), atol=0.1)
 
 
-def test_f32_attention_probs_is_dot_product_attention_with_float32_probabilities():
-  rng = np.random.default_rng(9)
-  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)))
-  mask = jnp.tril(jnp.ones((5, 5), bool))[None, None].repeat(2, 0).at[1, :, :, 0].set(False)
-  from instructgpt_jax.models.transformer import attention_f32_probs
-
-  # float32 inputs: jax.nn.dot_product_attention's own XLA path (grouped heads, a masked key).
-  ours = attention_f32_probs(q, k, v, mask)
-  np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-6)
-  # bfloat16 inputs: the probabilities are not rounded before P·V, so the only rounding is the output's.
-  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  exact = attention_f32_probs(*[x.astype(jnp.float32) for x in bf], mask)
-  np.testing.assert_array_equal(attention_f32_probs(*bf, mask), exact.astype(jnp.bfloat16))
-
-
 def test_residual_dropout_is_off_without_a_key_and_random_with_one():
   cfg = dataclasses.replace(TINY["gpt"], resid_dropout=0.2)
   graphdef, params = models.init(cfg, jax.random.key(8))

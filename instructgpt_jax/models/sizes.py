@@ -22,6 +22,7 @@ FAMILIES = ("gpt", "llama")
 ROPE_SCALINGS = ("llama3",)  # besides None (plain RoPE)
 LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn", "splash")  # models/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,13 @@ class ModelConfig:
   resid_dropout: float = 0.0  # dropout on each residual branch output (GPT-2 resid_pdrop; SFT uses 0.2)
   remat: str = "none"  # one of REMAT_POLICIES
   scan_layers: bool = False  # stack layers and run them under lax.scan (fast compiles for deep models)
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None (auto), "xla", "cudnn"
+  # One of ATTENTION_IMPLS (models/attention.py). "auto": einsum on CPU, cuDNN on GPU, splash on TPU. None, as
+  # configs saved before the field took names have it, means "auto".
+  attention_impl: str | None = "auto"
   # Under a bfloat16 `dtype` (no effect in float32), the ops whose rounding made scoring and training disagree
-  # on a real model (docs/ppo.md "bfloat16 parity"): attention probabilities stay float32 through P·V (XLA
-  # attention only; cuDNN's kernel rounds them), and the final norm and the unembedding run in float32.
+  # on a real model (docs/ppo.md "bfloat16 parity"): attention probabilities stay float32 through P·V (the
+  # "einsum" implementation only; the XLA path and the fused kernels round them to the compute dtype), and the
+  # final norm and the unembedding run in float32.
   f32_attention_probs: bool = True
   f32_logits: bool = True
 
@@ -67,6 +71,12 @@ class ModelConfig:
       raise errors.ConfigError(f"model.family: {self.family!r} is not one of {FAMILIES}")
     if self.remat not in REMAT_POLICIES:
       raise errors.ConfigError(f"model.remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.attention_impl not in (None, *ATTENTION_IMPLS):
+      raise errors.ConfigError(f"model.attention_impl: {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise errors.ConfigError(
+        f"model.attention_impl: 'cudnn' needs model.dtype bfloat16 or float16, not {self.dtype}; use 'auto'"
+      )
     if self.n_heads % self.kv_heads:
       raise errors.ConfigError(f"model.n_kv_heads: {self.kv_heads} does not divide n_heads={self.n_heads}")
     if self.d_head is None and self.d_model % self.n_heads:

@@ -14,7 +14,9 @@ Layers are always stored stacked, with a leading `layers` axis, whether they run
 therefore loads into either mode.
 
 Padding: `segment_ids` is 0 at padding and a positive id per packed example elsewhere. A token attends
-only to earlier (or the same) positions of its own segment. Position ids default to the padding-aware
+only to earlier (or the same) positions of its own segment (padding to earlier padding, so no row is empty;
+padding rows are never read). Attention is computed by the implementation `attention_impl` names
+(models/attention.py). Position ids default to the padding-aware
 `cumsum(mask) - mask` (docs/paper.md §8.2), so left padding does not change a sequence's logits.
 
 Incremental decoding (`prefill`, then `decode` one step at a time) runs the same layers against an explicit
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instructgpt_jax.models import attention
 from instructgpt_jax.models.kv_cache import KV_CACHE_AXES, KVCache, empty_cache
 from instructgpt_jax.models.sizes import ModelConfig
 from instructgpt_jax.sharding import LOGICAL_AXES_KEY, constrain
@@ -55,16 +58,16 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """Causal, same-segment, real-key mask. segment_ids [B, T] (0 = padding) -> bool [B, 1, T, T].
+  """Causal, same-segment mask. segment_ids [B, T] (0 = padding) -> bool [B, 1, T, T].
 
-  Padding rows see no key; the attention then spreads uniformly over masked logits, which stays finite,
-  and those rows are never read.
+  A real token sees the real tokens of its own segment up to itself; a padding row sees earlier padding
+  (never nothing, which a fused kernel may turn into NaN; splash attention builds this same mask), and
+  padding rows are never read.
   """
   length = segment_ids.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
   same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-  real_key = (segment_ids > 0)[:, None, :]
-  return (causal[None] & same_segment & real_key)[:, None]
+  return (causal[None] & same_segment)[:, None]
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -115,24 +118,6 @@ def apply_rope(
 def _precise(cfg: ModelConfig, flag: bool) -> bool:
   """Whether a float32 island applies: the flag is set and compute is not already float32."""
   return flag and jnp.dtype(cfg.dtype) != jnp.float32
-
-
-def attention_f32_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """softmax(q kᵀ / √H + mask) v with the probabilities kept in float32 through the product with v.
-
-  q [B, T, N, H], k and v [B, S, K, H] (K divides N: grouped heads), mask bool [B, 1, T, S] -> [B, T, N, H] in
-  v's dtype. `jax.nn.dot_product_attention`'s XLA path computes the same logits and softmax in float32 but
-  rounds the probabilities to v's dtype before P·V; in bfloat16 that rounding is where two compilations of
-  the same forward (another batch size, or inside `value_and_grad`) part ways (docs/ppo.md).
-  """
-  b, t, n, h = q.shape
-  groups = n // k.shape[2]
-  q = q.reshape(b, t, k.shape[2], groups, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits = jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
-  return out.reshape(b, t, n, h).astype(v.dtype)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -221,15 +206,17 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, inv_freq=inv_freq)
     return q, k, v
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T] -> [B, T, D]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T], segment_ids [B, T] -> [B, T, D]."""
     q, k, v = self._project(x, positions)
-    return self.out(constrain(self._attend(q, k, v, mask, self.cfg.attention_impl), BTNH))
+    return self.out(constrain(self._attend(q, k, v, mask, segment_ids, self._implementation()), BTNH))
 
-  def _attend(self, q, k, v, mask, implementation):
-    if implementation in (None, "xla") and _precise(self.cfg, self.cfg.f32_attention_probs):
-      return attention_f32_probs(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  def _implementation(self) -> str:
+    return attention.resolve(self.cfg.attention_impl, dtype=self.cfg.dtype, head_dim=self.cfg.head_dim)
+
+  def _attend(self, q, k, v, mask, segment_ids, implementation):
+    f32_probs = _precise(self.cfg, self.cfg.f32_attention_probs)
+    return attention.attend(q, k, v, mask, segment_ids, impl=implementation, f32_probs=f32_probs)
 
   def decode(self, x, positions, mask, keys, values, layer, start):
     """Attention of T new tokens at cache slots start..start+T-1 over the cache of this layer.
@@ -249,10 +236,12 @@ class Attention(nnx.Module):
       return jnp.swapaxes(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False)[:, :, :window], 1, 2)
 
     keys, values = write(keys, k), write(values, v)
-    # One query per row is a memory-bound matrix-vector product: a flash kernel gains nothing there, and
-    # cuDNN does not take every mask shape, so single-token steps use XLA's attention.
-    implementation = self.cfg.attention_impl if x.shape[1] > 1 else None
-    out = self._attend(q, read(keys), read(values), mask, implementation)
+    # The cache's mask [B, 1, T, W] is explicit: splash (which builds its own) falls back to XLA's attention,
+    # and so do cuDNN's single-token steps (a matrix-vector product per row, which a flash kernel does not speed up).
+    implementation = self._implementation()
+    if implementation == "splash" or (implementation == "cudnn" and x.shape[1] == 1):
+      implementation = "xla"
+    out = self._attend(q, read(keys), read(values), mask, None, implementation)
     return self.out(constrain(out, BTNH)), keys, values
 
 
@@ -292,9 +281,10 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, mask, dropout_rng=None):
+  def __call__(self, x, positions, mask, segment_ids, dropout_rng=None):
     attn_rng, mlp_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
-    x = x + dropout(self.attn(self.attn_norm(x), positions, mask), self.cfg.resid_dropout, attn_rng)
+    attn_out = self.attn(self.attn_norm(x), positions, mask, segment_ids)
+    x = x + dropout(attn_out, self.cfg.resid_dropout, attn_rng)
     x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.resid_dropout, mlp_rng)
     return constrain(x, BTD)
 
@@ -388,7 +378,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = positions_from_mask(segment_ids > 0)
     x = self._embed(tokens, positions, segment_ids)
-    x = self._run_layers(x, positions, attention_mask(segment_ids), dropout_rng)
+    x = self._run_layers(x, positions, segment_ids, dropout_rng)
     return self.final_norm(x)
 
   def prefill(self, tokens: jax.Array, *, segment_ids: jax.Array, cache_length: int):
@@ -427,8 +417,7 @@ class Transformer(nnx.Module):
     key_segments = cached_segments[:, :window]
     causal = jnp.arange(window)[None, :] <= start + jnp.arange(new_tokens)[:, None]  # [T, W]
     same_segment = segment_ids[:, :, None] == key_segments[:, None, :]
-    real_key = (key_segments > 0)[:, None, :]
-    mask = (causal[None] & same_segment & real_key)[:, None]  # [B, 1, T, W]
+    mask = (causal[None] & same_segment)[:, None]  # [B, 1, T, W], as `attention_mask` builds it
 
     x = self._embed(tokens, positions, segment_ids)
     x, keys, values = self._run_layers_cached(x, positions, mask, cache.keys, cache.values, start)
@@ -457,13 +446,14 @@ class Transformer(nnx.Module):
       out = self.unembed(hidden)
     return constrain(out, ("batch", "length", "vocab")).astype(jnp.float32)
 
-  def _run_layers(self, x, positions, mask, dropout_rng):
+  def _run_layers(self, x, positions, segment_ids, dropout_rng):
     graphdef, stacked = nnx.split(self.layers)
     n = self.cfg.n_layers
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n)
+    mask = attention_mask(segment_ids)  # unused, and so never computed, under splash attention
 
     def layer(x, params, rng):
-      return nnx.merge(graphdef, params)(x, positions, mask, rng)
+      return nnx.merge(graphdef, params)(x, positions, mask, segment_ids, rng)
 
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)

@@ -1,0 +1,152 @@
+"""Scaled dot-product attention, softmax(q kᵀ / √H + mask) v, by one of several implementations.
+
+`ModelConfig.attention_impl` names one; all compute the same function of q [B, T, N, H], k and v [B, S, K, H]
+(K divides N: grouped heads) under the model's mask: a token attends to earlier (or the same) positions of
+its own segment (segment id 0 is padding, and a padding token attends to earlier padding, so no row is empty).
+
+* "einsum": written out (two einsums, a where, a float32 softmax). With `f32_probs` the probabilities stay
+  float32 through P·V; otherwise they are rounded to v's dtype first, as the XLA path does.
+* "xla": `jax.nn.dot_product_attention`'s XLA path (materializes [B, N, T, S] scores; probabilities rounded to
+  v's dtype). On this project's 2-core CPU it is 1.3-3× slower than "einsum" (benchmarks/RESULTS.md).
+* "cudnn": cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, NVIDIA GPUs only, bfloat16 or
+  float16. It takes the dense mask as given, so packing and left padding work. Not run on a GPU by this
+  project yet (benchmarks/RESULTS.md).
+* "splash": Pallas splash attention (jax.experimental.pallas.ops.tpu), TPU only; on CPU it runs in Pallas
+  interpret mode, which is how the tests check it. It builds the causal and segment mask itself from
+  `segment_ids`, pads T to a multiple of 128 (its smallest block) with padding segments, and runs under
+  `shard_map` over the batch and key/value-head axes of the active mesh.
+* "auto": "einsum" on CPU, "cudnn" on GPU (bfloat16/float16, head size a multiple of 8 up to 128; else "xla"),
+  "splash" on TPU, chosen by the platform of the active mesh's devices (so an ahead-of-time compile for a TPU
+  topology on a CPU host picks "splash").
+
+The cached passes (prefill and decode steps, `Attention.decode`) take an explicit [B, 1, T, W] mask over the
+cache; there "splash" falls back to "xla", and single-token steps (a matrix-vector product per row, which a
+flash kernel does not speed up) use "xla" under "cudnn".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from instructgpt_jax import errors, sharding
+from instructgpt_jax.models.sizes import ATTENTION_IMPLS as IMPLS
+
+SPLASH_BLOCK = 128  # the smallest block the splash kernel takes (a multiple of the TPU's 128 lanes)
+
+
+def platform() -> str:
+  """The platform attention is compiled for: the active mesh's devices' ("tpu" in an AOT compile for a TPU
+  topology), else JAX's default backend."""
+  active = sharding.active_mesh()
+  return active.devices.flat[0].platform if active is not None else jax.default_backend()
+
+
+def resolve(impl: str | None, *, dtype, head_dim: int, on: str | None = None) -> str:
+  """The implementation "auto" (or None, as older saved configs have it) stands for on platform `on`; checks
+  that a named one can run there. Raises errors.ConfigError with one line otherwise."""
+  on = on or platform()
+  dtype = jnp.dtype(dtype)
+  if impl in (None, "auto"):
+    if on == "tpu":
+      return "splash"
+    if on == "gpu":
+      fused = dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+      return "cudnn" if fused else "xla"
+    return "einsum"
+  if impl not in IMPLS:
+    raise errors.ConfigError(f"model.attention_impl: {impl!r} is not one of {IMPLS}")
+  if impl == "cudnn" and on != "gpu":
+    raise errors.ConfigError(f"model.attention_impl: 'cudnn' runs on NVIDIA GPUs, these devices are {on}; use 'auto'")
+  if impl == "splash" and on not in ("tpu", "cpu"):
+    raise errors.ConfigError(f"model.attention_impl: 'splash' runs on TPUs (and on CPU, interpreted), not {on}")
+  return impl
+
+
+def einsum_attention(q, k, v, mask, *, f32_probs: bool = True):
+  """softmax(q kᵀ / √H + mask) v written out; q [B, T, N, H], k and v [B, S, K, H], mask bool [B, 1, T, S].
+
+  Logits and softmax in float32. With `f32_probs` the probabilities stay float32 through the product with v
+  (in bfloat16, their rounding is where two compilations of the same forward part ways: docs/ppo.md);
+  otherwise they are rounded to v's dtype first. Returns [B, T, N, H] in v's dtype.
+  """
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  q = q.reshape(b, t, k.shape[2], groups, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits = jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if f32_probs:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  else:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(v.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(groups: int, length: int, interpret: bool):
+  """The splash kernel for one key/value head and its `groups` query heads over `length` (a multiple of 128)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  block = next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+  sizes = dict.fromkeys(("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv"), block)
+  blocks = kernel.BlockSizes(**sizes, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(groups)])
+  with jax.ensure_compile_time_eval():  # its mask tables are constants, not values of the trace that asks first
+    return kernel.make_splash_mqa(causal, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool | None = None):
+  """Splash attention with the causal, same-segment mask; q [B, T, N, H], k and v [B, T, K, H], segment_ids
+  [B, T]. Returns [B, T, N, H] in v's dtype. `interpret` (default: off TPU) runs the Pallas kernel interpreted."""
+  from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  interpret = platform() != "tpu" if interpret is None else interpret
+  length = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+  pad = [(0, 0), (0, length - t)]
+  q = jnp.pad(q.reshape(b, t, kv_heads, groups, h) / math.sqrt(h), pad + [(0, 0)] * 3).astype(v.dtype)
+  k, v = (jnp.pad(x, pad + [(0, 0)] * 2) for x in (k, v))
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), pad)
+  kernel = _splash_kernel(groups, length, interpret)
+
+  def one_head(q, k, v, segments):  # q [T, G, H], k and v [T, H], segments [T]
+    out = kernel(jnp.swapaxes(q, 0, 1), k, v, segment_ids=SegmentIds(q=segments, kv=segments))
+    return jnp.swapaxes(out, 0, 1)
+
+  def local(q, k, v, segments):  # the kernel, vmapped over the batch and the key/value heads of one shard
+    per_head = jax.vmap(one_head, in_axes=(1, 1, 1, None), out_axes=1)
+    return jax.vmap(per_head)(q, k, v, segments)
+
+  active = sharding.active_mesh_and_rules()
+  if active is not None:
+    mesh, rules = active
+    batch, _, heads, _ = sharding.logical_to_spec(("batch", None, "kv_heads", None), rules, k.shape, mesh)
+    P = jax.sharding.PartitionSpec
+    local = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(batch, None, heads, None, None), P(batch, None, heads, None), P(batch, None, heads, None), P(batch)),
+      out_specs=P(batch, None, heads, None, None),
+      check_vma=False,
+    )
+  out = local(q, k, v, segment_ids)
+  return out[:, :t].reshape(b, t, n, h).astype(v.dtype)
+
+
+def attend(q, k, v, mask, segment_ids, *, impl: str, f32_probs: bool):
+  """Attention by the resolved `impl` (see `resolve`). mask bool [B, 1, T, S]; segment_ids [B, T] or None
+  (cached passes, which have no splash path)."""
+  if impl == "einsum":
+    return einsum_attention(q, k, v, mask, f32_probs=f32_probs)
+  if impl == "splash":
+    if segment_ids is None:
+      raise ValueError("splash attention needs the segment ids of a full pass")
+    return splash_attention(q, k, v, segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
