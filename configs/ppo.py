@@ -81,6 +81,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # separate critic; the value loss enters the policy's loss with vf_coef (Ziegler et al.: 0.1).
       shared_trunk=False,
       vf_coef=0.1,
+      # The rollout's weight layout (docs/scaling.md): "train" samples in the training shardings (under FSDP each
+      # decode step all-gathers every layer's weights); "decode" reshards the policy once per rollout into
+      # tensor parallelism over fsdp × tensor (sharding.DECODE_RULES); "auto": "decode" when mesh.fsdp > 1 and
+      # fsdp × tensor divides the policy's kv heads (ppo_steps.rollout_layout), else "train".
+      rollout_layout="auto",
       reward_model="",  # an exported RM (rm stage's <workdir>/export); its bias is applied
       value_init="",  # "" = the reward model (docs/paper.md §5.1)
       reference="",  # "" = model.init_from, the PPO-init SFT model (docs/paper.md §1)

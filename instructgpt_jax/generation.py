@@ -290,6 +290,15 @@ def sample_batches(
     yield chunk, tokens, segment_ids, rollout
 
 
+def _in_layout(fn, param_shardings):
+  """fn(params, ...) with its params resharded into `param_shardings` first (inside the same program)."""
+
+  def run(params, *args, **kwargs):
+    return fn(jax.lax.with_sharding_constraint(params, param_shardings), *args, **kwargs)
+
+  return run
+
+
 class Sampler:
   """Jitted `generate` for one model structure, with response-length buckets.
 
@@ -305,15 +314,16 @@ class Sampler:
     response_buckets: Sequence[int],
     mesh: Mesh | None = None,
     rules=None,
+    param_shardings=None,
   ):
+    """`param_shardings`: a layout to reshard the params into once, at the start of each call (its `rules`
+    then lay out the activations and the KV cache); the resharded copy lives only inside the call."""
     self.settings = settings
     self.response_buckets = tuple(sorted(response_buckets))
-    self.jitted = sharding.jit_on_mesh(  # also what aot.py lowers
-      functools.partial(generate, graphdef, settings=settings),
-      mesh=mesh,
-      rules=rules,
-      static_argnames=("max_new_tokens",),
-    )
+    run = functools.partial(generate, graphdef, settings=settings)
+    if param_shardings is not None:
+      run = _in_layout(run, param_shardings)
+    self.jitted = sharding.jit_on_mesh(run, mesh=mesh, rules=rules, static_argnames=("max_new_tokens",))
 
   def __call__(self, params, prompt_tokens, prompt_segment_ids, rng, *, max_new_tokens: int) -> Rollout:
     """prompts [B, P] left-padded (a prompt bucket) -> Rollout of [B, bucket(max_new_tokens)] arrays."""

@@ -43,6 +43,24 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("scalar", None),
 )
 
+# The rollout's layout (ppo.rollout_layout="decode"): the weights split over the model-parallel axes fsdp and
+# tensor together, Megatron style (heads, MLP width and vocabulary), and replicated over data; the batch over
+# data only. A decode step then all-reduces [B, 1, D] activations twice per layer instead of all-gathering
+# every layer's weights (what FSDP costs per generated token). The KV cache follows: kv heads over fsdp × tensor.
+DECODE_RULES: tuple[tuple[str, Any], ...] = (
+  ("batch", "data"),
+  ("length", None),
+  ("embed", None),
+  ("vocab", ("tensor", "fsdp")),
+  ("heads", ("tensor", "fsdp")),
+  ("kv_heads", ("tensor", "fsdp")),
+  ("kv", None),
+  ("mlp", ("tensor", "fsdp")),
+  ("layers", None),
+  ("pos", None),
+  ("scalar", None),
+)
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("mesh_rules", default=None)
 
 

@@ -107,3 +107,41 @@ def test_a_batch_the_mesh_does_not_divide_fails_before_compiling():
   config = sweep.load_config("configs/sft.py:tiny", ["--config.mesh.fsdp=8", "--config.data.batch_size=12"])
   with pytest.raises(errors.ConfigError, match="data.batch_size: 12 does not divide over data×fsdp = 8"):
     aot.plan_for(config, CPU8)
+
+
+HLO = """HloModule m
+
+%layer (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %ag = f32[64]{0} all-gather(%p), dimensions={0}
+  ROOT %ar = bf16[4,4]{1,0} all-reduce(%p), to_apply=%add
+}
+
+%step (q: s32[]) -> s32[] {
+  %q = s32[] parameter(0)
+  %w = f32[8]{0} while(%q), condition=%cond, body=%layer, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %s = (f32[16]{0}, f32[128]{0}, u32[]) all-gather-start(%q), dimensions={0}
+}
+
+%cond (c: s32[]) -> pred[] {
+  ROOT %any = pred[] all-reduce(%c), to_apply=%or
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %once = (f32[2,3]{1,0}, s8[10]{0}) all-reduce(%x, %x), to_apply=%add
+  %decode = s32[] while(%x), condition=%cond, body=%step
+  ROOT %d = f32[8]{0} all-gather-done(%x)
+}
+"""
+
+
+def test_collective_bytes_by_hand():
+  """Per-device result bytes: a tuple sums its elements, an async start counts its largest (the result), a loop
+  of known trip count multiplies, and a loop of unknown count (the decode loop) counts one iteration apart."""
+  got = aot.collective_bytes(HLO)
+  assert got["once"] == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2 * 3 * 4 + 10}
+  # 3 layers' all-gathers and the async start's result; 3 layers' bf16 all-reduces and the condition's pred, which
+  # both loops read (3 times inside, once per decode step).
+  per_step = {"all-gather": 3 * 64 * 4 + 128 * 4, "all-reduce": 3 * 4 * 4 * 2 + 3 + 1}
+  assert got["per_iteration"] == {**dict.fromkeys(aot.COLLECTIVES, 0), **per_step}

@@ -213,6 +213,29 @@ def test_one_iteration_on_8_devices_equals_one_device(chain, tmp_path):
     assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-4), key
 
 
+@pytest.mark.slow
+def test_an_iteration_in_the_decode_layout_equals_one_in_the_training_layout(chain, tmp_path):
+  """ppo.rollout_layout: the rollout resharded into tensor parallelism over fsdp × tensor changes no number
+  (on the 8-device mesh, where "auto" picks it for this mesh); a mesh it does not fit is a one-line error."""
+  runs = {}
+  mesh = {"mesh.data": 2, "mesh.fsdp": 4}  # the tiny policy's 4 heads split over fsdp × tensor = 4
+  for layout in ("train", "decode"):
+    flags = ppo_flags(chain, **{"ppo.episodes": 32, "ppo.rollout_layout": layout, **mesh})
+    main.run(configured(ppo, "tiny", **flags), str(tmp_path / layout))
+    runs[layout] = read_metrics(tmp_path / layout)[0]
+  for key in ("score", "kl", "entropy", "response_length", "loss", "policy_loss", "value_loss", "approx_kl"):
+    assert runs["decode"][key] == pytest.approx(runs["train"][key], rel=1e-4, abs=1e-5), key
+  assert runs["decode"]["response_length"] == runs["train"]["response_length"]  # the same tokens
+  misfit = {"ppo.rollout_layout": "decode", "mesh.data": 1, "mesh.fsdp": 8}
+  config = configured(ppo, "tiny", **ppo_flags(chain, **misfit))
+  with pytest.raises(errors.ConfigError) as raised:
+    main.run(config, str(tmp_path / "misfit"))
+  assert str(raised.value) == (
+    "ppo.rollout_layout: 'decode' splits the KV cache's 4 kv heads over fsdp × tensor = 8, which does not divide "
+    "them; use 'train' or a mesh whose fsdp × tensor divides them"
+  )
+
+
 CRITIC_FREE = {  # estimator -> the overrides a run of it needs
   "grpo": {"ppo.samples_per_prompt": 4, "ppo.kl_in": "loss"},
   "dr_grpo": {"ppo.samples_per_prompt": 4},

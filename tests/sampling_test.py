@@ -138,6 +138,38 @@ def test_greedy_tokens_are_the_same_alone_among_others_and_on_the_mesh(family):
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp")
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_decode_layout_samples_what_the_training_layout_samples(family):
+  """ppo.rollout_layout="decode": the sampler reshards the params once per call into sharding.DECODE_RULES
+  (weights over fsdp × tensor, batch over data); on 8 devices it yields the training layout's tokens, mask and
+  log-probs, greedy and sampled with one key."""
+  cfg = TINY[family]
+  graphdef, params = init(cfg, jax.random.key(3))
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  names = sharding.logical_axes(models.abstract(cfg)[1])
+  train_params = jax.device_put(params, sharding.tree_shardings(params, names, mesh, sharding.DEFAULT_RULES))
+  decode_shardings = sharding.tree_shardings(params, names, mesh, sharding.DECODE_RULES)
+  tokens, segments = generation.left_pad(ragged_prompts(4, [5, 16, 1, 9, 3, 12, 7, 2]), buckets=(16,), pad_id=PAD)
+  prompts = batch_sharded(mesh, tokens, segments)
+  for greedy in (True, False):
+    settings = generation.SamplingSettings(eos_id=EOS, pad_id=PAD, greedy=greedy)
+    train = generation.Sampler(graphdef, settings, response_buckets=(8,), mesh=mesh)
+    layout = dict(rules=sharding.DECODE_RULES, param_shardings=decode_shardings)
+    decode = generation.Sampler(graphdef, settings, response_buckets=(8,), mesh=mesh, **layout)
+    want = train(train_params, *prompts, jax.random.key(5), max_new_tokens=8)
+    got = decode(train_params, *prompts, jax.random.key(5), max_new_tokens=8)
+    assert int(want.mask.sum()) > 8
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens), err_msg=f"greedy={greedy}")
+    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+    assert got.tokens.sharding.spec[0] == "data"  # the rollout's rows over data only
+  # The resharded copy lives inside the call: the caller's params keep their training layout.
+  assert (
+    jax.tree.leaves(train_params)[0].sharding
+    == jax.tree.leaves(sharding.tree_shardings(params, names, mesh, sharding.DEFAULT_RULES))[0]
+  )
+
+
 def test_kv_cache_is_sharded_over_batch_and_kv_heads():
   cfg = TINY["llama"]  # 2 kv heads: split by tensor = 2
   graphdef, params = models.init(cfg, jax.random.key(2))

@@ -64,6 +64,7 @@ def check_config(config, stage: common.Stage) -> None:
     ("ptx_reduction", ppo_steps.PTX_REDUCTIONS),
     ("advantage_estimator", rl.ESTIMATORS),
     ("kl_in", ppo_steps.KL_PLACES),
+    ("rollout_layout", ppo_steps.ROLLOUT_LAYOUTS),
   ):
     common.check(p[field] in allowed, f"ppo.{field}: {p[field]!r} is not one of {allowed}")
   common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
@@ -81,6 +82,8 @@ def check_config(config, stage: common.Stage) -> None:
     f"ppo.shared_trunk: {p.advantage_estimator} has no value function to put on the policy's trunk; set it False",
   )
   common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
+  layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
+  common.check(not layout_error, layout_error)
   common.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
   if policy_cfg.family == "gpt":
     common.check(

@@ -32,6 +32,7 @@ KL_CONTROLLERS = ("fixed", "adaptive")
 KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 PTX_REDUCTIONS = ("sequence_sum", "token_mean")
+ROLLOUT_LAYOUTS = ("auto", "train", "decode")  # `rollout_layout`
 
 
 @struct.dataclass
@@ -69,6 +70,9 @@ class Models:
   params next to the language model) or "none" (a critic-free estimator); value: its graphdef (None for
   "none"). targets: abstract params carrying their shardings, per
   model ("policy" is the trainable tree, value head included). reward_bias: the RM's normalization bias.
+  rollout_target: with the decode layout (`ppo.rollout_layout`, `sharding.DECODE_RULES`), the policy's
+  params in that layout, which the sampler reshards them into once per rollout; None: sample in the
+  training layout.
   """
 
   ppo: ml_collections.FrozenConfigDict
@@ -86,6 +90,12 @@ class Models:
   score_rows: int  # rows per scoring pass of the policy (`in_chunks`)
   mesh: Any
   rules: Any
+  rollout_target: Any = None
+
+  @property
+  def rollout_rules(self):
+    """The rules that lay out the rollout's activations and KV cache."""
+    return self.rules if self.rollout_target is None else sharding.rules_dict(sharding.DECODE_RULES)
 
   @property
   def shared_trunk(self) -> bool:
@@ -136,6 +146,9 @@ class Models:
     # The policy scores its rollout in passes of `minibatch` rows in low precision (docs/ppo.md, "bfloat16
     # parity"), of the whole rollout in float32.
     score_rows = ppo.rollout_batch if jnp.dtype(policy_cfg.dtype) == jnp.float32 else ppo.minibatch
+    rollout_target = None
+    if rollout_layout(ppo.rollout_layout, mesh, policy_cfg) == "decode":
+      rollout_target = train_state.param_shardings_for(policy_cfg, mesh, sharding.DECODE_RULES)[1]
     return cls(
       ml_collections.FrozenConfigDict(ppo),
       policy,
@@ -152,7 +165,31 @@ class Models:
       score_rows,
       mesh,
       rules,
+      rollout_target,
     )
+
+
+def rollout_layout(layout: str, mesh, policy_cfg) -> str:
+  """The layout ("train" or "decode") that `ppo.rollout_layout` names. "auto" is "decode" where the mesh splits
+  weights over fsdp (FSDP gathers them for the rollout) and the decode layout can split the KV cache as far:
+  the policy's kv heads divide over fsdp × tensor (`decode_layout_error`); else "train" (without fsdp the
+  layouts differ only in the batch)."""
+  if layout != "auto":
+    return layout
+  return "decode" if mesh.shape["fsdp"] > 1 and not decode_layout_error(mesh, policy_cfg) else "train"
+
+
+def decode_layout_error(mesh, policy_cfg) -> str:
+  """Why the decode layout does not fit this mesh and model, in one line; "" where it does. It splits the KV
+  cache over kv heads only (its rows are split over data alone), so a kv-head count that fsdp × tensor does
+  not divide would leave the cache whole on those devices."""
+  split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  if policy_cfg.kv_heads % split == 0:
+    return ""
+  return (
+    f"ppo.rollout_layout: 'decode' splits the KV cache's {policy_cfg.kv_heads} kv heads over fsdp × tensor = "
+    f"{split}, which does not divide them; use 'train' or a mesh whose fsdp × tensor divides them"
+  )
 
 
 def _value_head_target(cfg, mesh, rules):
@@ -398,7 +435,15 @@ class Steps(NamedTuple):
 def jit_steps(m: Models, shardings: PPOState) -> Steps:
   """The rollout sampler, `score_rollout` and `minibatch_step` jitted onto the models' mesh."""
   p = m.ppo
-  sampler = generation.Sampler(m.policy, m.settings, response_buckets=(p.max_new_tokens,), mesh=m.mesh, rules=m.rules)
+  layout = None if m.rollout_target is None else jax.tree.map(lambda t: t.sharding, m.rollout_target)
+  sampler = generation.Sampler(
+    m.policy,
+    m.settings,
+    response_buckets=(p.max_new_tokens,),
+    mesh=m.mesh,
+    rules=m.rollout_rules,
+    param_shardings=layout,
+  )
   score = sharding.jit_on_mesh(functools.partial(score_rollout, m), mesh=m.mesh, rules=m.rules)
   replicated = train_state.replicated(m.mesh)
   batch = common.batch_sharding(m.mesh, m.rules)
