@@ -382,14 +382,31 @@ def _shape_bytes(shape: str, *, largest: bool) -> int:
   return max(sizes, default=0) if largest else sum(sizes)
 
 
+def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | None:
+  """A while loop's trip count: XLA:CPU writes it in the backend config; XLA:TPU does not, and a counted loop
+  (a scan) is then recognized by its condition, `counter < constant N` and nothing else. None: unknown."""
+  known = _TRIP_COUNT.search(while_line)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r"condition=%?([\w.\-]+)", while_line)
+  lines = computations.get(condition.group(1), []) if condition else []
+  root = next((line for line in lines if line.lstrip().startswith("ROOT ")), "")
+  compare = re.search(r"compare\(%?([\w.\-]+), %?([\w.\-]+)\), direction=LT", root)
+  if not compare:
+    return None
+  constants = dict(re.findall(r"%?([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(lines)))
+  return int(constants[compare.group(2)]) if compare.group(2) in constants else None
+
+
 def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
   """Per-device bytes of the collectives in a compiled program (`compiled.as_text()`), by kind.
 
   {"once": {...}, "per_iteration": {...}}: the sum of each collective's per-device result size, "once" for
-  those outside any loop whose trip count XLA does not know (scans over layers have a known count, and count
-  that many times), "per_iteration" for those in one iteration of such a loop (the sampler's decode loop: the
-  bytes per decode step). A result size is what each device holds after the op: for an all-gather the
-  gathered array, for an all-reduce the reduced one; the bytes that cross links are at most that.
+  those outside any loop of unknown trip count (a counted loop, such as a scan over layers, counts its
+  collectives that many times: `_trip_count`), "per_iteration" for those in one iteration of such a loop (the
+  sampler's decode loop: the bytes per decode step). A result size is what each device holds after the op:
+  for an all-gather the gathered array, for an all-reduce the reduced one; the bytes that cross links are at
+  most that.
   """
   computations, entry, current = {}, None, None
   for line in hlo_text.splitlines():
@@ -415,11 +432,10 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
       ]
       if not called or depth > 64:
         continue
-      trip = _TRIP_COUNT.search(line)
       looped = " while(" in line
+      trip = _trip_count(line, computations) if looped else None
       for callee in called:
-        n = int(trip.group(1)) if looped and trip else 1
-        walk(callee, times * n, in_loop or (looped and not trip), depth + 1)
+        walk(callee, times * (trip or 1), in_loop or (looped and not trip), depth + 1)
 
   walk(entry, 1, False)
   return out

@@ -70,13 +70,14 @@ def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh: Mesh)
   )
 
 
-def param_shardings_for(model_cfg: models.ModelConfig, mesh: Mesh, rules, *, kind: str = "lm"):
-  """(graphdef, abstract params with shardings) of a model: shapes, dtypes and shardings, nothing allocated."""
+def param_shardings_for(model_cfg: models.ModelConfig, mesh: Mesh, rules, *, kind: str = "lm", check: bool = True):
+  """(graphdef, abstract params with shardings) of a model: shapes, dtypes and shardings, nothing allocated.
+  `check`: refuse a large parameter left whole on every device of a mesh meant to split them."""
   graphdef, abstract_params = models.abstract(model_cfg, kind=kind)
   names = sharding.logical_axes(abstract_params)
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_params))
   shardings = sharding.tree_shardings(shapes, names, mesh, rules)
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # parameters are meant to be split: check they are
+  if check and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # parameters are meant to be split: check they are
     sharding.assert_large_params_sharded(shapes, shardings)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return graphdef, target

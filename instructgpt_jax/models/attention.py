@@ -116,13 +116,14 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool | None = None):
   segment_ids = jnp.pad(segment_ids.astype(jnp.int32), pad)
   kernel = _splash_kernel(groups, length, interpret)
 
-  def one_head(q, k, v, segments):  # q [T, G, H], k and v [T, H], segments [T]
-    out = kernel(jnp.swapaxes(q, 0, 1), k, v, segment_ids=SegmentIds(q=segments, kv=segments))
-    return jnp.swapaxes(out, 0, 1)
+  def one_head(q, k, v, segments):  # q [G, T, H], k and v [T, H], segments [T]
+    return kernel(q, k, v, segment_ids=SegmentIds(q=segments, kv=segments))
 
   def local(q, k, v, segments):  # the kernel, vmapped over the batch and the key/value heads of one shard
-    per_head = jax.vmap(one_head, in_axes=(1, 1, 1, None), out_axes=1)
-    return jax.vmap(per_head)(q, k, v, segments)
+    # Mapped axes lead, so the kernel's blocks keep (T, H) as the last two dimensions that TPU tiles need.
+    per_head = jax.vmap(one_head, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head)(q.transpose(0, 2, 3, 1, 4), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), segments)
+    return out.transpose(0, 3, 1, 2, 4)  # [B, K, G, T, H] -> [B, T, K, G, H]
 
   active = sharding.active_mesh_and_rules()
   if active is not None:
