@@ -127,9 +127,20 @@ HLO = """HloModule m
   ROOT %any = pred[] all-reduce(%c), to_apply=%or
 }
 
+%counted (c: s32[]) -> pred[] {
+  %five = s32[]{:T(128)} constant(5)
+  %c = s32[] parameter(0)
+  ROOT %lt = pred[]{:T(512)} compare(%c, %five), direction=LT
+}
+
+%scanned (r: f32[10]) -> f32[10] {
+  ROOT %r = f32[10]{0:T(128)} all-reduce(%r), to_apply=%add
+}
+
 ENTRY %main (x: f32[8]) -> f32[8] {
   %x = f32[8]{0} parameter(0)
   %once = (f32[2,3]{1,0}, s8[10]{0}) all-reduce(%x, %x), to_apply=%add
+  %tpu_scan = f32[10]{0} while(%x), condition=%counted, body=%scanned
   %decode = s32[] while(%x), condition=%cond, body=%step
   ROOT %d = f32[8]{0} all-gather-done(%x)
 }
@@ -138,9 +149,11 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 
 def test_collective_bytes_by_hand():
   """Per-device result bytes: a tuple sums its elements, an async start counts its largest (the result), a loop
-  of known trip count multiplies, and a loop of unknown count (the decode loop) counts one iteration apart."""
+  of known trip count multiplies (annotated, or `counter < N` as its whole condition), and a loop of unknown
+  count (the decode loop) counts one iteration apart."""
   got = aot.collective_bytes(HLO)
-  assert got["once"] == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2 * 3 * 4 + 10}
+  # The TPU-style scan (no trip count annotated; its condition is `counter < 5`) counts 5 times.
+  assert got["once"] == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2 * 3 * 4 + 10 + 5 * 10 * 4}
   # 3 layers' all-gathers and the async start's result; 3 layers' bf16 all-reduces and the condition's pred, which
   # both loops read (3 times inside, once per decode step).
   per_step = {"all-gather": 3 * 64 * 4 + 128 * 4, "all-reduce": 3 * 4 * 4 * 2 + 3 + 1}
