@@ -69,7 +69,7 @@ def test_einsum_in_bfloat16_rounds_only_its_output_with_f32_probs_and_its_probs_
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-@pytest.mark.parametrize("inputs", ["left_padded", "packed"])
+@pytest.mark.parametrize("inputs", sorted(SEGMENTS))
 def test_the_model_gives_the_same_logits_and_gradients_with_every_implementation(family, inputs):
   segments = jnp.asarray(SEGMENTS[inputs])
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, segments.shape), jnp.int32)
