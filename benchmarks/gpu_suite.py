@@ -178,7 +178,7 @@ def main(argv=None):
     PLAN["labels"][1],
     [
       (f"{PLAN['settings'][1]}, cuDNN attention", [*PLAN["train_1_3b"], "--attention", "cudnn"]),
-      (f"{PLAN['settings'][1]}, XLA attention", PLAN["train_1_3b"]),
+      (f"{PLAN['settings'][1]}, XLA attention", [*PLAN["train_1_3b"], "--attention", "xla"]),  # not "auto": cuDNN
     ],
     0.45,
     until(150),
