@@ -67,7 +67,8 @@ def _flops_per_device(config, program: str, devices: int) -> float:
   )  # the policy and a critic of about its size; the ptx rows
 
 
-def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout: str) -> list[dict]:
+def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout: str, programs=None) -> list[dict]:
+  """One row per compiled program of the PPO stage in `layout` (only those named in `programs`, if given)."""
   from instructgpt_jax import aot, sweep
 
   config = sweep.load_config(f"configs/ppo.py:size={size}", [*flags, f"--config.ppo.rollout_layout={layout}"])
@@ -75,7 +76,7 @@ def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout:
   mesh, plan = aot.plan_for(config, target, rm_size=rm_size)
   chip = target.topology.split(":")[0] if target.platform == "tpu" else ""
   rows = []
-  for program in plan.programs:
+  for program in [p for p in plan.programs if programs is None or p.name in programs]:
     started = time.perf_counter()
     try:
       compiled = program.lower().compile()
@@ -124,8 +125,10 @@ def main() -> int:
 
   records = []
   for target_name, size, rm_size, flags in ROWS[args.rows]:
-    for layout in ("train", "decode"):
-      records += measure(target_name, size, rm_size, flags, layout)
+    train = measure(target_name, size, rm_size, flags, "train")
+    # The minibatch step is the same program in both layouts: compiled once, its row shown for both.
+    records += train + measure(target_name, size, rm_size, flags, "decode", programs=("rollout",))
+    records += [dict(r, layout="decode") for r in train if r["program"] == "train_step"]
   print(_common.header())
   columns = list(next(r for r in records if "error" not in r))
   print(

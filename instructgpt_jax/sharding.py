@@ -170,11 +170,6 @@ def active_mesh_and_rules() -> tuple[Mesh, dict] | None:
   return _ACTIVE.get()
 
 
-def active_mesh() -> Mesh | None:
-  active = _ACTIVE.get()
-  return None if active is None else active[0]
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside `use_mesh_rules`."""
   active = _ACTIVE.get()

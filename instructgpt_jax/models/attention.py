@@ -7,7 +7,8 @@ its own segment (segment id 0 is padding, and a padding token attends to earlier
 * "einsum": written out (two einsums, a where, a float32 softmax). With `f32_probs` the probabilities stay
   float32 through P·V; otherwise they are rounded to v's dtype first, as the XLA path does.
 * "xla": `jax.nn.dot_product_attention`'s XLA path (materializes [B, N, T, S] scores; probabilities rounded to
-  v's dtype). On this project's 2-core CPU it is 1.3-3× slower than "einsum" (benchmarks/RESULTS.md).
+  v's dtype). With jax 0.10.2 on this project's 2-core CPU it costs what "einsum" costs (benchmarks/RESULTS.md,
+  2026-12-02; it was up to 3× slower with the jax of 2026-11-28).
 * "cudnn": cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, NVIDIA GPUs only, bfloat16 or
   float16. It takes the dense mask as given, so packing and left padding work. Not run on a GPU by this
   project yet (benchmarks/RESULTS.md).
@@ -41,8 +42,8 @@ SPLASH_BLOCK = 128  # the smallest block the splash kernel takes (a multiple of 
 def platform() -> str:
   """The platform attention is compiled for: the active mesh's devices' ("tpu" in an AOT compile for a TPU
   topology), else JAX's default backend."""
-  active = sharding.active_mesh()
-  return active.devices.flat[0].platform if active is not None else jax.default_backend()
+  active = sharding.active_mesh_and_rules()
+  return active[0].devices.flat[0].platform if active is not None else jax.default_backend()
 
 
 def resolve(impl: str | None, *, dtype, head_dim: int, on: str | None = None) -> str:
