@@ -68,6 +68,59 @@ def test_einsum_in_bfloat16_rounds_only_its_output_with_f32_probs_and_its_probs_
   np.testing.assert_allclose(np.asarray(rounded, np.float32), np.asarray(exact), atol=0.05)
 
 
+def _traced_einsum(q, k, v, mask, f32_probs=True):
+  """The einsum path as it was before its written-out gradient: autodiff traces this softmax (the reference)."""
+  b, t, n, h = q.shape
+  q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / np.sqrt(h)
+  probs = jax.nn.softmax(jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(jnp.float32).max), axis=-1)
+  if f32_probs:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  else:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(v.dtype)
+
+
+@pytest.mark.parametrize("block", [16, 7, 128])
+@pytest.mark.parametrize("inputs", sorted(SEGMENTS))
+def test_einsum_causal_blocks_and_written_out_gradient_equal_the_traced_softmax(block, inputs):
+  """Query blocks of 16 (16, 16, 8 rows), 7 (uneven) and 128 (one block: T = 40) that skip the keys after them
+  give the traced full softmax's output and gradient, every row (padding rows too)."""
+  segments = jnp.asarray(SEGMENTS[inputs])
+  mask = transformer.attention_mask(segments)
+  q, k, v = _qkv(6)
+  cotangent = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
+  blocked = lambda q, k, v: attention.einsum_attention(q, k, v, mask, causal=True, block=block)
+  traced = lambda q, k, v: _traced_einsum(q, k, v, mask)
+  np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(traced)(q, k, v), atol=1e-6, rtol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(lambda *x: jnp.sum(f(*x) * cotangent), argnums=(0, 1, 2)))(q, k, v)
+  for ours, theirs in zip(grad(blocked), grad(traced)):
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("f32_probs", [True, False])
+def test_einsum_gradient_in_bfloat16_is_the_traced_ones_to_bfloat16_rounding(f32_probs):
+  """In bfloat16 the written-out gradient runs in float32 and rounds once at the end; autodiff of the traced
+  softmax rounds where its forward did. Both stay within bfloat16's rounding of the float32 gradient."""
+  segments = jnp.asarray(SEGMENTS["packed"])
+  mask = transformer.attention_mask(segments)
+  bf = _qkv(8, dtype=jnp.bfloat16)
+  cotangent = jnp.asarray(np.random.default_rng(9).normal(size=bf[0].shape), jnp.bfloat16)
+
+  def grad(f, x):
+    return jax.jit(jax.grad(lambda *x: jnp.sum((f(*x) * cotangent).astype(jnp.float32)), argnums=(0, 1, 2)))(*x)
+
+  ours = grad(lambda *x: attention.einsum_attention(*x, mask, f32_probs=f32_probs, causal=True, block=16), bf)
+  traced = grad(lambda *x: _traced_einsum(*x, mask, f32_probs=f32_probs), bf)
+  exact = grad(lambda *x: _traced_einsum(*x, mask), [x.astype(jnp.float32) for x in bf])
+  for o, t, e in zip(ours, traced, exact):
+    assert o.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(e)))
+    ours_error = float(jnp.max(jnp.abs(o.astype(jnp.float32) - e))) / scale
+    traced_error = float(jnp.max(jnp.abs(t.astype(jnp.float32) - e))) / scale
+    assert ours_error <= max(traced_error, 2**-8), (ours_error, traced_error)
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("inputs", sorted(SEGMENTS))
 def test_the_model_gives_the_same_logits_and_gradients_with_every_implementation(family, inputs):
