@@ -4,11 +4,13 @@
 (K divides N: grouped heads) under the model's mask: a token attends to earlier (or the same) positions of
 its own segment (segment id 0 is padding, and a padding token attends to earlier padding, so no row is empty).
 
-* "einsum": written out (two einsums, a where, a float32 softmax). With `f32_probs` the probabilities stay
-  float32 through P·V; otherwise they are rounded to v's dtype first, as the XLA path does.
+* "einsum": written out (two einsums, a where, a float32 softmax) with its gradient written out too
+  (`jax.custom_vjp`); in a full pass, whose mask is causal, queries go in blocks of 128 that skip the keys
+  after them. With `f32_probs` the probabilities stay float32 through P·V; otherwise they are rounded to v's
+  dtype first, as the XLA path does.
 * "xla": `jax.nn.dot_product_attention`'s XLA path (materializes [B, N, T, S] scores; probabilities rounded to
-  v's dtype). With jax 0.10.2 on this project's 2-core CPU it costs what "einsum" costs (benchmarks/RESULTS.md,
-  2026-12-02; it was up to 3× slower with the jax of 2026-11-28).
+  v's dtype). On this project's 2-core CPU the LM step with it is 1.28× (tiny) and 1.10× (mini) slower than
+  with "einsum" (benchmarks/RESULTS.md, 2026-12-02).
 * "cudnn": cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, NVIDIA GPUs only, bfloat16 or
   float16. It takes the dense mask as given, so packing and left padding work. Not run on a GPU by this
   project yet (benchmarks/RESULTS.md).
