@@ -134,8 +134,8 @@ def einsum_attention(q, k, v, mask, *, f32_probs: bool = True, causal: bool = Fa
   `causal` says the mask lets no query see a later key (the full passes' mask; T = S): queries then go in
   blocks of `block`, each against the keys up to its own last position, which skips the masked upper blocks
   (about half the scores for long sequences). The gradient is written out (`_einsum_backward`) rather than
-  traced through the softmax: on this project's CPU that and the skipped blocks make the tiny LM step 1.6×
-  faster (benchmarks/RESULTS.md, 2026-12-02).
+  traced through the softmax: on this project's 2-core CPU the two took the tiny LM step from 90 ms to 55-62 ms
+  (benchmarks/RESULTS.md, 2026-12-02).
   """
   groups = q.shape[2] // k.shape[2]
   if groups > 1:  # each key/value head once per query head of its group: [B, S, N, H] (faster here than a 5-D layout)
