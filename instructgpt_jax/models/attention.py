@@ -10,7 +10,7 @@ its own segment (segment id 0 is padding, and a padding token attends to earlier
   dtype first, as the XLA path does.
 * "xla": `jax.nn.dot_product_attention`'s XLA path (materializes [B, N, T, S] scores; probabilities rounded to
   v's dtype). On this project's 2-core CPU the LM step with it is 1.28× (tiny) and 1.10× (mini) slower than
-  with "einsum" (benchmarks/RESULTS.md, 2026-12-02).
+  with "einsum" (benchmarks/RESULTS.md, 2026-12-02, load 1.7).
 * "cudnn": cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, NVIDIA GPUs only, bfloat16 or
   float16. It takes the dense mask as given, so packing and left padding work. Not run on a GPU by this
   project yet (benchmarks/RESULTS.md).
@@ -39,7 +39,7 @@ from instructgpt_jax import errors, sharding
 from instructgpt_jax.models.sizes import ATTENTION_IMPLS as IMPLS
 
 SPLASH_BLOCK = 128  # the smallest block the splash kernel takes (a multiple of the TPU's 128 lanes)
-EINSUM_BLOCK = 128  # query block of the einsum path under a causal mask (fastest of 32, 64, 128 on this CPU)
+EINSUM_BLOCK = 128  # query block of the einsum path under a causal mask (none of 32, 64, 256 measured faster here)
 
 
 def platform() -> str:
@@ -94,7 +94,7 @@ def _einsum_forward(q, k, v, mask, f32_probs, causal, block):
     else:
       outs.append(jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v[:, :s], preferred_element_type=jnp.float32))
     probs.append(p)
-  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  out = jnp.concatenate(outs, axis=1)
   return out, (q, k, v, tuple(probs), out)
 
 
@@ -117,7 +117,7 @@ def _einsum_backward(f32_probs, causal, block, residuals, d_out):
     d_s = p * (d_p - row) * scale
     d_q.append(jnp.einsum("BNTS,BSNH->BTNH", d_s, k[:, :s].astype(jnp.float32)))
     d_k = d_k.at[:, :s].add(jnp.einsum("BNTS,BTNH->BSNH", d_s, q[:, a:b].astype(jnp.float32)))
-  d_q = jnp.concatenate(d_q, axis=1) if len(d_q) > 1 else d_q[0]
+  d_q = jnp.concatenate(d_q, axis=1)
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
