@@ -3,11 +3,16 @@
 Version ranges here; `requirements-lock.txt` pins the exact set that CI installs (`pip install -c`).
 """
 
+import re
+
 from setuptools import find_packages, setup
+
+# The version's one source is instructgpt_jax/version.py (read, not imported: the dependencies are not installed yet).
+VERSION = re.search(r'__version__ = "([^"]+)"', open("instructgpt_jax/version.py", encoding="utf-8").read())[1]
 
 setup(
   name="instructgpt_jax",
-  version="0.1.0",
+  version=VERSION,
   description="InstructGPT (Ouyang et al. 2022) in JAX/Flax: SFT, K-wise reward model, PPO-ptx, sharded.",
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",

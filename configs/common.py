@@ -8,6 +8,11 @@ import ml_collections
 
 from instructgpt_jax import config_lib, sharding
 
+# JAX's persistent compilation cache (stages.use_compilation_cache): a second run of the same programs (a resume, the
+# next sweep point) reads them instead of compiling. A per-user local folder by default; a gs:// folder serves a
+# whole pod; "" turns it off. JAX_COMPILATION_CACHE_DIR, where set, decides instead, as for any JAX program.
+DEFAULT_COMPILATION_CACHE = "~/.cache/instructgpt_jax/jax"
+
 
 def run_config(
   *,
@@ -29,6 +34,10 @@ def run_config(
   c.eval_every_steps = 0  # 0: evaluate only at the end
   c.eval_at_start = False  # evaluate the starting model before the first step (a metrics row at step 0)
   c.progress_bar = True
+  # A resumed run refuses a changed schedule (total steps, learning rates, warmup: trainers/common.py
+  # SCHEDULE_FIELDS) unless this is True.
+  c.allow_schedule_change = False
+  c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE
   c.model = config_lib.model_section(size, **model_fields)
   c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (trainers/model_io.py)
   # Which checkpoint of an init_from workdir: "" = the one that run selected (SFT: best RM score or validation

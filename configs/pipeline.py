@@ -43,6 +43,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   c.stage = "pipeline"
   c.seed = 0
   c.progress_bar = True
+  c.compilation_cache_dir = common.DEFAULT_COMPILATION_CACHE  # every stage's (configs/common.py)
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=LAB_MODEL["vocab_size"], documents=3000))
   scale = 0.4 if quick else 1.0
 

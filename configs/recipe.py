@@ -19,7 +19,7 @@ and resumes; `<workdir>/export` is the EMA policy as an HF folder. Any field: `-
 
 import ml_collections
 
-from configs import ppo, rm, sft
+from configs import common, ppo, rm, sft
 from instructgpt_jax import config_lib, errors
 
 
@@ -32,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.stage = "recipe"
   c.seed = 0
   c.progress_bar = True
+  c.compilation_cache_dir = common.DEFAULT_COMPILATION_CACHE  # every stage's (configs/common.py)
   c.model = a.model  # hf:PATH
   c.data = ml_collections.ConfigDict(
     # bias_demonstrations: how many training demonstrations set the RM's bias (0: all, as the paper)

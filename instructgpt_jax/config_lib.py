@@ -8,12 +8,16 @@ default's type), a bare `key` sets a boolean to True.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 import sys
 import typing
+from collections.abc import Sequence
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from instructgpt_jax import errors
 from instructgpt_jax.models.sizes import ModelConfig
@@ -42,6 +46,55 @@ def make_config_importable(config_arg: str) -> None:
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.insert(0, root)
+
+
+def config_file(config_arg: str) -> str:
+  """The config file of `--config=<file>[:arg]`, checked to exist (a config file is local Python code)."""
+  path = config_arg.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"--config: {path}: no such config file")
+  return path
+
+
+def config_module(config_arg: str):
+  """The config file of `config_arg` imported as a module (its folder's repository importable first)."""
+  path = config_file(config_arg)
+  make_config_importable(config_arg)
+  spec = importlib.util.spec_from_file_location(f"config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def check_config_arg(config_arg: str) -> None:
+  """Calls the file's `get_config(arg)` once, so that a bad argument (`:tinyy`) is its own one-line error
+  rather than a line inside the traceback that ml_collections' flag parser makes of it."""
+  module = config_module(config_arg)
+  _, sep, arg = config_arg.partition(":")
+  module.get_config(arg) if sep else module.get_config()
+
+
+def load_config(config_arg: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The ConfigDict `main.py --config=<config_arg> <overrides>` would run: ml_collections' own flag parsing,
+  so `--config.a.b=v` flags mean exactly what they mean on the command line. A missing file, a bad config
+  argument, a field that does not exist (with the nearest name) or a value of the wrong type is one
+  errors.ConfigError line."""
+  check_config_arg(config_arg)
+  argv = ["load_config", f"--config={config_arg}", *overrides]
+  bad = [a for a in overrides if not a.startswith("--config.") or "=" not in a]
+  if bad:
+    raise errors.ConfigError(f"{bad[0]}: not a config override; write --config.<field>=<value>")
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, lock_config=False)
+  # config_flags finds the `--config.<field>` overrides by reading sys.argv, whatever argv is parsed.
+  saved, sys.argv = sys.argv, argv
+  try:
+    flag_values(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    raise errors.ConfigError(override_error(e, argv)) from None
+  finally:
+    sys.argv = saved
+  return flag_values["config"].value
 
 
 def override_error(error: Exception, argv: list[str]) -> str:
@@ -96,3 +149,51 @@ def model_section(size: str, **fields) -> ml_collections.ConfigDict:
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, typing.Any]:
   return config.to_dict()
+
+
+class Checks:
+  """Collects a config's problems, one line each, so that a command reports all of them at once (before any
+  file is read or anything compiles). `raise_if_any()` raises them as one errors.ConfigError, a line each."""
+
+  def __init__(self, prefix: str = "", *, inputs: bool = True):
+    self.prefix = prefix  # e.g. "stages.ppo." for a stage inside the lab pipeline's config
+    # Whether the config must name its inputs (data files, the models it starts from). False where something
+    # else fills them in (the lab pipeline, the recipe) or nothing reads them (an AOT compile).
+    self.inputs = inputs
+    self.problems: list[str] = []
+
+  def require_input(self, value, field: str, what: str) -> bool:
+    """An input the run reads (a path): required when `self.inputs`."""
+    return not self.inputs or self.require(bool(value), field, f"required: {what}")
+
+  def require(self, condition: bool, field: str, message: str) -> bool:
+    """`field`'s problem is `message` unless `condition` holds; True when it holds."""
+    if not condition:
+      self.problems.append(f"{self.prefix}{field}: {message}")
+    return bool(condition)
+
+  def one_of(self, field: str, value, allowed) -> bool:
+    return self.require(value in tuple(allowed), field, f"{value!r} is not one of {tuple(allowed)}")
+
+  def at_least(self, field: str, value, low) -> bool:
+    return self.require(value >= low, field, f"{value} must be >= {low}")
+
+  def positive(self, field: str, value) -> bool:
+    return self.require(value > 0, field, f"{value} must be > 0")
+
+  def fraction(self, field: str, value, *, below_one: bool = False) -> bool:
+    ok = 0.0 <= value < 1.0 if below_one else 0.0 <= value <= 1.0
+    return self.require(ok, field, f"{value} is not in [0, 1{')' if below_one else ']'}")
+
+  def capture(self, fn, *args, **kwargs):
+    """Runs fn; a UserError it raises becomes a problem (its message already names its field)."""
+    try:
+      return fn(*args, **kwargs)
+    except errors.UserError as e:
+      message = str(e)
+      self.problems.append(f"{self.prefix}{message}" if re.match(r"[a-z_][\w.]*: ", message) else message)
+      return None
+
+  def raise_if_any(self) -> None:
+    if self.problems:
+      raise errors.ConfigError("\n".join(dict.fromkeys(self.problems)))

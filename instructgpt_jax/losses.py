@@ -97,6 +97,9 @@ def ranking_loss(
   return loss, metrics
 
 
+PAIR_NORMALIZERS = ("binom_k", "valid_pairs")  # Eq. 1's 1/C(K,2), or 1/(the prompt's non-tied pairs)
+
+
 def ranking_prompt_terms(
   rewards: jax.Array,
   ranks: jax.Array,
@@ -111,8 +114,8 @@ def ranking_prompt_terms(
     {"loss": L_b (0 without pairs), "num_pairs": |P_b|, "correct": pairs with r_w > r_l, "margin_sum":
     Σ (r_w − r_l) over P_b, "num_present": K_b}, each [B] float32.
   """
-  if normalizer not in ("binom_k", "valid_pairs"):
-    raise ValueError(f"normalizer must be 'binom_k' or 'valid_pairs', got {normalizer!r}")
+  if normalizer not in PAIR_NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {PAIR_NORMALIZERS}, got {normalizer!r}")
   ranks = jnp.asarray(ranks)
   present_BxK = ranks >= 0
   # Empty slots hold whatever the RM produced for padding; zeroing keeps it out of values and grads.

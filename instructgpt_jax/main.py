@@ -1,14 +1,23 @@
 """Entry point: `python -m instructgpt_jax.main --config=configs/<stage>.py[:arg] --workdir=DIR`.
 
-Any config field can be overridden with `--config.<field>=<value>` (a field that does not exist is one line
-with the nearest name). The config file may be given by any path, from any folder. On a multi-host cluster
-the JAX distributed runtime is initialized first (`--config.distributed.mode=auto` or `manual`, stages.py).
+Any config field can be overridden with `--config.<field>=<value>`. The config file may be given by any path,
+from any folder. Before anything else the whole config is checked (`stages.check_config`): a field that does
+not exist (with the nearest name), a value of the wrong type or out of range, a bad config argument, two
+fields that contradict each other, or an override the stage cannot use is one line each (exit 2). On a
+multi-host cluster the JAX distributed runtime is initialized next (`--config.distributed.mode=auto` or
+`manual`, stages.py).
+
+    python -m instructgpt_jax.main --config=configs/ppo.py:tiny --print_config    # the resolved config, as JSON
+
+`--print_config` prints the config the run would use, the model's resolved shape included (from
+`model.init_from` where one is given), and exits; `--workdir` is not needed for it, nor are the inputs a run
+requires (data files, the models PPO starts from) checked for being given.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -20,8 +29,16 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path of a config file, optionally with :arg.", lock_config=False
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (JSON) and exit.")
 
 run = stages.run  # `main.run(config, workdir)` runs a stage from Python
+
+
+def fail(error: errors.UserError):
+  """Reports a user's mistake, one line per problem (`error: ...`), no traceback; exit status 2."""
+  for line in str(error).splitlines():
+    print(f"error: {line}", file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
@@ -33,11 +50,18 @@ def main(argv):
   logging.getLogger("absl").addFilter(
     lambda r: r.levelno >= logging.WARNING or not any(name in r.pathname for name in chatty)
   )
+  config = _CONFIG.value
   try:
-    final = run(_CONFIG.value, _WORKDIR.value)
-  except errors.UserError as e:  # bad input: one line, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    overridden = config_flags.get_override_values(flags.FLAGS["config"])
+    stages.check_config(config, overridden, inputs=not _PRINT_CONFIG.value)
+    if _PRINT_CONFIG.value:
+      print(json.dumps(stages.resolved_config(config), indent=2))
+      return
+    if not _WORKDIR.value:
+      raise errors.UserError("--workdir: required (where the run keeps its checkpoints and metrics)")
+    final = run(config, _WORKDIR.value)
+  except errors.UserError as e:  # bad input: one line per problem, no traceback
+    fail(e)
   except errors.Preempted as e:  # saved; exit 0 so a scheduler that resubmits the job resumes it
     logging.warning("%s", e)
     return
@@ -45,20 +69,19 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config override reported as one line (exit 2)."""
+  """absl's flag parsing, with a missing config file, a bad config argument (`:tinyy`), a field that does not
+  exist or a value of the wrong type reported as one line (exit 2)."""
   config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if config_arg:
-    if not os.path.isfile(config_arg.split(":", 1)[0]):  # a config file is local Python code
-      print(f"error: --config: {config_arg.split(':', 1)[0]}: no such config file", file=sys.stderr)
-      sys.exit(2)
-    config_lib.make_config_importable(config_arg)
   try:
+    if config_arg:
+      config_lib.check_config_arg(config_arg)
     return flags.FLAGS(argv)
+  except errors.UserError as e:
+    fail(e)
   except (flags.Error, AttributeError, KeyError, ValueError) as e:
-    print(f"error: {config_lib.override_error(e, argv)}", file=sys.stderr)
-    sys.exit(2)
+    fail(errors.ConfigError(config_lib.override_error(e, argv)))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)

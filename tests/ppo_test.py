@@ -274,13 +274,9 @@ def test_critic_free_estimators_start_at_ratio_one_and_keep_no_critic(chain, tmp
     ({"ppo.kl_in": "both"}, "ppo.kl_in: 'both' is not one of"),
   ],
 )
-def test_estimator_settings_that_cannot_work_are_one_line_errors(ppo_models, tmp_path, overrides, message):
-  flags = {
-    "model.init_from": str(ppo_models / "sft"),
-    "ppo.reward_model": str(ppo_models / "rm" / "export"),
-    "data.eval": "",
-    **overrides,
-  }
+def test_estimator_settings_that_cannot_work_are_one_line_errors(tmp_path, overrides, message):
+  # Checked with the config's other values, before any model path is read (stages.check_config).
+  flags = {"model.init_from": str(tmp_path / "sft"), "ppo.reward_model": str(tmp_path / "rm"), **overrides}
   with pytest.raises(errors.ConfigError, match=message) as excinfo:
     main.run(configured(ppo, "tiny", **flags), str(tmp_path))
   assert "\n" not in str(excinfo.value)

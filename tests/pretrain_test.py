@@ -10,9 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from instructgpt_jax import checkpoint, main
+import instructgpt_jax
+from instructgpt_jax import checkpoint, errors, main
 
 from runs import read_metrics, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_learns(workdir, fraction=0.3):
@@ -45,7 +48,9 @@ def test_tiny_bf16_pretraining_on_tinyshakespeare_cuts_the_loss_by_30_percent(tm
 
 
 def test_command_line_run_writes_metrics_config_and_checkpoint(tmp_path):
-  workdir = tmp_path / "run"
+  """The command writes its metrics, one checkpoint, a config.json with the resolved model, the version and the
+  commit, and the programs it compiled into the persistent compilation cache the config names."""
+  workdir, cache = tmp_path / "run", tmp_path / "jax_cache"
   cmd = [
     sys.executable,
     "-m",
@@ -55,13 +60,21 @@ def test_command_line_run_writes_metrics_config_and_checkpoint(tmp_path):
     "--config.total_steps=20",
     "--config.log_every_steps=5",
     "--config.progress_bar=false",
+    f"--config.compilation_cache_dir={cache}",
   ]
-  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' shared cache: off
+  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows] == [5, 10, 15, 20]
   assert all({"step", "loss", "grad_norm", "lr"} <= set(r) for r in rows) and "eval_loss" in rows[-1]
-  assert json.load(open(workdir / "config.json"))["total_steps"] == 20
+  config = json.load(open(workdir / "config.json"))
+  assert config["total_steps"] == 20
+  assert (config["model"]["n_layers"], config["model"]["d_model"], config["model"]["vocab_size"]) == (2, 64, 320)
+  assert config["instructgpt_jax_version"] == instructgpt_jax.__version__
+  head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+  assert config["git_commit"] in (head, head + "-dirty")
+  assert len(list(cache.iterdir())) >= 2, "the train and eval steps are in the cache"
   assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]
   assert "final:" in out.stdout
 
@@ -73,6 +86,14 @@ def test_rerun_resumes_from_the_newest_checkpoint_bit_exactly(tmp_path):
   main.run(tiny_config(**base), str(tmp_path / "straight"))
   main.run(tiny_config(**base), str(tmp_path / "resumed"))
   shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "12")
+  # Resuming with another schedule is refused before anything is built, naming each changed field.
+  for changed, message in (
+    ({"total_steps": 16}, "total_steps 12 -> 16"),
+    ({"optim.lr": 1e-3, "optim.warmup_steps": 5}, "optim.lr 0.003 -> 0.001; optim.warmup_steps 10 -> 5"),
+  ):
+    with pytest.raises(errors.ConfigError, match="resumes a run whose schedule this config changes") as excinfo:
+      main.run(tiny_config(**base, **changed), str(tmp_path / "resumed"))
+    assert message in str(excinfo.value) and "--config.allow_schedule_change=true" in str(excinfo.value)
   main.run(tiny_config(**base), str(tmp_path / "resumed"))
   # The rerun drops the interrupted run's rows after its checkpoint and writes them again: one per step.
   assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == list(range(1, 13))
@@ -109,5 +130,6 @@ def test_eval_at_start_evaluates_the_starting_model_at_step_0(tmp_path):
   assert [r["step"] for r in rows] == [0, 1, 2]
   assert set(rows[0]) == {"step", "eval_loss"} and rows[0]["eval_loss"] > 5.0  # near ln(320): a random model
   assert final["eval_loss"] < rows[0]["eval_loss"]
-  main.run(tiny_config(total_steps=4, log_every_steps=1, eval_at_start=True), str(tmp_path))  # resumed: no row 0
+  # Resumed with more steps (the schedule changes, which the flag accepts): no row 0.
+  main.run(tiny_config(total_steps=4, log_every_steps=1, eval_at_start=True, allow_schedule_change=True), str(tmp_path))
   assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]

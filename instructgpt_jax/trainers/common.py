@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import checkpoint, errors, optim, paths, sharding
+from instructgpt_jax import checkpoint, errors, optim, paths, sharding, version
 from instructgpt_jax import metrics as metrics_lib
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import model_io
@@ -36,6 +37,37 @@ def check_batch(name: str, batch_size: int, mesh: Mesh) -> None:
   check(
     batch_size % jax.process_count() == 0, f"{name}: {batch_size} does not divide over {jax.process_count()} processes"
   )
+
+
+def check_batch_values(field: str, batch_size: int, mesh_cfg, checks) -> None:
+  """A batch size by itself: positive, and dividing over data × fsdp where the config fixes them (no -1;
+  with -1 the devices decide, and `check_batch` checks it on the mesh)."""
+  if not checks.at_least(field, batch_size, 1):
+    return
+  parallel = [mesh_cfg.get(a, 1) * mesh_cfg.get(f"dcn_{a}", 1) for a in ("data", "fsdp")]
+  if all(p >= 1 for p in parallel):
+    shards = parallel[0] * parallel[1]
+    checks.require(
+      batch_size % shards == 0, field, f"{batch_size} does not divide over data×fsdp = {shards} devices of the mesh"
+    )
+
+
+def check_data_values(data, checks) -> None:
+  """The `data` fields several stages share, by themselves (the files are read later)."""
+  from instructgpt_jax.data import formats, templates
+
+  if "template" in data:
+    checks.one_of("data.template", data.template, templates.TEMPLATES)
+  if "on_error" in data:
+    checks.one_of("data.on_error", data.on_error, formats.ON_ERROR)
+  if "truncate_prompt" in data:
+    checks.one_of("data.truncate_prompt", data.truncate_prompt, ("none", "left"))
+  for field in ("seq_len", "max_prompt_len", "ptx_seq_len"):
+    if field in data:
+      checks.at_least(f"data.{field}", data[field], 2)
+  for field in ("eval_examples", "eval_batches", "eval_prompts"):
+    if field in data:
+      checks.at_least(f"data.{field}", data[field], 0)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -81,10 +113,63 @@ def steps_for_epochs(config, n_examples: int, *, mix_fraction: float = 0.0) -> i
   return max(1, math.ceil(exact - 1e-9))  # 1e-9: a whole number of steps must not round up
 
 
-def write_config(workdir: str, config) -> None:
-  """Process 0 writes the resolved config as JSON next to the checkpoints."""
+def run_record(config, model_cfg=None) -> dict:
+  """What a run's config.json holds: the config, with the model's resolved fields (its shape from the size
+  table or from `model.init_from`) where `model_cfg` is given, and the package version and git commit."""
+  out = config.to_dict()
+  if model_cfg is not None and isinstance(out.get("model"), dict):
+    out["model"].update(dataclasses.asdict(model_cfg))
+  out["instructgpt_jax_version"] = version.__version__
+  out["git_commit"] = version.git_commit()
+  return out
+
+
+# Fields that set the learning-rate schedule, or the number of optimizer steps it is spread over: a resumed run
+# that changes one of them would continue on another schedule than the one its checkpoints were trained on.
+SCHEDULE_FIELDS = (
+  "total_steps",
+  "epochs",
+  *(
+    f"{o}.{f}"
+    for o in ("optim", "value_optim")
+    for f in ("lr", "schedule", "warmup_steps", "warmup_init_fraction", "final_lr_fraction")
+  ),
+  *(f"ppo.{f}" for f in ("episodes", "rollout_batch", "minibatch", "epochs")),
+)
+
+
+def _dotted(tree: dict, field: str):
+  for key in field.split("."):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def check_resume(workdir: str, config) -> None:
+  """A run that resumes keeps the schedule its checkpoints were trained on: a changed SCHEDULE_FIELDS value is
+  refused in one line naming the field and both values, unless `allow_schedule_change` says it is meant."""
+  if not checkpoint.Checkpointer.steps_in(workdir) or config.get("allow_schedule_change"):
+    return
+  before, now = paths.read_json(paths.join(workdir, "config.json"), {}), config.to_dict()
+  changed = [
+    f"{field} {_dotted(before, field)!r} -> {_dotted(now, field)!r}"
+    for field in SCHEDULE_FIELDS
+    if _dotted(before, field) is not None
+    and _dotted(now, field) is not None
+    and _dotted(before, field) != _dotted(now, field)
+  ]
+  check(
+    not changed,
+    f"--workdir: {workdir} resumes a run whose schedule this config changes ({'; '.join(changed)}); give the "
+    "earlier values, a new workdir, or --config.allow_schedule_change=true to continue on the new schedule",
+  )
+
+
+def write_config(workdir: str, config, model_cfg=None) -> None:
+  """Process 0 writes the resolved config (`run_record`) as JSON next to the checkpoints."""
   if jax.process_index() == 0:
-    paths.write_json(paths.join(workdir, "config.json"), config.to_dict())
+    paths.write_json(paths.join(workdir, "config.json"), run_record(config, model_cfg))
 
 
 class Preemption:
@@ -318,7 +403,8 @@ def start_training(
   from this run's newest checkpoint, else started from `model.init_from` (or randomly). `select`: keep the
   best evaluated checkpoint (see LoopIO)."""
   config.total_steps = total_steps
-  write_config(workdir, config)
+  check_resume(workdir, config)
+  write_config(workdir, config, stage.model_cfg)
   model_io.write_model_json(workdir, kind, stage.model_cfg)
   tx = optim.make_optimizer(config.optim, total_steps)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, select=select)

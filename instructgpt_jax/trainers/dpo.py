@@ -55,17 +55,24 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float
   return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)
 
 
+def check_config(config, checks) -> None:
+  """DPO's own fields, without reading a file (stages.check_config)."""
+  d = config.data
+  common.check_data_values(d, checks)
+  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  checks.at_least("data.max_responses", d.max_responses, 2)
+  checks.positive("dpo.beta", config.dpo.beta)
+  checks.one_of("dpo.pair_normalizer", config.dpo.pair_normalizer, losses.PAIR_NORMALIZERS)
+  checks.require_input(d.train, "data.train", "comparison JSONL files, or lab:comparisons:train:N")
+  checks.require_input(config.model.init_from, "model.init_from", "DPO starts from the SFT model")
+
+
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   d = config.dpo
   common.check(source is not None, "model.init_from: DPO starts from the SFT model; set it")
-  common.check(d.beta > 0, f"dpo.beta: {d.beta} must be > 0")
-  common.check(
-    d.pair_normalizer in ("binom_k", "valid_pairs"),
-    f"dpo.pair_normalizer: {d.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
-  )
   reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else source
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)

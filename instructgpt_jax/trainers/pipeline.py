@@ -25,6 +25,22 @@ from instructgpt_jax.trainers import chain, model_io
 RL_STAGES = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO"}
 
 
+def check_config(config, checks) -> None:
+  """The lab's own fields (stages.check_config checks each stage's section after them)."""
+  checks.at_least("tokenizer.vocab_size", config.tokenizer.vocab_size, 256)
+  labels = config.labels
+  for field in ("prompts", "eval_prompts", "max_new_tokens", "agreement_pairs"):
+    checks.at_least(f"labels.{field}", labels[field], 1)
+  if checks.at_least("labels.k_min", labels.k_min, 2):
+    checks.require(labels.k_max >= labels.k_min, "labels.k_max", f"{labels.k_max} is below labels.k_min {labels.k_min}")
+  checks.positive("labels.temperature", labels.temperature)
+  for field in ("prompts", "max_new_tokens", "bootstrap"):
+    checks.at_least(f"evaluation.{field}", config.evaluation[field], 1)
+  checks.positive("evaluation.temperature", config.evaluation.temperature)
+  for name in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+    checks.require(name in config.stages, f"stages.{name}", "missing: the lab runs it")
+
+
 def train(config, workdir: str) -> dict[str, float]:
   stages = config.stages
   paths.check_output_dir(workdir, "--workdir")
@@ -48,6 +64,7 @@ def train(config, workdir: str) -> dict[str, float]:
     stage.data.tokenizer = tokenizer_path
     stage.seed = config.seed
     stage.progress_bar = config.progress_bar
+    stage.compilation_cache_dir = config.compilation_cache_dir
   path = {name: paths.join(workdir, name) for name in ("pretrain", "sft", "labels", "rm", *stages)}
 
   # ---------------------------------------------------------------- the stages

@@ -49,15 +49,9 @@ def critic_init_params(value_source, target, cfg, seed: int):
   return {**params, "head": {**params["head"], "proj": {**head, "bias": head["bias"] - reward_bias}}}
 
 
-def check_config(config, stage: common.Stage) -> None:
-  """Every PPO setting a run reads, checked before anything is built (one line each, common.check)."""
-  p, policy_cfg = config.ppo, stage.model_cfg
-  common.check(
-    stage.source is not None, "model.init_from: PPO starts from the PPO-init SFT model (docs/paper.md §1); set it"
-  )
-  common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
-  for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
-    model_io.read_source(p[field], f"ppo.{field}")
+def check_config(config, checks) -> None:
+  """Every PPO setting by itself and against the others, without reading a file (stages.check_config)."""
+  p, d = config.ppo, config.data
   for field, allowed in (
     ("kl_controller", ppo_steps.KL_CONTROLLERS),
     ("kl_estimator", ppo_steps.KL_ESTIMATORS),
@@ -66,22 +60,81 @@ def check_config(config, stage: common.Stage) -> None:
     ("kl_in", ppo_steps.KL_PLACES),
     ("rollout_layout", ppo_steps.ROLLOUT_LAYOUTS),
   ):
-    common.check(p[field] in allowed, f"ppo.{field}: {p[field]!r} is not one of {allowed}")
-  common.check(p.rollout_batch % p.minibatch == 0, f"ppo.minibatch: {p.minibatch} does not divide {p.rollout_batch}")
-  group = p.samples_per_prompt
-  common.check(
-    group >= 1 and p.rollout_batch % group == 0,
-    f"ppo.samples_per_prompt: {group} does not divide ppo.rollout_batch {p.rollout_batch} (it counts responses)",
+    checks.one_of(f"ppo.{field}", p[field], allowed)
+  for field in ("kl_coef", "ptx_coef", "vf_coef", "ptx_per_episode"):
+    checks.at_least(f"ppo.{field}", p[field], 0)
+  for field in ("clip", "value_clip", "temperature", "kl_target", "kl_horizon"):
+    checks.positive(f"ppo.{field}", p[field])
+  for field in ("gamma", "lam"):
+    checks.fraction(f"ppo.{field}", p[field])
+  checks.fraction("ppo.ema_decay", p.ema_decay, below_one=True)
+  for field in ("epochs", "max_new_tokens", "samples_per_prompt"):
+    checks.at_least(f"ppo.{field}", p[field], 1)
+  if checks.at_least("ppo.rollout_batch", p.rollout_batch, 1) and checks.at_least("ppo.minibatch", p.minibatch, 1):
+    checks.require(
+      p.rollout_batch % p.minibatch == 0,
+      "ppo.minibatch",
+      f"{p.minibatch} does not divide ppo.rollout_batch {p.rollout_batch}",
+    )
+    checks.require(
+      p.rollout_batch % max(p.samples_per_prompt, 1) == 0,
+      "ppo.samples_per_prompt",
+      f"{p.samples_per_prompt} does not divide ppo.rollout_batch {p.rollout_batch} (it counts responses)",
+    )
+    checks.require(
+      config.total_steps > 0 or p.episodes >= p.rollout_batch,
+      "ppo.episodes",
+      f"{p.episodes} is less than one rollout batch ({p.rollout_batch}): no iteration would run",
+    )
+    common.check_batch_values("ppo.minibatch", p.minibatch, config.mesh, checks)
+  checks.require(
+    p.samples_per_prompt >= 2 or p.advantage_estimator not in rl.GROUP_ESTIMATORS,
+    "ppo.samples_per_prompt",
+    f"{p.advantage_estimator} compares the responses to one prompt; set it to 2 or more",
   )
-  common.check(
-    group >= 2 or p.advantage_estimator not in rl.GROUP_ESTIMATORS,
-    f"ppo.samples_per_prompt: {p.advantage_estimator} compares the responses to one prompt; set it to 2 or more",
+  checks.require(
+    not p.shared_trunk or p.advantage_estimator not in rl.ESTIMATORS or rl.needs_critic(p.advantage_estimator),
+    "ppo.shared_trunk",
+    f"{p.advantage_estimator} has no value function to put on the policy's trunk; set it False",
   )
-  common.check(
-    not p.shared_trunk or rl.needs_critic(p.advantage_estimator),
-    f"ppo.shared_trunk: {p.advantage_estimator} has no value function to put on the policy's trunk; set it False",
+  if p.ptx_coef:
+    checks.require_input(d.ptx_corpus, "data.ptx_corpus", "pretraining text ('lab' or globs) when ppo.ptx_coef > 0")
+  common.check_data_values(d, checks)
+  checks.require_input(
+    config.model.init_from, "model.init_from", "PPO starts from the PPO-init SFT model (docs/paper.md §1)"
   )
-  common.check(not (p.ptx_coef and not config.data.ptx_corpus), "data.ptx_corpus: required when ppo.ptx_coef > 0")
+  checks.require_input(p.reward_model, "ppo.reward_model", "the rm stage's <workdir>/export")
+  checks.require_input(d.train, "data.train", "prompt JSONL files, or lab:prompts:train:N")
+
+
+def unused_fields(config) -> dict[str, str]:
+  p = config.ppo
+  unused = {}
+  if p.advantage_estimator in rl.ESTIMATORS and not rl.needs_critic(p.advantage_estimator):
+    why = f"ppo.advantage_estimator={p.advantage_estimator} trains no value function"
+    unused.update({"value_optim": why, "ppo.value_clip": why, "ppo.vf_coef": why, "ppo.value_init": why})
+  elif p.shared_trunk:
+    unused["value_optim"] = "with ppo.shared_trunk the value head trains with the policy's optimizer (optim)"
+  else:
+    unused["ppo.vf_coef"] = "it weighs the value loss of a shared trunk (ppo.shared_trunk=False: a separate critic)"
+  if p.kl_controller == "fixed":
+    why = "ppo.kl_controller is 'fixed'"
+    unused.update({"ppo.kl_target": why, "ppo.kl_horizon": why})
+  if not p.ptx_coef:
+    unused["ppo.ptx_reduction"] = "ppo.ptx_coef is 0 (no pretraining term)"
+  return unused
+
+
+def check_setup(config, stage: common.Stage) -> None:
+  """What needs the files and the devices: every model path resolves, the mesh fits the layout and the
+  minibatch, prompts and responses fit the model."""
+  p, policy_cfg = config.ppo, stage.model_cfg
+  common.check(
+    stage.source is not None, "model.init_from: PPO starts from the PPO-init SFT model (docs/paper.md §1); set it"
+  )
+  common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
+  for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
+    model_io.read_source(p[field], f"ppo.{field}")
   layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
   common.check(not layout_error, layout_error)
   common.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
@@ -205,10 +258,11 @@ def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, p
 def train(config, workdir: str) -> dict[str, float]:
   p = config.ppo
   stage = common.setup_stage(config, workdir)
-  check_config(config, stage)
+  check_setup(config, stage)
   prompts, ptx = build_data(config, stage)
   iterations = config.total_steps = config.total_steps or p.episodes // p.rollout_batch
-  common.write_config(workdir, config)
+  common.check_resume(workdir, config)
+  common.write_config(workdir, config, stage.model_cfg)
   lm_key = ("lm",) if p.shared_trunk else ()  # where a later stage finds the policy and its EMA
   model_io.write_model_json(
     workdir, "lm", stage.model_cfg, params_keys=("policy", "params", *lm_key), ema_keys=("policy", "ema", *lm_key)

@@ -15,6 +15,16 @@ from instructgpt_jax.data import text
 from instructgpt_jax.trainers import common, lm_steps
 
 
+def check_config(config, checks) -> None:
+  """Pretraining's own fields, without reading a file (stages.check_config)."""
+  d = config.data
+  checks.require_input(d.corpus, "data.corpus", "globs of .txt / .jsonl files, or 'lab'")
+  common.check_data_values(d, checks)
+  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  checks.fraction("data.eval_fraction", d.eval_fraction, below_one=True)
+  checks.require(config.total_steps > 0, "total_steps", f"{config.total_steps}: pretraining runs a set number of steps")
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)

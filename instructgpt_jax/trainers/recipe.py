@@ -41,16 +41,26 @@ def split_data(pairs: str, directory: str, *, eval_records: int, bias_records: i
   return out
 
 
+def check_config(config, checks) -> None:
+  """The recipe's own fields (stages.check_config checks each stage's section after them)."""
+  checks.require(
+    config.model.startswith("hf:"),
+    "model",
+    f"{config.model!r}: give a HuggingFace folder as the config arg model=hf:PATH",
+  )
+  checks.require(
+    bool(config.data.pairs), "data.pairs", "required: HH-RLHF-style {chosen, rejected} JSONL (config arg data=)"
+  )
+  checks.at_least("data.eval_pairs", config.data.eval_pairs, 1)
+  checks.at_least("data.bias_demonstrations", config.data.bias_demonstrations, 0)
+
+
 def train(config, workdir: str) -> dict[str, float]:
   paths.check_output_dir(workdir, "--workdir")
   paths.make_dir(workdir)
-  if not config.model.startswith("hf:"):
-    raise errors.ConfigError(f"config arg model: {config.model!r}; give a HuggingFace folder as model=hf:PATH")
-  if not config.data.pairs:
-    raise errors.ConfigError("config arg data: required (HH-RLHF-style {chosen, rejected} JSONL)")
   stages, ptx = config.stages, config.data.ptx_corpus
   for stage in stages.values():
-    stage.update(seed=config.seed, progress_bar=config.progress_bar)
+    stage.update(seed=config.seed, progress_bar=config.progress_bar, compilation_cache_dir=config.compilation_cache_dir)
   d = config.data
   files = chain.once(
     workdir,

@@ -50,14 +50,23 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: st
   return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)
 
 
+def check_config(config, checks) -> None:
+  """The RM's own fields, without reading a file (stages.check_config)."""
+  d = config.data
+  common.check_data_values(d, checks)
+  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  checks.at_least("data.max_responses", d.max_responses, 2)
+  checks.one_of("rm.pair_normalizer", config.rm.pair_normalizer, losses.PAIR_NORMALIZERS)
+  checks.require_input(d.train, "data.train", "comparison JSONL files, or lab:comparisons:train:N")
+  checks.require_input(
+    d.bias_demonstrations, "data.bias_demonstrations", "demonstrations (docs/paper.md §4.1: the bias)"
+  )
+
+
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
-  common.check(
-    config.rm.pair_normalizer in ("binom_k", "valid_pairs"),
-    f"rm.pair_normalizer: {config.rm.pair_normalizer!r} is not 'binom_k' or 'valid_pairs'",
-  )
   common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (docs/paper.md §4.1: the bias)")
   if config.rm.export_dir:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")

@@ -22,14 +22,37 @@ from instructgpt_jax.data import stage_data
 from instructgpt_jax.trainers import common, judging, lm_steps
 
 
+def check_config(config, checks) -> None:
+  """SFT's own fields, without reading a file (stages.check_config)."""
+  d = config.data
+  common.check_data_values(d, checks)
+  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  checks.require_input(d.train, "data.train", "demonstration JSONL files, or lab:demonstrations:train:N")
+  if checks.fraction("data.pretrain_mix", d.pretrain_mix, below_one=True) and d.pretrain_mix > 0:
+    checks.require(bool(d.pretrain_corpus), "data.pretrain_corpus", "required when data.pretrain_mix > 0")
+  checks.one_of("data.pretrain_mix_by", d.pretrain_mix_by, ("rows", "loss_tokens"))
+  e = config.eval_rm
+  for field in ("num_prompts", "max_new_tokens", "batch_size"):
+    checks.at_least(f"eval_rm.{field}", e[field], 1)
+  checks.positive("eval_rm.temperature", e.temperature)
+  checks.require(not e.rm or bool(e.prompts), "eval_rm.prompts", "required with eval_rm.rm (the validation prompts)")
+
+
+def unused_fields(config) -> dict[str, str]:
+  unused = {}
+  if not config.eval_rm.rm:
+    unused.update(
+      {f"eval_rm.{f}": "eval_rm.rm is empty (no RM selects checkpoints)" for f in config.eval_rm if f != "rm"}
+    )
+  if not config.data.pretrain_mix:
+    unused.update({f"data.{f}": "data.pretrain_mix is 0" for f in ("pretrain_corpus", "pretrain_mix_by")})
+  return unused
+
+
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
-  common.check(
-    not (config.data.pretrain_mix and not config.data.pretrain_corpus),
-    "data.pretrain_corpus: required when data.pretrain_mix > 0",
-  )
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   judge, eval_prompts = None, []
