@@ -11,7 +11,8 @@ multi-host cluster the JAX distributed runtime is initialized next (`--config.di
 
 `--print_config` prints the config the run would use, the model's resolved shape included (from
 `model.init_from` where one is given), and exits; `--workdir` is not needed for it, nor are the inputs a run
-requires (data files, the models PPO starts from) checked for being given.
+requires (data files, the models PPO starts from) checked for being given. `--check_config` checks the config
+as a run does first and exits (launch/slurm.sbatch runs it before srun).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (JSON) and exit.")
+_CHECK_CONFIG = flags.DEFINE_bool("check_config", False, "Check the whole config, as a run does first, and exit.")
 
 run = stages.run  # `main.run(config, workdir)` runs a stage from Python
 
@@ -56,6 +58,9 @@ def main(argv):
     stages.check_config(config, overridden, inputs=not _PRINT_CONFIG.value)
     if _PRINT_CONFIG.value:
       print(json.dumps(stages.resolved_config(config), indent=2))
+      return
+    if _CHECK_CONFIG.value:
+      print(f"config checked: {config.stage}, no problems")
       return
     if not _WORKDIR.value:
       raise errors.UserError("--workdir: required (where the run keeps its checkpoints and metrics)")

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 from launch import tpu
 
@@ -64,20 +65,41 @@ def test_tpu_delete(capsys):
   ]
 
 
-def test_slurm_script_builds_the_srun_command():
-  env = dict(os.environ, DRY_RUN="1", SLURM_SUBMIT_DIR="/shared/igpt")
+def test_slurm_script_checks_the_config_then_builds_the_srun_command(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  py = sys.executable
+  env = dict(os.environ, DRY_RUN="1", SLURM_SUBMIT_DIR="/unused", INSTRUCTGPT_JAX_DIR=repo, PYTHON=py)
   args = ["--config=configs/sft.py:size=6.7b", "--workdir=/shared/runs/sft6b", "--config.data.train=d/train*.jsonl"]
   out = subprocess.run(["bash", "launch/slurm.sbatch", *args], env=env, capture_output=True, text=True, check=True)
   assert out.stdout == (
-    "srun --kill-on-bad-exit=1 --chdir=/shared/igpt /shared/igpt/.venv/bin/python -m "
+    f"srun --kill-on-bad-exit=1 --chdir={repo} {py} -m "
     "instructgpt_jax.main --config=configs/sft.py:size=6.7b --workdir=/shared/runs/sft6b "
     "--config.data.train=d/train\\*.jsonl --config.distributed.mode=auto\n"
   )
   manual = subprocess.run(
-    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py", "--config.distributed.mode=manual"],
+    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py:tiny", "--config.distributed.mode=manual"],
     env=env,
     capture_output=True,
     text=True,
     check=True,
   )
-  assert manual.stdout.split()[-2:] == ["--config=configs/sft.py", "--config.distributed.mode=manual"]
+  assert manual.stdout.split()[-2:] == ["--config=configs/sft.py:tiny", "--config.distributed.mode=manual"]
+  # A mistake stops the job before srun: one line, exit 2, no command.
+  for mistake, message in (
+    (["--config.data.batchsize=4"], "error: --config.data.batchsize: no such config field 'batchsize'; did you mean"),
+    (["--config.optim.lr=abc"], "error: flag --config.optim.lr=abc: could not convert string to float"),
+    (["--config.optim.lr=-1"], "error: optim.lr: -1.0 must be > 0"),
+  ):
+    bad = subprocess.run(["bash", "launch/slurm.sbatch", *args, *mistake], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()] and bad.stderr.startswith(
+      message
+    )
+  bad = subprocess.run(
+    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py:tinyy"], env=env, capture_output=True, text=True
+  )
+  assert (bad.returncode, bad.stdout, bad.stderr.strip()) == (
+    2,
+    "",
+    "error: config arg 'tinyy': not one of ['size', 'tiny', 'variant']",
+  )
