@@ -92,7 +92,7 @@ def test_rerun_resumes_from_the_newest_checkpoint_bit_exactly(tmp_path):
     ({"optim.lr": 1e-3, "optim.warmup_steps": 5}, "optim.lr 0.003 -> 0.001; optim.warmup_steps 10 -> 5"),
   ):
     with pytest.raises(errors.ConfigError, match="resumes a run whose schedule this config changes") as excinfo:
-      main.run(tiny_config(**base, **changed), str(tmp_path / "resumed"))
+      main.run(tiny_config(**{**base, **changed}), str(tmp_path / "resumed"))
     assert message in str(excinfo.value) and "--config.allow_schedule_change=true" in str(excinfo.value)
   main.run(tiny_config(**base), str(tmp_path / "resumed"))
   # The rerun drops the interrupted run's rows after its checkpoint and writes them again: one per step.
@@ -116,7 +116,7 @@ def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
   with pytest.raises(
     ValueError, match=r"mesh: ici sizes \{'data': 3, 'fsdp': 1, 'tensor': 1\} need 3 devices, but 8 are present"
   ):
-    main.run(tiny_config(**{"mesh.data": 3}), str(tmp_path))
+    main.run(tiny_config(**{"mesh.data": 3, "data.batch_size": 3}), str(tmp_path))
   with pytest.raises(
     ConfigError, match="data.tokenizer: bytes has 258 ids, more than the model's vocabulary of 100; raise model.vocab"
   ):
