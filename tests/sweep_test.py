@@ -401,6 +401,29 @@ def test_lab_pipeline_workdirs_are_searched_one_level_down_and_a_stage_is_picked
   ]
 
 
+def test_the_runs_under_a_bucket_root_are_found_and_tabled(gcs, capsys):
+  from instructgpt_jax import paths
+
+  root = f"gs://{gcs.make_bucket()}/sweep"
+  for name, seed, eval_loss in (("a/sft", 0, 1.0), ("b/sft", 1, 3.0), ("c", 2, 2.0)):  # 2 labs, 1 plain run
+    workdir = f"{root}/{name}"
+    top = f"{root}/{name.split('/')[0]}"
+    config = {"stage": "sft", "seed": seed, "data": {"tokenizer": f"{top}/tokenizer/tokenizer.json"}}
+    paths.write_json(f"{workdir}/config.json", config)
+    paths.write_text(f"{workdir}/metrics.jsonl", json.dumps({"step": 5, "eval_loss": eval_loss}) + "\n")
+  paths.write_json(f"{root}/a/sft/export/config.json", {"model_type": "llama"})
+  assert table(capsys, f"--root={root}", "--table", "--by_seed", "--sort=eval_loss") == [
+    "| run | seed | step | eval_loss (last) |",
+    "|---|---|---|---|",
+    "| a/sft | 0 | 5 | 1 |",
+    "| c | 2 | 5 | 2 |",
+    "| b/sft | 1 | 5 | 3 |",
+  ]
+  assert table(capsys, f"--root={root}", "--best=eval_loss", "--by_seed") == [f"a/sft\t{root}/a/sft"]
+  assert sweep_cli.main([f"--root={root}/nothing", "--table"]) == 2
+  assert capsys.readouterr().err == f"error: --root: {root}/nothing: no such folder\n"
+
+
 # ------------------------------------------------------------------------------------------ seeds
 
 T_975 = {1: 12.706205, 3: 3.182446}  # Student t quantiles t_{0.975, ν} from a table
