@@ -3,12 +3,14 @@
     python -m launch.aot --target=v5p-1024 --config=configs/sft.py:size=175b \
         --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.data.batch_size=64 --config.model.remat=full
 
-The same configs and overrides as `main.py`; nothing runs and no accelerator is needed. A TPU target's
-devices come from libtpu's topology description (`jax.experimental.topologies`, installed with
-`jax[tpu]`), so XLA:TPU compiles the real sharded program and `memory_analysis()` gives its per-device
-buffers; a program that does not fit fails to compile with RESOURCE_EXHAUSTED, which is reported as such.
-A `cpu` target uses fake CPU devices: parameter, optimizer and batch sizes are exact (they follow from the
-shardings), but XLA:CPU's temporary memory is far from an accelerator's, so it is not reported.
+The same configs and overrides as `main.py`; nothing runs and no accelerator is needed. Targets are named as in
+`accelerators.py` (any v4/v5e/v5p/v6e slice, GPU clusters, fake CPU devices). A TPU target's devices come from
+libtpu's topology description (`jax.experimental.topologies`, installed with `jax[tpu]`), so XLA:TPU compiles
+the real sharded program and `memory_analysis()` gives its per-device buffers; a program that does not fit
+fails to compile with RESOURCE_EXHAUSTED, which is reported as such. A GPU cluster is compiled by XLA:TPU for
+as many v5p chips (no XLA:GPU compiler runs offline). A `cpu` target uses fake CPU devices: parameter,
+optimizer and batch sizes are exact (they follow from the shardings), but XLA:CPU's temporary memory is far
+from an accelerator's, so it is not reported and only the state decides whether a plan fits.
 
 Per device, for each program a stage runs:
   params      parameters (frozen models included: PPO's reference and reward model)
@@ -17,6 +19,10 @@ Per device, for each program a stage runs:
   temp        XLA's temporary buffers: activations, gradients, logits; the KV cache lives here too
   peak        everything resident while the program runs: all stage state + the program's other inputs,
               its outputs that are not donated inputs, and temp
+
+`report` raises a global batch the mesh does not divide to the next size it does (`batch_fallback`, and
+says so); a plan that does not fit tries a few single changes (`single_changes`: more fsdp, more tensor,
+more microbatches or smaller PPO batches, full remat) and names the first that fits.
 
 The steps are the trainers' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
 `trainers/sft.py` builds it; the RM's `rm.make_train_step`, as `trainers/rm.py`; PPO's state, rollout
@@ -29,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from typing import Any
@@ -37,40 +44,35 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from instructgpt_jax import models, optim, sharding, train_state
+from instructgpt_jax import accelerators, errors, models, optim, sharding, train_state
 from instructgpt_jax.trainers import common, lm_steps, model_io, ppo_steps, rm
 
 GiB = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """A pod or cluster to compile for. platform "tpu": libtpu's topology `topology`; "cpu": fake CPU devices."""
-
-  name: str
-  platform: str
-  devices: int
-  hbm_gib: float  # memory per device (chip) that a program may use
-  topology: str = ""
-  chip_config: str = "default"
-  note: str = ""
+Target = accelerators.Target
 
 
-TARGETS = {
-  t.name: t
-  for t in (
-    Target("v4-8", "tpu", 4, 32.0, "v4:2x2x1", "megacore"),
-    Target("v4-512", "tpu", 256, 32.0, "v4:4x8x8", "megacore"),
-    Target("v5e-256", "tpu", 256, 16.0, "v5e:16x16"),
-    Target("v5p-8", "tpu", 4, 95.0, "v5p:2x2x1"),
-    Target("v5p-1024", "tpu", 512, 95.0, "v5p:8x8x8"),
-    # No GPU topology can be compiled for offline: the same program compiled by XLA:TPU for 64 v5p chips
-    # (same mesh, same shardings) stands in, judged against the H100's 80 GiB.
-    Target("64xH100", "tpu", 64, 80.0, "v5p:4x4x4", note="XLA:TPU proxy (64 v5p chips) for XLA:GPU"),
-    Target("cpu-8", "cpu", 8, 16.0, note="fake CPU devices: temp not measured"),
-    Target("cpu-64xH100", "cpu", 64, 80.0, note="fake CPU devices: temp not measured"),
-  )
-}
+class _Targets:
+  """`TARGETS[name]`: the target of any name `accelerators.parse_target` reads (v5p-256, 8x8xH100, cpu-8, ...)."""
+
+  def __getitem__(self, name: str) -> Target:
+    return accelerators.parse_target(name)
+
+
+TARGETS = _Targets()
+
+
+def tpu_environment(target: Target) -> None:
+  """Before libtpu starts (the first topology it describes): libtpu asks the TPU VM's metadata server for the
+  slice and its workers; off a TPU VM it gets no answer and prints an `E0000 ... unexpected worker hostname`
+  error and a host-bounds warning, harmless for a topology named explicitly. Naming this one host and a slice
+  (the first TPU target's; the topology compiled for is the one passed to get_topology_desc) silences both.
+  ALLOW_MULTIPLE_LIBTPU_LOAD: two processes (pytest -n 2) may compile at once, without libtpu's lock file."""
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.accelerator_type)
+  os.environ.setdefault("TPU_LOG_DIR", "/tmp/tpu_logs")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def target_devices(target: Target) -> list:
@@ -82,10 +84,12 @@ def target_devices(target: Target) -> list:
         f"XLA_FLAGS=--xla_force_host_platform_device_count={target.devices} before jax starts"
       )
     return devices[: target.devices]
+  tpu_environment(target)
   from jax.experimental import topologies
 
+  bounds = {"chips_per_host_bounds": list(target.chips_per_host)} if target.chips_per_host else {}
   topology = topologies.get_topology_desc(
-    topology_name=target.topology, platform=target.platform, chip_config_name=target.chip_config
+    topology_name=target.topology, platform=target.platform, chip_config_name=target.chip_config, **bounds
   )
   devices = list(topology.devices)
   if len(devices) != target.devices:
@@ -148,6 +152,8 @@ class StagePlan:
   programs: list[Program]
   models: dict[str, int]  # model name -> parameter count
   resident: int  # all state kept between programs: params, optimizer state, EMA, step counters, RNG keys
+  batch: str = ""  # the global batch, in words
+  rollout_layout: str = ""  # PPO: the rollout's layout (ppo.rollout_layout) and why
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -155,6 +161,11 @@ class StagePlan:
 
 def _tx(config):
   return optim.make_optimizer(config.optim, 1000)
+
+
+def _per_shard(rows: int, mesh) -> str:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  return f"{rows // shards} per data×fsdp shard of {shards}"
 
 
 def sft_plan(config, mesh, rules) -> StagePlan:
@@ -173,6 +184,7 @@ def sft_plan(config, mesh, rules) -> StagePlan:
     keys["kind"] = ((b,), jnp.int32)
   batch = batch_spec(keys, mesh, rules)
   jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  micro = config.optim.microbatches
   return StagePlan(
     "sft",
     params=device_bytes(abstract.params),
@@ -181,6 +193,7 @@ def sft_plan(config, mesh, rules) -> StagePlan:
     programs=[Program("train_step", jitted, (abstract, batch), (0,))],
     models={"policy": models.param_count(abstract.params)},
     resident=device_bytes(abstract),
+    batch=f"{b} sequences × {n} tokens ({_per_shard(b, mesh)}" + (f", in {micro} microbatches)" if micro > 1 else ")"),
   )
 
 
@@ -199,6 +212,7 @@ def rm_plan(config, mesh, rules) -> StagePlan:
     rules,
   )
   jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  micro = config.optim.microbatches
   return StagePlan(
     "rm",
     params=device_bytes(abstract.params),
@@ -207,6 +221,8 @@ def rm_plan(config, mesh, rules) -> StagePlan:
     programs=[Program("train_step", jitted, (abstract, batch), (0,))],
     models={"reward model": models.param_count(abstract.params)},
     resident=device_bytes(abstract),
+    batch=f"{b} prompts × {k} responses × {n} tokens ({_per_shard(b, mesh)}"
+    + (f", in {micro} microbatches)" if micro > 1 else ")"),
   )
 
 
@@ -287,6 +303,12 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   }
   counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})
   counts.update({"critic": models.param_count(state.critic.params)} if m.has_critic else {})
+  batch = (
+    f"rollout {rollout} responses ({rollout // p.samples_per_prompt} prompts of <= {prompt_len} tokens, "
+    f"<= {p.max_new_tokens} new tokens; {_per_shard(rollout, mesh)}), minibatch {minibatch}"
+  )
+  if p.ptx_coef:
+    batch += f" + {ptx_batch['inputs'].shape[0]} pretraining sequences × {config.data.ptx_seq_len} tokens"
   return StagePlan(
     "ppo",
     params=device_bytes((state.policy.params, [c.params for c in critic], m.targets["reference"], m.targets["reward"])),
@@ -295,7 +317,24 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
     programs=[rollout_program, train_program],
     models=counts,
     resident=device_bytes((state, m.targets["reference"], m.targets["reward"])),
+    batch=batch,
+    rollout_layout=rollout_layout_text(p.rollout_layout, mesh, policy_cfg),
   )
+
+
+def rollout_layout_text(layout: str, mesh, policy_cfg) -> str:
+  """The rollout's layout as ppo_steps.rollout_layout picks it, and why."""
+  chosen = ppo_steps.rollout_layout(layout, mesh, policy_cfg)
+  if layout != "auto":
+    return f"{chosen} (ppo.rollout_layout={layout})"
+  if chosen == "decode":
+    why = f"fsdp = {mesh.shape['fsdp']} splits the weights and fsdp × tensor divides the {policy_cfg.kv_heads} kv heads"
+  elif mesh.shape["fsdp"] == 1:
+    why = "fsdp = 1: no weights to gather per token"
+  else:
+    split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    why = f"fsdp × tensor = {split} does not divide the {policy_cfg.kv_heads} kv heads the decode layout splits"
+  return f"{chosen} (ppo.rollout_layout=auto: {why})"
 
 
 PLANS = {"sft": sft_plan, "pretrain": sft_plan, "rm": rm_plan, "ppo": ppo_plan}
@@ -316,6 +355,32 @@ class ProgramMemory:
   error: str = ""  # the compiler's message when the program does not fit
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchChange:
+  """A global batch the mesh does not divide, raised for the compile to the next size it does."""
+
+  field: str  # "data.batch_size", "ppo.minibatch", "ppo.rollout_batch"
+  old: int
+  new: int
+  why: str
+
+  @property
+  def flag(self) -> str:
+    return f"--config.{self.field}={self.new}"
+
+  def __str__(self) -> str:
+    return f"{self.field} {self.old} -> {self.new}: {self.why}; to run this plan on the pod, pass {self.flag}"
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One change tried on a plan that does not fit: the flags to add, and what it gave."""
+
+  flags: list[str]
+  report: Report | None = None  # None: not compiled
+  verdict: str = ""  # one line: its peak against the memory, or why it was not compiled
+
+
 @dataclasses.dataclass
 class Report:
   target: Target
@@ -323,6 +388,8 @@ class Report:
   mesh: dict[str, int]
   plan: StagePlan
   programs: list[ProgramMemory]
+  batch_changes: list[BatchChange] = dataclasses.field(default_factory=list)
+  candidates: list[Candidate] = dataclasses.field(default_factory=list)
 
   @property
   def peak(self) -> int | None:
@@ -330,12 +397,33 @@ class Report:
     return None if any(p is None for p in peaks) else max(peaks)
 
   @property
+  def hbm(self) -> int:
+    return int(self.target.hbm_gib * GiB)
+
+  @property
   def fits(self) -> bool | None:
     if any(m.error for m in self.programs):
       return False
     if self.peak is None:  # temp unmeasured: the state alone decides only when it does not fit
-      return False if self.plan.resident > self.target.hbm_gib * GiB else None
-    return self.peak <= self.target.hbm_gib * GiB
+      return False if self.plan.resident > self.hbm else None
+    return self.peak <= self.hbm
+
+  @property
+  def used(self) -> int:
+    """The bytes per device that decide the fit: the peak, or the resident state where temp is not measured."""
+    return self.plan.resident if self.peak is None else self.peak
+
+  @property
+  def tight(self) -> bool:
+    """Fits (or its state does), with under HEADROOM of the memory left."""
+    return self.fits is not False and self.used > (1 - HEADROOM) * self.hbm
+
+  @property
+  def fitting_candidate(self) -> Candidate | None:
+    return next((c for c in self.candidates if c.report is not None and c.report.fits is not False), None)
+
+
+HEADROOM = 0.10  # a plan that leaves less of the memory free is reported as tight
 
 
 _EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED|exceed|Ran out of memory", re.IGNORECASE)
@@ -441,20 +529,164 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
-def plan_for(config, target: Target, *, rm_size: str = "6b") -> tuple[Any, StagePlan]:
+def target_mesh(config, target: Target):
+  """The config's mesh over `target`'s devices (errors.ConfigError where it does not lay them out)."""
+  return sharding.make_mesh(config.mesh.to_dict(), devices=target_devices(target))
+
+
+def plan_for(config, target: Target, *, rm_size: str = "6b", mesh=None) -> tuple[Any, StagePlan]:
   """(mesh, the stage's plan) on `target`'s devices: exact state sizes and the programs, nothing compiled."""
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices=target_devices(target))
+  if config.stage not in PLANS:
+    raise errors.ConfigError(f"stage: aot plans {', '.join(PLANS)}, not {config.stage!r}")
+  mesh = target_mesh(config, target) if mesh is None else mesh
   rules = sharding.rules_dict(config.sharding_rules)
   plan_fn = PLANS[config.stage]
   plan = plan_fn(config, mesh, rules, rm_size=rm_size) if config.stage == "ppo" else plan_fn(config, mesh, rules)
   return mesh, plan
 
 
-def report(config, target: Target, *, rm_size: str = "6b") -> Report:
-  """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage."""
-  mesh, plan = plan_for(config, target, rm_size=rm_size)
+def _round_up(value: int, unit: int) -> int:
+  return max(unit, -(-value // unit) * unit)
+
+
+def batch_fallback(config, mesh) -> list[BatchChange]:
+  """The global batches `mesh` does not divide, each raised to the smallest size at or above it that it does:
+  every data×fsdp shard needs whole rows (SFT sequences, RM prompts with their K responses, PPO rollouts),
+  whole microbatches of them (optim.microbatches), and PPO's rollout whole minibatches and prompt groups."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  changes = []
+
+  def change(field: str, old: int, unit: int, parts: str):
+    new = _round_up(old, unit)
+    if new != old:
+      changes.append(BatchChange(field, old, new, f"{old} is not a multiple of {unit} ({parts})"))
+    return new
+
+  where = f"data×fsdp = {shards} shards"
+  if config.stage == "ppo":
+    p = config.ppo
+    minibatch = change("ppo.minibatch", p.minibatch, shards, where)
+    unit = math.lcm(minibatch, p.samples_per_prompt)
+    group = f", ppo.samples_per_prompt {p.samples_per_prompt}" if p.samples_per_prompt > 1 else ""
+    change("ppo.rollout_batch", p.rollout_batch, unit, f"whole minibatches of {minibatch}{group}")
+  elif config.stage in PLANS:
+    micro = config.optim.microbatches
+    parts = where + (f", optim.microbatches = {micro}" if micro > 1 else "")
+    change("data.batch_size", config.data.batch_size, math.lcm(shards, micro), parts)
+  return changes
+
+
+def with_values(config, values: dict[str, Any]):
+  """A copy of `config` with {"section.field": value} set."""
+  config = config.copy_and_resolve_references()
+  for field, value in values.items():
+    *sections, key = field.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
+  return config
+
+
+def _compiled(config, target: Target, mesh, plan: StagePlan) -> Report:
   programs = [compile_program(p, plan.resident, measure_temp=target.platform != "cpu") for p in plan.programs]
   return Report(target, config.stage, dict(mesh.shape), plan, programs)
+
+
+def report(config, target: Target, *, rm_size: str = "6b", candidates: int = 0) -> Report:
+  """Compiles every program of `config.stage` for `target`; per-device memory of each and of the stage.
+
+  A global batch the mesh does not divide is raised first (`batch_fallback`; the report lists the changes).
+  A plan that does not fit tries single changes (`single_changes`), compiling at most `candidates` of them,
+  and stops at the first that fits (`Report.candidates`)."""
+  mesh = target_mesh(config, target)
+  changes = batch_fallback(config, mesh)
+  config = with_values(config, {c.field: c.new for c in changes})
+  _, plan = plan_for(config, target, rm_size=rm_size, mesh=mesh)
+  r = _compiled(config, target, mesh, plan)
+  r.batch_changes = changes
+  if candidates and r.fits is False:
+    r.candidates = try_changes(config, target, r, rm_size=rm_size, budget=candidates)
+  return r
+
+
+def single_changes(config, mesh_shape: dict[str, int]) -> list[dict[str, Any]]:
+  """Single changes that lower the memory per device, {field: value} each, in the order they are tried: fsdp
+  doubled (the state splits further; the batch per device stays), tensor doubled where it divides the heads
+  (from data, else from fsdp), the activations of a step halved (twice the microbatches; PPO: half the
+  minibatch, then half the rollout), and full rematerialization."""
+  axes = sharding.MESH_AXES
+  ici = {a: mesh_shape[a] // int(config.mesh.get(f"dcn_{a}", 1)) for a in axes}
+  model_cfg = models.resolve(config.model.to_dict())
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+
+  def mesh_change(**sizes):
+    return {f"mesh.{a}": v for a, v in {**ici, **sizes}.items()}
+
+  out = []
+  if ici["data"] % 2 == 0:
+    out.append(mesh_change(data=ici["data"] // 2, fsdp=ici["fsdp"] * 2))
+  tensor = ici["tensor"] * 2
+  if model_cfg.n_heads % tensor == 0 and ici["data"] % 2 == 0:
+    out.append(mesh_change(data=ici["data"] // 2, tensor=tensor))
+  elif model_cfg.n_heads % tensor == 0 and ici["fsdp"] % 2 == 0:
+    out.append(mesh_change(fsdp=ici["fsdp"] // 2, tensor=tensor))
+  if config.stage == "ppo":
+    p = config.ppo
+    if p.minibatch % (2 * shards) == 0:
+      out.append({"ppo.minibatch": p.minibatch // 2})
+    half = p.rollout_batch // 2
+    if p.rollout_batch % 2 == 0 and half % math.lcm(p.minibatch, p.samples_per_prompt) == 0:
+      out.append({"ppo.rollout_batch": half})
+  elif config.data.batch_size % (2 * config.optim.microbatches * shards) == 0:
+    out.append({"optim.microbatches": 2 * config.optim.microbatches})
+  if model_cfg.remat != "full":
+    out.append({"model.remat": "full"})
+  return out
+
+
+def change_flags(config, change: dict[str, Any]) -> list[str]:
+  """The `--config.` flags that make `change` on the command line: a mesh axis configured as -1 (the rest) or
+  already at its value needs none."""
+  flags = []
+  for field, value in change.items():
+    section, key = field.split(".")
+    configured = config[section][key]
+    if section == "mesh" and configured in (-1, value):
+      continue
+    flags.append(f"--config.{field}={value}")
+  return flags
+
+
+def try_changes(config, target: Target, base: Report, *, rm_size: str, budget: int) -> list[Candidate]:
+  """`single_changes` of a plan that does not fit, in order, until one fits or `budget` have been compiled.
+  A change whose state alone exceeds the memory is judged without compiling."""
+  tried, compiled = [], 0
+  for change in single_changes(config, base.mesh):
+    if compiled >= budget:
+      break
+    candidate = Candidate(change_flags(config, change))
+    tried.append(candidate)
+    changed = with_values(config, change)
+    try:
+      mesh, plan = plan_for(changed, target, rm_size=rm_size)
+    except errors.UserError as e:
+      candidate.verdict = f"not compiled: {str(e).splitlines()[0]}"
+      continue
+    if plan.resident > base.hbm:
+      candidate.verdict = f"its state alone is {_gib(plan.resident)} per device; not compiled"
+      continue
+    try:
+      candidate.report = _compiled(changed, target, mesh, plan)
+    except Exception as e:  # a change XLA cannot compile (not for memory) says so and the next is tried
+      candidate.verdict = f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      continue
+    finally:
+      compiled += 1
+    candidate.verdict = verdict(candidate.report)
+    if candidate.report.fits is not False:
+      break
+  return tried
 
 
 def _gib(n: int | None) -> str:
@@ -522,10 +754,30 @@ def table_records(r: Report) -> list[dict[str, str]]:
   return out
 
 
+def verdict(r: Report) -> str:
+  """One line: whether `r` fits, and by how much."""
+  hbm = f"{r.target.hbm_gib:g} GiB"
+  if r.fits is False:
+    over = [m.name for m in r.programs if m.error or (m.peak is not None and m.peak > r.hbm)]
+    if over:
+      return f"does NOT fit: {', '.join(over)} over {hbm}" + (f" (peak {_gib(r.peak)})" if r.peak else "")
+    return f"does NOT fit: the state alone is {_gib(r.plan.resident)} per device, of {hbm}"
+  free = f"{1 - r.used / r.hbm:.0%} free" + (f", under {HEADROOM:.0%} headroom" if r.tight else "")
+  if r.fits is None:
+    return f"state fits: {_gib(r.used)} of {hbm} per device ({free}); activations not measured"
+  return f"fits: peak {_gib(r.used)} of {hbm} per device ({free})"
+
+
 def summary(r: Report) -> str:
+  """What the CLI prints for one plan: the mesh, the global batch (and any batch raised to fit the mesh), the
+  rollout layout, per-device bytes by kind, the verdict, a warning under 10% headroom, the changes tried."""
   lines = [f"{r.stage} on {r.target.name} ({r.target.devices} devices, {r.target.hbm_gib:g} GiB each), mesh {r.mesh}"]
   if r.target.note:
     lines.append(f"  note: {r.target.note}")
+  lines += [f"  batch raised: {c}" for c in r.batch_changes]
+  lines.append(f"  global batch: {r.plan.batch}")
+  if r.plan.rollout_layout:
+    lines.append(f"  rollout layout: {r.plan.rollout_layout}")
   lines.append("  models: " + ", ".join(f"{name} {_count(n)} params" for name, n in r.plan.models.items()))
   lines.append(
     f"  per device: params {_gib(r.plan.params)}, optimizer state {_gib(r.plan.opt_state)}"
@@ -539,8 +791,23 @@ def summary(r: Report) -> str:
         f"  {m.name}: arguments {_gib(m.arguments)}, temp {_gib(m.temp)}, peak {_gib(m.peak)} "
         f"[compiled in {m.compile_s:.1f} s]"
       )
-  verdict = {True: "fits", False: "does NOT fit", None: "state fits; activations not measured"}[r.fits]
-  lines.append(f"  => {verdict}")
+  lines.append(f"  => {verdict(r)}")
+  if r.tight:
+    what = "peak" if r.peak is not None else "state alone"
+    lines.append(
+      f"  warning: under {HEADROOM:.0%} headroom ({what} {_gib(r.used)} of {r.target.hbm_gib:g} GiB): XLA, the "
+      "runtime and fragmentation take some of it; a longer sequence or another libtpu may not fit"
+    )
+  for c in r.candidates:
+    lines.append(f"  tried {' '.join(c.flags) or '(no flag)'}: {c.verdict}")
+  if r.candidates:
+    found = r.fitting_candidate
+    if found:
+      lines.append(f"  => the smallest change tried that fits: add {' '.join(found.flags)}")
+    else:
+      lines.append(
+        f"  => none of the {len(r.candidates)} single changes tried fits: combine them, or take a larger slice"
+      )
   return "\n".join(lines)
 
 

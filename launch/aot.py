@@ -1,16 +1,27 @@
 """Compile a stage's step for a pod without the pod, and report per-device memory (instructgpt_jax/aot.py).
 
-One config, the same flags as main.py:
+One config, the same flags as main.py (TPU targets need libtpu: `pip install "jax[tpu]==0.10.2"`; a separate
+venv is fine):
     python -m launch.aot --target=v4-512 --config=configs/sft.py:size=1.3b --config.mesh.fsdp=8
-The table of docs/scaling.md (every row of REPORT below; TPU targets need `pip install "jax[tpu]"`):
+It prints the mesh, the global batch (a batch the mesh does not divide is raised to the next size it does, with
+the flag that runs the same plan on the pod), PPO's rollout layout, the bytes per device by kind and whether the
+plan fits; with under 10% of the memory left it warns; a plan that does not fit compiles up to --candidates
+single changes (more fsdp, more tensor, more microbatches or smaller PPO batches, full remat) and names the
+first that fits.
+The table of docs/scaling.md (every row of REPORT below):
     python -m launch.aot --report
-Targets: v4-8 v4-512 v5e-256 v5p-8 v5p-1024 64xH100 (TPU topologies from libtpu, compiled offline), cpu-8
-and cpu-64xH100 (fake CPU devices: argument sizes only).
+Targets (instructgpt_jax/accelerators.py): v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N (or v5litepod-N)
+and v6e-N (N chips), any slice size Google offers, compiled by XLA:TPU from libtpu's topology; 8xH100, Nx8xH100,
+8xH200, Nx8xH200: XLA:TPU's compile for as many v5p chips, judged against the GPU's memory (no XLA:GPU compiler
+runs offline); cpu-N, or cpu-<any of those>: fake CPU devices, argument sizes only.
+A bad target, config or override is one line (`error: ...`, exit status 2) before anything compiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
 import time
@@ -44,23 +55,49 @@ REPORT = [
 ]
 
 
-def _environment(target_names) -> None:
-  """Before jax starts: enough fake CPU devices for CPU targets; TPU targets compile from the CPU host."""
+def _environment(targets) -> None:
+  """Before jax starts: enough fake CPU devices for CPU targets; TPU targets compile from the CPU host (jax
+  would otherwise try to start the TPU runtime that libtpu brings)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("TPU_LOG_DIR", "/tmp/tpu_logs")
-  cpu = [int(n.split("-")[1].split("x")[0]) for n in target_names if n.startswith("cpu-")]
+  cpu = [t.devices for t in targets if t.platform == "cpu"]
   if cpu:
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(cpu)}"
     ).strip()
 
 
+def _fail(error: Exception) -> int:
+  for line in str(error).splitlines():
+    print(f"error: {line}", file=sys.stderr)
+  return 2
+
+
+def checked_config(config_arg: str, flags: list[str], target):
+  """The config main.py would run with `flags`, checked as main.py checks it (`stages.load_checked`, the inputs
+  a run reads not required), with the batches `aot.batch_fallback` raises for this target's mesh applied
+  first, since the compile runs with them; returns the config as given (aot.report raises them again and says
+  so). errors.UserError, one line per problem, for anything wrong."""
+  from instructgpt_jax import aot, config_lib, stages
+
+  config = config_lib.load_config(config_arg, flags)
+  raised = aot.batch_fallback(config, aot.target_mesh(config, target))
+  stages.load_checked(config_arg, [*flags, *(c.flag for c in raised)], inputs=False)
+  return config
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--target", help="a pod or cluster (instructgpt_jax.aot.TARGETS)")
+  parser.add_argument("--target", help="a TPU slice, GPU cluster or cpu-N (see above)")
   parser.add_argument("--config", help="configs/<stage>.py[:arg], as for main.py")
   parser.add_argument("--rm_size", default="6b", help="PPO: the reward model's and critic's size")
   parser.add_argument("--report", action="store_true", help="compile every row of REPORT; print the table")
+  parser.add_argument(
+    "--candidates",
+    type=int,
+    default=None,
+    help="a plan that does not fit: compile at most this many single changes (default 4; --report: 0)",
+  )
+  parser.add_argument("--hbm_gib", type=float, help="memory per device to judge against (default: the target's)")
   args, overrides = parser.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad or not (args.report or (args.target and args.config)):
@@ -68,19 +105,40 @@ def main(argv=None) -> int:
       f"need --report or --target and --config; unknown arguments {bad}" if bad else "need --target and --config"
     )
   rows = REPORT if args.report else [(args.target, args.config, overrides)]
-  _environment([r[0] for r in rows])
+  candidates = args.candidates if args.candidates is not None else (0 if args.report else 4)
 
-  from instructgpt_jax import aot, metrics, sweep
+  from instructgpt_jax import accelerators, errors  # no jax: a bad name fails before jax starts
+
+  try:
+    targets = [accelerators.parse_target(name) for name, _, _ in rows]
+  except errors.UserError as e:
+    return _fail(f"--target={e}")
+  if args.hbm_gib:
+    targets = [dataclasses.replace(t, hbm_gib=args.hbm_gib) for t in targets]
+  if any(t.platform == "tpu" for t in targets) and importlib.util.find_spec("libtpu") is None:
+    name = next(t.name for t in targets if t.platform == "tpu")
+    return _fail(
+      f"--target={name}: compiling for TPUs needs libtpu: pip install 'jax[tpu]==0.10.2' (a separate venv is "
+      "fine), or use a cpu-* target (fake CPU devices: state only)"
+    )
+  _environment(targets)
+
+  from instructgpt_jax import aot, metrics
 
   records = []
   started = time.time()
-  for target_name, config_arg, flags in rows:
+  for target, (target_name, config_arg, flags) in zip(targets, rows):
     command = " ".join([f"--target={target_name}", f"--config={config_arg}", *flags])
     print(f"== {command}", flush=True)
-    config = sweep.load_config(config_arg, flags)
     try:
-      result = aot.report(config, aot.TARGETS[target_name], rm_size=args.rm_size)
-    except Exception as e:  # one bad row (a mesh that does not divide, ...) must not lose the others
+      config = checked_config(config_arg, flags, target)
+      result = aot.report(config, target, rm_size=args.rm_size, candidates=candidates)
+    except errors.UserError as e:
+      if not args.report:
+        return _fail(e)
+      print(f"  failed: {str(e).splitlines()[0]}", flush=True)
+      continue
+    except Exception as e:  # one bad row must not lose the others
       if not args.report:
         raise
       print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
