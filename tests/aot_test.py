@@ -348,13 +348,8 @@ def test_collective_bytes_by_hand():
 # ------------------------------------------------------------------------------------------ TPU targets (libtpu)
 
 
-def _needs_libtpu():
-  pytest.importorskip("libtpu", reason="TPU targets compile with libtpu: pip install 'jax[tpu]==0.10.2'")
-
-
 @pytest.mark.parametrize("name", ["v4-512", "v5p-256", "v6e-256"])
-def test_a_tpu_slice_compiles_offline_with_a_raised_batch_and_no_libtpu_noise(capfd, name):
-  _needs_libtpu()
+def test_a_tpu_slice_compiles_offline_with_a_raised_batch_and_no_libtpu_noise(capfd, name, tpu_compiler):
   target = accelerators.parse_target(name)
   r = aot.report(config_lib.load_config("configs/sft.py:tiny", ["--config.mesh.fsdp=8"]), target)
   shards = target.devices

@@ -5,6 +5,7 @@ XLA reads the flag when the backend starts, so it must be set before anything im
 
 import os
 import pathlib
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,6 +26,22 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update(
   "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
 )
+
+
+LIBTPU = REPO_ROOT / ".cache" / "libtpu"  # tests/run.sh installs libtpu here, apart from .venv
+
+
+@pytest.fixture(scope="session")
+def tpu_compiler():
+  """XLA:TPU, which compiles for a TPU topology offline (launch.aot's TPU targets): libtpu, which tests/run.sh
+  installs into .cache/libtpu rather than .venv (a CPU machine whose venv holds libtpu prints TPU-probing errors
+  at every start). Put on the path of this process and of the commands the tests start; skips where absent.
+  Returns the environment for those commands."""
+  if not (LIBTPU / "libtpu").is_dir():
+    pytest.skip(f"TPU targets: no libtpu at {LIBTPU} (tests/run.sh installs it)")
+  if str(LIBTPU) not in sys.path:
+    sys.path.append(str(LIBTPU))
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(LIBTPU)]))}
 
 
 @pytest.fixture(scope="session")
