@@ -32,6 +32,7 @@ sampler and minibatch step from `trainers/ppo_steps.py` (`abstract_state`, `jit_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -429,12 +430,26 @@ HEADROOM = 0.10  # a plan that leaves less of the memory free is reported as tig
 _EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED|exceed|Ran out of memory", re.IGNORECASE)
 
 
+@contextlib.contextmanager
+def _without_persistent_cache():
+  """JAX's persistent compilation cache off: a program compiled for a topology, with no client of its own,
+  cannot be read back from it (every such read warns and compiles again), so it is neither read nor written."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
 def compile_program(program: Program, resident: int, *, measure_temp: bool) -> ProgramMemory:
-  """Lowers and compiles `program`; its per-device memory from `memory_analysis()` only."""
+  """Lowers and compiles `program`; its per-device memory from `memory_analysis()` only. `measure_temp`: a
+  compile for an accelerator's topology (temp measured; the persistent cache left out of it)."""
   t0 = time.perf_counter()
   state_in_args = device_bytes([program.args[i] for i in program.state_args])
   try:
-    compiled = program.lower().compile()
+    with _without_persistent_cache() if measure_temp else contextlib.nullcontext():
+      compiled = program.lower().compile()
   except Exception as e:  # XLA reports a program that cannot fit as a compile error
     message = str(e)
     if not _EXHAUSTED.search(message):

@@ -2,7 +2,8 @@
 
 One config, the same flags as main.py (TPU targets need libtpu: `pip install "jax[tpu]==0.10.2"`; a separate
 venv is fine):
-    python -m launch.aot --target=v4-512 --config=configs/sft.py:size=1.3b --config.mesh.fsdp=8
+    python -m launch.aot --target=v4-512 --config=configs/sft.py:size=1.3b --config.mesh.fsdp=8 \
+        --config.model.scan_layers=true --config.model.remat=full
 It prints the mesh, the global batch (a batch the mesh does not divide is raised to the next size it does, with
 the flag that runs the same plan on the pod), PPO's rollout layout, the bytes per device by kind and whether the
 plan fits; with under 10% of the memory left it warns; a plan that does not fit compiles up to --candidates

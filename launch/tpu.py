@@ -3,7 +3,8 @@
     python -m launch.tpu create --name=igpt --zone=us-central2-b --accelerator=v4-512 [--queued] [--spot]
     python -m launch.tpu setup  --name=igpt --zone=us-central2-b [--include-untracked]
     python -m launch.tpu run    --name=igpt --zone=us-central2-b [--accelerator=v4-512] -- \
-        --config=configs/sft.py:size=175b --workdir=gs://my-bucket/sft175b --config.mesh.fsdp=64
+        --config=configs/sft.py:size=175b --workdir=gs://my-bucket/sft175b --config.mesh.fsdp=64 \
+        --config.data.train='gs://my-bucket/demos/train-*.jsonl' --config.model.init_from=hf:gs://my-bucket/models/base
     python -m launch.tpu delete --name=igpt --zone=us-central2-b
     python -m launch.tpu run --local -- --config=configs/sft.py:tiny --workdir=/tmp/sft   # a worker's command, here
 Add --dry-run to print the exact commands instead of running them.

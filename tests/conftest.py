@@ -70,23 +70,17 @@ def shared_data_or_none():
 
 @pytest.fixture(scope="session")
 def ppo_models(tmp_path_factory):
-  """A tiny PPO-init SFT model and an RM from it: the models a PPO run needs (briefly trained, no skill):
-  `<root>/sft` (a workdir) and `<root>/rm/export`."""
-  from configs import rm, sft
-  from instructgpt_jax import main
-
-  from runs import configured
+  """A tiny PPO-init SFT model and an RM from it: the models a PPO run needs (briefly trained, little skill):
+  `<root>/sft` (a workdir) and `<root>/rm/export`. Made by the README's first two stage commands
+  (doc_examples.README_SFT, README_RM), shrunk to 40 and 20 steps on 400 examples."""
+  from doc_examples import README_RM, README_SFT, run_main, shrink
 
   root = tmp_path_factory.mktemp("ppo_models")
-  sft_overrides = {"data.train": "lab:demonstrations:train:200", "data.eval": "lab:demonstrations:eval:16"}
-  main.run(configured(sft, "tiny,variant=ppo_init", total_steps=10, **sft_overrides), str(root / "sft"))
-  rm_overrides = {
-    "model.init_from": str(root / "sft"),
-    "data.train": "lab:comparisons:train:200",
-    "data.eval": "lab:comparisons:eval:16",
-    "data.bias_demonstrations": "lab:demonstrations:train:64",
-  }
-  main.run(configured(rm, "tiny", total_steps=5, **rm_overrides), str(root / "rm"))
+  shorter = ("--config.progress_bar=false",)
+  sft = ("--config.total_steps=40", "--config.data.train=lab:demonstrations:train:400", *shorter)
+  run_main(shrink(README_SFT, {"runs/": f"{root}/"}, sft))
+  rm = ("--config.total_steps=20", "--config.data.train=lab:comparisons:train:400", *shorter)
+  run_main(shrink(README_RM, {"runs/": f"{root}/"}, rm))
   return root
 
 

@@ -17,6 +17,10 @@ from instructgpt_jax import errors, main
 from instructgpt_jax.lab import datasets, labelers, tasks, world
 from instructgpt_jax.trainers import chain
 
+from doc_examples import README_MAIN_JOB, run_main, shrink
+
+NO_BAR = ("--config.progress_bar=false",)
+
 
 def test_gold_answers_score_one_and_flawed_answers_less():
   w, rng = world.make_world(0), random.Random(0)
@@ -146,10 +150,10 @@ def test_a_preempted_stage_is_not_recorded_as_done(tmp_path):
 
 @pytest.mark.slow
 def test_lab_quick_shows_each_finding_in_its_direction(tmp_path):
-  """The paper's findings, in direction, from `lab_quick` (the README's `lab` shows them in size)."""
-  config = pipeline.get_config("lab_quick")
-  config.progress_bar = False
-  found = main.run(config, str(tmp_path))
+  """The paper's findings, in direction, from `lab_quick` (the README's `lab` shows them in size): the README's
+  main job (doc_examples.README_MAIN_JOB) at the quick scale, after its install (tests/run.sh installs the same)."""
+  command = README_MAIN_JOB.split(" && ")[-1]
+  found = run_main(shrink(command, {"pipeline.py": "pipeline.py:lab_quick", "runs/lab": str(tmp_path)}, NO_BAR))
   evaluation = json.loads((tmp_path / "evaluation" / "done.json").read_text())
   # Held-out labelers prefer PPO-ptx to SFT, beyond the interval's reach of a coin flip.
   assert evaluation["win_rate_PPO-ptx_interval"][0] > 0.5, evaluation

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ppo, rm, sft
+from configs import ppo, sft
 from instructgpt_jax import checkpoint, errors, generation, losses, main, paths, rl, scoring, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.trainers import judging, model_io, ppo_steps
 from instructgpt_jax.trainers import ppo as ppo_trainer
 
+from doc_examples import README_PPO, run_main, shrink
 from runs import configured, read_metrics
 
 
@@ -55,20 +56,10 @@ def test_sweep_covers_gamma_and_beta():
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-  """A tiny PPO-init SFT model and an RM started from it (short runs: the PPO tests need models, not skill)."""
-  root = tmp_path_factory.mktemp("chain")
-  main.run(
-    configured(sft, "tiny,variant=ppo_init", total_steps=40, **{"data.train": "lab:demonstrations:train:400"}),
-    str(root / "sft"),
-  )
-  main.run(
-    configured(
-      rm, "tiny", total_steps=20, **{"model.init_from": str(root / "sft"), "data.train": "lab:comparisons:train:400"}
-    ),
-    str(root / "rm"),
-  )
-  return root
+def chain(ppo_models):
+  """A tiny PPO-init SFT model and an RM started from it (conftest.ppo_models: the PPO tests need models, not
+  skill)."""
+  return ppo_models
 
 
 def ppo_flags(chain, **overrides):
@@ -87,9 +78,17 @@ def ppo_flags(chain, **overrides):
 
 @pytest.fixture(scope="module")
 def short_ppo(chain):
-  workdir = chain / "ppo_short"
-  main.run(configured(ppo, "tiny", **ppo_flags(chain)), str(workdir))
-  return workdir
+  """The README's PPO command (doc_examples.README_PPO) on the chain's models, shrunk to 4 iterations."""
+  shorter = {k: v for k, v in ppo_flags(chain).items() if k not in ("model.init_from", "ppo.reward_model")}
+  flags = tuple(f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shorter.items())
+  run_main(
+    shrink(
+      README_PPO,
+      {"runs/sft": str(chain / "sft"), "runs/rm": str(chain / "rm"), "runs/ppo": str(chain / "ppo_short")},
+      flags,
+    )
+  )
+  return chain / "ppo_short"
 
 
 @pytest.mark.slow

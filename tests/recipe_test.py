@@ -17,23 +17,30 @@ import pytest
 from instructgpt_jax import generation, paths, sharding, train_state
 from instructgpt_jax.trainers import model_io
 
+from doc_examples import README_EXPORT, README_RECIPE, argv, shrink
 from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference
 from runs import read_metrics
 
 
 @pytest.mark.slow
 def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_path, exclusive_memory):
+  """The README's recipe command (doc_examples.README_RECIPE) at its smoke size, then its export command
+  (README_EXPORT)."""
   reference_python()  # skips without the transformers reference venv, before the long run
-  arg = (
-    f"model=hf:{smollm2_folder},data={shared_data / 'hh_rlhf_harmless_base_test.jsonl.gz'},"
-    f"ptx={shared_data / 'tinyshakespeare.txt'},size=smoke"
-  )
   workdir = tmp_path / "hh"
+  recipe = shrink(
+    README_RECIPE,
+    {
+      "hf:/path/to/SmolLM2-360M": f"hf:{smollm2_folder}",
+      "/data/hh-rlhf/harmless-base/train.jsonl.gz": str(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"),
+      "ptx=/data/text/*.txt": f"ptx={shared_data / 'tinyshakespeare.txt'},size=smoke",
+      "runs/hh": str(workdir),
+    },
+  )
   # One device in a subprocess, as a user runs it: 8 fake CPU devices each hold the all-gathered model, and
   # the SFT step alone then passes 22 GiB.
-  cmd = [sys.executable, "-m", "instructgpt_jax.main", f"--config=configs/recipe.py:{arg}", f"--workdir={workdir}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  done = subprocess.run([sys.executable, *argv(recipe)[1:]], capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   for stage in ("data", "sft", "rm", "ppo", "export"):
     assert (workdir / stage / "done.json").exists(), stage
@@ -80,3 +87,11 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   for k in range(n_prompts):
     ours = np.asarray(rollout.tokens[k])[np.asarray(rollout.mask[k]) > 0].tolist()
     assert ours == reference[f"greedy_{k}"].tolist(), k
+
+  # The README's export command on the recipe's PPO run writes the same files the recipe's own export wrote.
+  out = tmp_path / "exports" / "hh-policy"
+  export = shrink(README_EXPORT, {"runs/hh/ppo": str(workdir / "ppo"), "exports/hh-policy": str(out)})
+  done = subprocess.run([sys.executable, *argv(export)[1:]], capture_output=True, text=True, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
+    assert (out / name).read_bytes() == (workdir / "export" / name).read_bytes(), name
