@@ -104,10 +104,15 @@ def untracked_files(root: str = ".") -> list[str]:
 
 
 def setup_commands(name: str, zone: str, *, project: str = "", include_untracked: bool = False) -> list[list[str]]:
-  """Pack the tracked files here (and the untracked, not ignored ones with `include_untracked`), copy them to
-  every worker, unpack and run setup_worker.sh there."""
-  listing = "git ls-files -z" + (" --cached --others --exclude-standard" if include_untracked else "")
-  pack = ["bash", "-c", f"set -o pipefail; {listing} | tar --null -T - -czf {ARCHIVE}"]
+  """Pack the tracked files here (and the untracked, not ignored ones with `include_untracked`) with a GIT_COMMIT
+  file naming the commit they came from ("-dirty" when tracked files differ from it: a worker has no .git, and
+  every run records the commit in its config.json), copy them to every worker, unpack and run setup_worker.sh."""
+  listing = "git ls-files -z" + (
+    " --cached --others --exclude-standard --exclude=GIT_COMMIT" if include_untracked else ""
+  )
+  commit = 'echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo -dirty)" > GIT_COMMIT'
+  files = f"{{ {listing}; printf 'GIT_COMMIT\\0'; }}"
+  pack = ["bash", "-c", f"set -o pipefail; {commit} && {files} | tar --null -T - -czf {ARCHIVE}"]
   copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", ARCHIVE, f"{name}:{ARCHIVE}", *_where(zone, project)]
   copy.append("--worker=all")
   remote = f"mkdir -p {REMOTE_DIR} && tar -xzf {ARCHIVE} -C {REMOTE_DIR} && bash {REMOTE_DIR}/launch/setup_worker.sh"

@@ -69,7 +69,8 @@ def test_create_refuses_a_slice_that_does_not_exist_in_one_line(capsys, accelera
 
 def test_tpu_setup_copies_the_code_and_runs_the_worker_script_everywhere(capsys):
   assert dry_run(capsys, "setup", "--name=igpt", f"--zone={ZONE}") == [
-    "bash -c 'set -o pipefail; git ls-files -z | tar --null -T - -czf /tmp/instructgpt_jax.tgz'",
+    'bash -c \'set -o pipefail; echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo -dirty)" > GIT_COMMIT '
+    "&& { git ls-files -z; printf '\"'\"'GIT_COMMIT\\0'\"'\"'; } | tar --null -T - -czf /tmp/instructgpt_jax.tgz'",
     "gcloud compute tpus tpu-vm scp /tmp/instructgpt_jax.tgz igpt:/tmp/instructgpt_jax.tgz --zone=us-central2-b "
     "--worker=all",
     "gcloud compute tpus tpu-vm ssh igpt --zone=us-central2-b --worker=all '--command=mkdir -p ~/instructgpt_jax "
@@ -78,11 +79,14 @@ def test_tpu_setup_copies_the_code_and_runs_the_worker_script_everywhere(capsys)
 
 
 def test_setup_names_the_untracked_files_it_leaves_behind_or_ships_them(capsys, tmp_path, monkeypatch):
-  git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
   git("init", "-q")
   (tmp_path / ".gitignore").write_text("runs/\n")
   (tmp_path / "tracked.py").write_text("")
   git("add", ".gitignore", "tracked.py")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "new.py").write_text("")  # a new config not added to git yet
   (tmp_path / "runs").mkdir()
@@ -95,8 +99,15 @@ def test_setup_names_the_untracked_files_it_leaves_behind_or_ships_them(capsys, 
   assert tpu.main(["setup", "--dry-run", "--name=igpt", f"--zone={ZONE}", "--include-untracked"]) == 0
   out, err = capsys.readouterr()
   assert err == "setup: ships 1 untracked files too: configs/new.py\n"
-  listing = "git ls-files -z --cached --others --exclude-standard"
-  assert out.splitlines()[0] == f"bash -c 'set -o pipefail; {listing} | tar --null -T - -czf /tmp/instructgpt_jax.tgz'"
+  listing = "git ls-files -z --cached --others --exclude-standard --exclude=GIT_COMMIT"
+  pack = out.splitlines()[0]
+  assert f"{listing}; printf" in pack and pack.endswith("| tar --null -T - -czf /tmp/instructgpt_jax.tgz'")
+  # The packing command, run here: the archive holds the tracked and untracked files and the commit they came from.
+  assert subprocess.run(tpu.setup_commands("igpt", ZONE, include_untracked=True)[0], cwd=tmp_path).returncode == 0
+  head = git("rev-parse", "HEAD").strip()
+  packed = subprocess.run(["tar", "-tzf", "/tmp/instructgpt_jax.tgz"], capture_output=True, text=True).stdout.split()
+  assert sorted(packed) == [".gitignore", "GIT_COMMIT", "configs/new.py", "tracked.py"]
+  assert (tmp_path / "GIT_COMMIT").read_text() == head + "\n"  # tracked files as committed: not dirty
   assert sorted(git(*listing.split()[1:]).split("\0")[:-1]) == [".gitignore", "configs/new.py", "tracked.py"]
 
 
