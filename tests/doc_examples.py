@@ -109,6 +109,11 @@ README_RECIPE = (
   "data=/data/hh-rlhf/harmless-base/train.jsonl.gz,ptx=/data/text/*.txt"
 )
 README_EXPORT = "python -m instructgpt_jax.export --workdir=runs/hh/ppo --out=exports/hh-policy"
+README_PRINT_CONFIG = "python -m instructgpt_jax.main --config=configs/ppo.py:size=1.3b --print_config"
+README_AOT = (
+  "python -m launch.aot --target=v5p-256 --config=configs/ppo.py:size=1.3b --config.model.scan_layers=true "
+  "--config.model.remat=full"
+)
 
 # ------------------------------------------------------------------------------------------ docs/scaling.md
 

@@ -30,6 +30,8 @@ EXAMPLES = {
   d.README_SAMPLE: "test_the_readme_sample_command_answers_on_smollm2",
   d.README_RECIPE: "tests/recipe_test.py::test_recipe_smoke_on_smollm2_and_hh_rlhf (size=smoke)",
   d.README_EXPORT: "tests/recipe_test.py::test_recipe_smoke_on_smollm2_and_hh_rlhf",
+  d.README_PRINT_CONFIG: "test_print_config_prints_the_paper_size_config",
+  d.README_AOT: "test_aot_examples_compile_for_their_tpu_slices",
   d.TPU_CREATE: "test_tpu_commands_print_their_gcloud_lines",
   d.TPU_SETUP: "test_tpu_commands_print_their_gcloud_lines",
   d.TPU_RUN: "test_tpu_commands_print_their_gcloud_lines",
@@ -128,10 +130,17 @@ def test_aot_examples_compile_for_their_tpu_slices(capsys, tpu_compiler):
   out = capsys.readouterr().out
   assert "batch raised: data.batch_size 16 -> 256" in out and "pass --config.data.batch_size=256" in out
   assert "mesh {'data': 32, 'fsdp': 8, 'tensor': 1}" in out and "=> fits" in out
-  ppo = d.shrink(d.AOT_PPO, {"size=175b": "tiny"})
-  assert aot_cli.main([*d.argv(ppo)[3:], "--rm_size=tiny"]) == 0
-  out = capsys.readouterr().out
-  assert "rollout layout:" in out and "rollout:" in out and "train_step:" in out and "=> fits" in out
+  for command in (d.shrink(d.AOT_PPO, {"size=175b": "tiny"}), d.shrink(d.README_AOT, {"size=1.3b": "tiny"})):
+    assert aot_cli.main([*d.argv(command)[3:], "--rm_size=tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout layout:" in out and "rollout:" in out and "train_step:" in out and "=> fits" in out
+
+
+def test_print_config_prints_the_paper_size_config():
+  out = subprocess.run([sys.executable, *d.argv(d.README_PRINT_CONFIG)[1:]], cwd=d.ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  config = json.loads(out.stdout)
+  assert (config["model"]["n_layers"], config["model"]["d_model"], config["ppo"]["kl_coef"]) == (24, 2048, 0.02)
 
 
 @pytest.mark.slow
