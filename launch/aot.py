@@ -126,13 +126,23 @@ def main(argv=None) -> int:
 
   from instructgpt_jax import aot, metrics
 
+  # Every row's config is checked before anything is printed or compiled.
+  configs = []
+  for target, (_, config_arg, flags) in zip(targets, rows):
+    try:
+      configs.append(checked_config(config_arg, flags, target))
+    except errors.UserError as e:
+      if not args.report:
+        return _fail(e)
+      configs.append(e)
   records = []
   started = time.time()
-  for target, (target_name, config_arg, flags) in zip(targets, rows):
+  for target, config, (target_name, config_arg, flags) in zip(targets, configs, rows):
     command = " ".join([f"--target={target_name}", f"--config={config_arg}", *flags])
     print(f"== {command}", flush=True)
     try:
-      config = checked_config(config_arg, flags, target)
+      if isinstance(config, errors.UserError):
+        raise config
       result = aot.report(config, target, rm_size=args.rm_size, candidates=candidates)
     except errors.UserError as e:
       if not args.report:
