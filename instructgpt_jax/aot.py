@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from instructgpt_jax import accelerators, errors, models, optim, sharding, train_state
+from instructgpt_jax import accelerators, config_lib, errors, models, optim, sharding, train_state
 from instructgpt_jax.trainers import common, lm_steps, model_io, ppo_steps, rm
 
 GiB = 2**30
@@ -591,18 +591,6 @@ def batch_fallback(config, mesh) -> list[BatchChange]:
   return changes
 
 
-def with_values(config, values: dict[str, Any]):
-  """A copy of `config` with {"section.field": value} set."""
-  config = config.copy_and_resolve_references()
-  for field, value in values.items():
-    *sections, key = field.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[key] = value
-  return config
-
-
 def _compiled(config, target: Target, mesh, plan: StagePlan) -> Report:
   programs = [compile_program(p, plan.resident, measure_temp=target.platform != "cpu") for p in plan.programs]
   return Report(target, config.stage, dict(mesh.shape), plan, programs)
@@ -616,7 +604,7 @@ def report(config, target: Target, *, rm_size: str = "6b", candidates: int = 0) 
   and stops at the first that fits (`Report.candidates`)."""
   mesh = target_mesh(config, target)
   changes = batch_fallback(config, mesh)
-  config = with_values(config, {c.field: c.new for c in changes})
+  config = config_lib.with_values(config, {c.field: c.new for c in changes})
   _, plan = plan_for(config, target, rm_size=rm_size, mesh=mesh)
   r = _compiled(config, target, mesh, plan)
   r.batch_changes = changes
@@ -682,7 +670,7 @@ def try_changes(config, target: Target, base: Report, *, rm_size: str, budget: i
       break
     candidate = Candidate(change_flags(config, change))
     tried.append(candidate)
-    changed = with_values(config, change)
+    changed = config_lib.with_values(config, change)
     try:
       mesh, plan = plan_for(changed, target, rm_size=rm_size)
     except errors.UserError as e:

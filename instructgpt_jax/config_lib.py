@@ -114,6 +114,18 @@ def override_error(error: Exception, argv: list[str]) -> str:
   )
 
 
+def with_values(config: ml_collections.ConfigDict, values: dict[str, typing.Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with each {"section.field": value} set."""
+  config = config.copy_and_resolve_references()
+  for field, value in values.items():
+    *sections, key = field.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
+  return config
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """parse_arg("size=1.3b,tiny", size="125m", tiny=False) -> {size: "1.3b", tiny: True}."""
   out = dict(defaults)

@@ -18,6 +18,7 @@ from instructgpt_jax.lab import datasets, labelers, tasks, world
 from instructgpt_jax.trainers import chain
 
 from doc_examples import README_MAIN_JOB, run_main, shrink
+from runs import configured
 
 NO_BAR = ("--config.progress_bar=false",)
 
@@ -92,14 +93,7 @@ MICRO = {
 
 
 def micro_config():
-  c = pipeline.get_config("lab_quick")
-  for key, value in MICRO.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return configured(pipeline, "lab_quick", **MICRO)
 
 
 def kill_9_inside(stage: str, workdir) -> None:

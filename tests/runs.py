@@ -1,7 +1,7 @@
 """Helpers for tests that run whole stages: small configs and reading what a run wrote."""
 
 from configs import pretrain
-from instructgpt_jax import metrics
+from instructgpt_jax import config_lib, metrics
 
 
 def read_metrics(workdir):
@@ -16,12 +16,4 @@ def tiny_config(**overrides):
 
 def configured(module, arg: str, **overrides):
   """`module.get_config(arg)` with dotted overrides, the progress bar off."""
-  c = module.get_config(arg)
-  c.progress_bar = False
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return config_lib.with_values(module.get_config(arg), {"progress_bar": False, **overrides})
