@@ -17,7 +17,7 @@ from instructgpt_jax import errors, main
 from instructgpt_jax.lab import datasets, labelers, tasks, world
 from instructgpt_jax.trainers import chain
 
-from doc_examples import README_MAIN_JOB, run_main, shrink
+from doc_examples import README_MAIN_JOB, argv, run_main, shrink
 from runs import configured
 
 NO_BAR = ("--config.progress_bar=false",)
@@ -96,11 +96,25 @@ def micro_config():
   return configured(pipeline, "lab_quick", **MICRO)
 
 
+def flags(overrides: dict) -> list[str]:
+  return [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
+# The lab's commands run on one device in a subprocess, as a user runs them: 8 fake CPU devices on 2 cores make
+# them several times slower.
+ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+MICRO_COMMAND = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick", *flags(MICRO)]
+
+
+def run_micro(workdir) -> None:
+  done = subprocess.run([*MICRO_COMMAND, f"--workdir={workdir}"], env=ONE_DEVICE, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
 def kill_9_inside(stage: str, workdir) -> None:
   """Runs the micro pipeline's command line and SIGKILLs it once `stage` has started (its folder exists)."""
-  flags = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MICRO.items()]
-  command = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick", *flags]
-  proc = subprocess.Popen([*command, f"--workdir={workdir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  command = [*MICRO_COMMAND, f"--workdir={workdir}"]
+  proc = subprocess.Popen(command, env=ONE_DEVICE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while not (workdir / stage).exists():
     assert proc.poll() is None and time.time() < deadline, (stage, proc.stderr.read()[-3000:])
@@ -113,11 +127,14 @@ def kill_9_inside(stage: str, workdir) -> None:
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(tmp_path):
+  run_micro(tmp_path / "a")
+  # A finished pipeline run again recomputes nothing: it reads every stage's results and reports them.
   first = main.run(micro_config(), str(tmp_path / "a"))
   # The same pipeline again, killed with SIGKILL inside a random stage and rerun: the same numbers, so two runs
   # agree (same seed, same machine) and a run resumes from any stage.
   stage = str(np.random.default_rng().choice(["pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx"]))
   kill_9_inside(stage, tmp_path / "b")
+  run_micro(tmp_path / "b")
   second = main.run(micro_config(), str(tmp_path / "b"))
   assert first == second, f"killed inside {stage}"
   report = (tmp_path / "a" / "report.md").read_text()
@@ -126,7 +143,6 @@ def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(
   for name in ("reward_vs_kl.png", "win_rates.png", "learning_curves.png"):
     assert (tmp_path / "a" / name).stat().st_size > 1000
   assert 0.0 <= first["win_rate_ppo_ptx_vs_sft"] <= 1.0 and evaluation["prompts"] == 32
-  # A rerun of a finished pipeline recomputes nothing and reports the same.
   assert main.run(micro_config(), str(tmp_path / "a")) == first
 
 
@@ -146,8 +162,12 @@ def test_a_preempted_stage_is_not_recorded_as_done(tmp_path):
 def test_lab_quick_shows_each_finding_in_its_direction(tmp_path):
   """The paper's findings, in direction, from `lab_quick` (the README's `lab` shows them in size): the README's
   main job (doc_examples.README_MAIN_JOB) at the quick scale, after its install (tests/run.sh installs the same)."""
-  command = README_MAIN_JOB.split(" && ")[-1]
-  found = run_main(shrink(command, {"pipeline.py": "pipeline.py:lab_quick", "runs/lab": str(tmp_path)}, NO_BAR))
+  command = shrink(
+    README_MAIN_JOB.split(" && ")[-1], {"pipeline.py": "pipeline.py:lab_quick", "runs/lab": str(tmp_path)}
+  )
+  done = subprocess.run([sys.executable, *argv(command)[1:], *NO_BAR], env=ONE_DEVICE, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  found = run_main(command)  # the finished pipeline again: it reads every stage's results and reports them
   evaluation = json.loads((tmp_path / "evaluation" / "done.json").read_text())
   # Held-out labelers prefer PPO-ptx to SFT, beyond the interval's reach of a coin flip.
   assert evaluation["win_rate_PPO-ptx_interval"][0] > 0.5, evaluation
@@ -179,10 +199,9 @@ MICRO_COMPARE = {
 @pytest.mark.slow
 def test_compare_measures_every_method_alike_and_writes_its_table_and_figure_from_the_run(tmp_path):
   # One device in a subprocess, as a user runs it (8 fake devices on 2 cores make it several times slower).
-  flags = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MICRO_COMPARE.items()]
-  command = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick,compare", *flags]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  done = subprocess.run([*command, f"--workdir={tmp_path}"], env=env, capture_output=True, text=True)
+  command = [sys.executable, "-m", "instructgpt_jax.main", "--config=configs/pipeline.py:lab_quick,compare"]
+  command += flags(MICRO_COMPARE)
+  done = subprocess.run([*command, f"--workdir={tmp_path}"], env=ONE_DEVICE, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "== the lab's comparison ==" in done.stdout
   evaluation = json.loads((tmp_path / "evaluation" / "done.json").read_text())

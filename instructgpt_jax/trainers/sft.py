@@ -29,13 +29,16 @@ def check_config(config, checks) -> None:
   common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
   checks.require_input(d.train, "data.train", "demonstration JSONL files, or lab:demonstrations:train:N")
   if checks.fraction("data.pretrain_mix", d.pretrain_mix, below_one=True) and d.pretrain_mix > 0:
-    checks.require(bool(d.pretrain_corpus), "data.pretrain_corpus", "required when data.pretrain_mix > 0")
+    checks.require_input(
+      d.pretrain_corpus, "data.pretrain_corpus", "pretraining text ('lab' or globs) with data.pretrain_mix > 0"
+    )
   checks.one_of("data.pretrain_mix_by", d.pretrain_mix_by, ("rows", "loss_tokens"))
   e = config.eval_rm
   for field in ("num_prompts", "max_new_tokens", "batch_size"):
     checks.at_least(f"eval_rm.{field}", e[field], 1)
   checks.positive("eval_rm.temperature", e.temperature)
-  checks.require(not e.rm or bool(e.prompts), "eval_rm.prompts", "required with eval_rm.rm (the validation prompts)")
+  if e.rm:
+    checks.require_input(e.prompts, "eval_rm.prompts", "the validation prompts the RM scores (eval_rm.rm is set)")
 
 
 def unused_fields(config) -> dict[str, str]:
