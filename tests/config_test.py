@@ -116,7 +116,11 @@ MISTAKES = [
   ("configs/sft.py:tiny", ["config.optim.lr=1"], "config.optim.lr=1: not a config override; write --config."),
   ("configs/ppo.py:tiny", ["--config.ppo.kl_coef=-1"], "ppo.kl_coef: -1.0 must be >= 0"),
   ("configs/ppo.py:tiny", ["--config.ppo.minibatch=5"], "ppo.minibatch: 5 does not divide ppo.rollout_batch 32"),
-  ("configs/ppo.py:tiny", ["--config.data.ptx_corpus="], "data.ptx_corpus: required: pretraining text ('lab' or globs) when ppo.ptx_coef > 0"),
+  (
+    "configs/ppo.py:tiny",
+    ["--config.data.ptx_corpus="],
+    "data.ptx_corpus: required: pretraining text ('lab' or globs) when ppo.ptx_coef > 0",
+  ),
   ("configs/ppo.py:tiny", ["--config.model.size=gpt3-175b"], "model.size: given, but model.init_from (W) decides"),
   (
     "configs/ppo.py:tiny",
@@ -157,6 +161,10 @@ def test_good_configs_pass_the_check():
     ("configs/ppo.py:tiny", ["--config.model.init_from=W", "--config.ppo.reward_model=R", "--config.ppo.kl_coef=0"]),
     ("configs/pipeline.py:lab_quick,compare", ["--config.stages.ppo.ppo.kl_coef=0.05"]),
     ("configs/recipe.py:model=hf:/m,data=d.jsonl,size=smoke", []),
+    ("configs/recipe.py:model=hf:/m,data=d.jsonl,ptx=t.txt", []),  # each stage's inputs come from the recipe
+    ("configs/sft.py:size=175b,variant=ppo_init", ["--config.data.train=d", "--config.data.pretrain_corpus=t"]),
+    ("configs/rm.py", ["--config.data.train=c", "--config.data.bias_demonstrations=d"]),
+    ("configs/dpo.py:tiny", ["--config.model.init_from=W"]),
   ]:
     assert stages.load_checked(config_arg, overrides).stage == config_arg.split("/")[1].split(".")[0]
   # An AOT compile reads no inputs: the paper-size configs need no data files or models there.
