@@ -36,14 +36,15 @@ def launch(workdir, devices_per_process: int, flags, extra=()) -> subprocess.Pop
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def launch_two(workdir, flags) -> list[subprocess.Popen]:
+def launch_two(workdir, flags, devices_per_process: int = 4) -> list[subprocess.Popen]:
   port = portpicker.pick_unused_port()
   distributed = [
     "--config.distributed.mode=manual",
     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
     "--config.distributed.num_processes=2",
   ]
-  return [launch(workdir, 4, flags, [*distributed, f"--config.distributed.process_id={i}"]) for i in range(2)]
+  extra = lambda i: [*distributed, f"--config.distributed.process_id={i}"]
+  return [launch(workdir, devices_per_process, flags, extra(i)) for i in range(2)]
 
 
 def finish(procs) -> list[str]:
@@ -56,10 +57,10 @@ def finish(procs) -> list[str]:
   return outputs
 
 
-def preempt_one_of_two(workdir, flags, *, after_rows: int) -> int:
+def preempt_one_of_two(workdir, flags, *, after_rows: int, devices_per_process: int = 4) -> int:
   """Starts two processes, sends SIGTERM to process 1 alone once process 0 has logged `after_rows` rows; both
   must save the same step and exit 0. Returns that step."""
-  procs = launch_two(workdir, flags)
+  procs = launch_two(workdir, flags, devices_per_process)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= after_rows):
@@ -135,11 +136,13 @@ def test_sigterm_to_one_of_two_ppo_processes_saves_one_iteration_and_resumes_exa
     "--config.data.eval=",
     "--config.progress_bar=false",
   ]
-  finish(launch_two(tmp_path / "straight", flags))
-  step = preempt_one_of_two(tmp_path / "preempted", flags, after_rows=1)
+  # One device per process (a global mesh of two): the processes and their agreement are what is tested, and
+  # 8 fake devices on 2 cores make PPO's many small programs several times slower.
+  finish(launch_two(tmp_path / "straight", flags, 1))
+  step = preempt_one_of_two(tmp_path / "preempted", flags, after_rows=1, devices_per_process=1)
   assert 1 <= step < iterations
   assert checkpoint.Checkpointer.steps_in(tmp_path / "preempted") == [step]
-  finish(launch_two(tmp_path / "preempted", flags))
+  finish(launch_two(tmp_path / "preempted", flags, 1))
   assert_resumed_equals_uninterrupted(
     tmp_path / "preempted",
     tmp_path / "straight",
