@@ -1,5 +1,5 @@
 """Bytes the PPO programs move through collectives, per decode step and per training step, in both rollout
-layouts (`ppo.rollout_layout`), from the compiled HLO (`aot.collective_bytes`); and the time they imply.
+layouts (`ppo.rollout_layout`), from the compiled HLO (`hlo.collective_bytes`); and the time they imply.
 
     python benchmarks/collectives.py --rows cpu        # 8 fake CPU devices, the tiny and mini models
     python benchmarks/collectives.py --rows tpu        # GPT-3 1.3B / 6.7B / 175B PPO on v4 and v5p (jax[tpu])
@@ -69,7 +69,7 @@ def _flops_per_device(config, program: str, devices: int) -> float:
 
 def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout: str, programs=None) -> list[dict]:
   """One row per compiled program of the PPO stage in `layout` (only those named in `programs`, if given)."""
-  from instructgpt_jax import aot, config_lib
+  from instructgpt_jax import aot, config_lib, hlo
 
   config = config_lib.load_config(f"configs/ppo.py:size={size}", [*flags, f"--config.ppo.rollout_layout={layout}"])
   target = aot.TARGETS[target_name]
@@ -84,7 +84,7 @@ def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout:
       rows.append({"target": target_name, "size": size, "layout": layout, "program": program.name,
                    "error": str(e).splitlines()[0][:120]})  # fmt: skip
       continue
-    moved = aot.collective_bytes(compiled.as_text())
+    moved = hlo.collective_bytes(compiled.as_text())
     # A decode step is one iteration of the sampler's loop; a minibatch step is the whole train_step program.
     kinds = moved["per_iteration"] if program.name == "rollout" else moved["once"]
     per_step = sum(kinds.values())

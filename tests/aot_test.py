@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from instructgpt_jax import accelerators, aot, config_lib, errors, models
+from instructgpt_jax import accelerators, aot, config_lib, errors, hlo, models
 from instructgpt_jax.models import kv_cache
 from launch import aot as aot_cli
 
@@ -336,13 +336,13 @@ def test_collective_bytes_by_hand():
   """Per-device result bytes: a tuple sums its elements, an async start counts its largest (the result), a loop
   of known trip count multiplies (annotated, or `counter < N` as its whole condition), and a loop of unknown
   count (the decode loop) counts one iteration apart."""
-  got = aot.collective_bytes(HLO)
+  got = hlo.collective_bytes(HLO)
   # The TPU-style scan (no trip count annotated; its condition is `counter < 5`) counts 5 times.
-  assert got["once"] == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2 * 3 * 4 + 10 + 5 * 10 * 4}
+  assert got["once"] == {**dict.fromkeys(hlo.COLLECTIVES, 0), "all-reduce": 2 * 3 * 4 + 10 + 5 * 10 * 4}
   # 3 layers' all-gathers and the async start's result; 3 layers' bf16 all-reduces and the condition's pred, which
   # both loops read (3 times inside, once per decode step).
   per_step = {"all-gather": 3 * 64 * 4 + 128 * 4, "all-reduce": 3 * 4 * 4 * 2 + 3 + 1}
-  assert got["per_iteration"] == {**dict.fromkeys(aot.COLLECTIVES, 0), **per_step}
+  assert got["per_iteration"] == {**dict.fromkeys(hlo.COLLECTIVES, 0), **per_step}
 
 
 # ------------------------------------------------------------------------------------------ TPU targets (libtpu)
