@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from instructgpt_jax import errors, paths, sweep
+from instructgpt_jax import errors, paths, sweep, sweep_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--reduce", default="last", help="each cell: last | best[:K] | mean[:K] of the last K values")
   parser.add_argument("--by_seed", action="store_true", help="a row per run: no pooling of seeds")
   parser.add_argument("--stage", default="", help="only runs of this stage (a root holding several)")
-  parser.add_argument("--format", choices=tuple(sweep.FORMATS), default="markdown")
+  parser.add_argument("--format", choices=tuple(sweep_table.FORMATS), default="markdown")
   parser.add_argument("--python", default="python", help="the interpreter in printed commands")
   parser.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
   parser.add_argument("--tpu", default="", help="--launcher=tpu: the TPU VM's name")
@@ -85,10 +85,10 @@ def _checked_runs(args, fixed: list[str]):
 
 
 def _main(args, fixed: list[str]) -> int:
-  reduce = sweep.parse_reduce(args.reduce)
+  reduce = sweep_table.parse_reduce(args.reduce)
   for spec in (args.sort, args.best):
     if spec:
-      sweep.parse_sort(spec)
+      sweep_table.parse_sort(spec)
   runs, configs = _checked_runs(args, fixed)
   commands = {run.name: sweep.command(run, args.config, fixed, python=args.python) for run in runs}
   if args.print:
@@ -107,16 +107,16 @@ def _main(args, fixed: list[str]) -> int:
     paths.make_dir(args.root)
     sweep.run_local(runs, configs, {name: sweep.shell(argv) for name, argv in commands.items()})
 
-  found = sweep.find_runs(args.root, args.stage)
+  found = sweep_table.find_runs(args.root, args.stage)
   metrics = [m for m in args.metrics.split(",") if m]
   if args.best:
-    sweep.check_logged(sweep.parse_sort(args.best)[0], found, "--best")
-  table = sweep.comparison(found, metrics, reduce=reduce, by_seed=args.by_seed, sort=args.best or args.sort)
+    sweep_table.check_logged(sweep_table.parse_sort(args.best)[0], found, "--best")
+  table = sweep_table.comparison(found, metrics, reduce=reduce, by_seed=args.by_seed, sort=args.best or args.sort)
   if args.best:
-    for run in sweep.best(table, sweep.parse_sort(args.best)[0]).runs:
+    for run in sweep_table.best(table, sweep_table.parse_sort(args.best)[0]).runs:
       print(f"{run.name}\t{run.workdir}")
     return 0
-  print(sweep.FORMATS[args.format](table))
+  print(sweep_table.FORMATS[args.format](table))
   return 0
 
 

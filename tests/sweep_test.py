@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from instructgpt_jax import config_lib, sweep
+from instructgpt_jax import config_lib, sweep, sweep_table
 from launch import sweep as sweep_cli
 from launch import tpu
 
@@ -244,7 +244,7 @@ def test_table_lists_the_runs_under_the_root_with_the_fields_that_differ_and_ppo
     "| kl=0.02 | 0.02 | reward | 27.8 | 2 | 0.25 | 0.8 | 0.6 | 0.2 |",
     "| kl=0.05 | 0.05 | loss | 0 | 2 | 0.15 | 0.3 | - | 0.55 |",  # 0.6 - 0.05 · 1.0
   ]
-  runs = sweep.find_runs(str(ppo_sweep))
+  runs = sweep_table.find_runs(str(ppo_sweep))
   assert [r.name for r in runs] == ["kl=0.01", "kl=0.02", "kl=0.05"]
   assert runs[0].fields["data.train"] == "<run>/data/prompts.jsonl"
   assert "git_commit" not in runs[0].fields
@@ -286,9 +286,11 @@ def test_reduce_takes_the_last_the_best_or_the_mean_of_the_last_k_values(ppo_swe
   assert table(capsys, *argv, "--reduce=mean:2", "--by_seed")[0].endswith(
     "| score (mean of last 2) | kl (mean of last 2) | steps_per_sec (mean of last 2) |"
   )
-  runs = sweep.find_runs(str(ppo_sweep))
+  runs = sweep_table.find_runs(str(ppo_sweep))
   cells = {
-    reduce: [row.cells for row in sweep.comparison(runs, ["score", "kl"], reduce=sweep.parse_reduce(reduce)).rows]
+    reduce: [
+      row.cells for row in sweep_table.comparison(runs, ["score", "kl"], reduce=sweep_table.parse_reduce(reduce)).rows
+    ]
     for reduce in ("last", "mean", "mean:1", "best", "best:1")
   }
   assert [(c["score (last)"], c["kl (last)"]) for c in cells["last"]] == [(0.3, 2.0), (0.25, 0.8), (0.15, 0.3)]
@@ -551,8 +553,8 @@ def test_estimator_by_beta_ppo_sweep_runs_here_and_its_table_holds_each_runs_met
       assert row[column] == (f"{last[key]:.6g}" if key in last else "-"), (row["run"], key)
     assert (row["value_loss (last)"] != "-") == (row["ppo.advantage_estimator"] == "gae")  # only GAE has a critic
     assert row["ptx_loss (last)"] != "-" and "policy_loss" in last  # tiny PPO is PPO-ptx: both logged apart
-  found = sweep.find_runs(str(root))
-  for r in sweep.comparison(found, ["score"]).rows:
+  found = sweep_table.find_runs(str(root))
+  for r in sweep_table.comparison(found, ["score"]).rows:
     assert r.cells["score (last)"] == read_metrics(r.runs[0].workdir)[-1]["score"]
-  default = sweep.comparison(found).columns
+  default = sweep_table.comparison(found).columns
   assert default[3:] == ["step", "score (last)", "kl (last)", "policy_loss (last)"]  # no evaluation: no win rate
