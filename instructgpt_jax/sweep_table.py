@@ -106,8 +106,9 @@ def find_runs(root: str, stage: str = "") -> list[FoundRun]:
 
 
 def with_policy_loss(row: dict[str, float]) -> dict[str, float]:
-  """A PPO row with `policy_loss`, the clipped policy loss alone. PPO-ptx logs it; without the ptx term the
-  trainer logs it as `loss`, plus kl_coef · kl_loss where the KL is in the loss (ppo.kl_in="loss")."""
+  """A PPO row with `policy_loss`, the clipped policy loss alone. Every PPO run logs it since version 0.2.0;
+  an earlier run without the ptx term logged it only as `loss` (plus kl_coef · kl_loss where the KL is in the
+  loss, ppo.kl_in="loss"), from which it is worked out here."""
   if "policy_loss" in row or "loss" not in row:
     return row
   return dict(row, policy_loss=row["loss"] - row.get("kl_coef", 0.0) * row.get("kl_loss", 0.0))

@@ -353,8 +353,9 @@ def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, kl_
 
 def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch):
   p = m.ppo
-  if not p.ptx_coef:
-    return losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+  if not p.ptx_coef:  # the loss is the clipped policy loss alone, logged under the name PPO-ptx gives it too
+    loss, metrics = losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+    return loss, dict(metrics, policy_loss=loss)
   ptx_logits = lm_steps.forward_logits(m.policy, lm_params, ptx_batch)
   return losses.ppo_ptx_loss(
     logprobs,
