@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
 from instructgpt_jax import accelerators, config_lib, errors, models, optim, sharding, train_state
@@ -431,15 +432,19 @@ _EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED|exceed|Ran out of memory", re.IGNOR
 
 
 @contextlib.contextmanager
-def _without_persistent_cache():
+def without_persistent_cache():
   """JAX's persistent compilation cache off: a program compiled for a topology, with no client of its own,
-  cannot be read back from it (every such read warns and compiles again), so it is neither read nor written."""
+  cannot be read back from it (every such read warns and compiles again), so it is neither read nor written.
+  JAX decides once per process whether the cache is used; reset_cache makes it decide again, on the way in
+  and on the way out."""
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 def compile_program(program: Program, resident: int, *, measure_temp: bool) -> ProgramMemory:
@@ -448,7 +453,7 @@ def compile_program(program: Program, resident: int, *, measure_temp: bool) -> P
   t0 = time.perf_counter()
   state_in_args = device_bytes([program.args[i] for i in program.state_args])
   try:
-    with _without_persistent_cache() if measure_temp else contextlib.nullcontext():
+    with without_persistent_cache() if measure_temp else contextlib.nullcontext():
       compiled = program.lower().compile()
   except Exception as e:  # XLA reports a program that cannot fit as a compile error
     message = str(e)

@@ -100,13 +100,24 @@ def _check_model(model, checks: config_lib.Checks) -> None:
   checks.capture(sizes.resolve, {**runtime, "size": "tiny"})  # a shape to check the runtime fields against
 
 
-def _unused_overrides(config, overridden: Sequence[str], unused: dict[str, str], checks: config_lib.Checks) -> None:
-  """A field given on the command line that this config cannot use is a mistake: it would change nothing."""
+def unused_overrides(config, overridden: Iterable[str]) -> dict[str, str]:
+  """{field: why this config cannot use it} for each of the `overridden` dotted fields that would change nothing
+  in this config (each stage's `unused_fields`; `model.size` beside `model.init_from` for every stage). The
+  stages inside the lab pipeline's and the recipe's configs answer for their `stages.<name>.` fields."""
+  unused = unused_fields(config)
+  stage = config.get("stage")
+  if stage in STAGES:
+    unused.update(getattr(trainer(stage), "unused_fields", lambda c: {})(config))
+  out = {}
   for field in overridden:
-    for prefix, reason in unused.items():
-      if field == prefix or field.startswith(prefix + "."):
-        checks.require(False, field, f"given, but {reason}; drop it")
-        break
+    reason = next((why for prefix, why in unused.items() if field == prefix or field.startswith(prefix + ".")), None)
+    if reason is not None:
+      out[field] = reason
+  for name, sub in (config.get("stages") or {}).items():
+    prefix = f"stages.{name}."
+    inner = unused_overrides(sub, [f.removeprefix(prefix) for f in overridden if f.startswith(prefix)])
+    out.update({prefix + field: why for field, why in inner.items()})
+  return out
 
 
 def unused_fields(config) -> dict[str, str]:
@@ -121,9 +132,10 @@ def check_config(config, overridden: Iterable[str] = (), *, inputs: bool = True,
   """Checks every value `config` holds, by itself and against the others, without reading a file; raises
   errors.ConfigError with one line per problem. `overridden`: the dotted fields the user set
   (`--config.<field>=...`); one that this config cannot use (e.g. `model.size` beside `model.init_from`) is a
-  problem too. `inputs` False: the data files and starting models may be left empty (an AOT compile reads
-  none). The stage's own checks are its trainer's `check_config(config, checks)`; the stages inside the lab
-  pipeline's and the recipe's configs are checked too, their inputs left to the pipeline."""
+  problem too (`unused_overrides`). `inputs` False: the data files and starting models may be left empty
+  (an AOT compile reads none). The stage's own checks are its trainer's `check_config(config, checks)`; the
+  stages inside the lab pipeline's and the recipe's configs are checked too, their inputs left to the
+  pipeline."""
   checks = config_lib.Checks(prefix, inputs=inputs)
   overridden = list(overridden)
   stage = config.get("stage")
@@ -132,13 +144,12 @@ def check_config(config, overridden: Iterable[str] = (), *, inputs: bool = True,
   _check_run_fields(config, checks)
   module = trainer(stage)
   module.check_config(config, checks)
-  unused = unused_fields(config)
-  unused.update(getattr(module, "unused_fields", lambda c: {})(config))
-  _unused_overrides(config, overridden, unused, checks)
+  if not prefix:  # the outermost config answers for the stages inside it too (unused_overrides)
+    for field, why in unused_overrides(config, overridden).items():
+      checks.require(False, field, f"given, but {why}; drop it")
   for name, sub in (config.get("stages") or {}).items():  # the lab pipeline and the recipe: a config per stage
     try:
-      sub_fields = [f.removeprefix(f"stages.{name}.") for f in overridden if f.startswith(f"stages.{name}.")]
-      check_config(sub, sub_fields, inputs=False, prefix=f"{prefix}stages.{name}.")
+      check_config(sub, inputs=False, prefix=f"{prefix}stages.{name}.")
     except errors.ConfigError as e:
       checks.problems += str(e).splitlines()
   checks.raise_if_any()

@@ -81,34 +81,57 @@ def override_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def load_configs(runs: Sequence[Run], config_arg: str, fixed: Sequence[str] = (), *, inputs: bool = True):
-  """{run name: its ConfigDict}: the config with the fixed overrides, then the point's, loaded and checked as
-  `main.py` does first (`stages.load_checked`; `inputs` False: the data and models a run reads may be left
-  unset, as for `main.py --print_config`). Every run is loaded before this returns, and every problem
-  found is raised together as one errors.UserError, a line per distinct problem: bare when every run has it
-  (a typo in a fixed override or in a grid field, a bad config argument), else after the runs that have it
-  (a bad value in one point)."""
+  """({run name: its ConfigDict}, {run name: {fixed field: why that run leaves it out}}): the config with the
+  fixed overrides, then the point's, loaded and checked as `main.py` does first (`stages.check_config`;
+  `inputs` False: the data and models a run reads may be left unset, as for `main.py --print_config`).
+
+  A fixed override that some points cannot use (`--config.ppo.ptx_reduction=token_mean` in a sweep over
+  γ = 0, 27.8: the γ = 0 runs have no pretraining term) is left out of those runs, whose command would
+  otherwise be refused; one that no point can use is a problem. Every run is loaded before this returns, and
+  every problem is raised together as one errors.UserError, a line per distinct problem: bare when every run
+  has it (a typo in a fixed override or in a grid field, a bad config argument), else after the runs that
+  have it (a bad value in one point)."""
   from instructgpt_jax import stages
 
-  configs, problems = {}, {}
+  fixed_fields = stages.overridden_fields(fixed)
+  configs, dropped, problems = {}, {}, {}
   for run in runs:
     try:
-      configs[run.name] = stages.load_checked(config_arg, [*fixed, *override_flags(run.overrides)], inputs=inputs)
+      point = override_flags(run.overrides)
+      config = config_lib.load_config(config_arg, [*fixed, *point])
+      unused = stages.unused_overrides(config, [f for f in fixed_fields if f not in run.overrides])
+      if unused:
+        kept = [flag for flag, field in zip(fixed, fixed_fields) if field not in unused]
+        config = config_lib.load_config(config_arg, [*kept, *point])
+        dropped[run.name] = unused
+      overridden = [f for f in fixed_fields if f not in unused] + list(run.overrides)
+      stages.check_config(config, overridden, inputs=inputs)
+      configs[run.name] = config
     except errors.UserError as e:
       for line in str(e).splitlines():
         problems.setdefault(line, []).append(run.name)
+  for field in fixed_fields:
+    if runs and all(field in dropped.get(run.name, {}) for run in runs):
+      problems.setdefault(f"{field}: given, but {dropped[runs[0].name][field]}; drop it", []).extend(
+        run.name for run in runs
+      )
   if problems:
-    lines = [line if len(names) == len(runs) else f"{_runs_named(names)}: {line}" for line, names in problems.items()]
+    lines = [line if len(names) == len(runs) else f"{runs_named(names)}: {line}" for line, names in problems.items()]
     raise errors.UserError("\n".join(lines))
-  return configs
+  return configs, dropped
 
 
-def _runs_named(names: Sequence[str], shown: int = 3) -> str:
+def runs_named(names: Sequence[str], shown: int = 3) -> str:
   more = f" and {len(names) - shown} more" if len(names) > shown else ""
   return ("run " if len(names) == 1 else "runs ") + ", ".join(names[:shown]) + more
 
 
-def command(run: Run, config_arg: str, fixed: Sequence[str] = (), *, python: str = "python") -> list[str]:
-  """The `main.py` command line of one run: the config, its workdir, the fixed overrides, then the point's."""
+def command(
+  run: Run, config_arg: str, fixed: Sequence[str] = (), *, python: str = "python", left_out: Sequence[str] = ()
+) -> list[str]:
+  """The `main.py` command line of one run: the config, its workdir, the fixed overrides (but those of the
+  `left_out` fields: `load_configs`), then the point's."""
+  fixed = [flag for flag in fixed if flag.split("=", 1)[0].removeprefix("--config.") not in left_out]
   return [
     python,
     "-m",

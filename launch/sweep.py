@@ -76,12 +76,17 @@ def _checked_runs(args, fixed: list[str]):
       raise errors.UserError("--config: required with --run and --print")
     if args.grid or fixed:
       raise errors.UserError("--grid and --config.<field> overrides need --config")
-    return [], {}
+    return [], {}, {}
   if args.launcher == "tpu" and args.print and not (args.tpu and args.zone):
     raise errors.UserError("--launcher=tpu: give the TPU VM's --tpu=NAME and --zone=ZONE")
   points = sweep.grid_points(args.grid) if args.grid else sweep.sweep_points(args.config)
   runs = sweep.expand(points, args.root)
-  return runs, sweep.load_configs(runs, args.config, fixed, inputs=args.run or args.print)
+  configs, dropped = sweep.load_configs(runs, args.config, fixed, inputs=args.run or args.print)
+  for field in dict.fromkeys(f for unused in dropped.values() for f in unused):
+    names = [name for name, unused in dropped.items() if field in unused]
+    why = dropped[names[0]][field]
+    print(f"note: --config.{field} is left out of {sweep.runs_named(names)}: {why}", file=sys.stderr)
+  return runs, configs, dropped
 
 
 def _main(args, fixed: list[str]) -> int:
@@ -89,8 +94,11 @@ def _main(args, fixed: list[str]) -> int:
   for spec in (args.sort, args.best):
     if spec:
       sweep_table.parse_sort(spec)
-  runs, configs = _checked_runs(args, fixed)
-  commands = {run.name: sweep.command(run, args.config, fixed, python=args.python) for run in runs}
+  runs, configs, dropped = _checked_runs(args, fixed)
+  commands = {
+    run.name: sweep.command(run, args.config, fixed, python=args.python, left_out=dropped.get(run.name, {}))
+    for run in runs
+  }
   if args.print:
     for run in runs:
       argv = commands[run.name]

@@ -48,6 +48,7 @@ def reference_python() -> str:
   return path
 
 
+@pytest.mark.slow
 def test_cpu_side_by_side_against_trl_prints_the_ratio():
   command = [sys.executable, str(REPO_ROOT / "benchmarks" / "side_by_side.py"), "--what", "ppo", "--size", "tiny"]
   command += ["--rollout_batch", "8", "--minibatch", "4", "--prompt_len", "16", "--response_len", "16"]

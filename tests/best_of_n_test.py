@@ -20,6 +20,7 @@ def test_best_of_n_kl_by_hand():
     rl.best_of_n_kl(0)
 
 
+@pytest.mark.slow
 def test_best_of_n_keeps_the_rms_best_of_the_samples(ppo_models):
   mesh = sharding.make_mesh({"data": -1})
   rules = sharding.rules_dict(sharding.DEFAULT_RULES)

@@ -108,7 +108,7 @@ README_RECIPE = (
   "python -m instructgpt_jax.main --workdir=runs/hh --config=configs/recipe.py:model=hf:/path/to/SmolLM2-360M,"
   "data=/data/hh-rlhf/harmless-base/train.jsonl.gz,ptx=/data/text/*.txt"
 )
-README_EXPORT = "python -m instructgpt_jax.export --workdir=runs/hh/ppo --out=exports/hh-policy"
+README_EXPORT = "python -m instructgpt_jax.export --workdir=runs/hh/ppo --out=runs/hh-policy"
 README_PRINT_CONFIG = "python -m instructgpt_jax.main --config=configs/ppo.py:size=1.3b --print_config"
 README_AOT = (
   "python -m launch.aot --target=v5p-256 --config=configs/ppo.py:size=1.3b --config.model.scan_layers=true "

@@ -106,6 +106,7 @@ def test_slurm_commands_check_the_config_and_print_srun(tmp_path):
     assert "--config.data.train=/shared/data/demos-\\*.jsonl" in out.stdout
 
 
+@pytest.mark.slow
 def test_tpu_run_local_runs_the_worker_command_here(tmp_path):
   """`launch.tpu run --local` runs the worker's line in this checkout: here a 2-step SFT run."""
   command = d.shrink(d.TPU_RUN_LOCAL, {"/tmp/sft": str(tmp_path / "sft")}, ("--config.total_steps=2",))
@@ -122,6 +123,7 @@ def test_tpu_run_local_runs_the_worker_command_here(tmp_path):
   assert "final:" in out.stdout
 
 
+@pytest.mark.slow
 def test_aot_examples_compile_for_their_tpu_slices(capsys, tpu_compiler):
   """The two launch.aot examples, on their slices (v4-512, v5p-1024), with the tiny model instead of 1.3B / 175B
   (which take minutes to compile): the batch fallback, the plan's lines, a fit."""
@@ -145,26 +147,27 @@ def test_print_config_prints_the_paper_size_config():
 
 @pytest.mark.slow
 def test_the_aot_report_and_the_collectives_benchmark(tpu_compiler, monkeypatch, capsys):
-  """`launch.aot --report` (its rows at the tiny size, one per stage) and benchmarks/collectives.py (--rows cpu
-  as written; --rows tpu with its first row at the tiny size)."""
+  """`launch.aot --report` (its first SFT and PPO rows at the tiny size) and benchmarks/collectives.py (--rows cpu
+  with its tiny row; --rows tpu with one row, the tiny model on v4-8): both layouts' rollout and train step."""
   rows = [(target, config.split(":")[0] + ":tiny", flags) for target, config, flags in aot_cli.REPORT]
-  rows = [next(r for r in rows if stage in r[1]) for stage in ("sft", "rm", "ppo")]
-  monkeypatch.setattr(aot_cli, "REPORT", rows)
+  monkeypatch.setattr(aot_cli, "REPORT", [rows[0], next(r for r in rows if "ppo" in r[1])])  # an SFT and a PPO row
   for command in (d.AOT_REPORT, d.AOT_REPORT_TPUVENV):
     assert aot_cli.main(d.argv(command)[3:] + ["--rm_size=tiny"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| v")]
-    assert [line.split(" | ")[1] for line in table] == ["sft", "rm", "ppo", "ppo"], table  # PPO: rollout, train
+    assert [line.split(" | ")[1] for line in table] == ["sft", "ppo", "ppo"], table  # PPO: rollout, train
   # The benchmark in this process (8 CPU devices, as its cpu rows ask); its TPU rows shrink to the first, tiny.
   spec = importlib.util.spec_from_file_location("collectives", d.ROOT / "benchmarks" / "collectives.py")
   collectives = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(collectives)
-  target, _, _, flags = collectives.ROWS["tpu"][0]
-  monkeypatch.setitem(collectives.ROWS, "tpu", [(target, "tiny", "tiny", flags)])
-  for command, sizes in ((d.COLLECTIVES_CPU, ["tiny", "mini"]), (d.COLLECTIVES_TPU, ["tiny"])):
+  # The TPU rows' paper sizes, shrunk to the tiny model on the smallest v4 slice (4 chips: data 2 × fsdp 2).
+  small = ["--config.mesh.data=2", "--config.mesh.fsdp=2", *collectives.CPU_SMALL]
+  monkeypatch.setitem(collectives.ROWS, "tpu", [("v4-8", "tiny", "tiny", small)])
+  monkeypatch.setitem(collectives.ROWS, "cpu", collectives.ROWS["cpu"][:1])  # its tiny row
+  for command in (d.COLLECTIVES_CPU, d.COLLECTIVES_TPU):
     monkeypatch.setattr(sys, "argv", d.argv(command)[1:])
     assert collectives.main() == 0
-    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    assert sorted({row[1] for row in table}) == sorted(sizes) and len(table) == 4 * len(sizes), table
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0][:2] == ["| target", "size"] and [row[1] for row in table[1:]] == ["tiny"] * 4, table
 
 
 @pytest.mark.slow
@@ -176,6 +179,7 @@ def test_the_readme_sample_command_answers_on_smollm2(smollm2_folder):
   assert "Paris" in out.stdout  # ../shared/data/README.md: transformers' greedy answer names Paris
 
 
+@pytest.mark.slow
 def test_the_sweep_commands_run_print_rank_and_pool(tmp_path, capsys):
   """docs/sweeps.md's commands in order, on their own root: a 2 × 2 grid of 20-step tiny pretraining runs (two
   learning rates, two seeds), the commands it would print, then the tables of what is on disk."""

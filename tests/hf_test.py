@@ -611,6 +611,7 @@ def smollm2(tmp_path_factory):
   return pathlib.Path((out / "folder").read_text()), np.load(out / "reference.npz")
 
 
+@pytest.mark.slow
 def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, exclusive_memory):
   folder, reference = smollm2
   cfg, kind, _ = hf.read_config(str(folder))
@@ -641,6 +642,7 @@ def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, exclusive_
   assert full_length >= 3  # all but the one-line answer ("The capital of France is Paris.") run 32 tokens
 
 
+@pytest.mark.slow
 def test_smollm2_chat_prompt_ids_equal_transformers(smollm2):
   pytest.importorskip("jinja2", reason="--chat renders chat templates with jinja2, not installed here")
   folder, reference = smollm2

@@ -323,7 +323,7 @@ def learning_runs(chain):
     overrides = {
       "ppo.episodes": 60 * 32,
       "ppo.ptx_coef": gamma,
-      "ppo.ptx_reduction": "token_mean",
+      **({"ppo.ptx_reduction": "token_mean"} if gamma else {}),  # γ = 0 has no ptx term to reduce
       "eval_every_steps": 60,
       "data.eval": "lab:prompts:eval:64",
       "checkpoint_every_steps": 30,
@@ -382,6 +382,7 @@ def test_sft_keeps_the_checkpoint_with_the_best_rm_score_for_the_next_stage(chai
   assert model_io.read_source(str(tmp_path), step="latest").step == 6
 
 
+@pytest.mark.slow
 def test_critic_starts_from_the_rm_with_its_bias_so_its_first_values_are_the_normalized_scores(ppo_models):
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})

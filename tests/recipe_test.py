@@ -89,8 +89,8 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
     assert ours == reference[f"greedy_{k}"].tolist(), k
 
   # The README's export command on the recipe's PPO run writes the same files the recipe's own export wrote.
-  out = tmp_path / "exports" / "hh-policy"
-  export = shrink(README_EXPORT, {"runs/hh/ppo": str(workdir / "ppo"), "exports/hh-policy": str(out)})
+  out = tmp_path / "hh-policy"
+  export = shrink(README_EXPORT, {"runs/hh/ppo": str(workdir / "ppo"), "runs/hh-policy": str(out)})
   done = subprocess.run([sys.executable, *argv(export)[1:]], capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):

@@ -558,3 +558,21 @@ def test_estimator_by_beta_ppo_sweep_runs_here_and_its_table_holds_each_runs_met
     assert r.cells["score (last)"] == read_metrics(r.runs[0].workdir)[-1]["score"]
   default = sweep_table.comparison(found).columns
   assert default[3:] == ["step", "score (last)", "kl (last)", "policy_loss (last)"]  # no evaluation: no win rate
+
+
+def test_a_fixed_override_some_points_cannot_use_is_left_out_of_theirs(tmp_path, capsys):
+  """--config.ppo.ptx_reduction in a sweep over γ: the γ = 0 run has no pretraining term (main.py would refuse the
+  override there), so its command goes without it and a note says so; one that no point can use is an error."""
+  base = ["--config=configs/ppo.py:tiny", f"--root={tmp_path}", "--print", "--grid=ppo.ptx_coef=0,27.8"]
+  inputs = ["--config.model.init_from=W", "--config.ppo.reward_model=R"]
+  assert sweep_cli.main([*base, *inputs, "--config.ppo.ptx_reduction=token_mean"]) == 0
+  out, err = capsys.readouterr()
+  without, with_it = out.splitlines()
+  assert "ptx_reduction" not in without and "--config.ppo.ptx_coef=0 " in without + " "
+  assert "--config.ppo.ptx_reduction=token_mean" in with_it and "--config.ppo.ptx_coef=27.8" in with_it
+  assert (
+    err == "note: --config.ppo.ptx_reduction is left out of run ptx_coef=0: ppo.ptx_coef is 0 (no pretraining term)\n"
+  )
+  assert sweep_cli.main([*base, *inputs, "--config.ppo.kl_target=3"]) == 2  # the controller is fixed in every run
+  out, err = capsys.readouterr()
+  assert out == "" and err == "error: ppo.kl_target: given, but ppo.kl_controller is 'fixed'; drop it\n"
