@@ -68,7 +68,8 @@ def timed(cmd: list[str], workdir: pathlib.Path, env: dict) -> tuple[float, floa
 
 def train_models(root: pathlib.Path, env: dict) -> None:
   """A tiny PPO-init SFT run and an RM from it (untimed), for the PPO rows."""
-  base = [sys.executable, "-m", "instructgpt_jax.main", "--config.progress_bar=false"]
+  root.mkdir(parents=True)
+  base = [sys.executable, "-m", "instructgpt_jax.main"]
   for cmd in (
     [*base, "--config=configs/sft.py:tiny,variant=ppo_init", f"--workdir={root / 'sft'}", "--config.total_steps=2"],
     [
@@ -79,7 +80,9 @@ def train_models(root: pathlib.Path, env: dict) -> None:
       f"--config.model.init_from={root / 'sft'}",
     ],
   ):
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    done = subprocess.run([*cmd, "--config.progress_bar=false"], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+      raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
 
 
 def main() -> None:
