@@ -1,7 +1,7 @@
 """Export a run as a HuggingFace model folder that transformers and vLLM load as it is.
 
-    python -m instructgpt_jax.export --workdir=runs/ppo --out=exports/policy [--dtype=bfloat16]
-    python -m instructgpt_jax.export --workdir=runs/rm --out=exports/rm
+    python -m instructgpt_jax.export --workdir=runs/ppo --out=runs/ppo-hf [--dtype=bfloat16]
+    python -m instructgpt_jax.export --workdir=runs/rm --out=runs/rm-hf
 
 Which weights each kind of run gives (docs/hf.md has the table):
   SFT or pretraining workdir   the checkpoint the run selected (selected.json; else its newest), or --step

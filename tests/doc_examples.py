@@ -50,6 +50,21 @@ def documented() -> dict[str, list[str]]:
   return found
 
 
+def everywhere() -> dict[str, list[str]]:
+  """{command: [where]} over every doc and docstring: all of docs/*.md and the README, and the module
+  docstrings of configs/, instructgpt_jax/, launch/ and benchmarks/ (a wider net than `documented()`)."""
+  found: dict[str, list[str]] = {}
+  for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.S):
+      for command in _commands(block):
+        found.setdefault(command, []).append(str(path.relative_to(ROOT)))
+  for folder in ("configs", "instructgpt_jax", "launch", "benchmarks"):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+      for command in _commands(ast.get_docstring(ast.parse(path.read_text())) or ""):
+        found.setdefault(command, []).append(str(path.relative_to(ROOT)))
+  return found
+
+
 def shrink(command: str, substitutions: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> str:
   """`command` with each key of `substitutions` (which must occur in it) replaced, and `extra` appended."""
   for old, new in (substitutions or {}).items():
@@ -67,7 +82,7 @@ def main_flags(command: str) -> tuple[str, list[str], str]:
   args = argv(command)
   args = args[args.index("instructgpt_jax.main") + 1 :]
   config = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
-  workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+  workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), "")
   return config, [a for a in args if a.startswith("--config.")], workdir
 
 

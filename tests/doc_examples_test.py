@@ -73,6 +73,25 @@ def test_every_documented_command_is_listed_and_run_by_a_test():
       assert f"def {where}(" in this_file, where
 
 
+def test_every_main_command_in_any_doc_passes_the_config_check():
+  """Beyond the docs above, every `instructgpt_jax.main` command any doc or docstring shows is checked as main.py
+  checks it first (stages.load_checked): a field, a value or a config argument that the code no longer takes
+  fails here, though the command itself is not run."""
+  from instructgpt_jax import stages
+
+  checked = 0
+  for command, where in d.everywhere().items():
+    if "instructgpt_jax.main" not in command:
+      continue
+    config_arg, overrides, _ = d.main_flags(command.split(" && ")[-1])
+    try:  # --print_config needs no inputs, as main.py has it
+      stages.load_checked(config_arg, overrides, inputs="--print_config" not in command)
+    except Exception as e:
+      pytest.fail(f"{where}: {command}: {e}")
+    checked += 1
+  assert checked >= 20
+
+
 def _variants(command: str) -> list[str]:
   """A command with `[--optional]` flags: without them, and with all of them."""
   bare = " ".join(word for word in command.split() if not word.startswith("["))
