@@ -18,7 +18,8 @@ def test_ci_runs_the_readme_test_command_exactly_then_the_slow_tier():
   script = (ROOT / "tests" / "run.sh").read_text().splitlines()
   installs = [
     'python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test]"',
-    "python3 -m venv .cache/venv-ref && .cache/venv-ref/bin/pip install -q -r requirements-ref.txt",
+    "(python3 -m venv .cache/venv-ref && .cache/venv-ref/bin/pip install -q -r requirements-ref.txt) &",
+    'wait "$reference"',
   ]
   first_tier = 'exec .venv/bin/python -m pytest -q -n 2 -m "not slow" tests "$@"'
   assert all(line in script for line in installs) and script[-1] == first_tier
