@@ -133,11 +133,6 @@ def parse_slice(text: str) -> Slice:
   raise _slice_error(text, generation)
 
 
-def runtime_version(accelerator: str) -> str:
-  """The TPU VM software version for JAX on `accelerator`'s generation (Generation.runtime)."""
-  return parse_slice(accelerator).generation.runtime
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
   """What aot.py compiles for. platform "tpu": libtpu's topology `topology`; "cpu": fake CPU devices."""

@@ -55,16 +55,6 @@ GiB = 2**30
 Target = accelerators.Target
 
 
-class _Targets:
-  """`TARGETS[name]`: the target of any name `accelerators.parse_target` reads (v5p-256, 8x8xH100, cpu-8, ...)."""
-
-  def __getitem__(self, name: str) -> Target:
-    return accelerators.parse_target(name)
-
-
-TARGETS = _Targets()
-
-
 def tpu_environment(target: Target) -> None:
   """Before libtpu starts (the first topology it describes): libtpu asks the TPU VM's metadata server for the
   slice and its workers; off a TPU VM it gets no answer and prints an `E0000 ... unexpected worker hostname`

@@ -1,8 +1,11 @@
-"""Helpers for the big_vision-style configs in `configs/`: argument strings and the model section.
+"""Helpers for the big_vision-style configs in `configs/`: argument strings, the model section, loading a config
+as the command line does, and collecting a config's problems.
 
 A config file defines `get_config(arg)`; `arg` is a comma-separated string such as `"size=1.3b,tiny"`.
 `parse_arg` turns it into a ConfigDict typed by the defaults: `key=value` sets a field (converted to the
-default's type), a bare `key` sets a boolean to True.
+default's type), a bare `key` sets a boolean to True. `load_config(config_arg, overrides)` is the ConfigDict
+`main.py --config=... --config.<field>=...` runs, with one-line errors; `with_values` sets dotted fields on a
+copy; `Checks` collects one line per problem for `stages.check_config`.
 """
 
 from __future__ import annotations
@@ -159,19 +162,17 @@ def model_section(size: str, **fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(section)
 
 
-def to_dict(config: ml_collections.ConfigDict) -> dict[str, typing.Any]:
-  return config.to_dict()
-
-
 class Checks:
   """Collects a config's problems, one line each, so that a command reports all of them at once (before any
   file is read or anything compiles). `raise_if_any()` raises them as one errors.ConfigError, a line each."""
 
-  def __init__(self, prefix: str = "", *, inputs: bool = True):
+  def __init__(self, prefix: str = "", *, inputs: bool = True, batches_on_mesh: bool = True):
     self.prefix = prefix  # e.g. "stages.ppo." for a stage inside the lab pipeline's config
     # Whether the config must name its inputs (data files, the models it starts from). False where something
     # else fills them in (the lab pipeline, the recipe) or nothing reads them (an AOT compile).
     self.inputs = inputs
+    # Whether a batch must divide over the mesh the config fixes: an AOT plan raises one that does not instead.
+    self.batches_on_mesh = batches_on_mesh
     self.problems: list[str] = []
 
   def require_input(self, value, field: str, what: str) -> bool:

@@ -1,6 +1,7 @@
 """Reading a compiled program's HLO text: how many bytes its collectives move per device (`collective_bytes`).
 
-aot.py and benchmarks/collectives.py compile a stage's programs for a target and pass `compiled.as_text()` here.
+benchmarks/collectives.py compiles PPO's programs for a target (`aot.plan_for`) and passes `compiled.as_text()`
+here.
 """
 
 from __future__ import annotations

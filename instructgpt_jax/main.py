@@ -12,7 +12,7 @@ multi-host cluster the JAX distributed runtime is initialized next (`--config.di
 `--print_config` prints the config the run would use, the model's resolved shape included (from
 `model.init_from` where one is given), and exits; `--workdir` is not needed for it, nor are the inputs a run
 requires (data files, the models PPO starts from) checked for being given. `--check_config` checks the config
-as a run does first and exits (launch/slurm.sbatch runs it before srun).
+and that a `--workdir` is given, as a run does first, and exits (launch/slurm.sbatch runs it before srun).
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def main(argv):
     if _PRINT_CONFIG.value:
       print(json.dumps(stages.resolved_config(config), indent=2))
       return
+    if not _WORKDIR.value:
+      raise errors.UserError("--workdir: required (where the run keeps its checkpoints and metrics)")
     if _CHECK_CONFIG.value:
       print(f"config checked: {config.stage}, no problems")
       return
-    if not _WORKDIR.value:
-      raise errors.UserError("--workdir: required (where the run keeps its checkpoints and metrics)")
     final = run(config, _WORKDIR.value)
   except errors.UserError as e:  # bad input: one line per problem, no traceback
     fail(e)

@@ -49,7 +49,17 @@ def _check_run_fields(config, checks: config_lib.Checks) -> None:
   if "mesh" in config:
     _check_mesh(config.mesh, checks)
   if "distributed" in config:
-    checks.one_of("distributed.mode", config.distributed.mode, DISTRIBUTED_MODES)
+    d = config.distributed
+    if checks.one_of("distributed.mode", d.mode, DISTRIBUTED_MODES) and d.mode == "manual":
+      checks.require(
+        bool(d.coordinator_address), "distributed.coordinator_address", "required with mode=manual (host:port)"
+      )
+      if checks.at_least("distributed.num_processes", d.num_processes, 1):
+        checks.require(
+          0 <= d.process_id < d.num_processes,
+          "distributed.process_id",
+          f"{d.process_id} is not in [0, distributed.num_processes {d.num_processes})",
+        )
   for section in OPTIM_SECTIONS:
     if section in config:
       _check_optim(section, config[section], checks)
@@ -128,15 +138,18 @@ def unused_fields(config) -> dict[str, str]:
   return {}
 
 
-def check_config(config, overridden: Iterable[str] = (), *, inputs: bool = True, prefix: str = "") -> None:
+def check_config(
+  config, overridden: Iterable[str] = (), *, inputs: bool = True, batches_on_mesh: bool = True, prefix: str = ""
+) -> None:
   """Checks every value `config` holds, by itself and against the others, without reading a file; raises
   errors.ConfigError with one line per problem. `overridden`: the dotted fields the user set
   (`--config.<field>=...`); one that this config cannot use (e.g. `model.size` beside `model.init_from`) is a
   problem too (`unused_overrides`). `inputs` False: the data files and starting models may be left empty
-  (an AOT compile reads none). The stage's own checks are its trainer's `check_config(config, checks)`; the
+  (an AOT compile reads none). `batches_on_mesh` False: a batch need not divide over the mesh the config fixes
+  (an AOT plan raises it instead). The stage's own checks are its trainer's `check_config(config, checks)`; the
   stages inside the lab pipeline's and the recipe's configs are checked too, their inputs left to the
   pipeline."""
-  checks = config_lib.Checks(prefix, inputs=inputs)
+  checks = config_lib.Checks(prefix, inputs=inputs, batches_on_mesh=batches_on_mesh)
   overridden = list(overridden)
   stage = config.get("stage")
   if not checks.one_of("stage", stage, STAGES):
@@ -160,11 +173,11 @@ def overridden_fields(overrides: Iterable[str]) -> list[str]:
   return [o.split("=", 1)[0].removeprefix("--config.") for o in overrides]
 
 
-def load_checked(config_arg: str, overrides: Sequence[str] = (), *, inputs: bool = True):
+def load_checked(config_arg: str, overrides: Sequence[str] = (), *, inputs: bool = True, batches_on_mesh: bool = True):
   """The config `main.py --config=<config_arg> <overrides>` would run, checked (`check_config`): what every
   command that starts or prints runs does first. Raises errors.ConfigError, one line per problem."""
   config = config_lib.load_config(config_arg, overrides)
-  check_config(config, overridden_fields(overrides), inputs=inputs)
+  check_config(config, overridden_fields(overrides), inputs=inputs, batches_on_mesh=batches_on_mesh)
   return config
 
 
@@ -183,14 +196,11 @@ def resolved_config(config) -> dict:
 
 
 def initialize_distributed(dist) -> None:
-  """jax.distributed.initialize from the config's `distributed` section (before any device is touched)."""
-  if dist.mode not in DISTRIBUTED_MODES:
-    raise errors.ConfigError(f"config.distributed.mode: {dist.mode!r} is not one of {DISTRIBUTED_MODES}")
+  """jax.distributed.initialize from the config's `distributed` section (checked by check_config), before any
+  device is touched."""
   if dist.mode == "auto":  # TPU VMs, SLURM and other clusters JAX detects by itself
     jax.distributed.initialize()
   elif dist.mode == "manual":
-    if not dist.coordinator_address:
-      raise errors.ConfigError("config.distributed.coordinator_address: required with mode=manual (host:port)")
     jax.distributed.initialize(
       coordinator_address=dist.coordinator_address, num_processes=dist.num_processes, process_id=dist.process_id
     )

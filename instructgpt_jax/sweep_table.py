@@ -59,18 +59,22 @@ def _own_folder_replaced(value: Any, folders: Sequence[str]) -> Any:
   return value
 
 
+def _is_run(folder) -> bool:
+  """A run's folder: its config.json is a run's (it names a stage; an HF export's config.json does not)."""
+  config = folder / "config.json"
+  return config.exists() and "stage" in paths.read_json(config, {})
+
+
 def _run_folders(root: str) -> list[tuple[str, str]]:
-  """(name, top folder) of each folder holding config.json: a child of `root`, or, for a child that holds
-  none (a lab pipeline or recipe workdir), each of its own children that does."""
+  """(name, top folder) of each run's folder (`_is_run`): a child of `root`, or, for a child that is none (a lab
+  pipeline or recipe workdir), each of its own children that is one."""
   found = []
   for child in sorted(paths.path(root).iterdir(), key=lambda p: p.name):
-    if (child / "config.json").exists():
+    if _is_run(child):
       found.append((child.name, child.name))
     elif child.is_dir():
       found += [
-        (f"{child.name}/{g.name}", child.name)
-        for g in sorted(child.iterdir(), key=lambda p: p.name)
-        if (g / "config.json").exists()
+        (f"{child.name}/{g.name}", child.name) for g in sorted(child.iterdir(), key=lambda p: p.name) if _is_run(g)
       ]
   return found
 

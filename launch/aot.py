@@ -74,15 +74,14 @@ def _fail(error: Exception) -> int:
 
 
 def checked_config(config_arg: str, flags: list[str], target):
-  """The config main.py would run with `flags`, checked as main.py checks it (`stages.load_checked`, the inputs
-  a run reads not required), with the batches `aot.batch_fallback` raises for this target's mesh applied
-  first, since the compile runs with them; returns the config as given (aot.report raises them again and says
-  so). errors.UserError, one line per problem, for anything wrong."""
-  from instructgpt_jax import aot, config_lib, stages
+  """The config main.py would run with `flags`, checked as main.py checks it (`stages.load_checked`), but for
+  the inputs a run reads (none here) and for batches that do not divide over the mesh (the plan raises them,
+  `aot.batch_fallback`, and says so); then its mesh laid out on the target's devices. errors.UserError, one
+  line per problem, for anything wrong, before anything compiles."""
+  from instructgpt_jax import aot, stages
 
-  config = config_lib.load_config(config_arg, flags)
-  raised = aot.batch_fallback(config, aot.target_mesh(config, target))
-  stages.load_checked(config_arg, [*flags, *(c.flag for c in raised)], inputs=False)
+  config = stages.load_checked(config_arg, flags, inputs=False, batches_on_mesh=False)
+  aot.target_mesh(config, target)  # a mesh that does not lay out the target's devices: one line
   return config
 
 

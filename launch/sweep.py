@@ -77,6 +77,15 @@ def _checked_runs(args, fixed: list[str]):
     if args.grid or fixed:
       raise errors.UserError("--grid and --config.<field> overrides need --config")
     return [], {}, {}
+  given = {
+    "--launcher": args.launcher != "local",
+    "--tpu": args.tpu,
+    "--zone": args.zone,
+    "--python": args.python != "python",
+  }
+  printing_only = [flag for flag, is_given in given.items() if is_given]
+  if printing_only and not args.print:
+    raise errors.UserError(f"{', '.join(printing_only)}: go with --print (the commands for elsewhere); --run runs here")
   if args.launcher == "tpu" and args.print and not (args.tpu and args.zone):
     raise errors.UserError("--launcher=tpu: give the TPU VM's --tpu=NAME and --zone=ZONE")
   points = sweep.grid_points(args.grid) if args.grid else sweep.sweep_points(args.config)

@@ -98,8 +98,10 @@ def untracked_files(root: str = ".") -> list[str]:
   """Files in the working tree at `root` that git neither tracks nor ignores: what setup leaves behind by
   default (setup packs the tree of the folder it runs in, as `git ls-files` lists it)."""
   listing = subprocess.run(
-    ["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
+    ["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=root, capture_output=True, text=True
   )
+  if listing.returncode:
+    raise errors.UserError(f"setup: {os.path.abspath(root)} is not a git checkout: setup ships the files git lists")
   return [f for f in listing.stdout.split("\0") if f]
 
 
@@ -175,6 +177,9 @@ def check_main_args(main_args: Sequence[str], accelerator: str = "") -> None:
   configs += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
   if len(configs) != 1:
     raise errors.UserError("run: give main.py's arguments after --, with one --config=<file>[:arg]")
+  printing = any(a in ("--print_config", "--check_config") for a in args)
+  if not printing and not any(a.startswith("--workdir=") for a in args):
+    raise errors.UserError("run: give main.py a --workdir=<dir> after -- (gs:// for a pod: every worker writes there)")
   overrides = [a for a in args if a.startswith("--config.")]
   from instructgpt_jax import stages  # imports jax: only `run` needs it
 
@@ -244,12 +249,12 @@ def main(argv=None) -> int:
     parser.error(f"{args.action}: --name and --zone are required")
   try:
     cmds = commands(args, main_args)
+    if args.action == "setup":
+      _say_untracked(args.include_untracked)
   except errors.UserError as e:
     for line in str(e).splitlines():
       print(f"error: {line}", file=sys.stderr)
     return 2
-  if args.action == "setup":
-    _say_untracked(args.include_untracked)
   for cmd in cmds:
     print(shell(cmd), flush=True)
     if args.dry_run:

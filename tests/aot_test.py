@@ -291,7 +291,9 @@ def test_the_cli_refuses_a_bad_target_or_config_in_one_line_before_compiling(cap
   err = capsys.readouterr().err
   assert err.startswith("error: --config.data.batch_sise: no such config field") and err.count("\n") == 1
   assert aot_cli.main(["--target=cpu-8", "--config=configs/sft.py:tiny", "--config.mesh.fsdp=3"]) == 2
-  assert capsys.readouterr().err.startswith("error: mesh")
+  assert (
+    capsys.readouterr().err == "error: mesh: ici sizes {'data': -1, 'fsdp': 3, 'tensor': 1} do not divide 8 devices\n"
+  )
 
 
 HLO = """HloModule m

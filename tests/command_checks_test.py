@@ -80,3 +80,21 @@ def test_launch_aot(kind, config, overrides, message, capsys, monkeypatch):
   out, err = capsys.readouterr()
   assert out == ""
   _one_line(err, message)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (["--config.data.batch_size=0"], "data.batch_size: 0 must be >= 1"),
+    (["--config.optim.microbatches=0"], "optim.microbatches: 0 must be >= 1"),
+    (["--config.mesh.tensor=0"], "mesh.tensor: 0 must be >= 1 or -1 (the rest)"),
+    (["--config.mesh.fsdp=3", "--config.mesh.data=1"], "mesh: ici sizes {'data': 1, 'fsdp': 3, 'tensor': 1} need 3"),
+  ],
+)
+def test_launch_aot_checks_batches_and_the_mesh_before_raising_or_laying_them_out(overrides, message, capsys):
+  """A batch the mesh does not divide is raised by the plan (the pod then runs that batch), but a batch, a number of
+  microbatches or a mesh size that no mesh can hold is one line, as is a mesh the target's devices do not fill."""
+  assert aot_cli.main(["--target=cpu-8", "--config=configs/sft.py:tiny", *overrides]) == 2
+  out, err = capsys.readouterr()
+  assert out == ""
+  _one_line(err, message)

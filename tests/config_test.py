@@ -132,10 +132,23 @@ MISTAKES = [
   ("configs/sft.py:tiny", ["--config.data.pretrain_mix=1.5"], "data.pretrain_mix: 1.5 is not in [0, 1)"),
   ("configs/sft.py:tiny", ["--config.mesh.fsdp=3", "--config.mesh.data=1"], "data.batch_size: 16 does not divide over"),
   ("configs/sft.py:tiny", ["--config.model.remat=some"], "model.remat: 'some' is not one of"),
+  ("configs/sft.py:tiny", ["--config.distributed.mode=manual"], "distributed.coordinator_address: required with mode"),
+  (
+    "configs/sft.py:tiny",
+    [
+      "--config.distributed.mode=manual",
+      "--config.distributed.coordinator_address=h:1",
+      "--config.distributed.num_processes=2",
+      "--config.distributed.process_id=2",
+    ],
+    "distributed.process_id: 2 is not in",
+  ),
   ("configs/sft.py:tiny", ["--config.model.dtype=fp8"], "model.dtype: 'fp8' is not one of ('float32', 'bfloat16'"),
   ("configs/rm.py:tiny", ["--config.rm.pair_normalizer=pairs"], "rm.pair_normalizer: 'pairs' is not one of"),
   ("configs/pretrain.py:size=1.3b", [], "data.corpus: required: globs of .txt / .jsonl files, or 'lab'"),
   ("configs/pipeline.py:lab_quick", ["--config.stages.ppo.ppo.clip=0"], "stages.ppo.ppo.clip: 0.0 must be > 0"),
+  ("configs/pipeline.py:lab_quick", ["--config.stages.sft.seed=3"], "stages.sft.seed: given, but the lab sets it"),
+  ("configs/pipeline.py:lab_quick", ["--config.stages.rm.data.train=x"], "stages.rm.data.train: given, but the lab"),
   (
     "configs/recipe.py:model=/m,data=d.jsonl",
     [],

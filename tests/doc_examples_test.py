@@ -1,7 +1,10 @@
 """Every command the README, docs/scaling.md, docs/sweeps.md and launch/*.py's docstrings show is run by a test,
 as written or shrunk to the tiny configs (tests/doc_examples.py): the ones that print or check run here, the
 ones that train run where a fixture or an end-to-end test already trains (EXAMPLES names it), so that no stage
-run is paid twice."""
+run is paid twice. The exceptions are the two install commands for libtpu (`pip install "jax[tpu]==0.10.2"`
+into a venv): not run; tests/run.sh installs the same libtpu another way (into .cache/libtpu, apart from .venv),
+which is what the TPU-slice tests use. Beyond these docs, every `instructgpt_jax.main` command in any doc or
+docstring is checked, not run."""
 
 import csv
 import importlib.util
@@ -40,8 +43,8 @@ EXAMPLES = {
   d.TPU_RUN_LOCAL: "test_tpu_run_local_runs_the_worker_command_here",
   d.SLURM_SBATCH: "test_slurm_commands_check_the_config_and_print_srun",
   d.SLURM_DRY_RUN: "test_slurm_commands_check_the_config_and_print_srun",
-  d.PIP_TPU: "tests/run.sh (libtpu, the version jax[tpu] pins, into .cache/libtpu)",
-  d.TPU_VENV: "tests/run.sh (libtpu, the version jax[tpu] pins, into .cache/libtpu)",
+  d.PIP_TPU: "install: not run (tests/run.sh installs libtpu 0.0.42.1, the version jax[tpu]==0.10.2 pins, apart)",
+  d.TPU_VENV: "install: not run (tests/run.sh installs libtpu 0.0.42.1, the version jax[tpu]==0.10.2 pins, apart)",
   d.AOT_SFT: "test_aot_examples_compile_for_their_tpu_slices",
   d.AOT_PPO: "test_aot_examples_compile_for_their_tpu_slices",
   d.AOT_REPORT: "test_the_aot_report_and_the_collectives_benchmark",
@@ -69,6 +72,8 @@ def test_every_documented_command_is_listed_and_run_by_a_test():
     if where.startswith("tests/") and "::" in where:  # another test runs it: it names the constant
       source = open(os.path.join(d.ROOT, where.split("::")[0])).read()
       assert names[command] in source, (where, names[command])
+    elif where == "install:":
+      assert command.startswith(("pip install", "python3.11 -m venv")) and "jax[tpu]==0.10.2" in command, command
     elif not where.startswith(("tests/", ".ci/")):
       assert f"def {where}(" in this_file, where
 
@@ -221,11 +226,14 @@ def test_the_sweep_commands_run_print_rank_and_pool(tmp_path, capsys):
   table = [line for line in run(d.SWEEP_TABLE).splitlines() if line.startswith("| ")]
   assert len(table) == 1 + 2  # the header, one pooled row per learning rate
   assert "| seeds |" in table[0] and table[1].startswith("| lr=0.001+seed=* |")
-  ranked = [line for line in run(d.SWEEP_TABLE_SORTED).splitlines() if line.startswith("| lr=")]
-  assert "eval_loss (mean of last 3)" in run(d.SWEEP_TABLE_SORTED)
+  sorted_table = [line for line in run(d.SWEEP_TABLE_SORTED).splitlines() if line.startswith("| ")]
+  header = [c.strip() for c in sorted_table[0].strip("|").split("|")]
+  ranked = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in sorted_table[1:]]
+  means = [float(row["eval_loss (mean of last 3)"].split(" ")[0]) for row in ranked]
+  assert len(means) == 2 and means == sorted(means)  # best (lowest) first
   by_seed = list(csv.DictReader(io.StringIO(run(d.SWEEP_TABLE_CSV))))
   assert sorted(row["run"] for row in by_seed) == sorted(
     f"lr={lr}+seed={seed}" for lr in ("0.001", "0.003") for seed in (0, 1)
   )
   best = run(d.SWEEP_BEST).splitlines()
-  assert len(best) == 2 and best[0].split("\t")[0] == ranked[0].split(" | ")[0].strip("| ").replace("*", "0")
+  assert len(best) == 2 and best[0].split("\t")[0] == ranked[0]["run"].replace("*", "0")

@@ -113,7 +113,7 @@ def save_then_crash(self, step, *args, **kwargs):
   return out
 checkpoint.Checkpointer.save = save_then_crash
 sys.argv = ["main"] + sys.argv[1:]
-main.flags.mark_flags_as_required(["config", "workdir"])
+main.flags.mark_flags_as_required(["config"])
 app.run(main.main)
 """
 

@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 (python3 -m venv .cache/venv-ref && .cache/venv-ref/bin/pip install -q -r requirements-ref.txt) &
 reference=$!
 python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test]"
-.venv/bin/pip install -q -c requirements-lock.txt --no-deps --target .cache/libtpu --upgrade libtpu
+libtpu=$(grep '^libtpu==' requirements-lock.txt | cut -d= -f3)
+[ -d ".cache/libtpu/libtpu-$libtpu.dist-info" ] \
+  || .venv/bin/pip install -q --no-deps --target .cache/libtpu --upgrade "libtpu==$libtpu"
 wait "$reference"
 export INSTRUCTGPT_JAX_REF_PYTHON="$PWD/.cache/venv-ref/bin/python"
 exec .venv/bin/python -m pytest -q -n 2 -m "not slow" tests "$@"

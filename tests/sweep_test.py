@@ -576,3 +576,27 @@ def test_a_fixed_override_some_points_cannot_use_is_left_out_of_theirs(tmp_path,
   assert sweep_cli.main([*base, *inputs, "--config.ppo.kl_target=3"]) == 2  # the controller is fixed in every run
   out, err = capsys.readouterr()
   assert out == "" and err == "error: ppo.kl_target: given, but ppo.kl_controller is 'fixed'; drop it\n"
+
+
+def test_launcher_flags_go_with_print_only(tmp_path, capsys):
+  argv = ["--config=configs/pretrain.py:tiny", f"--root={tmp_path / 'r'}", "--run", "--grid=seed=0,1"]
+  assert sweep_cli.main([*argv, "--launcher=tpu", "--tpu=igpt", "--zone=z"]) == 2
+  out, err = capsys.readouterr()
+  assert (
+    out == ""
+    and err == "error: --launcher, --tpu, --zone: go with --print (the commands for elsewhere); --run runs here\n"
+  )
+  assert not (tmp_path / "r").exists()
+
+
+def test_an_hf_export_beside_a_recipes_stages_is_not_a_run(tmp_path, capsys):
+  """The recipe's workdir holds sft/, rm/, ppo/ (runs) and export/ (an HF folder whose config.json names no stage)."""
+  for stage in ("sft", "rm", "ppo"):
+    (tmp_path / "hh" / stage).mkdir(parents=True)
+    (tmp_path / "hh" / stage / "config.json").write_text(json.dumps({"stage": stage, "seed": 0}))
+  (tmp_path / "hh" / "export").mkdir()
+  (tmp_path / "hh" / "export" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  names = [run.name for run in sweep_table.find_runs(str(tmp_path), "ppo")]
+  assert names == ["hh/ppo"]
+  with pytest.raises(Exception, match=r"several stages \(ppo: 1, rm: 1, sft: 1\)"):
+    sweep_table.find_runs(str(tmp_path))

@@ -44,7 +44,7 @@ def test_tpu_create_prints_the_gcloud_command(capsys):
 def test_create_asks_for_each_generations_runtime_under_gclouds_name(capsys, accelerator, gcloud_type, version):
   (line,) = dry_run(capsys, "create", "--name=igpt", f"--zone={ZONE}", f"--accelerator={accelerator}")
   assert line.endswith(f"--accelerator-type={gcloud_type} --version={version}")
-  assert accelerators.runtime_version(accelerator) == version
+  assert accelerators.parse_slice(accelerator).generation.runtime == version
   (line,) = dry_run(capsys, "create", "--name=igpt", f"--zone={ZONE}", f"--accelerator={accelerator}", "--version=v")
   assert line.endswith(f"--accelerator-type={gcloud_type} --version=v")
 
@@ -108,6 +108,11 @@ def test_setup_names_the_untracked_files_it_leaves_behind_or_ships_them(capsys, 
   packed = subprocess.run(["tar", "-tzf", "/tmp/instructgpt_jax.tgz"], capture_output=True, text=True).stdout.split()
   assert sorted(packed) == [".gitignore", "GIT_COMMIT", "configs/new.py", "tracked.py"]
   assert (tmp_path / "GIT_COMMIT").read_text() == head + "\n"  # tracked files as committed: not dirty
+  outside = tmp_path.parent / f"{tmp_path.name}_outside"  # not inside tmp_path's repository, nor any other
+  outside.mkdir()
+  monkeypatch.chdir(outside)
+  assert tpu.main(["setup", "--dry-run", "--name=igpt", f"--zone={ZONE}"]) == 2
+  assert capsys.readouterr().err == f"error: setup: {outside} is not a git checkout: setup ships the files git lists\n"
   assert sorted(git(*listing.split()[1:]).split("\0")[:-1]) == [".gitignore", "configs/new.py", "tracked.py"]
 
 
@@ -142,6 +147,12 @@ def test_run_checks_the_config_and_the_mesh_before_printing_anything(capsys):
   assert out == "" and err.startswith("error: --config.optim.lrr: no such config field 'lrr'; did you mean")
   assert tpu.main([*args, "--", "--workdir=w"]) == 2
   assert "with one --config=<file>[:arg]" in capsys.readouterr().err
+  assert tpu.main([*args, "--", "--config=configs/sft.py:tiny"]) == 2  # main.py would refuse it on every worker
+  out, err = capsys.readouterr()
+  assert (
+    out == ""
+    and err == "error: run: give main.py a --workdir=<dir> after -- (gs:// for a pod: every worker writes there)\n"
+  )
   # v4-8 has 4 devices (one per chip): fsdp=8 cannot lay them out; fsdp=4 can.
   mesh = ["--config=configs/sft.py:tiny", "--workdir=w"]
   assert tpu.main([*args, "--accelerator=v4-8", "--", *mesh, "--config.mesh.fsdp=8"]) == 2
@@ -153,18 +164,20 @@ def test_run_checks_the_config_and_the_mesh_before_printing_anything(capsys):
 
 
 def test_run_exits_with_the_commands_status_through_tee(capsys, tmp_path):
-  """--local runs the worker's own bash line here. main.py fails (no --workdir: exit 2) after the launcher's
-  checks pass; `| tee` alone would end the line with tee's 0, `set -o pipefail` keeps main.py's 2."""
+  """--local runs the worker's own bash line here. main.py fails (its data file does not exist: exit 2) after the
+  launcher's checks pass (they read no file); `| tee` alone would end the line with tee's 0, `set -o pipefail`
+  keeps main.py's 2."""
   log = tmp_path / "run.log"
-  argv = ["run", "--local", f"--log={log}", "--", "--config=configs/sft.py:tiny"]
+  missing = tmp_path / "no_such_demos.jsonl"
+  main_args = ["--config=configs/sft.py:tiny", f"--workdir={tmp_path / 'run'}", f"--config.data.train={missing}"]
+  argv = ["run", "--local", f"--log={log}", "--", *main_args]
   assert tpu.main([argv[0], "--dry-run", *argv[1:]]) == 0
   (line,) = capsys.readouterr().out.splitlines()
   assert line.startswith("bash -c 'set -o pipefail; cd ") and line.endswith(f"2>&1 | tee -a {log}'")
   assert "--config.distributed.mode" not in line  # one process: the distributed mode stays as configured
   assert tpu.main(argv) == 2
   assert "launch.tpu run: the command above exited with status 2" in capsys.readouterr().err
-  assert "error: --workdir: required" in log.read_text()
-  assert subprocess.run(["bash", "-c", "(exit 2) | tee /dev/null"]).returncode == 0  # the line without pipefail
+  assert f"error: {missing}: data.train: no file matches" in log.read_text()
 
 
 def test_tpu_delete(capsys):
@@ -187,14 +200,9 @@ def test_slurm_script_checks_the_config_then_builds_the_srun_command(tmp_path):
     "instructgpt_jax.main --config=configs/sft.py:size=6.7b --workdir=/shared/runs/sft6b "
     "--config.data.train=d/train\\*.jsonl --config.distributed.mode=auto\n"
   )
-  manual = subprocess.run(
-    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py:tiny", "--config.distributed.mode=manual"],
-    env=env,
-    capture_output=True,
-    text=True,
-    check=True,
-  )
-  assert manual.stdout.split()[-2:] == ["--config=configs/sft.py:tiny", "--config.distributed.mode=manual"]
+  given = ["--config=configs/sft.py:tiny", "--workdir=/shared/runs/w", "--config.distributed.mode=off"]
+  off = subprocess.run(["bash", "launch/slurm.sbatch", *given], env=env, capture_output=True, text=True, check=True)
+  assert off.stdout.split()[-3:] == given  # a mode given is kept
   # A mistake stops the job before srun: one line, exit 2, no command.
   for mistake, message in (
     (["--config.data.batchsize=4"], "error: --config.data.batchsize: no such config field 'batchsize'; did you mean"),
@@ -206,6 +214,14 @@ def test_slurm_script_checks_the_config_then_builds_the_srun_command(tmp_path):
     assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()] and bad.stderr.startswith(
       message
     )
+  bad = subprocess.run(
+    ["bash", "launch/slurm.sbatch", "--config=configs/sft.py:tiny"], env=env, capture_output=True, text=True
+  )
+  assert (bad.returncode, bad.stdout, bad.stderr.strip()) == (
+    2,
+    "",
+    "error: --workdir: required (where the run keeps its checkpoints and metrics)",
+  )
   bad = subprocess.run(
     ["bash", "launch/slurm.sbatch", "--config=configs/sft.py:tinyy"], env=env, capture_output=True, text=True
   )

@@ -45,7 +45,7 @@ def check_batch_values(field: str, batch_size: int, mesh_cfg, checks) -> None:
   if not checks.at_least(field, batch_size, 1):
     return
   parallel = [mesh_cfg.get(a, 1) * mesh_cfg.get(f"dcn_{a}", 1) for a in ("data", "fsdp")]
-  if all(p >= 1 for p in parallel):
+  if checks.batches_on_mesh and all(p >= 1 for p in parallel):
     shards = parallel[0] * parallel[1]
     checks.require(
       batch_size % shards == 0, field, f"{batch_size} does not divide over data×fsdp = {shards} devices of the mesh"

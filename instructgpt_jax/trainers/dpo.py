@@ -72,7 +72,6 @@ def train(config, workdir: str) -> dict[str, float]:
   stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   d = config.dpo
-  common.check(source is not None, "model.init_from: DPO starts from the SFT model; set it")
   reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else source
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)

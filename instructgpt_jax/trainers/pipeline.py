@@ -41,6 +41,24 @@ def check_config(config, checks) -> None:
     checks.require(name in config.stages, f"stages.{name}", "missing: the lab runs it")
 
 
+def unused_fields(config) -> dict[str, str]:
+  """What the lab sets in every stage's section from its own fields, or from the stage before."""
+  unused = {}
+  for name in config.stages:
+    why = "the lab sets it in every stage from its own field of that name"
+    unused.update({f"stages.{name}.{f}": why for f in ("seed", "progress_bar", "compilation_cache_dir")})
+    unused[f"stages.{name}.data.tokenizer"] = "the lab trains its own BPE and gives it to every stage"
+    if name != "pretrain":
+      unused[f"stages.{name}.model.init_from"] = "the lab starts each stage from the one before it"
+    if name in RL_STAGES:
+      unused[f"stages.{name}.ppo.reward_model"] = "the lab's RL stages score with the lab's own RM"
+  for name in ("rm", "dpo"):
+    for field in ("train", "eval"):
+      unused[f"stages.{name}.data.{field}"] = "the lab ranks its own comparisons (labels) for it"
+  unused["stages.rm.data.bias_demonstrations"] = "the lab's RM takes its bias from the SFT stage's demonstrations"
+  return unused
+
+
 def train(config, workdir: str) -> dict[str, float]:
   stages = config.stages
   paths.check_output_dir(workdir, "--workdir")

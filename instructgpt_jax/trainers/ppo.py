@@ -128,11 +128,7 @@ def unused_fields(config) -> dict[str, str]:
 def check_setup(config, stage: common.Stage) -> None:
   """What needs the files and the devices: every model path resolves, the mesh fits the layout and the
   minibatch, prompts and responses fit the model."""
-  p, policy_cfg = config.ppo, stage.model_cfg
-  common.check(
-    stage.source is not None, "model.init_from: PPO starts from the PPO-init SFT model (docs/paper.md §1); set it"
-  )
-  common.check(bool(p.reward_model), "ppo.reward_model: required (the rm stage's <workdir>/export)")
+  p, policy_cfg = config.ppo, stage.model_cfg  # model.init_from and ppo.reward_model are given: check_config
   for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
     model_io.read_source(p[field], f"ppo.{field}")
   layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)

@@ -43,16 +43,28 @@ def split_data(pairs: str, directory: str, *, eval_records: int, bias_records: i
 
 def check_config(config, checks) -> None:
   """The recipe's own fields (stages.check_config checks each stage's section after them)."""
-  checks.require(
-    config.model.startswith("hf:"),
-    "model",
-    f"{config.model!r}: give a HuggingFace folder as the config arg model=hf:PATH",
-  )
-  checks.require(
-    bool(config.data.pairs), "data.pairs", "required: HH-RLHF-style {chosen, rejected} JSONL (config arg data=)"
-  )
+  if config.model or checks.inputs:
+    model = f"{config.model!r}: give a HuggingFace folder as the config arg model=hf:PATH"
+    checks.require(config.model.startswith("hf:"), "model", model)
+  checks.require_input(config.data.pairs, "data.pairs", "HH-RLHF-style {chosen, rejected} JSONL (config arg data=)")
   checks.at_least("data.eval_pairs", config.data.eval_pairs, 1)
   checks.at_least("data.bias_demonstrations", config.data.bias_demonstrations, 0)
+
+
+def unused_fields(config) -> dict[str, str]:
+  """What the recipe sets in every stage's section from its own fields, or from the stage before."""
+  unused = {}
+  for name in config.stages:
+    why = "the recipe sets it in every stage from its own field of that name"
+    unused.update({f"stages.{name}.{f}": why for f in ("seed", "progress_bar", "compilation_cache_dir")})
+    unused[f"stages.{name}.model.init_from"] = "the recipe starts each stage from the one before (config arg model)"
+  why = "the recipe fills it in from its own data (config args data and ptx)"
+  for field in ("sft.data.train", "sft.data.eval", "sft.data.pretrain_corpus", "rm.data.train", "rm.data.eval"):
+    unused[f"stages.{field}"] = why
+  for field in ("rm.data.bias_demonstrations", "ppo.data.train", "ppo.data.eval", "ppo.data.ptx_corpus"):
+    unused[f"stages.{field}"] = why
+  unused["stages.ppo.ppo.reward_model"] = "the recipe's PPO scores with the RM it trained"
+  return unused
 
 
 def train(config, workdir: str) -> dict[str, float]:

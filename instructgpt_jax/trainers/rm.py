@@ -67,7 +67,6 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
   stage = common.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
-  common.check(bool(data_cfg.bias_demonstrations), "data.bias_demonstrations: required (docs/paper.md §4.1: the bias)")
   if config.rm.export_dir:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
   common.check_batch("data.batch_size", config.data.batch_size, mesh)
