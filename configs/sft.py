@@ -10,8 +10,10 @@ Two variants with the paper's values:
   variant=ppo_init   the PPO-init SFT (App. C.3; also the KL reference of PPO): 2 epochs over the
                      demonstrations with 10% pretraining rows mixed in, lr 5e-6 / 1.04e-5 / 2.45e-6 and
                      batch 32 / 32 / 8. App. C.3 lists no dropout: we train it without (our choice; it is
-                     the KL reference and PPO's start, both run without dropout). "10%" is by rows
-                     (`data.pretrain_mix_by`; "loss_tokens" makes it 10% of the loss tokens instead).
+                     the KL reference and PPO's start, both run without dropout). "10%" is of the loss
+                     tokens (`data.pretrain_mix_by="loss_tokens"`: pretraining rows are drawn so that they
+                     carry 10% of the loss tokens); "rows" makes 10% of the rows pretraining text, which with
+                     2,048-token rows is most of the loss tokens (docs/paper.md §3.3).
 Our choices where the paper is silent (docs/paper.md §2, §3.3): Adam ε 1e-8, gradients clipped to global
 norm 1.0, no weight decay, loss on response tokens only, EOS appended to every response.
 
@@ -70,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       pack=False,
       loss_on_prompt=False,  # loss on response tokens only (docs/paper.md §3.3, our default)
       pretrain_mix=mix,  # PPO-init SFT: 10% pretraining text (App. C.3); epochs count demonstrations only
-      pretrain_mix_by="rows",  # "rows": 10% of rows; "loss_tokens": 10% of loss tokens (docs/paper.md §3.3)
+      pretrain_mix_by="loss_tokens",  # 10% of the loss tokens; "rows": 10% of the rows (docs/paper.md §3.3)
       pretrain_corpus="",  # "lab" or globs of .txt / .jsonl files
       eval_batches=0,  # 0: the whole eval split
     )

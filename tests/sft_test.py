@@ -136,7 +136,8 @@ def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_
 
 def test_demonstration_epochs_are_counted_exactly_with_a_pretraining_mix(tmp_path):
   tokenizer = tokenizer_lib.byte_tokenizer()
-  config = configured(sft, "tiny,variant=ppo_init", **{"data.train": "lab:demonstrations:train:200"})
+  overrides = {"data.train": "lab:demonstrations:train:200", "data.pretrain_mix_by": "rows"}
+  config = configured(sft, "tiny,variant=ppo_init", **overrides)
   data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
@@ -157,8 +158,8 @@ def test_demonstration_epochs_are_counted_exactly_with_a_pretraining_mix(tmp_pat
 
 def test_a_mix_by_loss_tokens_gives_pretraining_text_that_share_of_the_loss(tmp_path):
   tokenizer = tokenizer_lib.byte_tokenizer()
-  overrides = {"data.train": "lab:demonstrations:train:200", "data.pretrain_mix_by": "loss_tokens"}
-  config = configured(sft, "tiny,variant=ppo_init", **overrides)
+  config = configured(sft, "tiny,variant=ppo_init", **{"data.train": "lab:demonstrations:train:200"})
+  assert config.data.pretrain_mix_by == "loss_tokens"  # the default (docs/paper.md §3.3)
   data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
@@ -173,9 +174,45 @@ def test_a_mix_by_loss_tokens_gives_pretraining_text_that_share_of_the_loss(tmp_
   assert stage_data.pretrain_row_fraction(0.1, 200, 2048) == pytest.approx(0.0107, abs=1e-4)
 
 
+@pytest.mark.parametrize("by", ["rows", "loss_tokens"])
+def test_the_mix_share_of_loss_tokens_on_real_data(by, shared_data, smollm2_folder, tmp_path):
+  """HH-RLHF's harmless test set as demonstrations, SmolLM2's tokenizer, 2,048-token rows of tiny Shakespeare:
+  by rows, 10% of the rows carry most of the loss tokens (docs/paper.md §3.3); by loss tokens, 10% of them."""
+  from instructgpt_jax.data import convert
+
+  convert.convert(str(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"), str(tmp_path / "hh"), "demonstrations")
+  tokenizer = tokenizer_lib.load(str(smollm2_folder))
+  config = configured(sft, "variant=ppo_init", **{"data.pretrain_mix_by": by})
+  config.data.update(
+    train=str(tmp_path / "hh" / "demonstrations.jsonl"),
+    pretrain_corpus=str(shared_data / "tinyshakespeare.txt"),
+    data_dir=str(tmp_path / "tfds"),
+    batch_size=64,
+    on_error="skip",
+  )
+  assert config.data.seq_len == 2048 and config.data.pretrain_mix == 0.1
+  data = stage_data.build_sft_data(config.data, tokenizer, seed=0)
+  source = data.train_source
+  response = np.mean([len(source[i]["response_ids"]) for i in range(len(source))])  # R, with EOS
+  rows_share = 0.1 * 2048 / (0.1 * 2048 + 0.9 * response)  # what p = 0.1 of the rows gives
+  pretraining = total = 0.0
+  for _ in range(200):  # 12,800 rows
+    b = next(data)
+    pretraining += float(b["mask"][b["kind"] == 1].sum())
+    total += float(b["mask"].sum())
+  share = pretraining / total
+  if by == "rows":
+    assert data.mix_fraction == 0.1
+    assert 0.70 < rows_share < 0.90 and abs(share - rows_share) < 0.03, (share, rows_share, response)
+  else:
+    assert data.mix_fraction == pytest.approx(0.1 * response / (0.1 * response + 0.9 * 2048), rel=1e-9)
+    assert abs(share - 0.1) < 0.025, (share, data.mix_fraction, response)
+
+
 def test_pretraining_mix_is_honoured_in_sampled_batches(tmp_path):
   tokenizer = tokenizer_lib.byte_tokenizer()
-  config = configured(sft, "tiny,variant=ppo_init", **{"data.train": "lab:demonstrations:train:400"})
+  overrides = {"data.train": "lab:demonstrations:train:400", "data.pretrain_mix_by": "rows"}
+  config = configured(sft, "tiny,variant=ppo_init", **overrides)
   assert config.data.pretrain_mix == 0.1
   data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
@@ -195,6 +232,9 @@ def test_ppo_init_variant_logs_the_mix_and_both_losses(tmp_path):
   )
   main.run(config, str(tmp_path))
   rows = read_metrics(tmp_path)
-  fractions = [r["ptx_fraction"] for r in rows if "ptx_fraction" in r]
-  assert fractions and all(0.0 < f < 0.25 for f in fractions)
+  fractions = [r["ptx_fraction"] for r in rows if "ptx_fraction" in r]  # of the rows: ~1.7% here, often 0
+  assert fractions and all(0.0 <= f < 0.25 for f in fractions)
+  shares = [r["ptx_token_fraction"] for r in rows if "ptx_token_fraction" in r]
+  assert len(shares) == len(fractions) and all(0.0 <= f <= 1.0 for f in shares)
+  assert all((f == 0.0) == (s == 0.0) for f, s in zip(fractions, shares))  # rows and their tokens come together
   assert all(np.isfinite(r["ptx_loss"]) and np.isfinite(r["demo_loss"]) for r in rows if "ptx_loss" in r)

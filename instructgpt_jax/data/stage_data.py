@@ -13,7 +13,8 @@ The fields each function reads (docs/data.md lists them with defaults):
   `on_error` ("raise" | "skip"), `batch_size` (global), `shuffle` (default True).
 * SFT and RM: `truncate_prompt` ("none" | "left").
 * SFT: `seq_len`, `pack`, `loss_on_prompt`, `pretrain_mix` (a fraction), `pretrain_mix_by` ("rows": that
-  fraction of the rows are pretraining text; "loss_tokens": of the loss tokens, see `pretrain_row_fraction`)
+  fraction of the rows are pretraining text; "loss_tokens", the default: of the loss tokens, see
+  `pretrain_row_fraction`)
   and `pretrain_corpus` (as text.load_documents).   RM: `seq_len`, `max_responses`.
 * PPO: `max_prompt_len` (the paper: 1024), `prompt_buckets` (e.g. "64,128,256,512,1024").
 * pretraining from TFDS: `seq_len`, `eval_fraction`.
@@ -140,7 +141,7 @@ def build_sft_data(
     if mix_fraction:
       documents = text.load_documents(data_cfg["pretrain_corpus"])
       mix_rows = text.pack(tokenizer.encode_batch(documents), eos_id=tokenizer.eos_id, seq_len=seq_len)
-      by = data_cfg.get("pretrain_mix_by", "rows")
+      by = data_cfg.get("pretrain_mix_by", "loss_tokens")
       if by == "loss_tokens":
         mix_fraction = pretrain_row_fraction(mix_fraction, _mean_loss_tokens(train, loss_on_prompt), seq_len)
       elif by != "rows":

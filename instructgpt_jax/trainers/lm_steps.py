@@ -46,7 +46,8 @@ def make_train_step(graphdef, model_cfg: models.ModelConfig, tx, lr_schedule, *,
     if "ptx_count" in sums:
       metrics["demo_loss"] = sums["demo_nll"] / jnp.maximum(sums["demo_count"], 1.0)
       metrics["ptx_loss"] = sums["ptx_nll"] / jnp.maximum(sums["ptx_count"], 1.0)
-      metrics["ptx_fraction"] = jnp.mean(batch["kind"] == 1)
+      metrics["ptx_fraction"] = jnp.mean(batch["kind"] == 1)  # of the rows
+      metrics["ptx_token_fraction"] = sums["ptx_count"] / jnp.maximum(sums["count"], 1.0)  # of the loss tokens
     return metrics
 
   return train_state.sums_step(
