@@ -13,7 +13,8 @@ Two variants with the paper's values:
                      the KL reference and PPO's start, both run without dropout). "10%" is of the loss
                      tokens (`data.pretrain_mix_by="loss_tokens"`: pretraining rows are drawn so that they
                      carry 10% of the loss tokens); "rows" makes 10% of the rows pretraining text, which with
-                     2,048-token rows is most of the loss tokens (docs/paper.md §3.3).
+                     2,048-token rows is most of the loss tokens (docs/paper.md §3.3). It keeps its last
+                     step (`select_checkpoint=False`; the paper trains it 2 epochs, choosing only its lr).
 Our choices where the paper is silent (docs/paper.md §2, §3.3): Adam ε 1e-8, gradients clipped to global
 norm 1.0, no weight decay, loss on response tokens only, EOS appended to every response.
 
@@ -56,6 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
   c.variant = a.variant
   c.epochs = epochs
+  # The baseline's checkpoint is chosen (by RM score with eval_rm.rm, else by validation loss); the PPO-init SFT
+  # keeps its last step: the paper trains it for 2 epochs and tunes only its lr (docs/paper.md §3.3).
+  c.select_checkpoint = a.variant == "baseline"
   c.eval_every_steps = 200
   c.data = ml_collections.ConfigDict(
     dict(

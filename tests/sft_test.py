@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from configs import sft
-from instructgpt_jax import errors, main, models
+from instructgpt_jax import errors, main, models, paths
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import common, lm_steps
+from instructgpt_jax.trainers import common, lm_steps, model_io
 
 from runs import configured, read_metrics
 
@@ -226,12 +226,22 @@ def test_pretraining_mix_is_honoured_in_sampled_batches(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_init_variant_logs_the_mix_and_both_losses(tmp_path):
+def test_ppo_init_variant_logs_the_mix_and_both_losses_and_keeps_its_last_step(tmp_path):
+  overrides = {"data.train": "lab:demonstrations:train:200", "optim.lr": 0.05}  # a loss that rises after step 3
   config = configured(
-    sft, "tiny,variant=ppo_init", total_steps=10, log_every_steps=5, **{"data.train": "lab:demonstrations:train:200"}
+    sft, "tiny,variant=ppo_init", total_steps=10, log_every_steps=5, eval_every_steps=3, **overrides
   )
-  main.run(config, str(tmp_path))
-  rows = read_metrics(tmp_path)
+  assert not config.select_checkpoint and configured(sft, "tiny").select_checkpoint  # baseline: selects
+  main.run(config, str(tmp_path / "last"))
+  config.select_checkpoint = True
+  main.run(config, str(tmp_path / "selected"))
+  rows = read_metrics(tmp_path / "last")
+  evaluated = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+  best = min(evaluated, key=evaluated.get)
+  assert best < 10, evaluated  # selecting would have kept an earlier step, so the two runs differ
+  assert not (tmp_path / "last" / "selected.json").exists() and model_io.read_source(str(tmp_path / "last")).step == 10
+  assert paths.read_json(tmp_path / "selected" / "selected.json")["step"] == best
+  assert model_io.read_source(str(tmp_path / "selected")).step == best
   fractions = [r["ptx_fraction"] for r in rows if "ptx_fraction" in r]  # of the rows: ~1.7% here, often 0
   assert fractions and all(0.0 <= f < 0.25 for f in fractions)
   shares = [r["ptx_token_fraction"] for r in rows if "ptx_token_fraction" in r]

@@ -5,12 +5,14 @@
 Phases: setup and validation → init (from a pretrained LM) or restore → train loop (loss on response
 tokens) → evaluation every `eval_every_steps` and at the end → final save.
 
-Checkpoint selection (paper §3.5, App. C.1): with `eval_rm.rm`, each evaluation samples responses to the
-validation prompts and scores them with that RM; the checkpoint with the best mean score is kept (never
-removed by retention) and named in `<workdir>/selected.json`. Without an RM, the lowest validation loss
-selects (our fallback; the paper found validation loss a poor guide after ~1 epoch). Without an eval split,
-nothing is selected. A later stage's `model.init_from=<this workdir>` loads the selected checkpoint
-(`model.init_from_step=latest` loads the newest instead).
+Checkpoint selection (paper §3.5, App. C.1; `select_checkpoint`, on for the baseline variant and off for
+ppo_init, which the paper trains for 2 epochs and keeps): with `eval_rm.rm`, each evaluation samples
+responses to the validation prompts and scores them with that RM; the checkpoint with the best mean score is
+kept (never removed by retention) and named in `<workdir>/selected.json`. Without an RM, the lowest
+validation loss selects (our fallback; the paper found validation loss a poor guide after ~1 epoch). Without
+an eval split, or with `select_checkpoint=False`, nothing is selected and the last step is the stage's model.
+A later stage's `model.init_from=<this workdir>` loads the selected checkpoint, else the newest
+(`model.init_from_step=latest` loads the newest always).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def unused_fields(config) -> dict[str, str]:
   unused = {}
   if not config.eval_rm.rm:
     unused.update(
-      {f"eval_rm.{f}": "eval_rm.rm is empty (no RM selects checkpoints)" for f in config.eval_rm if f != "rm"}
+      {f"eval_rm.{f}": "eval_rm.rm is empty (no RM scores the evaluations)" for f in config.eval_rm if f != "rm"}
     )
   if not config.data.pretrain_mix:
     unused.update({f"data.{f}": "data.pretrain_mix is 0" for f in ("pretrain_corpus", "pretrain_mix_by")})
@@ -74,7 +76,9 @@ def train(config, workdir: str) -> dict[str, float]:
     eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
   total_steps = common.steps_for_epochs(config, len(data.train_source), mix_fraction=data.mix_fraction)
   select = None  # which checkpoint the next stage starts from (module docstring)
-  if judge is not None:
+  if not config.select_checkpoint:
+    pass
+  elif judge is not None:
     select = checkpoint.Selection(workdir, "eval_rm_score", "max")
   elif data.eval_source is not None:
     select = checkpoint.Selection(workdir, "eval_loss", "min")
@@ -106,7 +110,7 @@ def train(config, workdir: str) -> dict[str, float]:
     loss = lm_steps.eval_loss(eval_fn, params, data.eval_batches(config.data.eval_batches or None), mesh, rules)
     row = {"eval_loss": loss} if loss is not None else {}
     if judge is not None:
-      # The paper selects SFT checkpoints by this score, not by validation loss (docs/paper.md §3.1).
+      # The paper selects the SFT baseline's checkpoint by this score, not by validation loss (docs/paper.md §3.1).
       scores, _ = judging.sample_and_score(
         sampler,
         params,
@@ -127,6 +131,6 @@ def train(config, workdir: str) -> dict[str, float]:
   )
 
   selected = select.best if select is not None else None
-  chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the newest"
+  chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the last"
   common.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)
   return final
