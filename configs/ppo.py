@@ -112,8 +112,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     lr=5e-6, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1, weight_decay=0.0, eps=1e-5, clip_norm=1.0
   )  # warmup_steps counts iterations; the trainer turns it into optimizer steps
   c.value_optim = common.optim_config(
-    lr=5e-6 if size == "gpt3-175b" else 9e-6, schedule="constant", weight_decay=0.0, eps=1e-5, clip_norm=1.0
-  )
+    lr=sizes.paper_value_lr(size), schedule="constant", weight_decay=0.0, eps=1e-5, clip_norm=1.0
+  )  # the trainer refuses it where model.init_from is of another size class (trainers/ppo.py check_setup)
   if a.tiny:
     c.model.dtype = "float32"
     c.checkpoint_every_steps = 5

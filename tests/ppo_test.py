@@ -50,6 +50,36 @@ def test_config_holds_the_paper_numbers():
   assert p.episodes // p.rollout_batch == 500  # iterations (docs/paper.md §5.2)
 
 
+@pytest.mark.parametrize(
+  "arg, policy, lr, error",
+  [
+    ("", "gpt3-1.3b", None, None),
+    ("size=175b", "gpt3-175b", None, None),
+    ("", "gpt3-175b", None, "value_optim.lr: 9e-06 is the paper's for a gpt3-1.3b policy (configs/ppo.py:size), "
+     "but model.init_from is 175B-shaped, for which App. C.4 uses 5e-06: pass configs/ppo.py:size=175b or "
+     "--config.value_optim.lr"),
+    ("size=175b", "gpt3-6.7b", None, "value_optim.lr: 5e-06 is the paper's for a gpt3-175b policy (configs/ppo.py:"
+     "size), but model.init_from is not 175B-shaped, for which App. C.4 uses 9e-06: pass configs/ppo.py:size=1.3b "
+     "or --config.value_optim.lr"),
+    ("", "gpt3-175b", 4e-6, None),  # the user's own lr passes
+  ],
+)
+def test_the_value_lr_is_the_papers_for_the_loaded_policy_or_one_line(arg, policy, lr, error):
+  from instructgpt_jax.models import sizes
+
+  config = ppo.get_config(arg)
+  config.model.init_from = "a workdir"
+  if lr is not None:
+    config.value_optim.lr = lr
+  policy_cfg = sizes.resolve({"size": policy})
+  if error is None:
+    ppo_trainer._check_value_lr(config, policy_cfg)
+  else:
+    with pytest.raises(errors.ConfigError) as raised:
+      ppo_trainer._check_value_lr(config, policy_cfg)
+    assert str(raised.value) == error
+
+
 def test_sweep_covers_gamma_and_beta():
   runs = ppo.sweep()
   assert {(r["ppo.ptx_coef"], r["ppo.kl_coef"]) for r in runs} == {(0.0, 0.01), (0.0, 0.02), (27.8, 0.01), (27.8, 0.02)}

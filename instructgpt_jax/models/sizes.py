@@ -199,6 +199,12 @@ ALIASES = {
 }
 
 
+def paper_value_lr(size: str) -> float:
+  """PPO's value-function lr by the policy's size (paper App. C.4): 5e-6 for the 175B policy, 9e-6 for 1.3B and
+  6B (and, our choice, for every other size)."""
+  return 5e-6 if ALIASES.get(size, size) == "gpt3-175b" else 9e-6
+
+
 def size_names() -> list[str]:
   return sorted(SIZES) + sorted(ALIASES)
 

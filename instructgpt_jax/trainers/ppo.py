@@ -36,6 +36,7 @@ import numpy as np
 
 from instructgpt_jax import checkpoint, optim, paths, rl, sharding
 from instructgpt_jax.data import stage_data, text
+from instructgpt_jax.models import sizes
 from instructgpt_jax.trainers import common, judging, lm_steps, model_io, ppo_steps
 
 
@@ -131,6 +132,7 @@ def check_setup(config, stage: common.Stage) -> None:
   p, policy_cfg = config.ppo, stage.model_cfg  # model.init_from and ppo.reward_model are given: check_config
   for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
     model_io.read_source(p[field], f"ppo.{field}")
+  _check_value_lr(config, policy_cfg)
   layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
   common.check(not layout_error, layout_error)
   common.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
@@ -139,6 +141,21 @@ def check_setup(config, stage: common.Stage) -> None:
       max(stage_data.prompt_buckets(stage.data_cfg)) + p.max_new_tokens - 1 <= policy_cfg.max_len,
       f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
     )
+
+
+def _check_value_lr(config, policy_cfg) -> None:
+  """The value lr that configs/ppo.py:size picked is the paper's for that size (App. C.4: 9e-6 for 1.3B and
+  6B policies, 5e-6 for 175B); a policy of the other class from model.init_from would silently get the wrong
+  one, so that is a one-line error (an lr set to any other value is the user's and passes)."""
+  big = sizes.lookup("gpt3-175b")
+  loaded = "gpt3-175b" if (policy_cfg.n_layers, policy_cfg.d_model) == (big["n_layers"], big["d_model"]) else ""
+  configured, wanted = sizes.paper_value_lr(config.model.size or ""), sizes.paper_value_lr(loaded)
+  common.check(
+    not (config.model.init_from and config.value_optim.lr == configured != wanted),
+    f"value_optim.lr: {configured:g} is the paper's for a {config.model.size} policy (configs/ppo.py:size), but "
+    f"model.init_from is {'' if loaded else 'not '}175B-shaped, for which App. C.4 uses {wanted:g}: pass "
+    f"configs/ppo.py:size={'175b' if loaded else '1.3b'} or --config.value_optim.lr",
+  )
 
 
 def build_data(config, stage: common.Stage):
