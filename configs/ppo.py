@@ -47,6 +47,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     resid_dropout=0.0,  # dropout off in PPO (our choice, docs/paper.md §8 row 14)
   )
   c.eval_every_steps = 25
+  # The held-out evaluation compares the policy (EMA) with its reference (the PPO-init SFT: metrics *_sft,
+  # eval_win_rate_rm, eval_win_rate_gold) and, with `baseline` (a workdir or export of a model of the policy's
+  # shape, e.g. the SFT baseline of configs/sft.py:variant=baseline), with that model too (*_baseline,
+  # *_vs_baseline): the paper's Figure 1 compares every model with the SFT baseline.
+  c.eval = ml_collections.ConfigDict(dict(baseline=""))
   c.ppo = ml_collections.ConfigDict(
     dict(
       episodes=256_000,

@@ -55,12 +55,22 @@ def test_config_holds_the_paper_numbers():
   [
     ("", "gpt3-1.3b", None, None),
     ("size=175b", "gpt3-175b", None, None),
-    ("", "gpt3-175b", None, "value_optim.lr: 9e-06 is the paper's for a gpt3-1.3b policy (configs/ppo.py:size), "
-     "but model.init_from is 175B-shaped, for which App. C.4 uses 5e-06: pass configs/ppo.py:size=175b or "
-     "--config.value_optim.lr"),
-    ("size=175b", "gpt3-6.7b", None, "value_optim.lr: 5e-06 is the paper's for a gpt3-175b policy (configs/ppo.py:"
-     "size), but model.init_from is not 175B-shaped, for which App. C.4 uses 9e-06: pass configs/ppo.py:size=1.3b "
-     "or --config.value_optim.lr"),
+    (
+      "",
+      "gpt3-175b",
+      None,
+      "value_optim.lr: 9e-06 is the paper's for a gpt3-1.3b policy (configs/ppo.py:size), "
+      "but model.init_from is 175B-shaped, for which App. C.4 uses 5e-06: pass configs/ppo.py:size=175b or "
+      "--config.value_optim.lr",
+    ),
+    (
+      "size=175b",
+      "gpt3-6.7b",
+      None,
+      "value_optim.lr: 5e-06 is the paper's for a gpt3-175b policy (configs/ppo.py:"
+      "size), but model.init_from is not 175B-shaped, for which App. C.4 uses 9e-06: pass configs/ppo.py:size=1.3b "
+      "or --config.value_optim.lr",
+    ),
     ("", "gpt3-175b", 4e-6, None),  # the user's own lr passes
   ],
 )
@@ -349,6 +359,9 @@ def learning_runs(chain):
   pretraining rows against responses of at most 64 tokens weigh the ptx term 2-6 times more, and this tiny
   policy's RM score then stays put (measured 0.620 -> 0.626 over 60 iterations; docs/results.md)."""
   runs = {}
+  # eval.baseline: PPO's is its own reference (so its *_vs_baseline metrics must equal the reference's);
+  # PPO-ptx's is PPO's export (so its baseline scores must equal PPO's last evaluation).
+  baselines = {"ppo": chain / "sft", "ppo_ptx": chain / "ppo" / "export"}
   for name, gamma in (("ppo", 0.0), ("ppo_ptx", 27.8)):
     overrides = {
       "ppo.episodes": 60 * 32,
@@ -357,6 +370,7 @@ def learning_runs(chain):
       "eval_every_steps": 60,
       "data.eval": "lab:prompts:eval:64",
       "checkpoint_every_steps": 30,
+      "eval.baseline": str(baselines[name]),
     }
     # One device in a subprocess: 8 fake devices on 2 cores make 60 iterations several times slower.
     cmd, env = run_cli(chain, chain / name, 1, **overrides)
@@ -382,6 +396,21 @@ def test_rm_score_rises_with_bounded_kl_and_ptx_limits_the_alignment_tax(learnin
   assert ptx_kl < 15.0 and ptx_kl < learning_runs["ppo"][-1]["kl"]
   tax = {n: abs(rows[-1]["eval_ptx_loss"] - rows[-1]["eval_ptx_loss_sft"]) for n, rows in learning_runs.items()}
   assert tax["ppo_ptx"] < tax["ppo"], tax
+
+
+@pytest.mark.slow
+def test_the_evaluation_against_a_baseline_is_the_evaluation_of_that_model(learning_runs):
+  """eval.baseline = the reference gives the reference's numbers under the baseline's names; = another run's
+  export gives that run's own last evaluation (same prompts, same sampling key, EMA weights)."""
+  ppo, ptx = learning_runs["ppo"][-1], learning_runs["ppo_ptx"][-1]
+  for last in (ppo, ptx):
+    assert {"eval_rm_score_baseline", "eval_win_rate_rm_vs_baseline", "eval_gold_baseline"} <= set(last)
+  assert ppo["eval_rm_score_baseline"] == ppo["eval_rm_score_sft"]
+  assert ppo["eval_win_rate_rm_vs_baseline"] == ppo["eval_win_rate_rm"]
+  assert ppo["eval_win_rate_gold_vs_baseline"] == ppo["eval_win_rate_gold"]
+  assert ptx["eval_rm_score_baseline"] == ppo["eval_rm_score"] and ptx["eval_gold_baseline"] == ppo["eval_gold"]
+  assert ptx["eval_rm_score_sft"] == ppo["eval_rm_score_sft"]  # the same reference, the same samples
+  assert ptx["eval_win_rate_rm_vs_baseline"] != ptx["eval_win_rate_rm"]  # PPO is not the SFT model
 
 
 @pytest.mark.slow

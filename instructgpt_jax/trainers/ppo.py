@@ -123,6 +123,8 @@ def unused_fields(config) -> dict[str, str]:
     unused.update({"ppo.kl_target": why, "ppo.kl_horizon": why})
   if not p.ptx_coef:
     unused["ppo.ptx_reduction"] = "ppo.ptx_coef is 0 (no pretraining term)"
+  if not config.data.eval:
+    unused["eval.baseline"] = "data.eval is empty (no held-out prompts to compare on)"
   return unused
 
 
@@ -132,6 +134,14 @@ def check_setup(config, stage: common.Stage) -> None:
   p, policy_cfg = config.ppo, stage.model_cfg  # model.init_from and ppo.reward_model are given: check_config
   for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
     model_io.read_source(p[field], f"ppo.{field}")
+  baseline = model_io.read_source(config.eval.baseline, "eval.baseline")
+  if baseline is not None:
+    changed = [f for f in model_io.SHAPE_FIELDS if getattr(baseline.config, f) != getattr(policy_cfg, f)]
+    common.check(
+      not changed,
+      f"eval.baseline: its {', '.join(changed)} differ from the policy's (the evaluation samples it with the "
+      "policy's sampler): give a model of the policy's shape",
+    )
   _check_value_lr(config, policy_cfg)
   layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
   common.check(not layout_error, layout_error)
@@ -301,7 +311,10 @@ def train(config, workdir: str) -> dict[str, float]:
     state = start_state(config, stage, m, shardings)
   start_iteration = int(state.step)
   steps = ppo_steps.jit_steps(m, shardings)
-  evaluation = _Evaluation(config, stage, workdir, m, steps.sample, judge, ref_params, ptx)
+  baseline = model_io.read_source(config.eval.baseline, "eval.baseline")
+  lm_target = m.targets["policy"]["lm"] if m.shared_trunk else m.targets["policy"]
+  baseline_params = baseline and model_io.load(baseline, "lm", lm_target, baseline.config, config.seed)
+  evaluation = _Evaluation(config, stage, workdir, m, steps.sample, judge, ref_params, ptx, baseline_params)
 
   def data_state():
     return {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else {}}
@@ -329,13 +342,32 @@ def train(config, workdir: str) -> dict[str, float]:
   return final
 
 
+def _win_rate(ours: np.ndarray, theirs: np.ndarray) -> float:
+  """The fraction of prompts where `ours` beats `theirs`, a tie counting half (NaN prompts left out)."""
+  wins = (ours > theirs) + 0.5 * (ours == theirs)
+  return float(np.nanmean(np.where(np.isnan(ours) | np.isnan(theirs), np.nan, wins)))
+
+
 class _Evaluation:
   """Held-out prompts: RM score of the policy (EMA weights) and of the SFT reference, the win rate between
-  them judged by the RM and, on the lab's prompts, by the gold scorer; the pretraining loss; sample dumps."""
+  them judged by the RM and, on the lab's prompts, by the gold scorer; the pretraining loss; sample dumps.
+  With `eval.baseline`, the same against that model (`*_baseline`, `*_vs_baseline`)."""
 
-  def __init__(self, config, stage: common.Stage, workdir: str, m: ppo_steps.Models, sampler, judge, ref_params, ptx):
+  def __init__(
+    self,
+    config,
+    stage: common.Stage,
+    workdir: str,
+    m: ppo_steps.Models,
+    sampler,
+    judge,
+    ref_params,
+    ptx,
+    baseline_params=None,
+  ):
     self.config, self.tokenizer, self.mesh, self.rules = config, stage.tokenizer, stage.mesh, stage.rules
     self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
+    self.others = {"sft": ref_params} | ({"baseline": baseline_params} if baseline_params is not None else {})
     self.texts, self.prompts, self.tasks = [], [], {}
     if config.data.eval:
       spec = config.data.eval
@@ -351,7 +383,8 @@ class _Evaluation:
     self.ptx_eval = None
     if ptx is not None:
       self.ptx_eval = jax.jit(sharding.traced_with_rules(lm_steps.make_eval_step(m.policy), stage.mesh, stage.rules))
-    self.sft = {}  # the reference's numbers: computed once, at the first evaluation
+    self.fixed = {name: {} for name in self.others}  # the reference's (baseline's) numbers: computed once
+    self.sft = self.fixed["sft"]
     self.lm_params = m.lm
 
   def _ptx_loss(self, params) -> float:
@@ -393,23 +426,20 @@ class _Evaluation:
     if not self.prompts:
       return row
     scores, samples = self._sample(params)
-    if "scores" not in self.sft:
-      self.sft["scores"], self.sft["samples"] = self._sample(self.ref_params)
-    sft_scores = self.sft["scores"]
-    row.update(
-      eval_rm_score=float(scores.mean()),
-      eval_rm_score_sft=float(sft_scores.mean()),
-      eval_win_rate_rm=float(np.mean((scores > sft_scores) + 0.5 * (scores == sft_scores))),
-    )
-    if self.tasks:
-      if "gold" not in self.sft:
-        self.sft["gold"] = self._gold(self.sft["samples"])
-      gold, sft_gold = self._gold(samples), self.sft["gold"]
-      row.update(
-        eval_gold=float(np.nanmean(gold)),
-        eval_gold_sft=float(np.nanmean(sft_gold)),
-        eval_win_rate_gold=float(np.nanmean((gold > sft_gold) + 0.5 * (gold == sft_gold))),
-      )
+    row["eval_rm_score"] = float(scores.mean())
+    gold = self._gold(samples) if self.tasks else None
+    if gold is not None:
+      row["eval_gold"] = float(np.nanmean(gold))
+    for name, other_params in self.others.items():  # the reference ("sft"), and the baseline where given
+      fixed, vs = self.fixed[name], "" if name == "sft" else "_vs_baseline"
+      if "scores" not in fixed:
+        fixed["scores"], fixed["samples"] = self._sample(other_params)
+        fixed["gold"] = self._gold(fixed["samples"]) if self.tasks else None
+      row[f"eval_rm_score_{name}"] = float(fixed["scores"].mean())
+      row[f"eval_win_rate_rm{vs}"] = _win_rate(scores, fixed["scores"])
+      if gold is not None:
+        row[f"eval_gold_{name}"] = float(np.nanmean(fixed["gold"]))
+        row[f"eval_win_rate_gold{vs}"] = _win_rate(gold, fixed["gold"])
     self._dump(int(state.step), samples, scores)
     return row
 
