@@ -13,10 +13,20 @@ stages, each in its own folder of the workdir and each resumable:
   sft         the PPO-init SFT: demonstrations with 10% pretraining text mixed in
   labels      K = 4..9 samples of the SFT model per prompt, ranked by the training labelers
   rm          the reward model from the SFT model, on those rankings
+  sft_baseline  the paper's SFT baseline (App. C.1): demonstrations alone, cosine, no warmup, from the
+              pretrained model, its checkpoint chosen by the RM's score (so it trains after the RM)
   ppo         PPO (γ = 0) and ppo_ptx: PPO-ptx (γ = 27.8), from the SFT model against the RM
-  evaluation  held-out prompts judged by held-out labelers (win rates with 95% intervals), gold quality,
-              RM accuracy beside inter-labeler agreement, the alignment tax, success by constraint count
+  evaluation  held-out prompts judged by held-out labelers: Figure 1 (GPT, GPT prompted with the lab's
+              few-shot prefix, SFT, PPO, PPO-ptx, each against the SFT baseline) and each RL model against
+              its start, with 95% intervals; gold quality, RM accuracy beside inter-labeler agreement, the
+              alignment tax, success by constraint count
   report      report.md and plots in the workdir, a summary table on stdout
+
+`--config.seeds=3` runs all of it once per seed (seed, seed + 1, ...) in <workdir>/seed_<seed>, and the report
+in the workdir gives each figure's mean over seeds with its 95% interval over seeds, and which differences
+the seeds tell from zero:
+
+    python -m instructgpt_jax.main --config=configs/pipeline.py:lab_quick,compare --config.seeds=3 --workdir=W
 
 `compare` (beyond the paper; `lab_quick,compare` for the quick scale) adds, from the same SFT model and RM:
 GRPO (4 samples per prompt, KL as a k3 term in the loss) and RLOO (4 samples, KL in the reward), no critic
@@ -42,6 +52,9 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.seed = 0
+  # With seeds > 1, the whole lab runs once per seed (seed, seed + 1, ...) in <workdir>/seed_<seed>, and the
+  # report in <workdir> gives each figure's mean over seeds with a 95% interval over seeds.
+  c.seeds = 1
   c.progress_bar = True
   c.compilation_cache_dir = common.DEFAULT_COMPILATION_CACHE  # every stage's (configs/common.py)
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=LAB_MODEL["vocab_size"], documents=3000))
@@ -76,6 +89,22 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   s.optim = common.optim_config(lr=2e-3, schedule="cosine", warmup_steps=20, final_lr_fraction=0.1)
   s.checkpoint_every_steps = 200
   c.stages.sft = s
+
+  # ---- the SFT baseline (App. C.1; Figure 1 compares every model with it): demonstrations alone, cosine to 10%
+  # without warmup, from the pretrained model, trained after the RM so that the RM's score on validation prompts
+  # selects its checkpoint (the paper's RMs came from earlier rounds; docs/results.md). Its length is the lab's
+  # analogue of 16 epochs: 1,200 steps of 32 are 12.8 passes over the 3,000 demonstrations.
+  b = sft.get_config("tiny,variant=baseline")
+  b.epochs = 0
+  b.total_steps = steps(1200)
+  b.model.resid_dropout = 0.0  # as the PPO-init SFT's: the paper's 0.2 starves a model of 0.9M
+  b.data.update(train="lab:demonstrations:train:3000", eval="lab:demonstrations:eval:100", seq_len=64, batch_size=32)
+  b.optim = common.optim_config(lr=2e-3, schedule="cosine", warmup_steps=0, final_lr_fraction=0.1)
+  b.eval_every_steps = steps(150)
+  b.checkpoint_every_steps = steps(150)
+  b.eval_rm.update(prompts="lab:prompts:eval:64", num_prompts=64, max_new_tokens=24, batch_size=64)
+  b.eval_rm.rm = "<workdir>/rm/export"  # the lab's RM: trainers/pipeline.py puts its path here
+  c.stages.sft_baseline = b
 
   # ---- labels: samples of the SFT model, ranked by the training labelers
   c.labels = ml_collections.ConfigDict(

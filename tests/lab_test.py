@@ -79,6 +79,8 @@ def test_lab_splits_never_share_a_prompt_and_kinds_draw_their_own():
 MICRO = {
   "stages.pretrain.total_steps": 20,
   "stages.sft.total_steps": 16,
+  "stages.sft_baseline.total_steps": 16,
+  "stages.sft_baseline.eval_rm.num_prompts": 16,
   "labels.prompts": 32,
   "labels.eval_prompts": 16,
   "stages.rm.epochs": 1,
@@ -132,7 +134,7 @@ def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(
   first = main.run(micro_config(), str(tmp_path / "a"))
   # The same pipeline again, killed with SIGKILL inside a random stage and rerun: the same numbers, so two runs
   # agree (same seed, same machine) and a run resumes from any stage.
-  stage = str(np.random.default_rng().choice(["pretrain", "sft", "labels", "rm", "ppo", "ppo_ptx"]))
+  stage = str(np.random.default_rng().choice(["pretrain", "sft", "labels", "rm", "sft_baseline", "ppo", "ppo_ptx"]))
   kill_9_inside(stage, tmp_path / "b")
   run_micro(tmp_path / "b")
   second = main.run(micro_config(), str(tmp_path / "b"))
@@ -140,7 +142,8 @@ def test_pipeline_runs_end_to_end_writes_a_computed_report_and_is_deterministic(
   report = (tmp_path / "a" / "report.md").read_text()
   evaluation = json.loads((tmp_path / "a" / "evaluation" / "done.json").read_text())
   assert f"{100 * evaluation['win_rate_PPO-ptx']:.1f}%" in report  # the report prints what was computed
-  for name in ("reward_vs_kl.png", "win_rates.png", "learning_curves.png"):
+  assert f"{100 * evaluation['baseline_win_rate_PPO-ptx']:.1f}%" in report  # Figure 1's, against the SFT baseline
+  for name in ("figure1.png", "reward_vs_kl.png", "win_rates.png", "learning_curves.png"):
     assert (tmp_path / "a" / name).stat().st_size > 1000
   assert 0.0 <= first["win_rate_ppo_ptx_vs_sft"] <= 1.0 and evaluation["prompts"] == 32
   assert main.run(micro_config(), str(tmp_path / "a")) == first
@@ -229,3 +232,72 @@ def test_compare_measures_every_method_alike_and_writes_its_table_and_figure_fro
     assert f"| {methods[name]['kl']:.2f} |" in row
   assert "| best-of-4 (SFT + RM) |" in table
   assert (tmp_path / "overoptimization.png").stat().st_size > 1000
+
+
+def test_the_few_shot_prefix_is_three_training_tasks_with_their_gold_answers():
+  w = world.make_world(0)
+  found = {t.prompt: t for t in datasets.sample_tasks(400, split="train", seed=5, world=w, kind="fewshot")}
+  for prompt, answer in datasets.FEW_SHOT_EXAMPLES:
+    assert datasets.split_of(prompt) == "train" and found[prompt].answer == answer
+    assert tasks.quality(found[prompt], answer) == pytest.approx(1.0)
+  assert datasets.FEW_SHOT_PREFIX == "".join(f"{p}{a}\n" for p, a in datasets.FEW_SHOT_EXAMPLES)
+
+
+def fake_results(rate: float, tax: float) -> dict:
+  """One seed's results as the report reads them: every Figure-1 model's win rate against the baseline `rate`
+  less a fixed step per model, intervals ±5 points."""
+  from instructgpt_jax.lab import report
+
+  e = {"prompts": 8}
+  for i, (key, _) in enumerate((*report.FIGURE1, report.PPO_INIT)):
+    r = rate - 0.1 * (4 - i) if key != "SFT" else rate - 0.15
+    e.update({f"baseline_win_rate_{key}": r, f"baseline_win_rate_{key}_interval": [r - 0.05, r + 0.05]})
+    e.update({f"gold_{key}": r / 2, f"win_rate_{key}": r})
+  methods = {n: {"kl": 2 * rate, "pretraining_loss_change": tax} for n in ("SFT", "PPO", "PPO-ptx")}
+  best_of_n = [{"n": 1, "kl": 0.0, "gold": 0.1}, {"n": 4, "kl": 0.8863, "gold": rate, "win_rate": rate}]
+  return {
+    "evaluation": e,
+    "compare": {"methods": methods, "best_of_n": best_of_n},
+    "rm": {"eval_accuracy": 0.6},
+    "labels": {"agreement_held_out_labelers": 0.7},
+    "ppo": {"eval_ptx_loss": 2.0 + tax, "eval_ptx_loss_sft": 2.0},
+    "ppo_ptx": {"eval_ptx_loss": 2.0 + tax / 2, "eval_ptx_loss_sft": 2.0},
+  }
+
+
+def test_the_report_over_seeds_gives_means_with_t_intervals_and_which_differences_survive(tmp_path):
+  from instructgpt_jax.lab import report
+
+  runs = {0: fake_results(0.6, 0.01), 1: fake_results(0.7, 0.02), 2: fake_results(0.8, 0.03)}
+  summary = report.write_seeds(str(tmp_path), runs, {"ppo": "PPO", "ppo_ptx": "PPO-ptx"})
+  text = (tmp_path / "report.md").read_text()
+  # PPO-ptx: 0.6, 0.7, 0.8 -> mean 70%, s = 0.1, half width t(0.975, 2) · 0.1 / √3 = 4.302653 · 0.057735 = 0.24841
+  assert "| PPO-ptx (InstructGPT) | 70.0% [45.2%, 94.8%] | 60.0% / 70.0% / 80.0% | 55.0%-65.0%; 65.0%-75.0%; " in text
+  assert "| SFT | 50.0% (the baseline itself) | 50.0% / 50.0% / 50.0% | - |" in text
+  # PPO-ptx minus PPO: 0.1 in every seed (s = 0): the interval is a point, away from 0.
+  assert "| PPO-ptx − PPO | +10.0 | [+10.0, +10.0] | yes |" in text
+  # PPO-ptx minus the baseline: 0.1, 0.2, 0.3 -> +20.0 ± 24.8: the seeds cannot tell it from 0.
+  assert "| PPO-ptx − SFT baseline | +20.0 | [-4.8, +44.8] | no |" in text
+  assert "| pretraining loss change, PPO (γ = 0) | +0.020 [-0.005, +0.045] |" in text
+  assert "PPO-ptx (InstructGPT)" in summary and (tmp_path / "figure1.png").stat().st_size > 1000
+  # The comparison, pooled the same way: PPO's KL 1.2, 1.4, 1.6 -> 1.40 ± 0.497.
+  assert "| PPO | 60.0% [35.2%, 84.8%] | 60.0% [35.2%, 84.8%] | 0.300 [0.176, 0.424] | 1.40 [0.90, 1.90] |" in text
+  assert "| best-of-4 (SFT + RM) | 70.0% [45.2%, 94.8%] | - | 0.700 [0.452, 0.948] | 0.89 | +0.000 |" in text
+  assert report.pooled_headline(runs)["fig1_ppo_ptx"] == pytest.approx(0.7)
+
+
+def test_seeds_run_the_lab_once_per_seed_in_its_own_folder(tmp_path, monkeypatch):
+  from instructgpt_jax.trainers import pipeline as pipeline_trainer
+
+  ran = []
+
+  def run_seed(config, workdir):
+    ran.append((config.seed, config.seeds, workdir))
+    return fake_results(0.5 + 0.1 * config.seed, 0.0), ""
+
+  monkeypatch.setattr(pipeline_trainer, "run_seed", run_seed)
+  config = configured(pipeline, "lab_quick", seed=3, seeds=2)
+  headline = pipeline_trainer.train(config, str(tmp_path))
+  assert ran == [(3, 1, str(tmp_path / "seed_3")), (4, 1, str(tmp_path / "seed_4"))]
+  assert headline["fig1_ppo_ptx"] == pytest.approx(0.85)  # the mean of 0.8 and 0.9
+  assert (tmp_path / "report.md").read_text().startswith("# The InstructGPT lab over 2 seeds")

@@ -26,6 +26,18 @@ KINDS = ("demonstrations", "comparisons", "prompts")
 SPLITS = ("train", "eval")
 
 
+# "GPT prompted" (the paper's Figure 1: GPT-3 given a few-shot prefix that puts it in an instruction-following
+# mode): the pretrained model sees these three training-split tasks with their gold answers, then the prompt.
+# The shortest task of three families, so that the prefix (about 40 tokens) and the longest held-out prompt
+# (about 23) fit the lab model's 96 positions with a 24-token response.
+FEW_SHOT_EXAMPLES = (
+  ("How many saws are in the forest? Answer in one word.\n", "six"),
+  ("Who owns the truck?\n", "Eve owns the truck."),
+  ("Repeat the word drill 2 times.\n", "drill drill"),
+)
+FEW_SHOT_PREFIX = "".join(prompt + answer + "\n" for prompt, answer in FEW_SHOT_EXAMPLES)
+
+
 def split_of(prompt: str) -> str:
   digest = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
   return "eval" if digest % 10 == 0 else "train"

@@ -12,6 +12,23 @@ from instructgpt_jax import metrics, paths
 from instructgpt_jax.lab.tasks import FEATURES, GOLD_WEIGHTS
 
 MODELS = ("SFT", "PPO", "PPO-ptx")
+# Figure 1's models, by the evaluation's name and the name the figure gives; then the PPO-init SFT (not in it).
+FIGURE1 = (
+  ("GPT", "GPT"),
+  ("GPT prompted", "GPT prompted"),
+  ("SFT baseline", "SFT"),
+  ("PPO", "PPO"),
+  ("PPO-ptx", "PPO-ptx (InstructGPT)"),
+)
+PPO_INIT = ("SFT", "PPO-init SFT (beyond the figure)")
+# The headline's names of the win rates against the SFT baseline (fig1_<name>).
+FIGURE1_HEADLINE = {
+  "GPT": "gpt",
+  "GPT prompted": "gpt_prompted",
+  "SFT": "ppo_init_sft",
+  "PPO": "ppo",
+  "PPO-ptx": "ppo_ptx",
+}
 PAPER = {
   "agreement": "72.6 ± 1.5% (training labelers), 77.3 ± 1.3% (held-out)",
   "rm_accuracy": "72.4 ± 0.4% (held-out comparisons), 69.6 ± 0.9% (held-out labelers)",
@@ -23,10 +40,23 @@ def _rows(workdir: str, stage: str) -> list[dict]:
   return metrics.read_rows(paths.join(workdir, stage))
 
 
+def figure1(e: dict) -> list[tuple[str, float, tuple[float, float] | None]]:
+  """Figure 1's rows: (name, win rate against the SFT baseline, its 95% interval); the baseline is 0.5, itself."""
+  rows = []
+  for key, label in (*FIGURE1, PPO_INIT):
+    if key == "SFT baseline":
+      rows.append((label, 0.5, None))
+    else:
+      rows.append((label, e[f"baseline_win_rate_{key}"], tuple(e[f"baseline_win_rate_{key}_interval"])))
+  return rows
+
+
 def headline(results: dict) -> dict[str, float]:
   """The few numbers the command line prints last."""
   e = results["evaluation"]
   return {
+    **{f"fig1_{name}": e[f"baseline_win_rate_{key}"] for key, name in FIGURE1_HEADLINE.items()},
+    "gold_sft_baseline": e["gold_SFT baseline"],
     "win_rate_ppo_ptx_vs_sft": e["win_rate_PPO-ptx"],
     "win_rate_ppo_vs_sft": e["win_rate_PPO"],
     "gold_sft": e["gold_SFT"],
@@ -45,6 +75,19 @@ def _plots(workdir: str, results: dict) -> list[str]:
   import matplotlib.pyplot as plt
 
   made = []
+  # Figure 1: every model against the SFT baseline, judged by the held-out labelers, with 95% intervals.
+  rows = figure1(results["evaluation"])
+  fig, ax = plt.subplots(figsize=(6.5, 3.5))
+  names = [name.replace(" (", "\n(") for name, _, _ in rows]
+  rates = [rate for _, rate, _ in rows]
+  low = [rate - (ci[0] if ci else rate) for _, rate, ci in rows]
+  high = [(ci[1] if ci else rate) - rate for _, rate, ci in rows]
+  ax.errorbar(range(len(rows)), rates, yerr=[low, high], fmt="o", capsize=5, color="tab:blue")
+  ax.set_xticks(range(len(rows)), names, fontsize=7)
+  ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+  ax.set(ylim=(0, 1), ylabel="win rate against SFT", title="Figure 1 in miniature: preferred to the SFT baseline")
+  made.append(_save(fig, workdir, "figure1.png"))
+
   # Reward against KL along each PPO run (Figure-style: what the RM score costs in divergence).
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for stage, label in (("ppo", "PPO (γ = 0)"), ("ppo_ptx", "PPO-ptx (γ = 27.8)")):
@@ -103,12 +146,17 @@ def write(workdir: str, results: dict) -> str:
   pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
   interval = lambda n: f"[{pct(e[f'win_rate_{n}_interval'][0])}, {pct(e[f'win_rate_{n}_interval'][1])}]"  # noqa: E731
   tax = {n: results[n]["eval_ptx_loss"] - results[n]["eval_ptx_loss_sft"] for n in ("ppo", "ppo_ptx")}
+  fig1 = figure1(e)
+  ci = lambda c: f"[{pct(c[0])}, {pct(c[1])}]" if c else "(the baseline itself)"  # noqa: E731
   summary = "\n".join(
     [
       "== the InstructGPT lab: results ==",
-      f"  held-out labelers prefer PPO-ptx to SFT   {pct(e['win_rate_PPO-ptx'])}  95% interval {interval('PPO-ptx')}",
-      f"  held-out labelers prefer PPO to SFT       {pct(e['win_rate_PPO'])}  95% interval {interval('PPO')}",
-      f"  gold quality  SFT / PPO / PPO-ptx         "
+      "  Figure 1: held-out labelers prefer each model to the SFT baseline (95% interval)",
+      *(f"    {name:<34} {pct(rate):>6}  {ci(c)}" for name, rate, c in fig1),
+      "  the PPO-init SFT, every RL run's start and KL reference:",
+      f"      PPO-ptx preferred to it            {pct(e['win_rate_PPO-ptx'])}  95% interval {interval('PPO-ptx')}",
+      f"      PPO preferred to it                {pct(e['win_rate_PPO'])}  95% interval {interval('PPO')}",
+      f"  gold quality  SFT baseline / PPO-init SFT / PPO / PPO-ptx   {e['gold_SFT baseline']:.3f} / "
       f"{e['gold_SFT']:.3f} / {e['gold_PPO']:.3f} / {e['gold_PPO-ptx']:.3f}",
       f"  RM accuracy (held-out labelers)           {pct(rm['eval_accuracy'])}",
       f"  labeler agreement (training / held-out)   {pct(labels['agreement_training_labelers'])} / "
@@ -127,7 +175,24 @@ def write(workdir: str, results: dict) -> str:
     "Every number below was computed by this run (`trainers/pipeline.py`); the paper's figures are given",
     "for comparison of shape only: the lab is a tiny model in a generated world.",
     "",
-    "## Human-evaluation analogue: held-out labelers compare each model's response with SFT's",
+    "## Figure 1 in miniature: every model against the SFT baseline",
+    "",
+    f"On {e['prompts']} held-out prompts, three held-out labelers each chose between the model's response and the",
+    "SFT baseline's (App. C.1's recipe at the lab's scale, its checkpoint chosen by the RM's score); the 95%",
+    "interval resamples prompts. GPT is the pretrained model; GPT prompted is it with the lab's few-shot prefix",
+    "(lab/datasets.py FEW_SHOT_PREFIX); PPO and PPO-ptx start from the PPO-init SFT.",
+    "",
+    "| model | preferred to the SFT baseline | 95% interval | gold quality | correct |",
+    "|---|---|---|---|---|",
+    *(
+      f"| {label} | {pct(rate)} | {ci(c)} | {e[f'gold_{key}']:.3f} | {pct(e[f'correct_{key}'])} |"
+      for (key, _), (label, rate, c) in zip((*FIGURE1, PPO_INIT), fig1)
+    ),
+    "",
+    "Paper (Figure 1, 175B, every win rate against 175B SFT): PPO-ptx 73.4 ± 2%; 175B InstructGPT is preferred",
+    "to 175B GPT-3 85 ± 3% of the time and to few-shot-prompted GPT-3 71 ± 4%.",
+    "",
+    "## Against the PPO-init SFT: held-out labelers compare each RL model's response with its start's",
     "",
     f"On {e['prompts']} held-out prompts, three held-out labelers (never used for training) each chose between",
     "the two responses; the 95% interval resamples prompts.",
@@ -197,6 +262,7 @@ COMPARE_COLUMNS = (
   "method",
   "preferred to SFT",
   "95% interval",
+  "preferred to the SFT baseline",
   "gold quality",
   "KL to SFT",
   "Δ pretraining loss",
@@ -219,6 +285,10 @@ def comparison_rows(results: dict) -> list[dict[str, str]]:
         "95% interval": (
           f"[{pct(e[f'win_rate_{name}_interval'][0])}, {pct(e[f'win_rate_{name}_interval'][1])}]" if trained else "-"
         ),
+        "preferred to the SFT baseline": (
+          f"{pct(e[f'baseline_win_rate_{name}'])} [{pct(e[f'baseline_win_rate_{name}_interval'][0])}, "
+          f"{pct(e[f'baseline_win_rate_{name}_interval'][1])}]"
+        ),
         "gold quality": f"{e[f'gold_{name}']:.3f}",
         "KL to SFT": f"{m['kl']:.2f}",
         "Δ pretraining loss": f"{m['pretraining_loss_change']:+.3f}",
@@ -232,6 +302,7 @@ def comparison_rows(results: dict) -> list[dict[str, str]]:
       "method": f"best-of-{point['n']} (SFT + RM)",
       "preferred to SFT": pct(point["win_rate"]),
       "95% interval": f"[{pct(low)}, {pct(high)}]",
+      "preferred to the SFT baseline": "-",  # its samples are compare's own, the baseline's the evaluation's
       "gold quality": f"{point['gold']:.3f}",
       "KL to SFT": f"{point['kl']:.2f}",
       "Δ pretraining loss": "+0.000",  # the SFT model's own weights
@@ -274,10 +345,11 @@ def write_comparison(workdir: str, results: dict, rl_stages: dict[str, str]) -> 
   lines = [
     "# The lab's comparison: PPO-ptx and what came after it, from the same SFT model, RM and labelers",
     "",
-    f"Held-out prompts: {c['prompts']}. Win rates: three held-out labelers against the SFT model's response",
-    "(95% interval by resampling prompts). KL to SFT: Σ_t log π(y_t) − log π_SFT(y_t) of each model's own",
-    "samples on those prompts, averaged (best-of-n: log n − (n − 1)/n). Δ pretraining loss: on held-out",
-    "prose against the SFT model's. Wall time: the method's training stage on this machine.",
+    f"Held-out prompts: {c['prompts']}. Win rates: three held-out labelers against the response of the SFT model",
+    "every method starts from (the PPO-init SFT), and against the SFT baseline's (Figure 1's reference; not",
+    "measured for best-of-n) (95% intervals by resampling prompts). KL to SFT: Σ_t log π(y_t) − log π_SFT(y_t)",
+    "of each model's own samples on those prompts, averaged (best-of-n: log n − (n − 1)/n). Δ pretraining loss:",
+    "on held-out prose against the SFT model's. Wall time: the method's training stage on this machine.",
     "",
     table,
     "",
@@ -295,3 +367,168 @@ def write_comparison(workdir: str, results: dict, rl_stages: dict[str, str]) -> 
   ]
   paths.write_text(paths.join(workdir, "compare.md"), "\n".join(lines) + "\n")
   return "== the lab's comparison ==\n" + table + f"\n  {paths.join(workdir, 'compare.md')}"
+
+
+# ------------------------------------------------------------------------------------------ over seeds
+
+
+# Differences of Figure 1's win rates that the seeds test (a, b): a's rate minus b's, the baseline's being 0.5.
+DIFFERENCES = (
+  ("PPO-ptx", "SFT baseline"),
+  ("PPO", "SFT baseline"),
+  ("PPO-ptx", "PPO"),
+  ("PPO-ptx", "SFT"),
+  ("SFT", "SFT baseline"),
+  ("GPT prompted", "GPT"),
+  ("SFT baseline", "GPT prompted"),
+)
+
+
+def _baseline_rate(e: dict, key: str) -> float:
+  return 0.5 if key == "SFT baseline" else e[f"baseline_win_rate_{key}"]
+
+
+def pooled_headline(runs: dict[int, dict]) -> dict[str, float]:
+  """The mean over seeds of each seed's headline."""
+  each = [headline(r) for r in runs.values()]
+  return {k: float(sum(h[k] for h in each) / len(each)) for k in each[0]}
+
+
+def write_seeds(workdir: str, runs: dict[int, dict], rl_stages: dict[str, str]) -> str:
+  """report.md (and figure1.png) over seeds in `workdir`: each figure's mean over the seeds' runs with the 95%
+  Student-t interval over seeds (sweep_table.pool), beside each run's own bootstrap interval; the paired
+  differences that the seeds can or cannot tell from zero. Returns the summary for stdout."""
+  from instructgpt_jax.sweep_table import pool
+
+  seeds = sorted(runs)
+  pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+
+  def cell(values, fmt=pct) -> str:
+    p = pool(values)
+    return f"{fmt(p.mean)} [{fmt(p.ci95[0])}, {fmt(p.ci95[1])}]"
+
+  ev = [runs[s]["evaluation"] for s in seeds]
+  fig_rows, summary_rows = [], []
+  for key, label in (*FIGURE1, PPO_INIT):
+    rates = [_baseline_rate(e, key) for e in ev]
+    if key == "SFT baseline":
+      mean_cell, within = "50.0% (the baseline itself)", "-"
+    else:
+      mean_cell = cell(rates)
+      within = "; ".join(
+        f"{pct(e[f'baseline_win_rate_{key}_interval'][0])}-{pct(e[f'baseline_win_rate_{key}_interval'][1])}" for e in ev
+      )
+    gold = cell([e[f"gold_{key}"] for e in ev], lambda x: f"{x:.3f}")
+    fig_rows.append(f"| {label} | {mean_cell} | {' / '.join(pct(r) for r in rates)} | {within} | {gold} |")
+    summary_rows.append(f"    {label:<34} {mean_cell}")
+  diff_rows = []
+  for a, b in DIFFERENCES:
+    d = pool([_baseline_rate(e, a) - _baseline_rate(e, b) for e in ev])
+    low, high = d.ci95
+    verdict = "yes" if low > 0 or high < 0 else "no"
+    diff_rows.append(f"| {a} − {b} | {100 * d.mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |")
+  rm = cell([runs[s]["rm"]["eval_accuracy"] for s in seeds])
+  agreement = cell([runs[s]["labels"]["agreement_held_out_labelers"] for s in seeds])
+  tax = {
+    n: cell([runs[s][n]["eval_ptx_loss"] - runs[s][n]["eval_ptx_loss_sft"] for s in seeds], lambda x: f"{x:+.3f}")
+    for n in ("ppo", "ppo_ptx")
+  }
+  lines = [
+    f"# The InstructGPT lab over {len(seeds)} seeds",
+    "",
+    f"Seeds {', '.join(map(str, seeds))}: each ran the whole lab (its own tokenizer, models, labels, prompts and",
+    "labelers' draws) in `seed_<seed>/`, which holds that run's own report. Each cell: the mean over seeds with",
+    "the 95% Student-t interval over seeds (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n).",
+    "",
+    "## Figure 1 in miniature: every model against the SFT baseline",
+    "",
+    "| model | preferred to the SFT baseline | each seed | each seed's 95% bootstrap interval | gold quality |",
+    "|---|---|---|---|---|",
+    *fig_rows,
+    "",
+    "## Which differences the seeds can tell from zero",
+    "",
+    "Paired by seed: a's win rate against the SFT baseline minus b's (the baseline's own is 50%), in points.",
+    "",
+    "| difference | mean | 95% interval over seeds | excludes 0 |",
+    "|---|---|---|---|",
+    *diff_rows,
+    "",
+    "## The reward model and the alignment tax",
+    "",
+    "| | over seeds |",
+    "|---|---|",
+    f"| RM accuracy on comparisons by held-out labelers | {rm} |",
+    f"| agreement between two held-out labelers | {agreement} |",
+    f"| pretraining loss change, PPO (γ = 0) | {tax['ppo']} |",
+    f"| pretraining loss change, PPO-ptx (γ = 27.8) | {tax['ppo_ptx']} |",
+    "",
+  ]
+  summary = [
+    f"== the InstructGPT lab over {len(seeds)} seeds: mean [95% interval over seeds] ==",
+    "  Figure 1: preferred to the SFT baseline",
+    *summary_rows,
+    f"  RM accuracy (held-out labelers)  {rm};  labeler agreement {agreement}",
+    f"  pretraining loss change  PPO {tax['ppo']};  PPO-ptx {tax['ppo_ptx']}",
+  ]
+  if all("compare" in runs[s] for s in seeds):
+    table = _pooled_comparison([runs[s] for s in seeds], cell)
+    lines += ["## The comparison of methods over seeds", "", table, ""]
+    summary += ["== the lab's comparison over seeds ==", table]
+  lines.append(f"![figure1.png]({_seeds_plot(workdir, runs)})")
+  paths.write_text(paths.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  summary.append(f"  report: {paths.join(workdir, 'report.md')}")
+  return "\n".join(summary)
+
+
+def _pooled_comparison(runs: list[dict], cell) -> str:
+  """The comparison table (COMPARE_COLUMNS but the wall time) with every cell pooled over seeds."""
+  rows = []
+  for name in runs[0]["compare"]["methods"]:
+    trained = name != "SFT"
+    methods = [r["compare"]["methods"][name] for r in runs]
+    rows.append(
+      {
+        "method": name,
+        "preferred to SFT": cell([r["evaluation"][f"win_rate_{name}"] for r in runs]) if trained else "-",
+        "preferred to the SFT baseline": cell([r["evaluation"][f"baseline_win_rate_{name}"] for r in runs]),
+        "gold quality": cell([r["evaluation"][f"gold_{name}"] for r in runs], lambda x: f"{x:.3f}"),
+        "KL to SFT": cell([m["kl"] for m in methods], lambda x: f"{x:.2f}"),
+        "Δ pretraining loss": cell([m["pretraining_loss_change"] for m in methods], lambda x: f"{x:+.3f}"),
+      }
+    )
+  points = [next(p for p in r["compare"]["best_of_n"] if "win_rate" in p) for r in runs]
+  rows.append(
+    {
+      "method": f"best-of-{points[0]['n']} (SFT + RM)",
+      "preferred to SFT": cell([p["win_rate"] for p in points]),
+      "preferred to the SFT baseline": "-",
+      "gold quality": cell([p["gold"] for p in points], lambda x: f"{x:.3f}"),
+      "KL to SFT": f"{points[0]['kl']:.2f}",
+      "Δ pretraining loss": "+0.000",
+    }
+  )
+  return metrics.markdown_table(tuple(rows[0]), rows)
+
+
+def _seeds_plot(workdir: str, runs: dict[int, dict]) -> str:
+  """Figure 1 over seeds: each seed's win rate (dots) and their mean with the 95% interval over seeds."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from instructgpt_jax.sweep_table import pool
+
+  fig, ax = plt.subplots(figsize=(6.5, 3.5))
+  models = (*FIGURE1, PPO_INIT)
+  for i, (key, _) in enumerate(models):
+    rates = [_baseline_rate(runs[s]["evaluation"], key) for s in sorted(runs)]
+    ax.plot([i] * len(rates), rates, ".", color="grey", alpha=0.6)
+    p = pool(rates)
+    err = [[p.mean - p.ci95[0]], [p.ci95[1] - p.mean]] if key != "SFT baseline" else None
+    ax.errorbar([i], [p.mean], yerr=err, fmt="o", capsize=5, color="tab:blue")
+  ax.set_xticks(range(len(models)), [label.replace(" (", "\n(") for _, label in models], fontsize=7)
+  ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+  ax.set(ylim=(0, 1), ylabel="win rate against SFT", title=f"Figure 1 in miniature, {len(runs)} seeds")
+  return _save(fig, workdir, "figure1.png")

@@ -37,8 +37,9 @@ def check_config(config, checks) -> None:
   for field in ("prompts", "max_new_tokens", "bootstrap"):
     checks.at_least(f"evaluation.{field}", config.evaluation[field], 1)
   checks.positive("evaluation.temperature", config.evaluation.temperature)
-  for name in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+  for name in ("pretrain", "sft", "rm", "sft_baseline", "ppo", "ppo_ptx"):
     checks.require(name in config.stages, f"stages.{name}", "missing: the lab runs it")
+  checks.at_least("seeds", config.seeds, 1)
 
 
 def unused_fields(config) -> dict[str, str]:
@@ -52,6 +53,8 @@ def unused_fields(config) -> dict[str, str]:
       unused[f"stages.{name}.model.init_from"] = "the lab starts each stage from the one before it"
     if name in RL_STAGES:
       unused[f"stages.{name}.ppo.reward_model"] = "the lab's RL stages score with the lab's own RM"
+      unused[f"stages.{name}.eval.baseline"] = "the lab's RL stages are evaluated against its SFT baseline"
+  unused["stages.sft_baseline.eval_rm.rm"] = "the lab's RM selects the SFT baseline's checkpoint"
   for name in ("rm", "dpo"):
     for field in ("train", "eval"):
       unused[f"stages.{name}.data.{field}"] = "the lab ranks its own comparisons (labels) for it"
@@ -60,8 +63,29 @@ def unused_fields(config) -> dict[str, str]:
 
 
 def train(config, workdir: str) -> dict[str, float]:
-  stages = config.stages
+  """The lab once (seeds = 1: its stages in `workdir`), or once per seed in `workdir/seed_<seed>` with
+  seeds config.seed, config.seed + 1, ... and a report over them in `workdir` (lab/report.py write_seeds)."""
   paths.check_output_dir(workdir, "--workdir")
+  paths.make_dir(workdir)
+  if config.seeds == 1:
+    results, summary = run_seed(config, workdir)
+    print(summary, flush=True)
+    return report.headline(results)
+  runs = {}
+  for k in range(config.seeds):
+    one = config.copy_and_resolve_references()
+    one.seed, one.seeds = config.seed + k, 1
+    runs[one.seed], _ = run_seed(one, paths.join(workdir, f"seed_{one.seed}"))
+  summary = report.write_seeds(
+    workdir, runs, {name: label for name, label in RL_STAGES.items() if name in config.stages}
+  )
+  print(summary, flush=True)
+  return report.pooled_headline(runs)
+
+
+def run_seed(config, workdir: str) -> tuple[dict, str]:
+  """Every stage of one seed in `workdir`, and its report there: (every step's results, the summary)."""
+  stages = config.stages
   paths.make_dir(workdir)
 
   # ---------------------------------------------------------------- a BPE of the world's text
@@ -95,10 +119,16 @@ def train(config, workdir: str) -> dict[str, float]:
     train=results["labels"]["train"], eval=results["labels"]["eval"], bias_demonstrations=stages.sft.data.train
   )
   results["rm"] = chain.once(workdir, "rm", lambda d: chain.run_stage(stages.rm, d))
+  stages.sft_baseline.model.init_from = path["pretrain"]
+  stages.sft_baseline.eval_rm.rm = paths.join(path["rm"], "export")
+  results["sft_baseline"] = chain.once(workdir, "sft_baseline", lambda d: chain.run_stage(stages.sft_baseline, d))
+  # The methods (SFT, the PPO-init SFT, every RL method's start, first) and Figure 1's other models.
   exports = {"SFT": path["sft"]}
+  figure1 = {"GPT": path["pretrain"], "GPT prompted": path["pretrain"], "SFT baseline": path["sft_baseline"]}
   for name in (n for n in RL_STAGES if n in stages):
     stages[name].model.init_from = path["sft"]
     stages[name].ppo.reward_model = paths.join(path["rm"], "export")
+    stages[name].eval.baseline = path["sft_baseline"]
     results[name] = chain.once(workdir, name, lambda d, name=name: chain.run_stage(stages[name], d))
     exports[RL_STAGES[name]] = paths.join(path[name], "export")
   if "dpo" in stages:  # on the RM's comparisons, from the SFT model
@@ -109,7 +139,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- evaluation and report
   results["evaluation"] = chain.once(
-    workdir, "evaluation", lambda d: evaluate(config, exports, tokenizer_path, results, d)
+    workdir, "evaluation", lambda d: evaluate(config, {**exports, **figure1}, tokenizer_path, results, d)
   )
   summary = report.write(workdir, results)
   if config.get("compare"):
@@ -120,8 +150,7 @@ def train(config, workdir: str) -> dict[str, float]:
     )
     rl_stages = {name: label for name, label in RL_STAGES.items() if name in stages}
     summary += "\n" + report.write_comparison(workdir, results, rl_stages)
-  print(summary, flush=True)
-  return report.headline(results)
+  return results, summary
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -229,19 +258,36 @@ def bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[f
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def held_out_preference(eval_tasks, ours, theirs, seed: str) -> np.ndarray:
+  """Per prompt, the fraction of the held-out labelers who prefer `ours` to `theirs` ((text, stopped) pairs);
+  each comparison draws from its own stream (`seed`), so adding a model moves no other comparison."""
+  rng = random.Random(seed)
+  return np.array(
+    [
+      np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
+      for t, a, b in zip(eval_tasks, ours, theirs)
+    ]
+  )
+
+
 def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict, directory: str) -> dict:
-  """The human-evaluation analogue on held-out prompts, and the numbers the report sets side by side."""
+  """The human-evaluation analogue on held-out prompts, and the numbers the report sets side by side.
+
+  exports: model name -> its workdir or export, "SFT" (the PPO-init SFT) first. Every model is judged against
+  "SFT" (`win_rate_<name>`) and, where exports has it, against the "SFT baseline" (`baseline_win_rate_<name>`:
+  Figure 1). "GPT prompted" is the pretrained model given lab.datasets.FEW_SHOT_PREFIX before each prompt."""
   c = config.evaluation
   tokenizer = tokenizer_lib.from_file(tokenizer_path)
   eval_tasks = datasets.sample_tasks(
     c.prompts, split="eval", seed=config.seed, world=world.make_world(0), kind="evaluation"
   )
   prompts = [t.prompt for t in eval_tasks]
-  models = list(exports)  # SFT first
+  models = list(exports)
   responses = {}
   for name in models:
     policy = Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
-    responses[name] = [r[0] for r in policy.sample(prompts, 1, seed=config.seed + 7)]
+    shown = [datasets.FEW_SHOT_PREFIX + p for p in prompts] if name == "GPT prompted" else prompts
+    responses[name] = [r[0] for r in policy.sample(shown, 1, seed=config.seed + 7)]
   out = {"prompts": len(prompts)}
   features = {  # each response judged once; gold quality and correctness read from its features
     n: [tasks.features(t, text, stopped=stopped) for t, (text, stopped) in zip(eval_tasks, responses[n])]
@@ -258,17 +304,14 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
       chosen = np.array([t.n_constraints == k for t in eval_tasks])
       by_constraints[str(k)] = float(correct[n][chosen].mean())
     out[f"correct_by_constraints_{n}"] = by_constraints
-  rng = random.Random(config.seed)
-  for n in models[1:]:
-    per_prompt = np.array(
-      [
-        np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
-        for t, a, b in zip(eval_tasks, responses[n], responses["SFT"])
-      ]
-    )
-    out[f"win_rate_{n}"] = float(per_prompt.mean())
-    out[f"win_rate_{n}_interval"] = bootstrap_interval(per_prompt, c.bootstrap, config.seed)
-    out[f"gold_win_rate_{n}"] = float(np.mean((gold[n] > gold["SFT"]) + 0.5 * (gold[n] == gold["SFT"])))
+  for against, key in (("SFT", "win_rate"), ("SFT baseline", "baseline_win_rate")):
+    if against not in responses:
+      continue
+    for n in (m for m in models if m != against):
+      per_prompt = held_out_preference(eval_tasks, responses[n], responses[against], f"{config.seed}:{n}:{against}")
+      out[f"{key}_{n}"] = float(per_prompt.mean())
+      out[f"{key}_{n}_interval"] = bootstrap_interval(per_prompt, c.bootstrap, config.seed)
+      out[f"gold_{key}_{n}"] = float(np.mean((gold[n] > gold[against]) + 0.5 * (gold[n] == gold[against])))
   records = [
     {
       "prompt": task.prompt,
