@@ -82,6 +82,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       advantage_estimator="gae",
       samples_per_prompt=1,  # responses sampled per prompt; rollout_batch counts responses
       kl_in="reward",
+      # How the per-token policy loss is reduced (losses.aggregate): "token_mean", "sequence_mean" (GRPO),
+      # "sequence_sum_constant" (Dr. GRPO, over max_new_tokens), "sequence_sum" (RLOO); "auto": the estimator's paper's.
+      loss_aggregation="auto",
       # One trunk for policy and value (a value head on the policy, one optimizer): half the memory of a
       # separate critic; the value loss enters the policy's loss with vf_coef (Ziegler et al.: 0.1).
       shared_trunk=False,

@@ -3,11 +3,12 @@
 Every loss takes arrays and explicit masks (never a model) and returns ``(loss, metrics)``: a float32
 scalar and a dict of float32 scalar diagnostics. A mask is a bool or 0/1 float array, 1 on the tokens
 that count; a "masked mean" is the mean over every unmasked token of the whole batch, so a minibatch of
-long and short responses weights each token equally (the PPO loss; the ptx term's reduction is an option of
-ppo_ptx_loss, docs/paper.md §5.4).
+long and short responses weights each token equally. How the policy loss reduces its tokens is `aggregate`'s
+mode (the PPO default is that masked mean); the ptx term's reduction is an option of ppo_ptx_loss
+(docs/paper.md §5.4).
 
 All functions are jit-able with no Python control flow on array values; string options
-(``normalizer``, ``estimator``) select code at trace time, so jit them as static arguments. Under
+(``normalizer``, ``estimator``, ``mode``) select code at trace time, so jit them as static arguments. Under
 ``jax.jit`` with batch-sharded inputs the reductions are global, so values do not depend on the mesh.
 
 docs/losses.md sets each function beside the paper's equation and lists the choices the paper leaves open.
@@ -32,8 +33,8 @@ def to_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _masked_sum_and_count(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(Σ m·x, Σ m) over the entries where the mask m is nonzero.
+def _masked_sum_and_count(x: jax.Array, mask: jax.Array, axis=None) -> tuple[jax.Array, jax.Array]:
+  """(Σ m·x, Σ m) over the entries where the mask m is nonzero, over `axis` (None: all of them).
 
   Masked-out entries of x may hold anything, even NaN (padding garbage never leaks). A non-finite mask
   value is invalid input and makes the result non-finite, so the trainer's NaN check sees it.
@@ -41,13 +42,115 @@ def _masked_sum_and_count(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
   mask = jnp.asarray(mask)
   keep = mask.astype(bool)
   weight = mask.astype(x.dtype)
-  return jnp.sum(jnp.where(keep, weight * x, 0.0)), jnp.sum(jnp.where(keep, weight, 0.0))
+  return jnp.sum(jnp.where(keep, weight * x, 0.0), axis=axis), jnp.sum(jnp.where(keep, weight, 0.0), axis=axis)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Σ_masked x / N_masked, and 0 (not NaN) when nothing is masked in."""
   total, count = _masked_sum_and_count(x, mask)
   return total / jnp.maximum(count, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss aggregation: one number from a [B, T] per-token loss, as each policy-gradient method defines it
+# ----------------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum")
+
+
+def _row_sums_and_counts(values_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(S_b = Σ_t m_bt·x_bt, T_b = Σ_t m_bt, T_b > 0), each [B]."""
+  sums_B, counts_B = _masked_sum_and_count(to_float32(values_BxT), mask_BxT, axis=1)
+  return sums_B, counts_B, counts_B > 0
+
+
+def aggregate(
+  values_BxT: jax.Array,
+  mask_BxT: jax.Array,
+  mode: Literal["token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum"],
+  *,
+  constant: float | None = None,
+) -> jax.Array:
+  """A [B, T] per-token loss reduced to one float32 scalar, in one of the four ways the methods define it.
+
+  With m the mask, T_b = Σ_t m_bt the real tokens of row b, S_b = Σ_t m_bt·x_bt its sum, B the rows and
+  B' the rows with T_b > 0:
+
+      "token_mean"              Σ_b S_b / Σ_b T_b               every token of the batch weighs the same
+      "sequence_mean"           (1/B') Σ_{b: T_b > 0} S_b / T_b  every sequence weighs the same
+                                                                 (GRPO: Shao et al. 2024, Eq. 3)
+      "sequence_sum_constant"   Σ_b S_b / (B · C)               a constant normalizer, C = the generation budget
+                                                                 (Dr. GRPO: Liu et al. 2025)
+      "sequence_sum"            (1/B') Σ_b S_b                  each sequence's sum, mean over sequences
+                                                                 (RLOO: Ahmadian et al. 2024, the sequence's log-prob)
+
+  A row with no real token adds 0 to every numerator and never divides by 0: "sequence_mean" and
+  "sequence_sum" average over the B' rows that hold a token (an empty row is not a sequence), while
+  "sequence_sum_constant" divides by all B rows, since its normalizer is by design independent of the data.
+  An all-empty batch gives 0. "token_mean" is `masked_mean`, the same operations.
+
+  Args:
+    values_BxT: [B, T] per-token values (any float dtype; reduced in float32). Masked-out entries may hold
+      anything, even NaN.
+    mask_BxT: [B, T] bool or 0/1, the real tokens.
+    mode: one of AGGREGATIONS. Static under jit.
+    constant: C > 0, required by "sequence_sum_constant" and refused by the other modes.
+
+  Returns:
+    float32 scalar.
+  """
+  if mode not in AGGREGATIONS:
+    raise ValueError(f"aggregate: mode {mode!r} is not one of {AGGREGATIONS}")
+  if mode == "sequence_sum_constant" and not (constant is not None and constant > 0):
+    raise ValueError(f"aggregate: 'sequence_sum_constant' needs a constant > 0 (the generation budget), got {constant}")
+  if mode != "sequence_sum_constant" and constant is not None:
+    raise ValueError(f"aggregate: mode {mode!r} takes no constant (got {constant})")
+  if mode == "token_mean":
+    return masked_mean(to_float32(values_BxT), mask_BxT)
+  sums_B, counts_B, nonempty_B = _row_sums_and_counts(values_BxT, mask_BxT)
+  if mode == "sequence_sum_constant":
+    return jnp.sum(sums_B) / (sums_B.shape[0] * constant)
+  sequences = jnp.maximum(jnp.sum(nonempty_B.astype(sums_B.dtype)), 1.0)
+  if mode == "sequence_sum":
+    return jnp.sum(sums_B) / sequences
+  row_means_B = jnp.where(nonempty_B, sums_B / jnp.where(nonempty_B, counts_B, 1.0), 0.0)
+  return jnp.sum(row_means_B) / sequences
+
+
+def episode_divisor(
+  mask_BxT: jax.Array,
+  mode: Literal["token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum"],
+  *,
+  constant: float | None = None,
+) -> jax.Array:
+  """D such that `aggregate(x, mask, mode)` is (1/D) · (a mean over episodes of Σ_t x_t): what an episode's
+  summed loss is divided by, so that a per-episode term (the ptx term of Eq. 2) can carry the same factor.
+
+      "token_mean"              D = T̄ = Σ_b T_b / B       exact (the mean over all B rows)
+      "sequence_sum"            D = 1                      exact (the mean over the B' non-empty rows)
+      "sequence_sum_constant"   D = C                      exact (the mean over all B rows)
+      "sequence_mean"           D = B' / Σ_{b: T_b>0} 1/T_b, the harmonic mean length: each episode's sum is
+                                divided by its own T_b, so D is exact only when every non-empty row has the
+                                same length, and otherwise the mean of the episodes' factors 1/T_b
+
+  Returns a float32 scalar > 0, also for a batch without a real token (T̄ is floored at 1/B; the harmonic mean
+  of no rows is 1), whose policy loss is 0 anyway.
+  """
+  if mode not in AGGREGATIONS:
+    raise ValueError(f"episode_divisor: mode {mode!r} is not one of {AGGREGATIONS}")
+  mask_BxT = jnp.asarray(mask_BxT)
+  if mode == "token_mean":
+    return jnp.maximum(jnp.sum(to_float32(mask_BxT)), 1.0) / mask_BxT.shape[0]
+  if mode == "sequence_sum":
+    return jnp.float32(1.0)
+  if mode == "sequence_sum_constant":
+    if constant is None or not constant > 0:
+      raise ValueError(f"episode_divisor: 'sequence_sum_constant' needs a constant > 0, got {constant}")
+    return jnp.float32(constant)
+  _, counts_B, nonempty_B = _row_sums_and_counts(jnp.zeros(mask_BxT.shape, jnp.float32), mask_BxT)
+  sequences = jnp.sum(nonempty_B.astype(jnp.float32))
+  inverse_lengths = jnp.sum(jnp.where(nonempty_B, 1.0 / jnp.where(nonempty_B, counts_B, 1.0), 0.0))
+  return jnp.where(sequences > 0, sequences / jnp.where(sequences > 0, inverse_lengths, 1.0), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,11 +373,14 @@ def ppo_policy_loss(
   mask: jax.Array,
   *,
   clip_eps: float = 0.2,
+  aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum"] = "token_mean",
+  aggregation_constant: float | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """Clipped surrogate of PPO (Schulman et al. 2017, Eq. 7), per token, as a loss to minimise.
 
       ρ_t = π_φ(y_t | s_t) / π_φ_old(y_t | s_t) = exp(logprobs_t − old_logprobs_t)
-      L^CLIP = masked mean of max( −A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε) )
+      ℓ_t = max( −A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε) )
+      L^CLIP = aggregate(ℓ, mask, aggregation)   (default "token_mean": the masked mean over the minibatch)
 
   log ρ is capped at ±20 before exp (see _MAX_LOG_RATIO): no effect within float32 for any run
   whose ratios are sane, and it keeps the gradient finite otherwise.
@@ -285,10 +391,13 @@ def ppo_policy_loss(
     advantages: [B, T] A_t, usually GAE and whitened (rl.gae, rl.whiten).
     mask: [B, T] bool or 0/1, the real response tokens.
     clip_eps: ε.
+    aggregation: how ℓ is reduced, one of AGGREGATIONS (`aggregate`). Static under jit.
+    aggregation_constant: C of "sequence_sum_constant" (None for the other modes).
 
   Returns:
-    (loss, metrics). metrics: "clip_frac" (fraction of tokens where the clipped term is the larger,
-    i.e. that get no gradient), "approx_kl" 0.5·mean((log ρ)²), "ratio_mean", "ratio_max".
+    (loss, metrics). metrics, token means whatever the aggregation: "clip_frac" (fraction of tokens where
+    the clipped term is the larger, i.e. that get no gradient), "approx_kl" 0.5·mean((log ρ)²),
+    "ratio_mean", "ratio_max".
   """
   keep = jnp.asarray(mask).astype(bool)
   # Padding may hold any log-prob; a zero log-ratio there keeps exp() and its gradient finite.
@@ -297,7 +406,7 @@ def ppo_policy_loss(
   advantages_BxT = to_float32(advantages)
   unclipped_BxT = -advantages_BxT * ratio_BxT
   clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped_BxT, clipped_BxT), keep)
+  loss = aggregate(jnp.maximum(unclipped_BxT, clipped_BxT), keep, aggregation, constant=aggregation_constant)
   metrics = {
     "clip_frac": masked_mean((clipped_BxT > unclipped_BxT).astype(jnp.float32), keep),
     "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio_BxT), keep),
@@ -392,22 +501,33 @@ def ppo_ptx_loss(
   clip_eps: float = 0.2,
   ptx_coef: float = 27.8,
   ptx_reduction: Literal["sequence_sum", "token_mean"] = "sequence_sum",
+  aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum"] = "token_mean",
+  aggregation_constant: float | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """The full policy loss of one PPO-ptx minibatch (Eq. 2 with γ > 0), for one jitted step.
 
       L = L^CLIP(φ) + γ · L_ptx(φ; D_pretrain)
 
-  L^CLIP is a mean over the minibatch's response tokens. Eq. 2 adds γ·E_x[log π(x)], a log-likelihood
-  summed over each pretraining sequence x, to an objective per episode. With B episodes of T̄ response
-  tokens on average (T̄ = Σ mask / B) and P pretraining sequences:
+  L^CLIP (ppo_policy_loss, reduced by `aggregation`) is 1/D times a mean over the minibatch's episodes of
+  each episode's summed per-token surrogate, with D = episode_divisor(mask, aggregation): for the default
+  "token_mean", D = T̄ = Σ mask / B, the mean response length. Eq. 2 adds γ·E_x[log π(x)], a log-likelihood
+  summed over each pretraining sequence x, to an objective per episode. With P pretraining sequences:
 
-      "sequence_sum":  L_ptx = (1/P) Σ_x Σ_s −log π(x_s)  /  T̄
+      "sequence_sum":  L_ptx = (1/P) Σ_x Σ_s −log π(x_s)  /  D
       "token_mean":    L_ptx = Σ_x Σ_s −log π(x_s) / N_ptx        (N_ptx = Σ ptx_mask)
 
-  "sequence_sum" is Eq. 2 exactly, up to the positive factor 1/T̄ that the per-token PPO loss already
-  carries: L = (1/T̄)·(−Eq. 2 per episode). The two differ by the factor L̄/T̄, where L̄ = N_ptx / P is the
-  loss tokens per pretraining sequence, so γ_token_mean = γ_sequence_sum · L̄ / T̄ gives the same loss
-  (e.g. 27.8 · 2048 / 200 ≈ 285). The paper states neither reduction (docs/paper.md §5.4).
+  "sequence_sum" puts the same 1/D on both terms, so γ weighs a pretraining sequence's log-likelihood
+  against an episode's summed surrogate Σ_t ρ_t·A_t (clipped) as Eq. 2 weighs it against the episode's
+  return, provided A_t is in the reward's units. Advantage whitening (rl.whiten; ppo.whiten_advantages, on
+  by default) divides A, and so L^CLIP, by A's standard deviation σ_A and not L_ptx, which multiplies γ's
+  weight relative to the RL term by σ_A; GRPO's "group_std" scale and REINFORCE++'s whitening rescale A the
+  same way. With unscaled advantages (gae with whiten_advantages=False, dr_grpo, rloo) and an aggregation
+  whose D is exact ("token_mean", "sequence_sum", "sequence_sum_constant"; not "sequence_mean" with responses
+  of unequal lengths), L = (1/D)·(−Eq. 2 per episode), the bracket's expectation taken by PPO's surrogate.
+
+  The two reductions differ by the factor L̄/D, where L̄ = N_ptx / P is the loss tokens per pretraining
+  sequence, so γ_token_mean = γ_sequence_sum · L̄ / D gives the same loss (e.g. with "token_mean" aggregation,
+  27.8 · 2048 / 200 ≈ 285). The paper states neither reduction (docs/paper.md §5.4).
 
   The paper computes the PPO gradient and the γ-scaled pretraining gradient in consecutive steps
   and accumulates both in one buffer (App. C.4); by linearity of ∇ that buffer equals ∇L. The
@@ -421,6 +541,7 @@ def ppo_ptx_loss(
     clip_eps: ε of the clipped surrogate.
     ptx_coef: γ (27.8 in the paper).
     ptx_reduction: "sequence_sum" (Eq. 2) or "token_mean" (above). Static under jit.
+    aggregation, aggregation_constant: the policy loss's reduction (`aggregate`). Static under jit.
 
   Returns:
     (loss, metrics). metrics: "policy_loss", "ptx_loss" (the per-token mean NLL, comparable across
@@ -429,15 +550,23 @@ def ppo_ptx_loss(
   """
   if ptx_reduction not in ("sequence_sum", "token_mean"):
     raise ValueError(f"ptx_reduction must be 'sequence_sum' or 'token_mean', got {ptx_reduction!r}")
-  policy, policy_metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps)
+  policy, policy_metrics = ppo_policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    clip_eps=clip_eps,
+    aggregation=aggregation,
+    aggregation_constant=aggregation_constant,
+  )
   ptx, ptx_metrics = lm_loss(ptx_logits, ptx_targets, ptx_mask)
   if ptx_reduction == "token_mean":
     term = ptx
   else:
     ptx_mask = jnp.asarray(ptx_mask)
     sequences = jnp.maximum(jnp.sum(jnp.any(ptx_mask > 0, axis=1)), 1.0)
-    mean_response_tokens = jnp.maximum(jnp.sum(to_float32(mask)), 1.0) / mask.shape[0]
-    term = ptx * ptx_metrics["token_count"] / sequences / mean_response_tokens
+    divisor = episode_divisor(mask, aggregation, constant=aggregation_constant)
+    term = ptx * ptx_metrics["token_count"] / sequences / divisor
   metrics = {
     "policy_loss": policy,
     "ptx_loss": ptx,

@@ -188,6 +188,26 @@ def reinforce_pp_advantages(rewards: jax.Array, mask: jax.Array, *, gamma: float
 GROUP_ESTIMATORS = {"grpo": ("mean", "group_std"), "dr_grpo": ("mean", "none"), "rloo": ("leave_one_out", "none")}
 ESTIMATORS = ("gae", "reinforce_pp", *GROUP_ESTIMATORS)
 
+# How each estimator's paper reduces the per-token policy loss (losses.aggregate); ppo.loss_aggregation="auto"
+# takes it. docs/losses.md, "Loss aggregation", gives the equations and where a paper is not explicit.
+PAPER_AGGREGATIONS = {
+  "gae": "token_mean",  # InstructGPT does not state it (docs/paper.md §5.4): this code's reading, as before
+  "reinforce_pp": "token_mean",  # Hu et al. 2025 write PPO's clipped objective over tokens, no reduction: PPO's
+  "grpo": "sequence_mean",  # Shao et al. 2024, Eq. 3: (1/G) Σ_i (1/|o_i|) Σ_t
+  "dr_grpo": "sequence_sum_constant",  # Liu et al. 2025: Σ_t over the response, / a constant (the budget)
+  "rloo": "sequence_sum",  # Ahmadian et al. 2024: the response is one action, log π(y|x) = Σ_t log π(y_t|·)
+}
+
+
+def loss_aggregation(estimator: str, setting: str) -> str:
+  """The policy loss's `losses.aggregate` mode: `setting`, or for "auto" the estimator's paper's
+  (PAPER_AGGREGATIONS)."""
+  if setting != "auto":
+    return setting
+  if estimator not in PAPER_AGGREGATIONS:
+    raise ValueError(f"loss_aggregation: 'auto' knows no aggregation for estimator {estimator!r}")
+  return PAPER_AGGREGATIONS[estimator]
+
 
 def needs_critic(estimator: str) -> bool:
   return estimator == "gae"

@@ -501,6 +501,19 @@ CASES = {
   "kl_penalty/k2": (functools.partial(losses.kl_penalty, estimator="k2"), _kl_args, (0, 1)),
   "kl_penalty/k3": (functools.partial(losses.kl_penalty, estimator="k3"), _kl_args, (0, 1)),
   "ppo_ptx_loss": (losses.ppo_ptx_loss, _ppo_ptx_args, (0, 1, 2, 4)),
+  "ppo_ptx_loss/sequence_mean": (
+    functools.partial(losses.ppo_ptx_loss, aggregation="sequence_mean"),
+    _ppo_ptx_args,
+    (0, 1, 2, 4),
+  ),
+  **{
+    f"aggregate/{mode}": (
+      functools.partial(losses.aggregate, mode=mode, constant=6.0 if mode == "sequence_sum_constant" else None),
+      lambda rng, b, s: (_uniform(rng, (b, 6), s), random_mask(rng, b, 6)),
+      (0,),
+    )
+    for mode in losses.AGGREGATIONS
+  },
 }
 
 
@@ -597,3 +610,154 @@ def test_dpo_loss_k_wise_equals_the_mean_of_its_pairs_and_ignores_a_shared_refer
   # A per-prompt constant in the policy's (or the reference's) log-probs cancels in every pair.
   shifted, _ = losses.dpo_loss(policy + rng.normal(0, 5, (4, 1)), ref, ranks, beta=0.5)
   np.testing.assert_allclose(shifted, loss, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss aggregation
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_aggregate(values, mask, mode, constant=None):
+  """The four reductions by loops over rows and tokens, in float64."""
+  sums, counts = [], []
+  for row, keep in zip(np.asarray(values, np.float64), np.asarray(mask), strict=True):
+    sums.append(sum(float(v) for v, k in zip(row, keep, strict=True) if k))
+    counts.append(int(sum(bool(k) for k in keep)))
+  sequences = [b for b in range(len(sums)) if counts[b] > 0]
+  if mode == "token_mean":
+    return sum(sums) / sum(counts) if sum(counts) else 0.0
+  if mode == "sequence_sum_constant":
+    return sum(sums) / (len(sums) * constant)
+  if not sequences:
+    return 0.0
+  if mode == "sequence_sum":
+    return sum(sums) / len(sequences)
+  return sum(sums[b] / counts[b] for b in sequences) / len(sequences)
+
+
+def test_aggregate_by_hand():
+  """Rows of 3, 1 and 0 real tokens (the padding holds NaN): S = (6, 4, 0), T = (3, 1, 0)."""
+  values = np.array([[1.0, 2.0, 3.0, np.nan], [4.0, np.nan, np.nan, np.nan], [np.nan] * 4], np.float32)
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+  expected = {
+    "token_mean": 10 / 4,
+    "sequence_mean": (6 / 3 + 4 / 1) / 2,  # the empty row is not a sequence
+    "sequence_sum_constant": 10 / (3 * 4),  # C = 4 over all 3 rows
+    "sequence_sum": 10 / 2,
+  }
+  for mode, value in expected.items():
+    constant = 4.0 if mode == "sequence_sum_constant" else None
+    assert float(losses.aggregate(values, mask, mode, constant=constant)) == pytest.approx(value, rel=1e-6), mode
+    # an all-empty batch: 0, and a finite gradient
+    empty = losses.aggregate(values, np.zeros_like(mask), mode, constant=constant)
+    grad = jax.grad(lambda v, m=mode, c=constant: losses.aggregate(v, np.zeros_like(mask), m, constant=c))(values)
+    assert float(empty) == 0.0 and np.all(np.isfinite(grad)), mode
+  assert set(expected) == set(losses.AGGREGATIONS)
+
+
+_aggregate = {
+  mode: jax.jit(
+    functools.partial(losses.aggregate, mode=mode, constant=7.0 if mode == "sequence_sum_constant" else None)
+  )
+  for mode in losses.AGGREGATIONS
+}
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  shape=st.tuples(st.integers(1, 6), st.integers(1, 7)),
+  data=st.data(),
+  mode=st.sampled_from(losses.AGGREGATIONS),
+)
+def test_aggregate_matches_the_float64_loop_hypothesis(shape, data, mode):
+  """Random shapes and masks, empty rows included; masked-out values are NaN and must not leak."""
+  values = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-100, 100, width=32)))
+  mask = data.draw(hnp.arrays(np.bool_, shape))
+  values = np.where(mask, values, np.nan).astype(np.float32)
+  constant = 7.0 if mode == "sequence_sum_constant" else None
+  got = _aggregate[mode](values, mask)
+  np.testing.assert_allclose(got, reference_aggregate(values, mask, mode, constant), rtol=1e-5, atol=1e-4)
+
+
+def test_aggregate_token_mean_is_masked_mean_bit_for_bit_and_refuses_bad_arguments():
+  rng = np.random.default_rng(12)
+  values, mask = _uniform(rng, (5, 9), 3.0), random_mask(rng, 5, 9)
+  assert float(losses.aggregate(values, mask, "token_mean")) == float(losses.masked_mean(values, mask))
+  with pytest.raises(ValueError, match="mode 'per_token' is not one of"):
+    losses.aggregate(values, mask, "per_token")
+  with pytest.raises(ValueError, match="'sequence_sum_constant' needs a constant > 0"):
+    losses.aggregate(values, mask, "sequence_sum_constant")
+  with pytest.raises(ValueError, match="mode 'sequence_mean' takes no constant"):
+    losses.aggregate(values, mask, "sequence_mean", constant=3.0)
+
+
+def test_episode_divisor_turns_each_aggregation_into_a_mean_of_episode_sums():
+  """aggregate = (1/D) · mean over episodes of Σ_t x_t, for the modes where D is exact; the harmonic mean
+  length for sequence_mean, exact when the rows are equally long."""
+  rng = np.random.default_rng(13)
+  values = _uniform(rng, (4, 6), 2.0)
+  mask = np.arange(6)[None] < np.array([[6], [2], [5], [3]])
+  sums = np.where(mask, values, 0.0).astype(np.float64).sum(axis=1)
+  for mode, constant in (("token_mean", None), ("sequence_sum", None), ("sequence_sum_constant", 6.0)):
+    divisor = losses.episode_divisor(mask, mode, constant=constant)
+    aggregated = losses.aggregate(values, mask, mode, constant=constant)
+    np.testing.assert_allclose(aggregated, sums.mean() / float(divisor), rtol=1e-5, err_msg=mode)
+  assert float(losses.episode_divisor(mask, "token_mean")) == pytest.approx(16 / 4)
+  harmonic = 4 / (1 / 6 + 1 / 2 + 1 / 5 + 1 / 3)
+  assert float(losses.episode_divisor(mask, "sequence_mean")) == pytest.approx(harmonic, rel=1e-6)
+  equal = np.arange(6)[None] < np.full((4, 1), 4)
+  np.testing.assert_allclose(
+    losses.aggregate(values, equal, "sequence_mean"),
+    np.where(equal, values, 0.0).sum(axis=1).mean() / float(losses.episode_divisor(equal, "sequence_mean")),
+    rtol=1e-5,
+  )
+  assert float(losses.episode_divisor(np.zeros((2, 3)), "sequence_mean")) == 1.0  # no rows: no division by 0
+
+
+def test_ppo_policy_loss_aggregation_on_policy_by_hand():
+  """ρ = 1: ℓ_t = −A_t. Rows of 3 and 1 tokens, A = (1, 2, 3) and (4): token mean −10/4, sequence mean
+  −(2 + 4)/2, per-sequence sum −10/2, over a budget of 8 tokens −10/(2·8). The metrics stay token means."""
+  advantages = np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]], np.float32)
+  mask = np.array([[1, 1, 1], [1, 0, 0]])
+  logprobs = np.full((2, 3), -1.3, np.float32)
+  expected = {"token_mean": -10 / 4, "sequence_mean": -3.0, "sequence_sum": -5.0, "sequence_sum_constant": -10 / 16}
+  for mode, value in expected.items():
+    constant = 8.0 if mode == "sequence_sum_constant" else None
+    loss, metrics = losses.ppo_policy_loss(
+      logprobs, logprobs, advantages, mask, aggregation=mode, aggregation_constant=constant
+    )
+    assert float(loss) == pytest.approx(value, rel=1e-6), mode
+    assert float(metrics["ratio_mean"]) == 1.0 and float(metrics["clip_frac"]) == 0.0
+
+
+def test_ptx_sequence_sum_carries_the_policy_losss_divisor_per_aggregation():
+  """The hand-built batch of the ptx_reduction test (responses of 5 and 3 tokens; pretraining: 6 tokens of
+  log 2 over P = 2 sequences): L_ptx = (6·log 2 / 2) / D with D = T̄ = 4 (token_mean), 1 (sequence_sum),
+  C = 5 (sequence_sum_constant), the harmonic mean 2/(1/5 + 1/3) = 3.75 (sequence_mean)."""
+  ptx_logits = jnp.zeros((3, 4, 2))
+  ptx_targets = jnp.zeros((3, 4), jnp.int32)
+  ptx_mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], jnp.float32)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.float32)
+  advantages = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0], [-1.0, -2.0, -3.0, 9.0, 9.0]])
+  logprobs = jnp.full((2, 5), -0.7)
+  args = (logprobs, logprobs, advantages, mask, ptx_logits, ptx_targets, ptx_mask)
+  log2 = math.log(2.0)
+  # mode -> (D, L^CLIP = aggregate(−A)): row sums of A are 15 and −6
+  cases = {
+    "token_mean": (4.0, -9 / 8),
+    "sequence_sum": (1.0, -9 / 2),
+    "sequence_sum_constant": (5.0, -9 / 10),
+    "sequence_mean": (3.75, -(15 / 5 - 6 / 3) / 2),
+  }
+  for mode, (divisor, policy) in cases.items():
+    constant = 5.0 if mode == "sequence_sum_constant" else None
+    loss, metrics = losses.ppo_ptx_loss(
+      *args, ptx_coef=27.8, aggregation=mode, aggregation_constant=constant, ptx_reduction="sequence_sum"
+    )
+    assert float(metrics["policy_loss"]) == pytest.approx(policy, rel=1e-6), mode
+    assert float(metrics["ptx_term"]) == pytest.approx(3 * log2 / divisor, rel=1e-6), mode
+    assert float(loss) == pytest.approx(policy + 27.8 * 3 * log2 / divisor, rel=1e-6), mode
+    _, token_metrics = losses.ppo_ptx_loss(
+      *args, ptx_coef=27.8, aggregation=mode, aggregation_constant=constant, ptx_reduction="token_mean"
+    )
+    assert float(token_metrics["ptx_term"]) == pytest.approx(log2, rel=1e-6), mode  # no divisor per token

@@ -410,3 +410,16 @@ def test_reinforce_pp_matches_the_float64_reference_hypothesis(rewards, lengths,
   real = expected[mask]
   whitened = (expected - real.mean()) / math.sqrt(real.var() + 1e-8) if real.size else expected
   np.testing.assert_allclose(advantages, np.where(mask, whitened, 0.0), rtol=1e-4, atol=1e-3)
+
+
+def test_loss_aggregation_auto_is_each_estimators_paper_and_a_setting_overrides_it():
+  assert {estimator: rl.loss_aggregation(estimator, "auto") for estimator in rl.ESTIMATORS} == {
+    "gae": "token_mean",  # unchanged from before the setting existed
+    "reinforce_pp": "token_mean",
+    "grpo": "sequence_mean",  # Shao et al. 2024, Eq. 3
+    "dr_grpo": "sequence_sum_constant",  # Liu et al. 2025
+    "rloo": "sequence_sum",  # Ahmadian et al. 2024
+  }
+  assert rl.loss_aggregation("grpo", "token_mean") == "token_mean"
+  with pytest.raises(ValueError, match="'auto' knows no aggregation for estimator 'vtrace'"):
+    rl.loss_aggregation("vtrace", "auto")

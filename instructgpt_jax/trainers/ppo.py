@@ -60,6 +60,7 @@ def check_config(config, checks) -> None:
     ("advantage_estimator", rl.ESTIMATORS),
     ("kl_in", ppo_steps.KL_PLACES),
     ("rollout_layout", ppo_steps.ROLLOUT_LAYOUTS),
+    ("loss_aggregation", ppo_steps.LOSS_AGGREGATIONS),
   ):
     checks.one_of(f"ppo.{field}", p[field], allowed)
   for field in ("kl_coef", "ptx_coef", "vf_coef", "ptx_per_episode"):

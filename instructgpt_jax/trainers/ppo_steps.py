@@ -32,6 +32,7 @@ KL_CONTROLLERS = ("fixed", "adaptive")
 KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 PTX_REDUCTIONS = ("sequence_sum", "token_mean")
+LOSS_AGGREGATIONS = ("auto", *losses.AGGREGATIONS)  # `loss_aggregation`; "auto": rl.PAPER_AGGREGATIONS
 ROLLOUT_LAYOUTS = ("auto", "train", "decode")  # `rollout_layout`
 
 
@@ -340,21 +341,36 @@ def score_rollout(
   return scored, metrics
 
 
+def policy_loss_aggregation(ppo) -> tuple[str, int | None]:
+  """(mode, constant) of `losses.aggregate` for the policy loss: ppo.loss_aggregation, "auto" being the
+  advantage estimator's paper's (rl.PAPER_AGGREGATIONS); the constant of "sequence_sum_constant" (Dr. GRPO)
+  is the generation budget, ppo.max_new_tokens."""
+  mode = rl.loss_aggregation(ppo.advantage_estimator, ppo.loss_aggregation)
+  return mode, (ppo.max_new_tokens if mode == "sequence_sum_constant" else None)
+
+
 def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, kl_coef):
   """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx, Eq. 2), plus
-  β · the mean k3 estimate of KL(π ‖ π_ref) over the response tokens with ppo.kl_in="loss" (GRPO's form)."""
+  β · the k3 estimate of KL(π ‖ π_ref) with ppo.kl_in="loss" (GRPO's form: inside the same reduction as the
+  clipped loss, Shao et al. 2024, Eq. 3). Both per-token terms are reduced by `policy_loss_aggregation`."""
   p = m.ppo
-  loss, metrics = _clipped_and_ptx(m, mb, lm_params, logprobs, ptx_batch)
+  mode, constant = policy_loss_aggregation(p)
+  loss, metrics = _clipped_and_ptx(m, mb, lm_params, logprobs, ptx_batch, mode, constant)
   if p.kl_in == "loss":
-    kl = losses.masked_mean(losses.kl_penalty(logprobs, mb.ref_logprobs, estimator="k3"), mb.mask)
+    kl = losses.aggregate(
+      losses.kl_penalty(logprobs, mb.ref_logprobs, estimator="k3"), mb.mask, mode, constant=constant
+    )
     loss, metrics = loss + kl_coef * kl, dict(metrics, kl_loss=kl)
   return loss, metrics
 
 
-def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch):
+def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, mode: str, constant):
   p = m.ppo
+  aggregation = {"aggregation": mode, "aggregation_constant": constant}
   if not p.ptx_coef:  # the loss is the clipped policy loss alone, logged under the name PPO-ptx gives it too
-    loss, metrics = losses.ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip)
+    loss, metrics = losses.ppo_policy_loss(
+      logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=p.clip, **aggregation
+    )
     return loss, dict(metrics, policy_loss=loss)
   ptx_logits = lm_steps.forward_logits(m.policy, lm_params, ptx_batch)
   return losses.ppo_ptx_loss(
@@ -368,6 +384,7 @@ def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch):
     clip_eps=p.clip,
     ptx_coef=p.ptx_coef,
     ptx_reduction=p.ptx_reduction,
+    **aggregation,
   )
 
 
