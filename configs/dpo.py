@@ -1,6 +1,8 @@
 """DPO on the reward model's comparison data (beyond the paper; docs/losses.md): the policy against a frozen
-reference (the SFT model), every C(K,2) pair of a prompt's K ranked responses in one batch element, as the RM
-trains (`losses.dpo_loss`). Logs the implicit-reward accuracy and margin, on held-out comparisons too.
+reference (the SFT model), a prompt's K ranked responses in one batch element (`losses.dpo_loss`). `dpo.form`:
+"all_pairs" (default) is the all-pairs Bradley-Terry generalization, every C(K,2) pair as the RM trains;
+"plackett_luce" is DPO's own K-wise loss (Rafailov et al. 2023, App. A.3). The two agree at K = 2. Logs the
+implicit-reward accuracy and margin, on held-out comparisons too.
 
     python -m instructgpt_jax.main --config=configs/dpo.py:tiny --workdir=W_DPO --config.model.init_from=W_SFT
 
@@ -36,7 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(
     dict(
       beta=0.1,  # β of the implicit reward β·log(π/π_ref) (Rafailov et al. 2023)
-      pair_normalizer="binom_k",  # as rm.pair_normalizer: 1/C(K,2) per prompt (Eq. 1)
+      form="all_pairs",  # "all_pairs" (Eq. 1 on the implicit rewards) or "plackett_luce" (Rafailov et al., App. A.3)
+      pair_normalizer="binom_k",  # as rm.pair_normalizer: 1/C(K,2) per prompt (Eq. 1); "all_pairs" only
       reference="",  # "" = model.init_from (the SFT model)
     )
   )

@@ -8,7 +8,7 @@ mode (the PPO default is that masked mean); the ptx term's reduction is an optio
 (docs/paper.md §5.4).
 
 All functions are jit-able with no Python control flow on array values; string options
-(``normalizer``, ``estimator``, ``mode``) select code at trace time, so jit them as static arguments. Under
+(``normalizer``, ``estimator``, ``mode``, ``form``) select code at trace time, so jit them as static arguments. Under
 ``jax.jit`` with batch-sharded inputs the reductions are global, so values do not depend on the mesh.
 
 docs/losses.md sets each function beside the paper's equation and lists the choices the paper leaves open.
@@ -187,7 +187,11 @@ def ranking_loss(
     "num_prompts" (prompts holding at least one valid pair), "margin" (mean r_w − r_l over pairs).
     A prompt without a valid pair contributes nothing and produces no NaN.
   """
-  terms = ranking_prompt_terms(rewards, ranks, normalizer=normalizer)
+  return _mean_over_prompts(ranking_prompt_terms(rewards, ranks, normalizer=normalizer))
+
+
+def _mean_over_prompts(terms: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+  """(the mean of the per-prompt losses over the prompts with a valid pair, ranking_loss's metrics)."""
   has_pairs_B = terms["num_pairs"] > 0
   loss = masked_mean(terms["loss"], has_pairs_B)
   num_pairs = jnp.sum(terms["num_pairs"])
@@ -241,6 +245,71 @@ def ranking_prompt_terms(
   }
 
 
+def plackett_luce_prompt_loss(rewards: jax.Array, ranks: jax.Array) -> jax.Array:
+  """−log of the Plackett-Luce probability of each prompt's ranking (Plackett 1975; Luce 1959).
+
+  For a strict ranking τ of K present responses (τ(1) the best) with scores s:
+
+      L_b = −log Π_{k=1..K} exp(s_τ(k)) / Σ_{j ≥ k} exp(s_τ(j))
+          = Σ_i [ logsumexp_{j ∈ C_i} s_j − s_i ],   C_i = {i} ∪ {j present: rank_j > rank_i}
+
+  the second line being the same sum written per response: the responses still to be placed when i is
+  chosen are i and those ranked below it; the worst response's term is 0.
+
+  Ties: the second line is what is computed for any ranks. Tied responses are never in each other's C_i, so
+  no term orders them, as the pairwise form skips tied pairs; for a strict ranking it is the Plackett-Luce
+  loss above, and with ties it is not the probability of any one ordering (it is the product of each
+  response's probability of being chosen first among itself and the responses ranked strictly below it).
+  A prompt whose present responses are all tied, or that has fewer than two, gets 0.
+
+  Args:
+    rewards: [B, K] float scores s.
+    ranks: [B, K] int, as in ranking_loss (0 the best, equal ranks a tie, −1 an empty slot; empty slots
+      are in no C_i and add no term).
+
+  Returns:
+    [B] float32 per-prompt losses L_b (a sum over the prompt's responses, not normalized by K).
+  """
+  ranks = jnp.asarray(ranks)
+  present_BxK = ranks >= 0
+  rewards_BxK = jnp.where(present_BxK, to_float32(rewards), 0.0)
+  size = ranks.shape[1]
+  # competes_BxKxK[b, i, j]: response j is still to be placed when response i is chosen.
+  below_BxKxK = present_BxK[:, None, :] & (ranks[:, None, :] > ranks[:, :, None])
+  competes_BxKxK = below_BxKxK | jnp.eye(size, dtype=bool)[None]
+  scores_BxKxK = jnp.broadcast_to(rewards_BxK[:, None, :], competes_BxKxK.shape)
+  log_denominator_BxK = jax.nn.logsumexp(jnp.where(competes_BxKxK, scores_BxKxK, -jnp.inf), axis=2)
+  return jnp.sum(jnp.where(present_BxK, log_denominator_BxK - rewards_BxK, 0.0), axis=1)
+
+
+DPO_FORMS = ("all_pairs", "plackett_luce")  # dpo_loss's `form`
+
+
+def dpo_prompt_terms(
+  policy_logps: jax.Array,
+  ref_logps: jax.Array,
+  ranks: jax.Array,
+  *,
+  beta: float,
+  normalizer: Literal["binom_k", "valid_pairs"] = "binom_k",
+  form: Literal["all_pairs", "plackett_luce"] = "all_pairs",
+) -> dict[str, jax.Array]:
+  """DPO per prompt, the pieces `dpo_loss` averages and an evaluation sums over a whole split:
+  `ranking_prompt_terms` on the implicit rewards ρ_k = β·(log π(y_k|x) − log π_ref(y_k|x)), with "loss" the
+  `form`'s L_b (see dpo_loss); each [B] float32."""
+  if form not in DPO_FORMS:
+    raise ValueError(f"dpo: form {form!r} is not one of {DPO_FORMS}")
+  rewards = _implicit_rewards(policy_logps, ref_logps, beta)
+  terms = ranking_prompt_terms(rewards, ranks, normalizer=normalizer)
+  if form == "plackett_luce":
+    terms["loss"] = plackett_luce_prompt_loss(rewards, ranks)
+  return terms
+
+
+def _implicit_rewards(policy_logps: jax.Array, ref_logps: jax.Array, beta: float) -> jax.Array:
+  return beta * (to_float32(policy_logps) - to_float32(ref_logps))
+
+
 def dpo_loss(
   policy_logps: jax.Array,
   ref_logps: jax.Array,
@@ -248,28 +317,40 @@ def dpo_loss(
   *,
   beta: float,
   normalizer: Literal["binom_k", "valid_pairs"] = "binom_k",
+  form: Literal["all_pairs", "plackett_luce"] = "all_pairs",
 ) -> tuple[jax.Array, Metrics]:
-  """Direct preference optimization (Rafailov et al. 2023) on K-wise comparisons: Eq. 1 applied to the
-  implicit rewards of the policy against a reference,
+  """Direct preference optimization (Rafailov et al. 2023) on K-wise comparisons, on the implicit rewards of
+  the policy against a reference,
 
       ρ_k = β · (log π(y_k | x) − log π_ref(y_k | x))
-      loss = ranking_loss(ρ, ranks)   (every C(K,2) pair of a prompt in one batch element, as the RM)
 
-  For K = 2 this is DPO's loss, −log σ(β·((log π_w − log π_ref,w) − (log π_l − log π_ref,l))).
+  in one of two forms (they agree at K = 2):
+
+      "all_pairs"       the all-pairs Bradley-Terry generalization: Eq. 1 on ρ, as the RM trains,
+                        L_b = Σ_{(w,l) ∈ P_b} −log σ(ρ_w − ρ_l) / Z_b   (ranking_loss; Z_b by `normalizer`)
+      "plackett_luce"   DPO's own K-wise objective (Rafailov et al. 2023, App. A.3), for a ranking τ:
+                        L_b = −log Π_{k=1..K} exp(ρ_τ(k)) / Σ_{j ≥ k} exp(ρ_τ(j))
+                        (plackett_luce_prompt_loss: ties and empty slots as documented there; `normalizer`
+                        is not used)
+
+  loss = the mean of L_b over the prompts with at least one valid (non-tied) pair. For K = 2 both are
+  DPO's loss, −log σ(β·((log π_w − log π_ref,w) − (log π_l − log π_ref,l))).
 
   Args:
     policy_logps, ref_logps: [B, K] sequence log-probabilities, summed over each response's tokens.
-    ranks: [B, K] int, as in ranking_loss (0 best, −1 an empty slot).
+    ranks: [B, K] int, as in ranking_loss (0 best, equal ranks a tie, −1 an empty slot).
     beta: β, the strength of the implicit KL constraint.
-    normalizer: as in ranking_loss. Static under jit.
+    normalizer: as in ranking_loss ("all_pairs" only). Static under jit.
+    form: "all_pairs" or "plackett_luce". Static under jit.
 
   Returns:
-    (loss, metrics): ranking_loss's metrics on ρ ("accuracy": the implicit-reward accuracy, "margin": the
-    mean implicit-reward margin r_w − r_l), and "reward_mean", the mean ρ over the present responses.
+    (loss, metrics): ranking_loss's metrics on ρ whatever the form ("accuracy": the implicit-reward pair
+    accuracy, "margin": the mean implicit-reward margin ρ_w − ρ_l, "num_pairs", "num_prompts"), and
+    "reward_mean", the mean ρ over the present responses.
   """
-  rewards = beta * (to_float32(policy_logps) - to_float32(ref_logps))
-  loss, metrics = ranking_loss(rewards, ranks, normalizer=normalizer)
-  metrics["reward_mean"] = masked_mean(rewards, jnp.asarray(ranks) >= 0)
+  terms = dpo_prompt_terms(policy_logps, ref_logps, ranks, beta=beta, normalizer=normalizer, form=form)
+  loss, metrics = _mean_over_prompts(terms)
+  metrics["reward_mean"] = masked_mean(_implicit_rewards(policy_logps, ref_logps, beta), jnp.asarray(ranks) >= 0)
   return loss, metrics
 
 

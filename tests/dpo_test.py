@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import dpo
-from instructgpt_jax import checkpoint, main, models, scoring
+from instructgpt_jax import checkpoint, errors, main, models, optim, scoring, stages, train_state
 from instructgpt_jax.data import batching
+from instructgpt_jax.trainers import dpo as dpo_trainer
 from instructgpt_jax.trainers import model_io
 
 from runs import configured, read_metrics
@@ -53,6 +54,66 @@ def test_sequence_logprobs_equal_the_scorers_summed_response_logprobs():
     per_token = scoring.response_logprobs(graphdef, params, prompt_tokens, prompt_segments, tokens, mask)
     np.testing.assert_allclose(got[k], float(np.sum(per_token)), rtol=1e-5, atol=1e-5)
   assert float(got[3]) == 0.0  # the empty slot
+
+
+def test_dpo_form_reaches_the_training_step_and_the_evaluation_terms():
+  """The policy as its own reference: every implicit reward is 0. Prompt 1 ranks 3 responses strictly, prompt 2
+  ties its best two over a third (a fourth slot empty). Plackett-Luce: log 3! and 2·log 2 (each tied best against
+  itself and the worst); all pairs (1/C(3,2)): 3·log 2 / 3 and 2·log 2 / 3."""
+  cfg = models.resolve({"size": "tiny", "vocab_size": 256, "n_layers": 2})
+  graphdef, params = models.init(cfg, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  elements = []
+  for ranks in ([0, 1, 2], [0, 0, 1]):
+    responses = [rng.integers(2, 256, n) for n in (3, 5, 2)]
+    record = {
+      "prompt_ids": rng.integers(2, 256, 4),
+      "response_ids": np.concatenate(responses),
+      "response_lengths": np.array([len(r) for r in responses]),
+      "ranks": np.array(ranks),
+    }
+    elements.append(batching.comparison_element(record, 0, seq_len=12, max_responses=4, pad_id=0))
+  batch = {k: np.stack([e[k] for e in elements]) for k in ("tokens", "segment_ids", "ranks", "prompt_lengths")}
+  batch["response_lengths"] = np.stack([e["response_lengths"] for e in elements])
+  batch["ref_logps"] = dpo_trainer.sequence_logps(graphdef, params, batch)
+  log2 = math.log(2)
+  expected = {"plackett_luce": [math.log(6), 2 * log2], "all_pairs": [log2, 2 * log2 / 3]}
+  config = dpo.get_config("tiny")
+  tx = optim.make_optimizer(config.optim, 10)
+  for form, per_prompt in expected.items():
+    options = {"beta": 0.1, "normalizer": "binom_k", "form": form}
+    terms = dpo_trainer.prompt_terms(graphdef, params, batch, **options)
+    np.testing.assert_allclose(terms["loss"], per_prompt, rtol=1e-5)
+    np.testing.assert_array_equal(terms["num_pairs"], [3, 2])
+    step = dpo_trainer.make_train_step(graphdef, tx, optim.schedule(config.optim, 10), 1, **options)
+    _, metrics = jax.jit(step)(train_state.TrainState.create(params, tx, jax.random.key(2)), batch)
+    np.testing.assert_allclose(metrics["loss"], np.mean(per_prompt), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"dpo.form": "listwise"}, "dpo.form: 'listwise' is not one of ('all_pairs', 'plackett_luce')"),
+    (
+      {"dpo.form": "plackett_luce", "dpo.pair_normalizer": "valid_pairs"},
+      "dpo.pair_normalizer: given, but dpo.form is 'plackett_luce', whose loss has no pair normalizer; drop it",
+    ),
+  ],
+)
+def test_dpo_form_mistakes_are_one_line_config_errors(overrides, message):
+  config = configured(dpo, "tiny", **{"model.init_from": "W_SFT", **overrides})
+  with pytest.raises(errors.ConfigError) as raised:
+    stages.check_config(config, list(overrides))
+  assert str(raised.value) == message
+
+
+def test_dpo_plackett_luce_leaves_only_the_pair_normalizer_unused():
+  listwise = configured(dpo, "tiny", **{"model.init_from": "W_SFT", "dpo.form": "plackett_luce"})
+  stages.check_config(listwise, ["dpo.form"])  # raises on any problem
+  assert dpo_trainer.unused_fields(listwise) == {
+    "dpo.pair_normalizer": "dpo.form is 'plackett_luce', whose loss has no pair normalizer"
+  }
+  assert dpo.get_config("tiny").dpo.form == "all_pairs" and dpo_trainer.unused_fields(dpo.get_config("tiny")) == {}
 
 
 def dpo_flags(ppo_models, **overrides):

@@ -514,6 +514,14 @@ CASES = {
     )
     for mode in losses.AGGREGATIONS
   },
+  **{
+    f"dpo_loss/{form}": (
+      functools.partial(losses.dpo_loss, beta=0.5, form=form),
+      lambda rng, b, s: (_uniform(rng, (b, 5), s), _uniform(rng, (b, 5), s), random_ranks(rng, b, 5)),
+      (0, 1),
+    )
+    for form in losses.DPO_FORMS
+  },
 }
 
 
@@ -610,6 +618,125 @@ def test_dpo_loss_k_wise_equals_the_mean_of_its_pairs_and_ignores_a_shared_refer
   # A per-prompt constant in the policy's (or the reference's) log-probs cancels in every pair.
   shifted, _ = losses.dpo_loss(policy + rng.normal(0, 5, (4, 1)), ref, ranks, beta=0.5)
   np.testing.assert_allclose(shifted, loss, rtol=1e-5)
+
+
+def reference_plackett_luce(rewards, ranks):
+  """Per prompt, −log Π_k exp(s_τ(k)) / Σ_{j≥k} exp(s_τ(j)) with τ the ranking read off `ranks`, in float64:
+  the present responses sorted best first, then the suffix sums of Rafailov et al. (2023, App. A.3) literally.
+  Only for strict rankings (ties have no single τ)."""
+  out = []
+  for s, k in zip(np.asarray(rewards, np.float64), np.asarray(ranks), strict=True):
+    order = sorted((i for i in range(len(k)) if k[i] >= 0), key=lambda i: k[i])
+    assert len({k[i] for i in order}) == len(order), "strict rankings only"
+    total = 0.0
+    for position, chosen in enumerate(order):
+      rest = [s[j] for j in order[position:]]
+      top = max(rest)
+      total -= s[chosen] - (top + math.log(sum(math.exp(v - top) for v in rest)))
+    out.append(total)
+  return np.array(out)
+
+
+def reference_plackett_luce_with_ties(rewards, ranks):
+  """The documented tie rule, looped: each present response i against itself and every present response
+  ranked strictly below it."""
+  out = []
+  for s, k in zip(np.asarray(rewards, np.float64), np.asarray(ranks), strict=True):
+    total = 0.0
+    for i in range(len(k)):
+      if k[i] < 0:
+        continue
+      rest = [s[i]] + [s[j] for j in range(len(k)) if k[j] >= 0 and k[j] > k[i]]
+      top = max(rest)
+      total += top + math.log(sum(math.exp(v - top) for v in rest)) - s[i]
+    out.append(total)
+  return np.array(out)
+
+
+def _strict_ranks(draw_permutation, present):
+  """Ranks 0..n−1 in the slots where `present` holds, a permutation chosen by `draw_permutation`, −1 elsewhere."""
+  ranks = np.full(present.shape, -1, np.int32)
+  for b in range(present.shape[0]):
+    slots = np.flatnonzero(present[b])
+    ranks[b, slots] = draw_permutation(len(slots))
+  return ranks
+
+
+_plackett_luce = jax.jit(losses.plackett_luce_prompt_loss)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  rewards=hnp.arrays(np.float32, (4, 6), elements=st.floats(-30, 30, width=32)),
+  present=hnp.arrays(np.bool_, (4, 6)),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_plackett_luce_matches_the_literal_float64_formula_on_strict_rankings_hypothesis(rewards, present, seed):
+  rng = np.random.default_rng(seed)
+  ranks = _strict_ranks(rng.permutation, present)
+  np.testing.assert_allclose(
+    _plackett_luce(rewards, ranks), reference_plackett_luce(rewards, ranks), rtol=1e-5, atol=1e-4
+  )
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  rewards=hnp.arrays(np.float32, (4, 6), elements=st.floats(-30, 30, width=32)),
+  ranks=hnp.arrays(np.int32, (4, 6), elements=st.integers(-1, 3)),
+)
+def test_plackett_luce_with_ties_and_empty_slots_matches_the_float64_loop_hypothesis(rewards, ranks):
+  np.testing.assert_allclose(
+    _plackett_luce(rewards, ranks), reference_plackett_luce_with_ties(rewards, ranks), rtol=1e-5, atol=1e-4
+  )
+
+
+def test_dpo_plackett_luce_by_hand():
+  """At the reference (every ρ = 0) a strict ranking of K costs log K!; with ranks [0, 0, 1] the two tied
+  best each face {itself, the worst}: 2·log 2; all tied: no term, and the prompt is left out of the mean."""
+  zeros = np.zeros((3, 4))
+  ranks = np.array([[0, 1, 2, -1], [0, 0, 1, -1], [1, 1, 1, 1]])
+  per_prompt = losses.plackett_luce_prompt_loss(zeros, ranks)
+  np.testing.assert_allclose(per_prompt, [math.log(6), 2 * math.log(2), 0.0], rtol=1e-6)
+  loss, metrics = losses.dpo_loss(zeros, zeros, ranks, beta=0.1, form="plackett_luce")
+  np.testing.assert_allclose(loss, (math.log(6) + 2 * math.log(2)) / 2, rtol=1e-6)
+  assert float(metrics["num_prompts"]) == 2 and float(metrics["num_pairs"]) == 3 + 2
+  # K = 3, ρ = β·Δ = (2, 1, 0) ranked in that order: −log(e²/(e²+e+1)) − log(e/(e+1)).
+  policy = np.array([[2.0, 1.0, 0.0]]) / 0.5
+  loss, _ = losses.dpo_loss(policy, np.zeros((1, 3)), np.array([[0, 1, 2]]), beta=0.5, form="plackett_luce")
+  e = math.e
+  np.testing.assert_allclose(loss, -math.log(e**2 / (e**2 + e + 1)) - math.log(e / (e + 1)), rtol=1e-6)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@hypothesis.given(
+  policy=hnp.arrays(np.float32, (5, 2), elements=st.floats(-80, 0, width=32)),
+  ref=hnp.arrays(np.float32, (5, 2), elements=st.floats(-80, 0, width=32)),
+  ranks=hnp.arrays(np.int32, (5, 2), elements=st.integers(-1, 1)),
+  normalizer=st.sampled_from(losses.PAIR_NORMALIZERS),
+)
+def test_dpo_plackett_luce_equals_the_pairwise_form_at_k_2_hypothesis(policy, ref, ranks, normalizer):
+  """Ties ([0, 0]) and empty slots included: both forms then skip the prompt."""
+  pairwise, pairwise_metrics = losses.dpo_loss(policy, ref, ranks, beta=0.3, normalizer=normalizer)
+  listwise, listwise_metrics = losses.dpo_loss(policy, ref, ranks, beta=0.3, form="plackett_luce")
+  np.testing.assert_allclose(listwise, pairwise, rtol=1e-5, atol=1e-6)
+  assert float(listwise_metrics["num_prompts"]) == float(pairwise_metrics["num_prompts"])
+
+
+def test_dpo_plackett_luce_ignores_slot_order_and_a_shared_shift_and_differs_from_all_pairs_at_k_4():
+  rng = np.random.default_rng(11)
+  policy, ref = rng.normal(-20, 3, (4, 4)), rng.normal(-20, 3, (4, 4))
+  ranks = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]])
+  loss, _ = losses.dpo_loss(policy, ref, ranks, beta=0.5, form="plackett_luce")
+  np.testing.assert_allclose(loss, np.mean(reference_plackett_luce(0.5 * (policy - ref), ranks)), rtol=1e-5)
+  slots = rng.permutation(4)
+  permuted, _ = losses.dpo_loss(policy[:, slots], ref[:, slots], ranks[:, slots], beta=0.5, form="plackett_luce")
+  shifted, _ = losses.dpo_loss(policy + rng.normal(0, 5, (4, 1)), ref, ranks, beta=0.5, form="plackett_luce")
+  np.testing.assert_allclose(permuted, loss, rtol=1e-5)
+  np.testing.assert_allclose(shifted, loss, rtol=1e-5)
+  all_pairs, _ = losses.dpo_loss(policy, ref, ranks, beta=0.5)
+  assert abs(float(all_pairs) - float(loss)) > 0.1  # K = 4: two different losses
+  with pytest.raises(ValueError, match="dpo: form 'listwise' is not one of"):
+    losses.dpo_loss(policy, ref, ranks, beta=0.5, form="listwise")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """DPO (beyond the paper; Rafailov et al. 2023, K-wise as in docs/losses.md): the SFT model trained directly on
-the RM's comparison data, against a frozen reference.
+the RM's comparison data, against a frozen reference; `dpo.form` picks the K-wise loss (all pairs or
+Plackett-Luce, `losses.dpo_loss`).
 
     python -m instructgpt_jax.main --config=configs/dpo.py:tiny --workdir=W_DPO --config.model.init_from=W_SFT
 
 Phases: setup and validation → init (from model.init_from) or restore → train loop (a prompt's K responses in
 one batch element: their sequence log-probabilities under the policy and the reference, `losses.dpo_loss`
-over every C(K,2) pair) → evaluation on held-out comparisons (implicit-reward accuracy, margin, loss) →
+in `dpo.form`) → evaluation on held-out comparisons (implicit-reward accuracy, margin, loss) →
 export of the policy as a language model. Resumable like every stage.
 """
 
@@ -32,13 +33,31 @@ def sequence_logps(graphdef, params, batch):
   )
 
 
-def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float, normalizer: str):
+def prompt_terms(graphdef, params, batch, *, beta: float, normalizer: str, form: str) -> dict:
+  """`losses.dpo_prompt_terms` of a comparison batch (per prompt: the form's loss, correct pairs, pairs, Σ margins);
+  `batch["ref_logps"]` [B, K] holds the reference's sequence log-probs."""
+  return losses.dpo_prompt_terms(
+    sequence_logps(graphdef, params, batch),
+    batch["ref_logps"],
+    batch["ranks"],
+    beta=beta,
+    normalizer=normalizer,
+    form=form,
+  )
+
+
+def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float, normalizer: str, form: str):
   """The DPO step (state, batch) -> (state, metrics); `batch["ref_logps"]` [B, K] holds the reference's
   sequence log-probs. `losses.dpo_loss` is a mean over the prompts with pairs: sums make micro-batching exact."""
 
   def loss_sums(params, batch, _rng):
     loss, m = losses.dpo_loss(
-      sequence_logps(graphdef, params, batch), batch["ref_logps"], batch["ranks"], beta=beta, normalizer=normalizer
+      sequence_logps(graphdef, params, batch),
+      batch["ref_logps"],
+      batch["ranks"],
+      beta=beta,
+      normalizer=normalizer,
+      form=form,
     )
     return loss * m["num_prompts"], {
       "count": m["num_prompts"],
@@ -63,8 +82,15 @@ def check_config(config, checks) -> None:
   checks.at_least("data.max_responses", d.max_responses, 2)
   checks.positive("dpo.beta", config.dpo.beta)
   checks.one_of("dpo.pair_normalizer", config.dpo.pair_normalizer, losses.PAIR_NORMALIZERS)
+  checks.one_of("dpo.form", config.dpo.form, losses.DPO_FORMS)
   checks.require_input(d.train, "data.train", "comparison JSONL files, or lab:comparisons:train:N")
   checks.require_input(config.model.init_from, "model.init_from", "DPO starts from the SFT model")
+
+
+def unused_fields(config) -> dict[str, str]:
+  if config.dpo.form == "plackett_luce":
+    return {"dpo.pair_normalizer": "dpo.form is 'plackett_luce', whose loss has no pair normalizer"}
+  return {}
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -85,9 +111,8 @@ def train(config, workdir: str) -> dict[str, float]:
   ref_params = model_io.load(reference, "lm", ref_target, reference.config, config.seed)
 
   # ---------------------------------------------------------------- step functions
-  train_step = make_train_step(
-    graphdef, tx, lr_schedule, config.optim.microbatches, beta=d.beta, normalizer=d.pair_normalizer
-  )
+  loss_options = {"beta": d.beta, "normalizer": d.pair_normalizer, "form": d.form}
+  train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, **loss_options)
   batch_sh = common.batch_sharding(mesh, rules)
   jitted_step = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   ref_fn = jax.jit(
@@ -104,8 +129,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   def eval_step(params, batch):
     """Per prompt: (loss, correct pairs, pairs, Σ margins), as training computes them."""
-    rewards = d.beta * (sequence_logps(graphdef, params, batch) - batch["ref_logps"])
-    terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=d.pair_normalizer)
+    terms = prompt_terms(graphdef, params, batch, **loss_options)
     return terms["loss"], terms["correct"], terms["num_pairs"], terms["margin_sum"]
 
   eval_fn = jax.jit(
