@@ -421,7 +421,7 @@ def lm_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, Metrics]:
-  """Masked mean negative log-likelihood: the SFT loss and the ptx term of Eq. 2.
+  """Masked mean negative log-likelihood: the SFT loss, and the per-token NLL `ppo_ptx_loss` builds its ptx term from.
 
       L_LM = −(1/N) Σ_{b,t} m_bt · log π(y_bt | y_b,<t),   N = Σ_{b,t} m_bt
 

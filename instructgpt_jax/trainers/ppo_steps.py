@@ -350,7 +350,7 @@ def policy_loss_aggregation(ppo) -> tuple[str, int | None]:
 
 
 def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, kl_coef):
-  """The clipped policy loss, plus γ · the LM loss of the pretraining minibatch (PPO-ptx, Eq. 2), plus
+  """The clipped policy loss, plus γ · L_ptx of the pretraining minibatch (PPO-ptx, Eq. 2; ppo.ptx_reduction), plus
   β · the k3 estimate of KL(π ‖ π_ref) with ppo.kl_in="loss" (GRPO's form: inside the same reduction as the
   clipped loss, Shao et al. 2024, Eq. 3). Both per-token terms are reduced by `policy_loss_aggregation`."""
   p = m.ppo
@@ -389,8 +389,8 @@ def _clipped_and_ptx(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, mode
 
 
 def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, ptx_batch):
-  """One minibatch (rows of `scored`) -> (state, metrics): the clipped policy loss (+ γ · the LM loss of
-  `ptx_batch` when ppo.ptx_coef), the clipped value loss, Adam and the policy's EMA. A separate critic
+  """One minibatch (rows of `scored`) -> (state, metrics): the clipped policy loss (+ γ · L_ptx of `ptx_batch`
+  when ppo.ptx_coef, losses.ppo_ptx_loss), the clipped value loss, Adam and the policy's EMA. A separate critic
   trains with its own optimizer; a shared trunk minimizes policy + vf_coef · value with the policy's."""
   p = m.ppo
   mb = jax.tree.map(lambda x: sharding.constrain(jnp.take(x, rows, axis=0), ("batch",)), scored)
