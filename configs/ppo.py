@@ -9,7 +9,9 @@ from 0.1×, a value function initialized from the RM (its normalization bias inc
 
 γ = 27.8 is read as Eq. 2 writes it (`ppo.ptx_reduction="sequence_sum"`, the default): the ptx term is the
 summed log-likelihood of each pretraining sequence, weighed against the per-episode objective; since the
-PPO loss is a per-token mean, the code divides the ptx term by the minibatch's mean response length.
+PPO loss is a per-token mean, the code divides the ptx term by the minibatch's mean response length
+(losses.episode_divisor). Advantage whitening (`ppo.whiten_advantages`, on) divides the PPO term, not the ptx
+term, by std(A); `--config.ppo.whiten_advantages=false` gives Eq. 2's exact weighting (docs/paper.md §5.4).
 "token_mean" makes γ a weight on the per-token mean instead; the same run then needs γ_token = γ_paper ·
 (pretraining tokens per sequence) / (mean response tokens) (docs/losses.md, docs/paper.md §5.4). The paper
 states neither reduction, so 27.8 in the first reading is our best reading, not a measured equivalence.

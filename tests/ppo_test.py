@@ -442,7 +442,7 @@ def test_sft_keeps_the_checkpoint_with_the_best_rm_score_for_the_next_stage(chai
 
 
 @pytest.mark.slow
-def test_critic_starts_from_the_rm_with_its_bias_so_its_first_values_are_the_normalized_scores(ppo_models):
+def test_critic_starts_from_the_rm_with_its_bias_so_its_last_value_is_the_normalized_score(ppo_models):
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   rules = sharding.rules_dict(sharding.DEFAULT_RULES)
