@@ -309,3 +309,16 @@ def test_seeds_run_the_lab_once_per_seed_in_its_own_folder(tmp_path, monkeypatch
   assert ran == [(3, 1, str(tmp_path / "seed_3")), (4, 1, str(tmp_path / "seed_4"))]
   assert headline["fig1_ppo_ptx"] == pytest.approx(0.85)  # the mean of 0.8 and 0.9
   assert (tmp_path / "report.md").read_text().startswith("# The InstructGPT lab over 2 seeds")
+
+
+def test_the_findings_are_read_from_the_runs_numbers():
+  from instructgpt_jax.lab import report
+
+  # GPT 30% [25, 35], GPT prompted 40% [35, 45], PPO 60% [55, 65], PPO-ptx 70% [65, 75]; taxes +0.02 / +0.01;
+  # RM 60% against agreement 70%.
+  found = report.findings(fake_results(0.7, 0.02))
+  assert [held for _, held, _ in found] == [True, True, True, False, True, True, True]
+  assert found[0][2] == "70.0% [65.0%, 75.0%]" and found[3][2] == "40.0% against 30.0%"
+  assert found[5][2] == "+0.010 against +0.020 nats per token" and found[6][2] == "60.0% against 70.0%"
+  # GPT prompted's interval [35, 45] touches GPT's [25, 35]: not shown; PPO-ptx below 50% is not shown either.
+  assert [held for _, held, _ in report.findings(fake_results(0.45, -0.01))][:2] == [False, False]

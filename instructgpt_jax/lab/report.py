@@ -68,6 +68,56 @@ def headline(results: dict) -> dict[str, float]:
   }
 
 
+def findings(results: dict) -> list[tuple[str, bool, str]]:
+  """The paper's findings the lab can test, each as (the finding, whether this run shows it, the numbers):
+  a preference shown means its 95% interval is clear of 50%, so "no" can also mean "not resolved"."""
+  e, rm, labels = results["evaluation"], results["rm"], results["labels"]
+  pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+
+  def rate(key: str, name: str) -> str:
+    low, high = e[f"{key}_{name}_interval"]
+    return f"{pct(e[f'{key}_{name}'])} [{pct(low)}, {pct(high)}]"
+
+  tax = {n: results[n]["eval_ptx_loss"] - results[n]["eval_ptx_loss_sft"] for n in ("ppo", "ppo_ptx")}
+  above = lambda key, name: e[f"{key}_{name}_interval"][0] > 0.5  # noqa: E731
+  below = lambda key, name: e[f"{key}_{name}_interval"][1] < 0.5  # noqa: E731
+  agreement = labels["agreement_held_out_labelers"]
+  return [
+    (
+      "labelers prefer PPO-ptx (InstructGPT) to the SFT baseline (Figure 1; paper 73.4 ± 2%)",
+      above("baseline_win_rate", "PPO-ptx"),
+      rate("baseline_win_rate", "PPO-ptx"),
+    ),
+    ("labelers prefer PPO to the SFT baseline", above("baseline_win_rate", "PPO"), rate("baseline_win_rate", "PPO")),
+    (
+      "labelers prefer the SFT baseline to GPT and to GPT prompted",
+      below("baseline_win_rate", "GPT") and below("baseline_win_rate", "GPT prompted"),
+      f"GPT {rate('baseline_win_rate', 'GPT')}, GPT prompted {rate('baseline_win_rate', 'GPT prompted')}",
+    ),
+    (
+      "a few-shot prefix makes GPT better (GPT prompted above GPT)",
+      e["baseline_win_rate_GPT prompted_interval"][0] > e["baseline_win_rate_GPT_interval"][1],
+      f"{pct(e['baseline_win_rate_GPT prompted'])} against {pct(e['baseline_win_rate_GPT'])}",
+    ),
+    (
+      "the pretraining term costs no preference (PPO-ptx's interval reaches PPO's; paper §4.2: \"without "
+      'compromising labeler preference scores")',
+      e["baseline_win_rate_PPO-ptx_interval"][1] >= e["baseline_win_rate_PPO_interval"][0],
+      f"{pct(e['baseline_win_rate_PPO-ptx'])} against {pct(e['baseline_win_rate_PPO'])}",
+    ),
+    (
+      "the pretraining term lowers the alignment tax (PPO-ptx's below PPO's)",
+      tax["ppo_ptx"] < tax["ppo"],
+      f"{tax['ppo_ptx']:+.3f} against {tax['ppo']:+.3f} nats per token",
+    ),
+    (
+      "the RM agrees with held-out labelers above chance, below their agreement with each other",
+      0.5 < rm["eval_accuracy"] < agreement,
+      f"{pct(rm['eval_accuracy'])} against {pct(agreement)}",
+    ),
+  ]
+
+
 def _plots(workdir: str, results: dict) -> list[str]:
   import matplotlib
 
@@ -153,6 +203,8 @@ def write(workdir: str, results: dict) -> str:
       "== the InstructGPT lab: results ==",
       "  Figure 1: held-out labelers prefer each model to the SFT baseline (95% interval)",
       *(f"    {name:<34} {pct(rate):>6}  {ci(c)}" for name, rate, c in fig1),
+      "  the paper's findings in this run:",
+      *(f"    {'yes' if held else 'no ':<4} {claim}" for claim, held, _ in findings(results)),
       "  the PPO-init SFT, every RL run's start and KL reference:",
       f"      PPO-ptx preferred to it            {pct(e['win_rate_PPO-ptx'])}  95% interval {interval('PPO-ptx')}",
       f"      PPO preferred to it                {pct(e['win_rate_PPO'])}  95% interval {interval('PPO')}",
@@ -191,6 +243,15 @@ def write(workdir: str, results: dict) -> str:
     "",
     "Paper (Figure 1, 175B, every win rate against 175B SFT): PPO-ptx 73.4 ± 2%; 175B InstructGPT is preferred",
     "to 175B GPT-3 85 ± 3% of the time and to few-shot-prompted GPT-3 71 ± 4%.",
+    "",
+    "## What this run reproduces of the paper's findings",
+    "",
+    'A preference counts as shown when its 95% interval is clear of 50%: "no" may also be "not resolved by one',
+    'run" (`--config.seeds=3` pools seeds).',
+    "",
+    "| finding | this run | numbers |",
+    "|---|---|---|",
+    *(f"| {claim} | {'yes' if held else 'no'} | {numbers} |" for claim, held, numbers in findings(results)),
     "",
     "## Against the PPO-init SFT: held-out labelers compare each RL model's response with its start's",
     "",
