@@ -1,4 +1,5 @@
-"""The embedded lab, end to end: tokenizer → pretrain → SFT → labels → RM → PPO and PPO-ptx → evaluation → report.
+"""The embedded lab, end to end: tokenizer → pretrain → SFT (PPO-init) → labels → RM → SFT baseline → PPO and
+PPO-ptx → evaluation (Figure 1 against the SFT baseline) → report; with `seeds` > 1, all of it once per seed.
 
     python -m instructgpt_jax.main --config=configs/pipeline.py --workdir=runs/lab
 
