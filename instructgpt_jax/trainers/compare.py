@@ -14,7 +14,6 @@ the over-optimization figure from it and from the RL runs' metrics.
 
 from __future__ import annotations
 
-import random
 import time
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 from instructgpt_jax import paths, rl, scoring, sharding
 from instructgpt_jax.data import text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.lab import datasets, labelers, tasks, world
+from instructgpt_jax.lab import datasets, tasks, world
 from instructgpt_jax.trainers import common, judging, lm_steps, pipeline
 
 
@@ -97,7 +96,6 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     ]
   ).reshape(len(prompts), c.best_of_n)
   sft_responses = responses["SFT"]  # the evaluation's SFT samples
-  rng = random.Random(config.seed)
   bon = []
   for n in sorted(int(x) for x in str(c.n).split(",")):
     chosen = np.argmax(proxy[:, :n], axis=1)
@@ -110,12 +108,7 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     }
     if n == c.table_n:  # the table's best-of-n row: the held-out labelers against SFT's responses, as every method
       kept = [samples[i * c.best_of_n + k] for i, k in enumerate(chosen)]
-      per_prompt = np.array(
-        [
-          np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
-          for t, a, b in zip(eval_tasks, kept, sft_responses)
-        ]
-      )
+      per_prompt = pipeline.held_out_preference(eval_tasks, kept, sft_responses, config.seed)
       point["win_rate"] = float(per_prompt.mean())
       point["win_rate_interval"] = pipeline.bootstrap_interval(per_prompt, e.bootstrap, config.seed)
     bon.append(point)

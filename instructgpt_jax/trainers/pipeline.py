@@ -259,7 +259,7 @@ def bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[f
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def held_out_preference(eval_tasks, ours, theirs, seed: str) -> np.ndarray:
+def held_out_preference(eval_tasks, ours, theirs, seed: int | str) -> np.ndarray:
   """Per prompt, the fraction of the held-out labelers who prefer `ours` to `theirs` ((text, stopped) pairs);
   each comparison draws from its own stream (`seed`), so adding a model moves no other comparison."""
   rng = random.Random(seed)
