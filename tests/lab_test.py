@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -322,3 +323,30 @@ def test_the_findings_are_read_from_the_runs_numbers():
   assert found[5][2] == "+0.010 against +0.020 nats per token" and found[6][2] == "60.0% against 70.0%"
   # GPT prompted's interval [35, 45] touches GPT's [25, 35]: not shown; PPO-ptx below 50% is not shown either.
   assert [held for _, held, _ in report.findings(fake_results(0.45, -0.01))][:2] == [False, False]
+
+
+# docs/results.md "Over seeds" runs this command as written (3 seeds of lab_quick with the comparison, 45 min).
+SEEDS_COMMAND = (
+  "python -m instructgpt_jax.main --config=configs/pipeline.py:lab_quick,compare --config.seeds=3 "
+  "--workdir=runs/compare3 --config.progress_bar=false"
+)
+
+
+@pytest.mark.slow
+def test_the_documented_seeds_command_pools_the_seeds_runs(tmp_path):
+  """The documented 3-seed command, shrunk to 2 seeds of the micro comparison: one lab per seed in its own
+  folder, and a report whose Figure-1 cells are the mean over those runs."""
+  docs = " ".join((pathlib.Path(__file__).parents[1] / "docs" / "results.md").read_text().split())
+  assert SEEDS_COMMAND in docs
+  command = shrink(
+    SEEDS_COMMAND, {"--config.seeds=3": "--config.seeds=2", "runs/compare3": str(tmp_path)}, tuple(flags(MICRO_COMPARE))
+  )
+  done = subprocess.run([sys.executable, *argv(command)[1:]], env=ONE_DEVICE, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rates = [
+    json.loads((tmp_path / f"seed_{s}" / "evaluation" / "done.json").read_text())["baseline_win_rate_PPO"]
+    for s in (0, 1)
+  ]
+  report = (tmp_path / "report.md").read_text()
+  assert report.startswith("# The InstructGPT lab over 2 seeds")
+  assert f"| PPO | {100 * sum(rates) / 2:.1f}% [" in report and "## The comparison of methods over seeds" in report
