@@ -70,7 +70,8 @@ def _flops_per_device(config, program: str, devices: int) -> float:
 
 def measure(target_name: str, size: str, rm_size: str, flags: list[str], layout: str, programs=None) -> list[dict]:
   """One row per compiled program of the PPO stage in `layout` (only those named in `programs`, if given)."""
-  from instructgpt_jax import accelerators, aot, config_lib, hlo
+  from instructgpt_jax import accelerators, config_lib, hlo
+  from instructgpt_jax.library import aot
 
   config = config_lib.load_config(f"configs/ppo.py:size={size}", [*flags, f"--config.ppo.rollout_layout={layout}"])
   target = accelerators.parse_target(target_name)

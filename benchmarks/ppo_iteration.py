@@ -37,8 +37,8 @@ from benchmarks import _common  # noqa: E402
 from configs import ppo as ppo_config  # noqa: E402
 from instructgpt_jax import metrics, models, stages  # noqa: E402
 from instructgpt_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from instructgpt_jax.library import model_io  # noqa: E402
 from instructgpt_jax.models import sizes  # noqa: E402
-from instructgpt_jax.trainers import model_io  # noqa: E402
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[str]:

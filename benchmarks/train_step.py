@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from configs import pretrain  # noqa: E402
 from instructgpt_jax import flops, models, optim, sharding, train_state  # noqa: E402
-from instructgpt_jax.trainers import common, lm_steps  # noqa: E402
+from instructgpt_jax.library import lm_steps, loop  # noqa: E402
 
 
 def measured_matmul_tflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
@@ -66,7 +66,7 @@ def build_step(args, size: str):
   train_step = lm_steps.make_train_step(
     graphdef, model_cfg, tx, optim.schedule(c.optim, total_steps), microbatches=args.microbatches
   )
-  step = train_state.jit_step(train_step, shardings, common.batch_sharding(mesh, rules), rules)
+  step = train_state.jit_step(train_step, shardings, loop.batch_sharding(mesh, rules), rules)
   tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
   local = {
     "inputs": tokens[:, :-1],
@@ -74,7 +74,7 @@ def build_step(args, size: str):
     "mask": np.ones((args.batch, args.seq_len), np.float32),
   }
   local = {k: v[jax.process_index() :: jax.process_count()] for k, v in local.items()}
-  return model_cfg, step, state, common.to_global(local, mesh, rules)
+  return model_cfg, step, state, loop.to_global(local, mesh, rules)
 
 
 def measure(args, size: str, peak_tflops: float) -> dict:

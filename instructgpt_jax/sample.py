@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import tokenizers
 from flax import nnx
 
-from instructgpt_jax import errors, generation, paths, sharding, train_state
+from instructgpt_jax import errors, generation, paths, sharding
 from instructgpt_jax.data import templates
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import model_io
+from instructgpt_jax.library import model_io
 
 
 def stream_tokens(
@@ -223,8 +223,7 @@ def sample(args: argparse.Namespace) -> list[int]:
     greedy=args.greedy,
   )
   mesh = sharding.make_mesh({"fsdp": -1})  # the parameters spread over every local device
-  graphdef, target = train_state.param_shardings_for(cfg, mesh, sharding.DEFAULT_RULES, kind="lm")
-  params = model_io.load(source, "lm", target, cfg, args.seed)
+  graphdef, params = model_io.load_frozen(source, "lm", mesh, sharding.DEFAULT_RULES, seed=args.seed)
 
   completion: list[int] = []
   printed = ""

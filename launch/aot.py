@@ -78,7 +78,8 @@ def checked_config(config_arg: str, flags: list[str], target):
   the inputs a run reads (none here) and for batches that do not divide over the mesh (the plan raises them,
   `aot.batch_fallback`, and says so); then its mesh laid out on the target's devices. errors.UserError, one
   line per problem, for anything wrong, before anything compiles."""
-  from instructgpt_jax import aot, stages
+  from instructgpt_jax import stages
+  from instructgpt_jax.library import aot
 
   config = stages.load_checked(config_arg, flags, inputs=False, batches_on_mesh=False)
   aot.target_mesh(config, target)  # a mesh that does not lay out the target's devices: one line
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     )
   _environment(targets)
 
-  from instructgpt_jax import aot, metrics
+  from instructgpt_jax import metrics
+  from instructgpt_jax.library import aot
 
   # Every row's config is checked before anything is printed or compiled.
   configs = []

@@ -9,7 +9,8 @@ import dataclasses
 
 import pytest
 
-from instructgpt_jax import accelerators, aot, config_lib, errors, hlo, models
+from instructgpt_jax import accelerators, config_lib, errors, hlo, models
+from instructgpt_jax.library import aot
 from instructgpt_jax.models import kv_cache
 from launch import aot as aot_cli
 

@@ -9,7 +9,7 @@ import pytest
 
 from instructgpt_jax import generation, rl, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import judging, model_io
+from instructgpt_jax.library import judging, model_io
 
 
 def test_best_of_n_kl_by_hand():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from instructgpt_jax import aot
+from instructgpt_jax.library import aot
 from launch import aot as aot_cli
 from launch import sweep as sweep_cli
 from launch import tpu

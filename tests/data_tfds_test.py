@@ -233,7 +233,7 @@ def test_no_tensorflow_is_imported_even_where_it_is_installed(corpus, tmp_path):
 def test_evaluation_prompts_are_reported_as_the_eval_split(tmp_path, capsys):
   """PPO's held-out prompts are built and reported as `prompts/eval` (they were printed as prompts/train)."""
   from instructgpt_jax.data import tokenizer as tokenizer_lib
-  from instructgpt_jax.trainers import judging
+  from instructgpt_jax.library import judging
 
   lines = [{"prompt": "short one"}, {"prompt": "x" * 40}, {"prompt": "another"}]
   (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -15,8 +15,8 @@ import pytest
 from configs import dpo
 from instructgpt_jax import checkpoint, errors, main, models, optim, scoring, stages, train_state
 from instructgpt_jax.data import batching
-from instructgpt_jax.trainers import dpo as dpo_trainer
-from instructgpt_jax.trainers import model_io
+from instructgpt_jax.library import model_io
+from instructgpt_jax.stages import dpo as dpo_trainer
 
 from runs import configured, read_metrics
 

@@ -17,8 +17,8 @@ import pytest
 
 from configs import ppo, rm, sft
 from instructgpt_jax import checkpoint, main, paths, sharding, train_state
+from instructgpt_jax.library import model_io
 from instructgpt_jax.models import hf
-from instructgpt_jax.trainers import model_io
 
 from runs import configured, read_metrics
 

@@ -24,8 +24,8 @@ import pytest
 from instructgpt_jax import generation, models, sample, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.library import judging, model_io
 from instructgpt_jax.models import hf
-from instructgpt_jax.trainers import judging, model_io
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO_ROOT / "tests" / "hf_reference.py"

@@ -16,7 +16,7 @@ import pytest
 from configs import pipeline
 from instructgpt_jax import errors, main
 from instructgpt_jax.lab import datasets, labelers, tasks, world
-from instructgpt_jax.trainers import chain
+from instructgpt_jax.stages import chain
 
 from doc_examples import README_MAIN_JOB, argv, run_main, shrink
 from runs import configured
@@ -296,7 +296,7 @@ def test_the_report_over_seeds_gives_means_with_t_intervals_and_which_difference
 
 
 def test_seeds_run_the_lab_once_per_seed_in_its_own_folder(tmp_path, monkeypatch):
-  from instructgpt_jax.trainers import pipeline as pipeline_trainer
+  from instructgpt_jax.stages import pipeline as pipeline_trainer
 
   ran = []
 

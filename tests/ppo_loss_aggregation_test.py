@@ -13,7 +13,7 @@ import pytest
 
 from configs import ppo
 from instructgpt_jax import errors, losses, main, models, optim, scoring, sharding, train_state
-from instructgpt_jax.trainers import common, ppo_steps
+from instructgpt_jax.library import loop, ppo_steps
 
 from runs import configured
 
@@ -71,7 +71,7 @@ def first_step_loss(batch, **overrides):
     jnp.asarray(advantages),
     None,
   )
-  scored = jax.device_put(scored, common.batch_sharding(mesh, rules))  # as score_rollout leaves it
+  scored = jax.device_put(scored, loop.batch_sharding(mesh, rules))  # as score_rollout leaves it
   beta = float(state.kl.kl_coef)  # read before the step, which donates the state
   _, metrics = ppo_steps.jit_steps(m, shardings).train(state, scored, jnp.arange(ROWS, dtype=jnp.int32), {})
   k3 = np.expm1(-kl_offsets.astype(np.float64)) + kl_offsets

@@ -15,8 +15,8 @@ import pytest
 from configs import ppo, sft
 from instructgpt_jax import checkpoint, errors, generation, losses, main, paths, rl, scoring, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import judging, model_io, ppo_steps
-from instructgpt_jax.trainers import ppo as ppo_trainer
+from instructgpt_jax.library import judging, model_io, ppo_steps
+from instructgpt_jax.stages import ppo as ppo_trainer
 
 from doc_examples import README_PPO, run_main, shrink
 from runs import configured, read_metrics

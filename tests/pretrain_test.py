@@ -107,7 +107,7 @@ def test_rerun_resumes_from_the_newest_checkpoint_bit_exactly(tmp_path):
 
 
 def test_invalid_configs_fail_in_one_line_before_compiling(tmp_path):
-  from instructgpt_jax.trainers.common import ConfigError
+  from instructgpt_jax.errors import ConfigError
 
   with pytest.raises(ConfigError, match=r"data.seq_len: 512 exceeds the model's max_len 256"):
     main.run(tiny_config(**{"data.seq_len": 512}), str(tmp_path))

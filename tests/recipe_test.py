@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from instructgpt_jax import generation, paths, sharding, train_state
-from instructgpt_jax.trainers import model_io
+from instructgpt_jax.library import model_io
 
 from doc_examples import README_EXPORT, README_RECIPE, argv, shrink
 from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference

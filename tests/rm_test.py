@@ -18,7 +18,7 @@ from configs import rm
 from instructgpt_jax import errors, generation, losses, main, sharding
 from instructgpt_jax.data import batching
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import judging
+from instructgpt_jax.library import judging
 
 from runs import configured, read_metrics
 

@@ -7,9 +7,10 @@ import pytest
 
 from configs import sft
 from instructgpt_jax import errors, main, models, paths
+from instructgpt_jax.data import schemes
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import common, lm_steps, model_io
+from instructgpt_jax.library import lm_steps, loop, model_io
 
 from runs import configured, read_metrics
 
@@ -68,7 +69,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tmp_path):
   cfg = models.resolve({"size": "tiny"})
   graphdef, params = models.init(cfg, jax.random.key(0))
   tokenizer = tokenizer_lib.byte_tokenizer()
-  data_cfg = common.resolve_lab_files(
+  data_cfg = schemes.resolve(
     configured(sft, "tiny", **{"data.train": "lab:demonstrations:train:64", "data.eval": ""}).data,
     str(tmp_path),
     seed=0,
@@ -99,7 +100,7 @@ def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_
   import ml_collections
 
   from instructgpt_jax import checkpoint, paths
-  from instructgpt_jax.trainers import model_io
+  from instructgpt_jax.library import model_io
 
   config = ml_collections.ConfigDict(
     dict(total_steps=8, log_every_steps=1, checkpoint_every_steps=1000, eval_every_steps=2, progress_bar=False)
@@ -117,13 +118,13 @@ def test_selection_keeps_the_best_evaluated_checkpoint_and_the_next_stage_loads_
   select = checkpoint.Selection(str(tmp_path), "eval_loss", "min")
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, select=select)
   model_io.write_model_json(str(tmp_path), "lm", models.resolve({"size": "tiny"}))
-  loop = common.LoopIO(config, str(tmp_path), ckpt, dict, start_step=0, select=select)
-  with loop:
+  io = loop.LoopIO(config, str(tmp_path), ckpt, dict, start_step=0, select=select)
+  with io:
     for step in range(1, 9):
       state = State(jnp.int32(step), {"w": jnp.full((2,), float(step))})
       if step < 8:
-        loop.end_of_step(step, state, {"loss": jnp.float32(1.0)}, evaluate)
-    loop.finish(state, evaluate)
+        io.end_of_step(step, state, {"loss": jnp.float32(1.0)}, evaluate)
+    io.finish(state, evaluate)
   assert checkpoint.Checkpointer.steps_in(str(tmp_path)) == [4, 8]
   assert paths.read_json(tmp_path / "selected.json") == {"step": 4, "metric": "eval_loss", "value": 1.0}
   source = model_io.read_source(str(tmp_path))
@@ -138,12 +139,12 @@ def test_demonstration_epochs_are_counted_exactly_with_a_pretraining_mix(tmp_pat
   tokenizer = tokenizer_lib.byte_tokenizer()
   overrides = {"data.train": "lab:demonstrations:train:200", "data.pretrain_mix_by": "rows"}
   config = configured(sft, "tiny,variant=ppo_init", **overrides)
-  data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
+  data_cfg = schemes.resolve(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
   n, batch = len(data.train_source), config.data.batch_size
   assert (n, batch, config.epochs, data.mix_fraction) == (200, 16, 2, 0.1)
-  steps = common.steps_for_epochs(config, n, mix_fraction=data.mix_fraction)
+  steps = loop.steps_for_epochs(config, n, mix_fraction=data.mix_fraction)
   assert steps == 28  # ceil(2 · 200 / (16 · 0.9)) = ceil(27.8); without the mix's share it would be 25
   demonstrations = []
   for _ in range(steps):
@@ -160,7 +161,7 @@ def test_a_mix_by_loss_tokens_gives_pretraining_text_that_share_of_the_loss(tmp_
   tokenizer = tokenizer_lib.byte_tokenizer()
   config = configured(sft, "tiny,variant=ppo_init", **{"data.train": "lab:demonstrations:train:200"})
   assert config.data.pretrain_mix_by == "loss_tokens"  # the default (docs/paper.md §3.3)
-  data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
+  data_cfg = schemes.resolve(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
   source = data.train_source
@@ -214,7 +215,7 @@ def test_pretraining_mix_is_honoured_in_sampled_batches(tmp_path):
   overrides = {"data.train": "lab:demonstrations:train:400", "data.pretrain_mix_by": "rows"}
   config = configured(sft, "tiny,variant=ppo_init", **overrides)
   assert config.data.pretrain_mix == 0.1
-  data_cfg = common.resolve_lab_files(config.data, str(tmp_path), seed=0)
+  data_cfg = schemes.resolve(config.data, str(tmp_path), seed=0)
   data_cfg.update(data_dir=str(tmp_path / "tfds"), eval="")
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=0)
   kinds = np.concatenate([next(data)["kind"] for _ in range(25)])  # 400 rows
@@ -228,9 +229,7 @@ def test_pretraining_mix_is_honoured_in_sampled_batches(tmp_path):
 @pytest.mark.slow
 def test_ppo_init_variant_logs_the_mix_and_both_losses_and_keeps_its_last_step(tmp_path):
   overrides = {"data.train": "lab:demonstrations:train:200", "optim.lr": 0.05}  # a loss that rises after step 3
-  config = configured(
-    sft, "tiny,variant=ppo_init", total_steps=10, log_every_steps=5, eval_every_steps=3, **overrides
-  )
+  config = configured(sft, "tiny,variant=ppo_init", total_steps=10, log_every_steps=5, eval_every_steps=3, **overrides)
   assert not config.select_checkpoint and configured(sft, "tiny").select_checkpoint  # baseline: selects
   main.run(config, str(tmp_path / "last"))
   config.select_checkpoint = True

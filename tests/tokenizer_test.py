@@ -2,7 +2,7 @@
 
 import pytest
 
-from instructgpt_jax import errors
+from instructgpt_jax import errors, train_tokenizer
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 
 
@@ -71,7 +71,7 @@ def test_bpe_command_line_trains_on_a_local_corpus(tmp_path, capsys):
   (tmp_path / "a.txt").write_text("hello world, hello tokens\n" * 40, encoding="utf-8")
   (tmp_path / "b.jsonl").write_text('{"text": "hello again"}\n' * 10, encoding="utf-8")
   out = tmp_path / "tok.json"
-  tokenizer_lib.main([f"--corpus={tmp_path}/a.txt,{tmp_path}/b.jsonl", "--vocab_size=280", f"--out={out}"])
+  train_tokenizer.main([f"--corpus={tmp_path}/a.txt,{tmp_path}/b.jsonl", "--vocab_size=280", f"--out={out}"])
   loaded = tokenizer_lib.load(str(out))
   assert capsys.readouterr().out == f"tokenizer: {loaded.vocab_size} ids written to {out}\n"
   assert loaded.encode("hello") == [loaded.hf.token_to_id("hello")]  # a frequent word became one token
@@ -84,8 +84,8 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
 
   from configs import rm, sft
   from instructgpt_jax import models
+  from instructgpt_jax.library import loop, model_io
   from instructgpt_jax.models import hf
-  from instructgpt_jax.trainers import common, model_io
 
   from runs import configured
 
@@ -99,7 +99,7 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
   config = configured(sft, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}"})
   assert config.data.tokenizer == "" and config.model.resid_dropout == 0.2  # the paper's SFT dropout
   with caplog.at_level("WARNING"):
-    stage = common.setup_stage(config, str(tmp_path / "sft"))
+    stage = loop.setup_stage(config, str(tmp_path / "sft"))
   # A pretrained model meets the GPT-3-from-scratch dropout: one warning naming the field and the remedy.
   warned = [r.getMessage() for r in caplog.records if "resid_dropout" in r.getMessage()]
   assert warned == [
@@ -112,7 +112,7 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
     bpe.eos_id,
     bpe.pad_id,
   )
-  common.write_config(str(tmp_path / "sft"), config)
+  loop.write_config(str(tmp_path / "sft"), config)
   model_io.write_model_json(str(tmp_path / "sft"), "lm", cfg)
   source = model_io.Source("lm", cfg, str(tmp_path / "sft"), False, {"kind": "lm"}, step=1)
   assert model_io.tokenizer_of(source) == str(tmp_path / "hf")  # what the next stage inherits
@@ -123,7 +123,7 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
     rm, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}", "data.tokenizer": str(tmp_path / "big.json")}
   )
   with pytest.raises(errors.ConfigError) as caught:
-    common.setup_stage(wrong, str(tmp_path / "rm"), kind="scalar")
+    loop.setup_stage(wrong, str(tmp_path / "rm"), kind="scalar")
   assert str(caught.value) == (
     f"data.tokenizer: {tmp_path / 'big.json'} has {big.vocab_size} ids, more than the model's vocabulary of "
     f"{cfg.vocab_size}; not this model's tokenizer? leave data.tokenizer empty to use the model's own"

@@ -22,7 +22,7 @@ DataError = formats.DataError  # where callers of this module have always found 
 def load_documents(corpus: str) -> list[str]:
   """Comma-separated globs of .txt (one document per file) and .jsonl / .jsonl.gz (`{"text": str}` per line)
   files, checked as formats.py describes. (A stage's "lab" corpus is written out as such a file before it
-  gets here: trainers/common.resolve_lab_files.)"""
+  gets here: data/schemes.py.)"""
   if not corpus:
     raise DataError("data.corpus: empty; give comma-separated globs of .txt or .jsonl files, or 'lab'")
   paths = formats.expand(corpus, what="data.corpus")

@@ -1,7 +1,6 @@
 """Tokenizers: one wrapper over HuggingFace `tokenizers`, for a `tokenizer.json` or the byte-level vocabulary,
-and training a small byte-level BPE on a local corpus:
-
-    python -m instructgpt_jax.data.tokenizer --corpus='/data/text/*.txt' --vocab_size=8192 --out=/data/tok.json
+and training a small byte-level BPE on a local corpus (`train_bpe`; its command is
+instructgpt_jax/train_tokenizer.py).
 
 The padding id is always distinct from EOS (docs/paper.md §8 row 2) and always a token the vocabulary
 already has, so that every id fits the model's embedding and an exported config names a real pad token.
@@ -15,7 +14,6 @@ model), bos_token, pad_token and unk_token.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 
 import tokenizers
@@ -173,21 +171,3 @@ def save_to(tokenizer: Tokenizer, path: str) -> str:
 def load(spec: str) -> Tokenizer:
   """ "bytes" for the byte-level tokenizer, else a path to a tokenizer.json or a folder with one."""
   return byte_tokenizer() if spec == "bytes" else from_file(spec)
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description="Train a byte-level BPE on a local corpus; save a tokenizer.json.")
-  parser.add_argument("--corpus", required=True, help="comma-separated globs of .txt / .jsonl ({'text'}) files")
-  parser.add_argument("--vocab_size", type=int, required=True)
-  parser.add_argument("--min_frequency", type=int, default=2)
-  parser.add_argument("--out", required=True, help="path of the tokenizer.json to write")
-  args = parser.parse_args(argv)
-  from instructgpt_jax.data import text  # text imports this module
-
-  tokenizer = train_bpe(text.load_documents(args.corpus), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-  tokenizer.save(args.out)
-  print(f"tokenizer: {tokenizer.vocab_size} ids written to {args.out}")
-
-
-if __name__ == "__main__":
-  main()

@@ -18,6 +18,7 @@ import json
 import random
 
 from instructgpt_jax import errors, paths
+from instructgpt_jax.data import schemes
 from instructgpt_jax.lab import labelers
 from instructgpt_jax.lab import tasks as tasks_lib
 from instructgpt_jax.lab import world as world_lib
@@ -145,3 +146,14 @@ def tasks_of(spec: str, *, seed: int = 0, world_seed: int = 0) -> dict[str, task
   kind, split, n, families = parse_spec(spec)
   world = world_lib.make_world(world_seed)
   return {t.prompt: t for t in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind)}
+
+
+# The `lab` data scheme (data/schemes.py): `lab:<kind>:<split>:<n>` specs, and a corpus field of "lab" (the
+# generated prose, `lab_documents` documents of it).
+schemes.register(
+  "lab",
+  files=materialize,
+  corpus=lambda data_cfg, directory, *, seed: materialize_corpus(
+    int(data_cfg.get("lab_documents", 4000)), directory, seed=seed
+  ),
+)

@@ -23,6 +23,8 @@ import dataclasses
 import math
 import random
 
+import numpy as np
+
 from instructgpt_jax.lab import tasks as tasks_lib
 from instructgpt_jax.lab import world as world_lib
 
@@ -135,3 +137,22 @@ def agreement(
     same += first.prefers(task, a, b, rng) == second.prefers(task, a, b, rng)
     total += 1
   return same / max(total, 1)
+
+
+def bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
+  """95% interval of the mean over prompts, by resampling prompts."""
+  rng = np.random.default_rng(seed)
+  means = per_prompt[rng.integers(0, len(per_prompt), (draws, len(per_prompt)))].mean(axis=1)
+  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def held_out_preference(eval_tasks, ours, theirs, seed: int | str) -> np.ndarray:
+  """Per prompt, the fraction of the held-out labelers who prefer `ours` to `theirs` ((text, stopped) pairs);
+  each comparison draws from its own stream (`seed`), so adding a model moves no other comparison."""
+  rng = random.Random(seed)
+  return np.array(
+    [
+      np.mean([labeler.prefers(t, a, b, rng) for labeler in HELD_OUT_LABELERS])
+      for t, a, b in zip(eval_tasks, ours, theirs)
+    ]
+  )

@@ -1,4 +1,6 @@
-"""Which trainer runs a config (`run`), and the whole config checked before anything runs (`check_config`).
+"""The stages: which module runs a config (`STAGES`, `run`), and the whole config checked before anything runs
+(`check_config`). One module per stage in this folder (pretrain, sft, rm, dpo, ppo, pipeline, recipe), each
+orchestration only, over the library (instructgpt_jax/library/); chain.py and compare.py are the pipeline's.
 
 Kept apart from main.py (the command line) so that Python code, the lab pipeline and the launchers (`launch/`)
 run and check stages without importing the flag definitions a second time.
@@ -18,24 +20,30 @@ from collections.abc import Iterable, Sequence
 import jax
 
 from instructgpt_jax import config_lib, errors, optim, paths, sharding
+from instructgpt_jax.lab import datasets as _lab_datasets  # noqa: F401 (registers the `lab` data scheme)
 from instructgpt_jax.models import sizes
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "pipeline", "recipe")
+# config.stage -> the module that runs it (its `train(config, workdir)`, `check_config(config, checks)` and,
+# optionally, `unused_fields(config)`). The one table the dispatch reads: a researcher's own stage is one entry,
+# added from their own script.
+STAGES = {
+  name: f"instructgpt_jax.stages.{name}" for name in ("pretrain", "sft", "rm", "ppo", "dpo", "pipeline", "recipe")
+}
 DISTRIBUTED_MODES = ("off", "auto", "manual")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIM_SECTIONS = ("optim", "value_optim")
 
 
-def trainer(stage: str):
-  """The module that trains `stage` (instructgpt_jax/trainers/<stage>.py)."""
-  return importlib.import_module(f"instructgpt_jax.trainers.{stage}")
+def stage_module(name: str):
+  """The module that runs the stage `name` (STAGES)."""
+  return importlib.import_module(STAGES[name])
 
 
 # ------------------------------------------------------------------------------------------ checking a config
 
 
 def _check_run_fields(config, checks: config_lib.Checks) -> None:
-  """The fields every training stage's config has (configs/common.py)."""
+  """The fields every training stage's config has (configs/loop.py)."""
   checks.at_least("seed", config.seed, 0)
   for field in ("total_steps", "eval_every_steps"):
     if field in config:
@@ -98,7 +106,7 @@ def _check_model(model, checks: config_lib.Checks) -> None:
   """The model section: a random start resolves in full (size, shape, runtime fields); a start from
   `init_from` takes its shape from there (checked when the stage reads it), so only the fields that say how
   the model runs are checked here."""
-  from instructgpt_jax.trainers import model_io
+  from instructgpt_jax.library import model_io
 
   for field in ("dtype", "param_dtype"):
     if model.get(field) is not None:
@@ -117,7 +125,7 @@ def unused_overrides(config, overridden: Iterable[str]) -> dict[str, str]:
   unused = unused_fields(config)
   stage = config.get("stage")
   if stage in STAGES:
-    unused.update(getattr(trainer(stage), "unused_fields", lambda c: {})(config))
+    unused.update(getattr(stage_module(stage), "unused_fields", lambda c: {})(config))
   out = {}
   for field in overridden:
     reason = next((why for prefix, why in unused.items() if field == prefix or field.startswith(prefix + ".")), None)
@@ -152,10 +160,10 @@ def check_config(
   checks = config_lib.Checks(prefix, inputs=inputs, batches_on_mesh=batches_on_mesh)
   overridden = list(overridden)
   stage = config.get("stage")
-  if not checks.one_of("stage", stage, STAGES):
+  if not checks.one_of("stage", stage, tuple(STAGES)):
     checks.raise_if_any()
   _check_run_fields(config, checks)
-  module = trainer(stage)
+  module = stage_module(stage)
   module.check_config(config, checks)
   if not prefix:  # the outermost config answers for the stages inside it too (unused_overrides)
     for field, why in unused_overrides(config, overridden).items():
@@ -185,11 +193,11 @@ def resolved_config(config) -> dict:
   """The config as the run's config.json will hold it: the model's shape resolved (from the size table, or read
   from `model.init_from`), the version and the git commit (`main.py --print_config`). The stages of the lab
   pipeline and of the recipe take their models from the stage before, so theirs are shown as configured."""
-  from instructgpt_jax.trainers import common, model_io
+  from instructgpt_jax.library import loop, model_io
 
   model = config.get("model")
   model_cfg = model_io.resolve(model)[0] if hasattr(model, "get") and "size" in model else None
-  return common.run_record(config, model_cfg)
+  return loop.run_record(config, model_cfg)
 
 
 # ------------------------------------------------------------------------------------------ running a stage
@@ -229,4 +237,4 @@ def run(config, workdir: str):
   use_compilation_cache(config.get("compilation_cache_dir", ""))
   if config.get("distributed") and not jax.distributed.is_initialized():
     initialize_distributed(config.distributed)
-  return trainer(config.stage).train(config, workdir)
+  return stage_module(config.stage).train(config, workdir)

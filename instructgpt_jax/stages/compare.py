@@ -21,10 +21,15 @@ import ml_collections
 import numpy as np
 
 from instructgpt_jax import paths, rl, scoring, sharding
+from instructgpt_jax.data import schemes
 from instructgpt_jax.data import text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.lab import datasets, tasks, world
-from instructgpt_jax.trainers import common, judging, lm_steps, pipeline
+from instructgpt_jax.lab import datasets, labelers, tasks, world
+from instructgpt_jax.library import judging, lm_steps, loop
+
+# The RL stages a pipeline config may hold, by the name the report gives each (configs/pipeline.py:compare adds
+# GRPO and RLOO, and DPO, which trains on the RM's comparisons instead).
+RL_STAGES = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO"}
 
 
 def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: dict[str, str], directory: str) -> dict:
@@ -35,7 +40,7 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
   )
   prompts = [t.prompt for t in eval_tasks]
   policies = {
-    n: pipeline.Policy(path, tokenizer, temperature=e.temperature, max_new_tokens=e.max_new_tokens)
+    n: judging.Policy(path, tokenizer, temperature=e.temperature, max_new_tokens=e.max_new_tokens)
     for n, path in exports.items()
   }
   sft = policies["SFT"]
@@ -56,8 +61,8 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     out["methods"][name] = {"kl": float(np.mean(kl))}
 
   # ---- the change of pretraining loss on held-out prose (the PPO stages' ptx evaluation, for every model)
-  ptx = config.stages[next(n for n in pipeline.RL_STAGES if n in config.stages)]
-  corpus = common.resolve_lab_files({"ptx_corpus": "lab"}, paths.join(directory, "data"), seed=config.seed)
+  ptx = config.stages[next(n for n in RL_STAGES if n in config.stages)]
+  corpus = schemes.resolve({"ptx_corpus": "lab"}, paths.join(directory, "data"), seed=config.seed)
   text_cfg = ml_collections.ConfigDict(
     dict(
       corpus=corpus["ptx_corpus"],
@@ -76,7 +81,7 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     out["methods"][name]["pretraining_loss_change"] = losses_by_model[name] - losses_by_model["SFT"]
 
   # ---- wall time of each training stage (the last run of it: a resumed stage counts its last part)
-  stage_of = {label: name for name, label in pipeline.RL_STAGES.items()} | {"DPO": "dpo", "SFT": "sft"}
+  stage_of = {label: name for name, label in RL_STAGES.items()} | {"DPO": "dpo", "SFT": "sft"}
   for name in policies:
     done = paths.read_json(paths.join(stage_paths[stage_of[name]], "done.json")) or {}
     out["methods"][name]["wall_time_s"] = done.get("wall_time_s")
@@ -108,9 +113,9 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     }
     if n == c.table_n:  # the table's best-of-n row: the held-out labelers against SFT's responses, as every method
       kept = [samples[i * c.best_of_n + k] for i, k in enumerate(chosen)]
-      per_prompt = pipeline.held_out_preference(eval_tasks, kept, sft_responses, config.seed)
+      per_prompt = labelers.held_out_preference(eval_tasks, kept, sft_responses, config.seed)
       point["win_rate"] = float(per_prompt.mean())
-      point["win_rate_interval"] = pipeline.bootstrap_interval(per_prompt, e.bootstrap, config.seed)
+      point["win_rate_interval"] = labelers.bootstrap_interval(per_prompt, e.bootstrap, config.seed)
     bon.append(point)
   out["best_of_n"] = bon
   out["best_of_n_wall_time_s"] = time.perf_counter() - start

@@ -25,7 +25,7 @@ says so); a plan that does not fit tries a few single changes (`single_changes`:
 more microbatches or smaller PPO batches, full remat) and names the first that fits.
 
 The steps are the trainers' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
-`trainers/sft.py` builds it; the RM's `rm.make_train_step`, as `trainers/rm.py`; PPO's state, rollout
+`trainers/sft.py` builds it; the RM's `lm_steps.make_rm_train_step`, as `stages/rm.py`; PPO's state, rollout
 sampler and minibatch step from `trainers/ppo_steps.py` (`abstract_state`, `jit_steps`), the pieces
 `trainers/ppo.py` runs, with a separate critic or a shared trunk as the config says.
 """
@@ -47,7 +47,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
 from instructgpt_jax import accelerators, config_lib, errors, models, optim, sharding, train_state
-from instructgpt_jax.trainers import common, lm_steps, model_io, ppo_steps, rm
+from instructgpt_jax.library import lm_steps, loop, model_io, ppo_steps
 
 GiB = 2**30
 
@@ -109,8 +109,8 @@ def with_shardings(tree, shardings):
 
 
 def batch_spec(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
-  """Abstract batch arrays {name: (shape, dtype)} sharded over the batch axes like `common.to_global`."""
-  sh = common.batch_sharding(mesh, rules)
+  """Abstract batch arrays {name: (shape, dtype)} sharded over the batch axes like `loop.to_global`."""
+  sh = loop.batch_sharding(mesh, rules)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
 
 
@@ -169,13 +169,13 @@ def sft_plan(config, mesh, rules) -> StagePlan:
     graphdef, model_cfg, tx, optim.schedule(config.optim, 1000), microbatches=config.optim.microbatches
   )
   b, n = config.data.batch_size, config.data.seq_len
-  common.check_batch("data.batch_size", b, mesh)
+  loop.check_batch("data.batch_size", b, mesh)
   keys = {k: ((b, n), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
   keys["mask"] = ((b, n), jnp.float32)
   if config.data.get("pretrain_mix"):
     keys["kind"] = ((b,), jnp.int32)
   batch = batch_spec(keys, mesh, rules)
-  jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  jitted = train_state.jit_step(step, shardings, loop.batch_sharding(mesh, rules), rules)
   micro = config.optim.microbatches
   return StagePlan(
     "sft",
@@ -193,17 +193,17 @@ def rm_plan(config, mesh, rules) -> StagePlan:
   model_cfg = models.resolve(config.model.to_dict())
   tx = _tx(config)
   graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules, kind="scalar")
-  step = rm.make_train_step(
+  step = lm_steps.make_rm_train_step(
     graphdef, tx, optim.schedule(config.optim, 1000), config.optim.microbatches, config.rm.pair_normalizer
   )
   b, k, n = config.data.batch_size, config.data.max_responses, config.data.seq_len
-  common.check_batch("data.batch_size", b, mesh)
+  loop.check_batch("data.batch_size", b, mesh)
   batch = batch_spec(
     {"tokens": ((b, k, n), jnp.int32), "segment_ids": ((b, k, n), jnp.int32), "ranks": ((b, k), jnp.int32)},
     mesh,
     rules,
   )
-  jitted = train_state.jit_step(step, shardings, common.batch_sharding(mesh, rules), rules)
+  jitted = train_state.jit_step(step, shardings, loop.batch_sharding(mesh, rules), rules)
   micro = config.optim.microbatches
   return StagePlan(
     "rm",
@@ -249,7 +249,7 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
 
   # Rollout: the largest prompt bucket and the response bucket, as the trainer's sampler runs them.
   prompt_len, rollout, minibatch = config.data.max_prompt_len, p.rollout_batch, p.minibatch
-  common.check_batch("ppo.minibatch", minibatch, mesh)
+  loop.check_batch("ppo.minibatch", minibatch, mesh)
   prompts = batch_spec({k: ((rollout, prompt_len), jnp.int32) for k in ("tokens", "segment_ids")}, mesh, rules)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
   limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
@@ -278,7 +278,7 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
     prompts["segment_ids"],
     jax.eval_shape(steps.sample.jitted, *rollout_program.args, **rollout_program.kwargs),
   )[0]
-  scored = with_shardings(scored, jax.tree.map(lambda _: common.batch_sharding(mesh, rules), scored))
+  scored = with_shardings(scored, jax.tree.map(lambda _: loop.batch_sharding(mesh, rules), scored))
   rows = jax.ShapeDtypeStruct((minibatch,), jnp.int32, sharding=replicated)
   ptx_batch = {}
   if p.ptx_coef:

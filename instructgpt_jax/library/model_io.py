@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from typing import Any
 
 import jax
 
-from instructgpt_jax import checkpoint, models, paths, train_state
+from instructgpt_jax import checkpoint, errors, models, paths, sharding, train_state
+from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
 from instructgpt_jax.models import hf
 
@@ -185,6 +187,13 @@ def load(source: Source, kind: str, target, model_cfg: models.ModelConfig, seed:
   raise ConfigError(f"model.init_from: a {source.kind} model cannot start a {kind} model")
 
 
+def load_frozen(source: Source, kind: str, mesh, rules, *, seed: int = 0) -> tuple[Any, Any]:
+  """(graphdef, params) of a model that is read and not trained (a reference policy, a reward model, a model
+  to sample or export): `source` read as `kind`, its params laid out on `mesh` by `rules`."""
+  graphdef, target = train_state.param_shardings_for(source.config, mesh, rules, kind=kind)
+  return graphdef, load(source, kind, target, source.config, seed)
+
+
 def _restore(source: Source, target) -> Any:
   if source.metadata.get("format") == HF_FORMAT:
     return hf.load_params(source.path, target)
@@ -245,3 +254,28 @@ def init_or_resume(
     source.path if source else "a random initialization",
   )
   return graphdef, state, shardings
+
+
+def export_hf(workdir: str, out: str, *, dtype: str | None = None, raw_policy: bool = False, step: str = "") -> str:
+  """Writes the HF folder of run (or exported model) `workdir` into `out`; returns a one-line summary."""
+  paths.check_output_dir(out, "--out")
+  source = read_source(workdir, "--workdir", step=step, ema=not raw_policy)
+  if source.kind == "scalar" and not source.exported:
+    exported = paths.join(workdir, "export")
+    if not paths.path(exported, "metadata.json").exists():
+      raise errors.UserError(f"--workdir: {workdir}: an RM run exports its model (and bias) when it ends; not yet")
+    source = read_source(exported, "--workdir")
+  spec = tokenizer_of(source)
+  tokenizer = tokenizer_lib.load(spec)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  _, params = load_frozen(source, source.kind, mesh, sharding.rules_dict(sharding.DEFAULT_RULES))
+  token_ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id}
+  metadata = {k: source.metadata[k] for k in ("reward_bias",) if k in source.metadata}
+  with tempfile.TemporaryDirectory() as scratch:
+    files = spec if spec != "bytes" else tokenizer_lib.save_to(tokenizer, f"{scratch}/tokenizer.json")
+    hf.export(
+      out, params, source.config, kind=source.kind, tokenizer=files, token_ids=token_ids, metadata=metadata, dtype=dtype
+    )
+  what = "EMA policy" if source.ema else f"{source.kind} model"
+  step_text = f" step {source.step}" if source.step is not None else ""
+  return f"exported the {what} of {workdir}{step_text} to {out} (tokenizer {spec})"

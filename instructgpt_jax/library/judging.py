@@ -10,10 +10,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from instructgpt_jax import generation, models, scoring, sharding, train_state
+from instructgpt_jax import generation, models, scoring, sharding
 from instructgpt_jax.data import tfds_builders
 from instructgpt_jax.data.tokenizer import Tokenizer
-from instructgpt_jax.trainers import common, model_io
+from instructgpt_jax.library import loop, model_io
 
 
 @dataclasses.dataclass
@@ -29,11 +29,10 @@ class Judge:
   @classmethod
   def load(cls, path: str, mesh, rules, *, seed: int = 0, field: str = "ppo.reward_model") -> Judge:
     source = model_io.read_source(path, field)
-    common.check(
+    loop.check(
       source is not None and source.kind == "scalar", f"{field}: {path} is a {source.kind} model, not a reward model"
     )
-    graphdef, target = train_state.param_shardings_for(source.config, mesh, rules, kind="scalar")
-    params = model_io.load(source, "scalar", target, source.config, seed)
+    graphdef, params = model_io.load_frozen(source, "scalar", mesh, rules, seed=seed)
     judge = cls(graphdef, params, float(source.metadata.get("reward_bias", 0.0)), source.config)
     judge._score = sharding.jit_on_mesh(
       lambda p, *rollout: scoring.response_values(graphdef, p, *rollout)[1] - judge.bias, mesh=mesh, rules=rules
@@ -127,3 +126,49 @@ def best_of_n(
   scores = scores.reshape(len(prompts), n)
   best = np.argmax(scores, axis=1)
   return scores[np.arange(len(prompts)), best], [samples[i * n + b] for i, b in enumerate(best)], scores
+
+
+class Policy:
+  """A language model loaded from a workdir or an export, and a sampler for it."""
+
+  def __init__(self, source_path: str, tokenizer, *, temperature: float, max_new_tokens: int):
+    self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    self.rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+    source = model_io.read_source(source_path)
+    self.graphdef, self.params = model_io.load_frozen(source, "lm", self.mesh, self.rules)
+    settings = generation.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature)
+    self.sampler = generation.Sampler(
+      self.graphdef, settings, response_buckets=(max_new_tokens,), mesh=self.mesh, rules=self.rules
+    )
+    self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+
+  def batches(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144):
+    """`generation.sample_batches` over `copies` rows per prompt, in prompt order; deterministic in `seed`."""
+    ids = [np.array(self.tokenizer.encode(p), np.int32) for p in prompts]
+    rows = [i for i in ids for _ in range(copies)]
+    return generation.sample_batches(
+      self.sampler,
+      self.params,
+      rows,
+      batch_size=max(copies, batch_rows // copies * copies),
+      buckets=(32, 64, 128),
+      pad_id=self.tokenizer.pad_id,
+      max_new_tokens=self.max_new_tokens,
+      key_of=lambda start: jax.random.PRNGKey(seed + start),
+    )
+
+  def texts(self, rollout, rows: int) -> list[tuple[str, bool]]:
+    """The first `rows` responses of a rollout as (text, stopped) pairs."""
+    response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    out = []
+    for i in range(rows):
+      real = response[i][mask[i] > 0]
+      out.append((self.tokenizer.decode(real), bool(len(real) > 0 and int(real[-1]) == self.tokenizer.eos_id)))
+    return out
+
+  def sample(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144) -> list[list[tuple[str, bool]]]:
+    """`copies` responses per prompt as (text, stopped) pairs, in prompt order. Deterministic in `seed`."""
+    outputs = []
+    for chunk, _, _, rollout in self.batches(prompts, copies, seed, batch_rows):
+      outputs += self.texts(rollout, len(chunk))
+    return [outputs[i * copies : (i + 1) * copies] for i in range(len(prompts))]

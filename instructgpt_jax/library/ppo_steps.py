@@ -26,7 +26,7 @@ import optax
 from flax import nnx, struct
 
 from instructgpt_jax import generation, losses, models, rl, scoring, sharding, train_state
-from instructgpt_jax.trainers import common, lm_steps
+from instructgpt_jax.library import lm_steps, loop
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
@@ -465,7 +465,7 @@ def jit_steps(m: Models, shardings: PPOState) -> Steps:
   )
   score = sharding.jit_on_mesh(functools.partial(score_rollout, m), mesh=m.mesh, rules=m.rules)
   replicated = train_state.replicated(m.mesh)
-  batch = common.batch_sharding(m.mesh, m.rules)
+  batch = loop.batch_sharding(m.mesh, m.rules)
   train = jax.jit(
     sharding.traced_with_rules(functools.partial(minibatch_step, m), m.mesh, m.rules),
     in_shardings=(shardings, batch, replicated, batch),

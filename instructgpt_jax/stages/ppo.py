@@ -35,9 +35,10 @@ import ml_collections
 import numpy as np
 
 from instructgpt_jax import checkpoint, optim, paths, rl, sharding
+from instructgpt_jax.data import schemes
 from instructgpt_jax.data import stage_data, text
+from instructgpt_jax.library import judging, lm_steps, loop, model_io, ppo_steps
 from instructgpt_jax.models import sizes
-from instructgpt_jax.trainers import common, judging, lm_steps, model_io, ppo_steps
 
 
 def critic_init_params(value_source, target, cfg, seed: int):
@@ -88,7 +89,7 @@ def check_config(config, checks) -> None:
       "ppo.episodes",
       f"{p.episodes} is less than one rollout batch ({p.rollout_batch}): no iteration would run",
     )
-    common.check_batch_values("ppo.minibatch", p.minibatch, config.mesh, checks)
+    loop.check_batch_values("ppo.minibatch", p.minibatch, config.mesh, checks)
   checks.require(
     p.samples_per_prompt >= 2 or p.advantage_estimator not in rl.GROUP_ESTIMATORS,
     "ppo.samples_per_prompt",
@@ -101,7 +102,7 @@ def check_config(config, checks) -> None:
   )
   if p.ptx_coef:
     checks.require_input(d.ptx_corpus, "data.ptx_corpus", "pretraining text ('lab' or globs) when ppo.ptx_coef > 0")
-  common.check_data_values(d, checks)
+  loop.check_data_values(d, checks)
   checks.require_input(
     config.model.init_from, "model.init_from", "PPO starts from the PPO-init SFT model (docs/paper.md §1)"
   )
@@ -129,7 +130,7 @@ def unused_fields(config) -> dict[str, str]:
   return unused
 
 
-def check_setup(config, stage: common.Stage) -> None:
+def check_setup(config, stage: loop.Stage) -> None:
   """What needs the files and the devices: every model path resolves, the mesh fits the layout and the
   minibatch, prompts and responses fit the model."""
   p, policy_cfg = config.ppo, stage.model_cfg  # model.init_from and ppo.reward_model are given: check_config
@@ -138,17 +139,17 @@ def check_setup(config, stage: common.Stage) -> None:
   baseline = model_io.read_source(config.eval.baseline, "eval.baseline")
   if baseline is not None:
     changed = [f for f in model_io.SHAPE_FIELDS if getattr(baseline.config, f) != getattr(policy_cfg, f)]
-    common.check(
+    loop.check(
       not changed,
       f"eval.baseline: its {', '.join(changed)} differ from the policy's (the evaluation samples it with the "
       "policy's sampler): give a model of the policy's shape",
     )
   _check_value_lr(config, policy_cfg)
   layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
-  common.check(not layout_error, layout_error)
-  common.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
+  loop.check(not layout_error, layout_error)
+  loop.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
   if policy_cfg.family == "gpt":
-    common.check(
+    loop.check(
       max(stage_data.prompt_buckets(stage.data_cfg)) + p.max_new_tokens - 1 <= policy_cfg.max_len,
       f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
     )
@@ -161,7 +162,7 @@ def _check_value_lr(config, policy_cfg) -> None:
   big = sizes.lookup("gpt3-175b")
   loaded = "gpt3-175b" if (policy_cfg.n_layers, policy_cfg.d_model) == (big["n_layers"], big["d_model"]) else ""
   configured, wanted = sizes.paper_value_lr(config.model.size or ""), sizes.paper_value_lr(loaded)
-  common.check(
+  loop.check(
     not (config.model.init_from and config.value_optim.lr == configured != wanted),
     f"value_optim.lr: {configured:g} is the paper's for a {config.model.size} policy (configs/ppo.py:size), but "
     f"model.init_from is {'' if loaded else 'not '}175B-shaped, for which App. C.4 uses {wanted:g}: pass "
@@ -169,7 +170,7 @@ def _check_value_lr(config, policy_cfg) -> None:
   )
 
 
-def build_data(config, stage: common.Stage):
+def build_data(config, stage: loop.Stage):
   """(the rollout prompts, the pretraining data or None): `rollout_batch` prompts per batch; the ptx corpus
   in batches of ppo.ptx_per_episode × ppo.minibatch sequences (8 per episode, docs/paper.md §5.2)."""
   p, data_cfg = config.ppo, stage.data_cfg
@@ -188,7 +189,7 @@ def build_data(config, stage: common.Stage):
   return prompts, text.build_text_data(ptx_cfg, stage.tokenizer, seed=config.seed, **stage.process)
 
 
-def build_models(config, stage: common.Stage, judge: judging.Judge, iterations: int) -> ppo_steps.Models:
+def build_models(config, stage: loop.Stage, judge: judging.Judge, iterations: int) -> ppo_steps.Models:
   """The four models' description: the policy's optimizer over every minibatch step (the 10-iteration
   warmup of docs/paper.md §5.2 in optimizer steps), the critic's (from ppo.value_init, else the RM)."""
   p = config.ppo
@@ -215,7 +216,7 @@ def build_models(config, stage: common.Stage, judge: judging.Judge, iterations: 
   )
 
 
-def start_state(config, stage: common.Stage, m: ppo_steps.Models, shardings) -> ppo_steps.PPOState:
+def start_state(config, stage: loop.Stage, m: ppo_steps.Models, shardings) -> ppo_steps.PPOState:
   """Iteration 0: the policy from model.init_from (a fresh value head on it with ppo.shared_trunk), the
   critic from ppo.value_init or the RM (critic_init_params)."""
   p = config.ppo
@@ -258,7 +259,7 @@ def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, p
   for epoch in range(p.epochs):
     order = jax.random.permutation(jax.random.fold_in(rng, 1 + epoch), p.rollout_batch)
     for start in range(0, p.rollout_batch, p.minibatch):
-      ptx_batch = common.to_global(next(ptx), m.mesh, m.rules) if p.ptx_coef else {}
+      ptx_batch = loop.to_global(next(ptx), m.mesh, m.rules) if p.ptx_coef else {}
       state, metrics = steps.train(state, scored, order[start : start + p.minibatch], ptx_batch)
       train_metrics.append(metrics)
   state = state.replace(step=state.step + 1, kl=ppo_steps.kl_update(m, state.kl, rollout_metrics["kl"]))
@@ -281,18 +282,18 @@ def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, p
 
 def train(config, workdir: str) -> dict[str, float]:
   p = config.ppo
-  stage = common.setup_stage(config, workdir)
+  stage = loop.setup_stage(config, workdir)
   check_setup(config, stage)
   prompts, ptx = build_data(config, stage)
   iterations = config.total_steps = config.total_steps or p.episodes // p.rollout_batch
-  common.check_resume(workdir, config)
-  common.write_config(workdir, config, stage.model_cfg)
+  loop.check_resume(workdir, config)
+  loop.write_config(workdir, config, stage.model_cfg)
   lm_key = ("lm",) if p.shared_trunk else ()  # where a later stage finds the policy and its EMA
   model_io.write_model_json(
     workdir, "lm", stage.model_cfg, params_keys=("policy", "params", *lm_key), ema_keys=("policy", "ema", *lm_key)
   )
   judge = judging.Judge.load(p.reward_model, stage.mesh, stage.rules, seed=config.seed)
-  common.check(
+  loop.check(
     judge.model_cfg.vocab_size == stage.model_cfg.vocab_size, "ppo: the RM's vocabulary differs from the policy's"
   )
   m = build_models(config, stage, judge, iterations)
@@ -322,24 +323,24 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- the iteration loop
   base_rng = jax.random.PRNGKey(config.seed + 17)
-  loop = common.LoopIO(config, workdir, ckpt, data_state, start_step=start_iteration)
-  with loop, common.Preemption() as preemption:
-    loop.begin(state, evaluation)
+  io = loop.LoopIO(config, workdir, ckpt, data_state, start_step=start_iteration)
+  with io, loop.Preemption() as preemption:
+    io.begin(state, evaluation)
     for iteration in range(start_iteration, iterations):
       rng = jax.random.fold_in(base_rng, iteration)  # an iteration is a pure function of (state, seed, i)
       # Each prompt samples_per_prompt times, its responses in consecutive rows (a group of rl.group_advantages).
       batch = {k: np.repeat(v, p.samples_per_prompt, axis=0) for k, v in next(prompts).items()}
-      batch = common.to_global(batch, stage.mesh, stage.rules)
+      batch = loop.to_global(batch, stage.mesh, stage.rules)
       state, row = iterate(config, m, steps, state, batch, ptx, (ref_params, judge.params), rng)
-      loop.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
-    final = loop.finish(state, evaluation)
+      io.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
+    final = io.finish(state, evaluation)
 
   # ---------------------------------------------------------------- export (EMA weights, docs/paper.md §5.2)
   export_dir = paths.join(workdir, "export")
   model_io.export(
     export_dir, m.lm(state.policy.ema), "lm", stage.model_cfg, ema_decay=p.ema_decay, tokenizer=config.data.tokenizer
   )
-  common.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
+  loop.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
 
 
@@ -357,7 +358,7 @@ class _Evaluation:
   def __init__(
     self,
     config,
-    stage: common.Stage,
+    stage: loop.Stage,
     workdir: str,
     m: ppo_steps.Models,
     sampler,
@@ -372,7 +373,7 @@ class _Evaluation:
     self.texts, self.prompts, self.tasks = [], [], {}
     if config.data.eval:
       spec = config.data.eval
-      files = common.resolve_lab_files({"train": spec}, paths.join(workdir, "data"), seed=config.seed)["train"]
+      files = schemes.resolve({"train": spec}, paths.join(workdir, "data"), seed=config.seed)["train"]
       texts, prompts = judging.load_prompts(
         files, stage.tokenizer, data_dir=stage.data_cfg.data_dir, max_prompt_len=config.data.max_prompt_len
       )

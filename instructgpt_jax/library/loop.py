@@ -16,8 +16,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from instructgpt_jax import checkpoint, errors, optim, paths, sharding, version
 from instructgpt_jax import metrics as metrics_lib
+from instructgpt_jax.data import schemes
 from instructgpt_jax.data import tokenizer as tokenizer_lib
-from instructgpt_jax.trainers import model_io
+from instructgpt_jax.library import model_io
 
 ConfigError = errors.ConfigError
 
@@ -79,28 +80,6 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.
   """Host-local numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
   sharded = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharded, v) for k, v in batch.items()}
-
-
-LAB_CORPUS_KEYS = ("corpus", "pretrain_corpus", "ptx_corpus")  # pretraining text: "lab" or globs
-
-
-def resolve_lab_files(data_cfg, directory: str, *, seed: int):
-  """A copy of a `data` section whose `lab:<kind>:<split>:<n>` file specs, and whose "lab" corpora (the
-  generated prose, `lab_documents` documents), are written out as JSONL files: the one place the `lab`
-  scheme is known; the data layer below reads files only."""
-  from instructgpt_jax.lab import datasets
-
-  data_cfg = (
-    data_cfg.copy_and_resolve_references() if hasattr(data_cfg, "copy_and_resolve_references") else dict(data_cfg)
-  )
-  for key in ("train", "eval", "bias_demonstrations"):
-    value = data_cfg.get(key)
-    if isinstance(value, str) and value.startswith("lab:"):
-      data_cfg[key] = datasets.materialize(value, directory, seed=seed)
-  for key in LAB_CORPUS_KEYS:
-    if data_cfg.get(key) == "lab":
-      data_cfg[key] = datasets.materialize_corpus(int(data_cfg.get("lab_documents", 4000)), directory, seed=seed)
-  return data_cfg
 
 
 def steps_for_epochs(config, n_examples: int, *, mix_fraction: float = 0.0) -> int:
@@ -377,7 +356,7 @@ def setup_stage(config, workdir: str, *, kind: str = "lm", seq_len: int | None =
       source.path,
     )
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  data_cfg = resolve_lab_files(config.data, paths.join(workdir, "data"), seed=config.seed)
+  data_cfg = schemes.resolve(config.data, paths.join(workdir, "data"), seed=config.seed)
   if "data_dir" in data_cfg:
     data_cfg["data_dir"] = data_cfg["data_dir"] or paths.join(workdir, "tfds")
   if seq_len is not None:

@@ -1,4 +1,5 @@
-"""The language-model step shared by pretraining and SFT: masked next-token loss, exact accumulation.
+"""The supervised stages' steps: the language-model step shared by pretraining and SFT (masked next-token
+loss, exact accumulation) and the reward model's ranking step.
 
 Batches hold `inputs`, `targets`, `mask` [B, L] and optionally `segment_ids`, `positions` [B, L] (padding
 and packing) and `kind` [B] (SFT with a pretraining mix: 0 demonstration, 1 pretraining row).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from instructgpt_jax import losses, models, train_state
-from instructgpt_jax.trainers import common
+from instructgpt_jax.library import loop
 
 
 def forward_logits(graphdef, params, batch, dropout_rng=None):
@@ -60,7 +61,7 @@ def eval_loss(eval_fn, params, batches, mesh, rules) -> float | None:
   any batching. None when the batches hold no token."""
   total = count = 0.0
   for batch in batches:
-    loss_sum, n = eval_fn(params, common.to_global(batch, mesh, rules))
+    loss_sum, n = eval_fn(params, loop.to_global(batch, mesh, rules))
     total, count = total + float(loss_sum), count + float(n)
   return total / count if count else None
 
@@ -72,3 +73,32 @@ def make_eval_step(graphdef):
     return losses.lm_loss_sum(forward_logits(graphdef, params, batch), batch["targets"], batch["mask"])
 
   return eval_step
+
+
+def rm_rewards(graphdef, params, tokens, segment_ids):
+  """Raw rewards [...] of sequences tokens, segment_ids [..., L]: the scalar at each final real token."""
+  shape = tokens.shape
+  values, _ = models.apply(
+    graphdef, params, tokens.reshape(-1, shape[-1]), segment_ids=segment_ids.reshape(-1, shape[-1])
+  )
+  return models.final_token_value(values, segment_ids.reshape(-1, shape[-1])).reshape(shape[:-1])
+
+
+def make_rm_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: str):
+  """The RM train step (state, batch) -> (state, metrics): Eq. 1 over each prompt's K responses (every
+  C(K,2) pair once), exact over `microbatches`; the step stages/rm.py runs and `aot` compiles."""
+
+  def loss_sums(params, batch, _rng):
+    rewards = rm_rewards(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
+    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
+    # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
+    return loss * m["num_prompts"], {
+      "count": m["num_prompts"],
+      "pairs": m["num_pairs"],
+      "correct": m["accuracy"] * m["num_pairs"],
+    }
+
+  def summarize(sums, _batch):
+    return {"accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0), "pairs_per_batch": sums["pairs"]}
+
+  return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)

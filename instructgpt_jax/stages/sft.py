@@ -20,15 +20,16 @@ from __future__ import annotations
 import jax
 
 from instructgpt_jax import checkpoint, generation, paths, sharding, train_state
+from instructgpt_jax.data import schemes
 from instructgpt_jax.data import stage_data
-from instructgpt_jax.trainers import common, judging, lm_steps
+from instructgpt_jax.library import judging, lm_steps, loop
 
 
 def check_config(config, checks) -> None:
   """SFT's own fields, without reading a file (stages.check_config)."""
   d = config.data
-  common.check_data_values(d, checks)
-  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  loop.check_data_values(d, checks)
+  loop.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
   checks.require_input(d.train, "data.train", "demonstration JSONL files, or lab:demonstrations:train:N")
   if checks.fraction("data.pretrain_mix", d.pretrain_mix, below_one=True) and d.pretrain_mix > 0:
     checks.require_input(
@@ -56,25 +57,25 @@ def unused_fields(config) -> dict[str, str]:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
-  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  loop.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_sft_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   judge, eval_prompts = None, []
   if config.eval_rm.rm:
     judge = judging.Judge.load(config.eval_rm.rm, mesh, rules, field="eval_rm.rm")
-    common.check(
+    loop.check(
       judge.model_cfg.vocab_size == model_cfg.vocab_size,
       f"eval_rm.rm: its vocabulary ({judge.model_cfg.vocab_size}) differs from the policy's",
     )
-    prompts_spec = common.resolve_lab_files(
+    prompts_spec = schemes.resolve(
       {"train": config.eval_rm.prompts}, paths.join(workdir, "data"), seed=config.seed
     )["train"]
     _, eval_prompts = judging.load_prompts(
       prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
     )
     eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
-  total_steps = common.steps_for_epochs(config, len(data.train_source), mix_fraction=data.mix_fraction)
+  total_steps = loop.steps_for_epochs(config, len(data.train_source), mix_fraction=data.mix_fraction)
   select = None  # which checkpoint the next stage starts from (module docstring)
   if not config.select_checkpoint:
     pass
@@ -84,13 +85,13 @@ def train(config, workdir: str) -> dict[str, float]:
     select = checkpoint.Selection(workdir, "eval_loss", "min")
 
   # ---------------------------------------------------------------- init (from a pretrained LM) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
     config, workdir, stage, kind="lm", total_steps=total_steps, data=data, select=select
   )
 
   # ---------------------------------------------------------------- step functions
   train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
-  batch_sh = common.batch_sharding(mesh, rules)
+  batch_sh = loop.batch_sharding(mesh, rules)
   step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   eval_fn = jax.jit(
     sharding.traced_with_rules(lm_steps.make_eval_step(graphdef), mesh, rules),
@@ -126,11 +127,11 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  _, final = common.train_loop(
+  _, final = loop.train_loop(
     config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step, select=select
   )
 
   selected = select.best if select is not None else None
   chosen = f"step {selected['step']} ({selected['metric']} {selected['value']:.6g})" if selected else "the last"
-  common.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)
+  loop.print_summary(f"SFT ({config.variant})", final, workdir=workdir, selected=chosen)
   return final

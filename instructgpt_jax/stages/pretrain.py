@@ -12,15 +12,15 @@ import jax
 
 from instructgpt_jax import sharding, train_state
 from instructgpt_jax.data import text
-from instructgpt_jax.trainers import common, lm_steps
+from instructgpt_jax.library import lm_steps, loop
 
 
 def check_config(config, checks) -> None:
   """Pretraining's own fields, without reading a file (stages.check_config)."""
   d = config.data
   checks.require_input(d.corpus, "data.corpus", "globs of .txt / .jsonl files, or 'lab'")
-  common.check_data_values(d, checks)
-  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  loop.check_data_values(d, checks)
+  loop.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
   checks.fraction("data.eval_fraction", d.eval_fraction, below_one=True)
   checks.require(config.total_steps > 0, "total_steps", f"{config.total_steps}: pretraining runs a set number of steps")
 
@@ -28,14 +28,14 @@ def check_config(config, checks) -> None:
 def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
-  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  loop.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = text.build_text_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
   # ---------------------------------------------------------------- sharded init, or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
     config, workdir, stage, kind="lm", total_steps=config.total_steps, data=data
   )
 
@@ -43,7 +43,7 @@ def train(config, workdir: str) -> dict[str, float]:
   train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
   eval_step = lm_steps.make_eval_step(graphdef)
 
-  batch_sh = common.batch_sharding(mesh, rules)
+  batch_sh = loop.batch_sharding(mesh, rules)
   step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   eval_fn = jax.jit(sharding.traced_with_rules(eval_step, mesh, rules), in_shardings=(state_shardings.params, batch_sh))
 
@@ -52,7 +52,7 @@ def train(config, workdir: str) -> dict[str, float]:
     return {"eval_loss": loss} if loss is not None else {}
 
   # ---------------------------------------------------------------- train loop
-  _, final = common.train_loop(
+  _, final = loop.train_loop(
     config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 

@@ -13,17 +13,13 @@ from __future__ import annotations
 import json
 import random
 
-import jax
 import numpy as np
 
-from instructgpt_jax import generation, paths, sharding, train_state
+from instructgpt_jax import paths
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, report, tasks, world
-from instructgpt_jax.trainers import chain, model_io
-
-# The RL stages a pipeline config may hold, by the name the report gives each (configs/pipeline.py:compare adds
-# GRPO and RLOO, and DPO, which trains on the RM's comparisons instead).
-RL_STAGES = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO"}
+from instructgpt_jax.library import judging
+from instructgpt_jax.stages import chain, compare
 
 
 def check_config(config, checks) -> None:
@@ -52,7 +48,7 @@ def unused_fields(config) -> dict[str, str]:
     unused[f"stages.{name}.data.tokenizer"] = "the lab trains its own BPE and gives it to every stage"
     if name != "pretrain":
       unused[f"stages.{name}.model.init_from"] = "the lab starts each stage from the one before it"
-    if name in RL_STAGES:
+    if name in compare.RL_STAGES:
       unused[f"stages.{name}.ppo.reward_model"] = "the lab's RL stages score with the lab's own RM"
       unused[f"stages.{name}.eval.baseline"] = "the lab's RL stages are evaluated against its SFT baseline"
   unused["stages.sft_baseline.eval_rm.rm"] = "the lab's RM selects the SFT baseline's checkpoint"
@@ -78,7 +74,7 @@ def train(config, workdir: str) -> dict[str, float]:
     one.seed, one.seeds = config.seed + k, 1
     runs[one.seed], _ = run_seed(one, paths.join(workdir, f"seed_{one.seed}"))
   summary = report.write_seeds(
-    workdir, runs, {name: label for name, label in RL_STAGES.items() if name in config.stages}
+    workdir, runs, {name: label for name, label in compare.RL_STAGES.items() if name in config.stages}
   )
   print(summary, flush=True)
   return report.pooled_headline(runs)
@@ -126,12 +122,12 @@ def run_seed(config, workdir: str) -> tuple[dict, str]:
   # The methods (SFT, the PPO-init SFT, every RL method's start, first) and Figure 1's other models.
   exports = {"SFT": path["sft"]}
   figure1 = {"GPT": path["pretrain"], "GPT prompted": path["pretrain"], "SFT baseline": path["sft_baseline"]}
-  for name in (n for n in RL_STAGES if n in stages):
+  for name in (n for n in compare.RL_STAGES if n in stages):
     stages[name].model.init_from = path["sft"]
     stages[name].ppo.reward_model = paths.join(path["rm"], "export")
     stages[name].eval.baseline = path["sft_baseline"]
     results[name] = chain.once(workdir, name, lambda d, name=name: chain.run_stage(stages[name], d))
-    exports[RL_STAGES[name]] = paths.join(path[name], "export")
+    exports[compare.RL_STAGES[name]] = paths.join(path[name], "export")
   if "dpo" in stages:  # on the RM's comparisons, from the SFT model
     stages.dpo.model.init_from = path["sft"]
     stages.dpo.data.update(train=results["labels"]["train"], eval=results["labels"]["eval"])
@@ -144,64 +140,12 @@ def run_seed(config, workdir: str) -> tuple[dict, str]:
   )
   summary = report.write(workdir, results)
   if config.get("compare"):
-    from instructgpt_jax.trainers import compare
-
     results["compare"] = chain.once(
       workdir, "compare", lambda d: compare.measure(config, exports, tokenizer_path, path, d)
     )
-    rl_stages = {name: label for name, label in RL_STAGES.items() if name in stages}
+    rl_stages = {name: label for name, label in compare.RL_STAGES.items() if name in stages}
     summary += "\n" + report.write_comparison(workdir, results, rl_stages)
   return results, summary
-
-
-# ------------------------------------------------------------------------------------------ sampling
-
-
-class Policy:
-  """A language model loaded from a workdir or an export, and a sampler for it."""
-
-  def __init__(self, source_path: str, tokenizer, *, temperature: float, max_new_tokens: int):
-    self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    self.rules = sharding.rules_dict(sharding.DEFAULT_RULES)
-    source = model_io.read_source(source_path)
-    self.graphdef, target = train_state.param_shardings_for(source.config, self.mesh, self.rules)
-    self.params = model_io.load(source, "lm", target, source.config, 0)
-    settings = generation.SamplingSettings(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature)
-    self.sampler = generation.Sampler(
-      self.graphdef, settings, response_buckets=(max_new_tokens,), mesh=self.mesh, rules=self.rules
-    )
-    self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-
-  def batches(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144):
-    """`generation.sample_batches` over `copies` rows per prompt, in prompt order; deterministic in `seed`."""
-    ids = [np.array(self.tokenizer.encode(p), np.int32) for p in prompts]
-    rows = [i for i in ids for _ in range(copies)]
-    return generation.sample_batches(
-      self.sampler,
-      self.params,
-      rows,
-      batch_size=max(copies, batch_rows // copies * copies),
-      buckets=(32, 64, 128),
-      pad_id=self.tokenizer.pad_id,
-      max_new_tokens=self.max_new_tokens,
-      key_of=lambda start: jax.random.PRNGKey(seed + start),
-    )
-
-  def texts(self, rollout, rows: int) -> list[tuple[str, bool]]:
-    """The first `rows` responses of a rollout as (text, stopped) pairs."""
-    response, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-    out = []
-    for i in range(rows):
-      real = response[i][mask[i] > 0]
-      out.append((self.tokenizer.decode(real), bool(len(real) > 0 and int(real[-1]) == self.tokenizer.eos_id)))
-    return out
-
-  def sample(self, prompts: list[str], copies: int, seed: int, batch_rows: int = 144) -> list[list[tuple[str, bool]]]:
-    """`copies` responses per prompt as (text, stopped) pairs, in prompt order. Deterministic in `seed`."""
-    outputs = []
-    for chunk, _, _, rollout in self.batches(prompts, copies, seed, batch_rows):
-      outputs += self.texts(rollout, len(chunk))
-    return [outputs[i * copies : (i + 1) * copies] for i in range(len(prompts))]
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -212,7 +156,7 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
   split by the held-out labelers (so the RM's eval accuracy is the paper's held-out-labeler accuracy)."""
   c = config.labels
   tokenizer = tokenizer_lib.from_file(tokenizer_path)
-  policy = Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+  policy = judging.Policy(sft_dir, tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
   w = world.make_world(0)
   rng = random.Random(config.seed)
   out = {}
@@ -252,25 +196,6 @@ def label_comparisons(config, sft_dir: str, tokenizer_path: str, directory: str)
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def bootstrap_interval(per_prompt: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
-  """95% interval of the mean over prompts, by resampling prompts."""
-  rng = np.random.default_rng(seed)
-  means = per_prompt[rng.integers(0, len(per_prompt), (draws, len(per_prompt)))].mean(axis=1)
-  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def held_out_preference(eval_tasks, ours, theirs, seed: int | str) -> np.ndarray:
-  """Per prompt, the fraction of the held-out labelers who prefer `ours` to `theirs` ((text, stopped) pairs);
-  each comparison draws from its own stream (`seed`), so adding a model moves no other comparison."""
-  rng = random.Random(seed)
-  return np.array(
-    [
-      np.mean([labeler.prefers(t, a, b, rng) for labeler in labelers.HELD_OUT_LABELERS])
-      for t, a, b in zip(eval_tasks, ours, theirs)
-    ]
-  )
-
-
 def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict, directory: str) -> dict:
   """The human-evaluation analogue on held-out prompts, and the numbers the report sets side by side.
 
@@ -286,7 +211,7 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
   models = list(exports)
   responses = {}
   for name in models:
-    policy = Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+    policy = judging.Policy(exports[name], tokenizer, temperature=c.temperature, max_new_tokens=c.max_new_tokens)
     shown = [datasets.FEW_SHOT_PREFIX + p for p in prompts] if name == "GPT prompted" else prompts
     responses[name] = [r[0] for r in policy.sample(shown, 1, seed=config.seed + 7)]
   out = {"prompts": len(prompts)}
@@ -309,9 +234,11 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
     if against not in responses:
       continue
     for n in (m for m in models if m != against):
-      per_prompt = held_out_preference(eval_tasks, responses[n], responses[against], f"{config.seed}:{n}:{against}")
+      per_prompt = labelers.held_out_preference(
+        eval_tasks, responses[n], responses[against], f"{config.seed}:{n}:{against}"
+      )
       out[f"{key}_{n}"] = float(per_prompt.mean())
-      out[f"{key}_{n}_interval"] = bootstrap_interval(per_prompt, c.bootstrap, config.seed)
+      out[f"{key}_{n}_interval"] = labelers.bootstrap_interval(per_prompt, c.bootstrap, config.seed)
       out[f"gold_{key}_{n}"] = float(np.mean((gold[n] > gold[against]) + 0.5 * (gold[n] == gold[against])))
   records = [
     {

@@ -16,45 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import losses, models, paths, sharding, train_state
+from instructgpt_jax import losses, paths, sharding, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
-from instructgpt_jax.trainers import common, model_io
-
-
-def rewards_of(graphdef, params, tokens, segment_ids):
-  """Raw rewards [...] of sequences tokens, segment_ids [..., L]: the scalar at each final real token."""
-  shape = tokens.shape
-  values, _ = models.apply(
-    graphdef, params, tokens.reshape(-1, shape[-1]), segment_ids=segment_ids.reshape(-1, shape[-1])
-  )
-  return models.final_token_value(values, segment_ids.reshape(-1, shape[-1])).reshape(shape[:-1])
-
-
-def make_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer: str):
-  """The RM train step (state, batch) -> (state, metrics): Eq. 1 over each prompt's K responses (every
-  C(K,2) pair once), exact over `microbatches`; the step `train` runs and `aot` compiles."""
-
-  def loss_sums(params, batch, _rng):
-    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
-    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
-    # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
-    return loss * m["num_prompts"], {
-      "count": m["num_prompts"],
-      "pairs": m["num_pairs"],
-      "correct": m["accuracy"] * m["num_pairs"],
-    }
-
-  def summarize(sums, _batch):
-    return {"accuracy": sums["correct"] / jnp.maximum(sums["pairs"], 1.0), "pairs_per_batch": sums["pairs"]}
-
-  return train_state.sums_step(loss_sums, tx, lr_schedule, microbatches, summarize)
+from instructgpt_jax.library import lm_steps, loop, model_io
 
 
 def check_config(config, checks) -> None:
   """The RM's own fields, without reading a file (stages.check_config)."""
   d = config.data
-  common.check_data_values(d, checks)
-  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  loop.check_data_values(d, checks)
+  loop.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
   checks.at_least("data.max_responses", d.max_responses, 2)
   checks.one_of("rm.pair_normalizer", config.rm.pair_normalizer, losses.PAIR_NORMALIZERS)
   checks.require_input(d.train, "data.train", "comparison JSONL files, or lab:comparisons:train:N")
@@ -65,30 +36,32 @@ def check_config(config, checks) -> None:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = common.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
+  stage = loop.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   if config.rm.export_dir:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
-  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  loop.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
   bias_source = bias_demonstrations(data_cfg, tokenizer)
-  total_steps = common.steps_for_epochs(config, len(data.train_source))
+  total_steps = loop.steps_for_epochs(config, len(data.train_source))
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
     config, workdir, stage, kind="scalar", total_steps=total_steps, data=data
   )
 
   # ---------------------------------------------------------------- step functions
-  train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer)
+  train_step = lm_steps.make_rm_train_step(
+    graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer
+  )
 
   def eval_step(params, batch):
     """Per prompt: (Eq. 1 loss normalized as in training, correct pairs, pairs, K present)."""
-    rewards = rewards_of(graphdef, params, batch["tokens"], batch["segment_ids"])
+    rewards = lm_steps.rm_rewards(graphdef, params, batch["tokens"], batch["segment_ids"])
     terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=config.rm.pair_normalizer)
     return terms["loss"], terms["correct"], terms["num_pairs"], terms["num_present"]
 
-  batch_sh = common.batch_sharding(mesh, rules)
+  batch_sh = loop.batch_sharding(mesh, rules)
   step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   replicated = train_state.replicated(mesh)  # per-prompt results, whole on every host
   eval_fn = jax.jit(
@@ -98,7 +71,7 @@ def train(config, workdir: str) -> dict[str, float]:
   )
   reward_sum_fn = jax.jit(
     sharding.traced_with_rules(
-      lambda p, b: jnp.sum(rewards_of(graphdef, p, b["tokens"], b["segment_ids"])), mesh, rules
+      lambda p, b: jnp.sum(lm_steps.rm_rewards(graphdef, p, b["tokens"], b["segment_ids"])), mesh, rules
     ),
     in_shardings=(state_shardings.params, batch_sh),
     out_shardings=replicated,
@@ -110,7 +83,7 @@ def train(config, workdir: str) -> dict[str, float]:
     params = state.params
     by_k = collections.defaultdict(lambda: np.zeros(4))  # K -> (Σ prompt losses, correct, pairs, prompts)
     for batch in data.eval_batches(config.data.eval_batches or None):
-      outs = jax.device_get(eval_fn(params, common.to_global(batch, mesh, rules)))
+      outs = jax.device_get(eval_fn(params, loop.to_global(batch, mesh, rules)))
       for prompt_loss, correct, pairs, k in zip(*outs):
         if pairs:
           by_k[int(k)] += (prompt_loss, correct, pairs, 1)
@@ -123,7 +96,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
-  state, final = common.train_loop(
+  state, final = loop.train_loop(
     config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 
@@ -142,7 +115,7 @@ def train(config, workdir: str) -> dict[str, float]:
     tokenizer=config.data.tokenizer,
   )
   logging.info("reward bias %.6f from %d demonstrations; exported to %s", bias, count, export_dir)
-  common.print_summary("reward model", final, reward_bias=bias, export=export_dir)
+  loop.print_summary("reward model", final, reward_bias=bias, export=export_dir)
   return dict(final, reward_bias=bias)
 
 
@@ -181,5 +154,5 @@ def demonstration_reward_mean(
     # A static shape: the last batch is filled with empty rows, whose reward is 0 (no real token).
     rows = {k: np.pad(v, ((0, rows_per_batch - len(records)), (0, 0))) for k, v in rows.items()}
     local = {k: v[jax.process_index() :: jax.process_count()] for k, v in rows.items()}
-    total += float(reward_sum_fn(params, common.to_global(local, mesh, rules)))
+    total += float(reward_sum_fn(params, loop.to_global(local, mesh, rules)))
   return total / len(source), len(source)

@@ -18,7 +18,7 @@ import numpy as np
 
 from instructgpt_jax import losses, paths, scoring, sharding, train_state
 from instructgpt_jax.data import stage_data
-from instructgpt_jax.trainers import common, model_io
+from instructgpt_jax.library import loop, model_io
 
 
 def sequence_logps(graphdef, params, batch):
@@ -77,8 +77,8 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float
 def check_config(config, checks) -> None:
   """DPO's own fields, without reading a file (stages.check_config)."""
   d = config.data
-  common.check_data_values(d, checks)
-  common.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
+  loop.check_data_values(d, checks)
+  loop.check_batch_values("data.batch_size", d.batch_size, config.mesh, checks)
   checks.at_least("data.max_responses", d.max_responses, 2)
   checks.positive("dpo.beta", config.dpo.beta)
   checks.one_of("dpo.pair_normalizer", config.dpo.pair_normalizer, losses.PAIR_NORMALIZERS)
@@ -95,29 +95,28 @@ def unused_fields(config) -> dict[str, str]:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = common.setup_stage(config, workdir, seq_len=config.data.seq_len)
+  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
   model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
   d = config.dpo
   reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else source
-  common.check_batch("data.batch_size", config.data.batch_size, mesh)
+  loop.check_batch("data.batch_size", config.data.batch_size, mesh)
   data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
-  total_steps = common.steps_for_epochs(config, len(data.train_source))
+  total_steps = loop.steps_for_epochs(config, len(data.train_source))
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = common.start_training(
+  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
     config, workdir, stage, kind="lm", total_steps=total_steps, data=data
   )
-  ref_graphdef, ref_target = train_state.param_shardings_for(reference.config, mesh, rules)
-  ref_params = model_io.load(reference, "lm", ref_target, reference.config, config.seed)
+  ref_graphdef, ref_params = model_io.load_frozen(reference, "lm", mesh, rules, seed=config.seed)
 
   # ---------------------------------------------------------------- step functions
   loss_options = {"beta": d.beta, "normalizer": d.pair_normalizer, "form": d.form}
   train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, **loss_options)
-  batch_sh = common.batch_sharding(mesh, rules)
+  batch_sh = loop.batch_sharding(mesh, rules)
   jitted_step = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
   ref_fn = jax.jit(
     sharding.traced_with_rules(lambda p, b: sequence_logps(ref_graphdef, p, b), mesh, rules),
-    in_shardings=(jax.tree.map(lambda t: t.sharding, ref_target), batch_sh),
+    in_shardings=(jax.tree.map(lambda t: t.sharding, ref_params), batch_sh),
     out_shardings=batch_sh,
   )
 
@@ -141,7 +140,7 @@ def train(config, workdir: str) -> dict[str, float]:
   def evaluate(state) -> dict[str, float]:
     totals = np.zeros(5)  # Σ prompt losses, prompts with pairs, correct pairs, pairs, Σ margins
     for batch in data.eval_batches(config.data.eval_batches or None):
-      batch = with_reference(common.to_global(batch, mesh, rules))
+      batch = with_reference(loop.to_global(batch, mesh, rules))
       prompt_loss, correct, pairs, margin = jax.device_get(eval_fn(state.params, batch))
       totals += (prompt_loss[pairs > 0].sum(), (pairs > 0).sum(), correct.sum(), pairs.sum(), margin.sum())
     if not totals[1]:
@@ -155,12 +154,12 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
-  state, final = common.train_loop(
+  state, final = loop.train_loop(
     config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 
   # ---------------------------------------------------------------- export: the policy, a language model
   export_dir = paths.join(workdir, "export")
   model_io.export(export_dir, state.params, "lm", model_cfg, tokenizer=config.data.tokenizer)
-  common.print_summary("DPO", final, export=export_dir)
+  loop.print_summary("DPO", final, export=export_dir)
   return final

@@ -11,9 +11,10 @@ Steps, each once in its own folder of the workdir (chain.once; a rerun continues
 
 from __future__ import annotations
 
-from instructgpt_jax import errors, export, paths
+from instructgpt_jax import errors, paths
 from instructgpt_jax.data import convert
-from instructgpt_jax.trainers import chain
+from instructgpt_jax.library import model_io
+from instructgpt_jax.stages import chain
 
 KINDS = ("demonstrations", "comparisons", "prompts")
 
@@ -96,7 +97,7 @@ def train(config, workdir: str) -> dict[str, float]:
   stages.ppo.data.update(train=files["prompts_train"], eval=files["prompts_eval"], ptx_corpus=ptx)
   ppo = chain.once(workdir, "ppo", lambda d: chain.run_stage(stages.ppo, d))
 
-  exported = chain.once(workdir, "export", lambda d: {"summary": export.export(paths.join(workdir, "ppo"), d)})
+  exported = chain.once(workdir, "export", lambda d: {"summary": model_io.export_hf(paths.join(workdir, "ppo"), d)})
   print(exported["summary"], flush=True)
   return {
     "sft_eval_loss": sft.get("eval_loss", float("nan")),

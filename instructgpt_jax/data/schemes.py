@@ -1,0 +1,46 @@
+"""Data that is made rather than read: a data field `<scheme>:<rest>` (train, eval, bias_demonstrations) or a
+corpus field equal to `<scheme>` is written out as JSONL files by the scheme's functions before the data layer
+reads it; the layer below reads files only.
+
+The embedded lab registers `lab` (lab/datasets.py: `lab:demonstrations:train:400`, a corpus of "lab"). A
+researcher's own generated data is one `register` call in their own script, before the run starts:
+
+    schemes.register("mine", files=lambda spec, directory, seed: write_my_jsonl(spec, directory, seed))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+SPEC_KEYS = ("train", "eval", "bias_demonstrations")  # fields that hold a file spec
+CORPUS_KEYS = ("corpus", "pretrain_corpus", "ptx_corpus")  # fields that hold pretraining text
+
+
+class Scheme(NamedTuple):
+  files: Callable[..., str]  # (spec, directory, *, seed) -> the path of the JSONL file written
+  corpus: Callable[..., str] | None  # (data section, directory, *, seed) -> the corpus path written, or None
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register(name: str, files: Callable[..., str], corpus: Callable[..., str] | None = None) -> None:
+  SCHEMES[name] = Scheme(files, corpus)
+
+
+def resolve(data_cfg, directory: str, *, seed: int):
+  """A copy of a `data` section (a ConfigDict or a dict) with every registered scheme's specs and corpora
+  written out as files under `directory`, and replaced by their paths."""
+  copy = getattr(data_cfg, "copy_and_resolve_references", None)
+  data_cfg = copy() if copy else dict(data_cfg)
+  for key in SPEC_KEYS:
+    value = data_cfg.get(key)
+    scheme = SCHEMES.get(value.split(":", 1)[0]) if isinstance(value, str) and ":" in value else None
+    if scheme is not None:
+      data_cfg[key] = scheme.files(value, directory, seed=seed)
+  for key in CORPUS_KEYS:
+    scheme = SCHEMES.get(data_cfg.get(key)) if isinstance(data_cfg.get(key), str) else None
+    if scheme is not None and scheme.corpus is not None:
+      data_cfg[key] = scheme.corpus(data_cfg, directory, seed=seed)
+  return data_cfg
