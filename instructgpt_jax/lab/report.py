@@ -1,6 +1,6 @@
 """The lab's report: report.md, PNG plots and a summary table, all computed from a pipeline's results.
 
-Nothing here is typed in: every number comes from `results` (what each step of trainers/pipeline.py
+Nothing here is typed in: every number comes from `results` (what each step of stages/pipeline.py
 returned) or from the runs' metrics.jsonl files.
 """
 
@@ -189,39 +189,63 @@ def _save(fig, workdir: str, name: str) -> str:
   return name
 
 
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}%"
+
+
+def _win_interval(e: dict, name: str) -> str:
+  """The 95% interval of `name`'s win rate against the PPO-init SFT, as "[low, high]"."""
+  low, high = e[f"win_rate_{name}_interval"]
+  return f"[{_pct(low)}, {_pct(high)}]"
+
+
+def _figure1_interval(c: tuple[float, float] | None) -> str:
+  return f"[{_pct(c[0])}, {_pct(c[1])}]" if c else "(the baseline itself)"
+
+
+def _alignment_tax(results: dict) -> dict[str, float]:
+  """Each RL run's pretraining loss on held-out prose minus the SFT model's."""
+  return {n: results[n]["eval_ptx_loss"] - results[n]["eval_ptx_loss_sft"] for n in ("ppo", "ppo_ptx")}
+
+
 def write(workdir: str, results: dict) -> str:
   """Writes report.md and the plots into `workdir`; returns the summary table for stdout."""
-  e, labels, rm = results["evaluation"], results["labels"], results["rm"]
   plots = _plots(workdir, results)
-  pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-  interval = lambda n: f"[{pct(e[f'win_rate_{n}_interval'][0])}, {pct(e[f'win_rate_{n}_interval'][1])}]"  # noqa: E731
-  tax = {n: results[n]["eval_ptx_loss"] - results[n]["eval_ptx_loss_sft"] for n in ("ppo", "ppo_ptx")}
-  fig1 = figure1(e)
-  ci = lambda c: f"[{pct(c[0])}, {pct(c[1])}]" if c else "(the baseline itself)"  # noqa: E731
-  summary = "\n".join(
+  lines = _report_findings(results) + _report_measurements(results, plots)
+  paths.write_text(paths.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  return _summary(workdir, results)
+
+
+def _summary(workdir: str, results: dict) -> str:
+  """The run's summary for stdout: Figure 1, the findings, the numbers beside them."""
+  e, labels, rm = results["evaluation"], results["labels"], results["rm"]
+  tax = _alignment_tax(results)
+  return "\n".join(
     [
       "== the InstructGPT lab: results ==",
       "  Figure 1: held-out labelers prefer each model to the SFT baseline (95% interval)",
-      *(f"    {name:<34} {pct(rate):>6}  {ci(c)}" for name, rate, c in fig1),
+      *(f"    {name:<34} {_pct(rate):>6}  {_figure1_interval(c)}" for name, rate, c in figure1(e)),
       "  the paper's findings in this run:",
       *(f"    {'yes' if held else 'no ':<4} {claim}" for claim, held, _ in findings(results)),
       "  the PPO-init SFT, every RL run's start and KL reference:",
-      f"      PPO-ptx preferred to it            {pct(e['win_rate_PPO-ptx'])}  95% interval {interval('PPO-ptx')}",
-      f"      PPO preferred to it                {pct(e['win_rate_PPO'])}  95% interval {interval('PPO')}",
+      f"      PPO-ptx preferred to it            {_pct(e['win_rate_PPO-ptx'])}  95% interval "
+      f"{_win_interval(e, 'PPO-ptx')}",
+      f"      PPO preferred to it                {_pct(e['win_rate_PPO'])}  95% interval {_win_interval(e, 'PPO')}",
       f"  gold quality  SFT baseline / PPO-init SFT / PPO / PPO-ptx   {e['gold_SFT baseline']:.3f} / "
       f"{e['gold_SFT']:.3f} / {e['gold_PPO']:.3f} / {e['gold_PPO-ptx']:.3f}",
-      f"  RM accuracy (held-out labelers)           {pct(rm['eval_accuracy'])}",
-      f"  labeler agreement (training / held-out)   {pct(labels['agreement_training_labelers'])} / "
-      f"{pct(labels['agreement_held_out_labelers'])}",
+      f"  RM accuracy (held-out labelers)           {_pct(rm['eval_accuracy'])}",
+      f"  labeler agreement (training / held-out)   {_pct(labels['agreement_training_labelers'])} / "
+      f"{_pct(labels['agreement_held_out_labelers'])}",
       f"  pretraining loss change  PPO / PPO-ptx    {tax['ppo']:+.3f} / {tax['ppo_ptx']:+.3f} nats per token",
       f"  report: {paths.join(workdir, 'report.md')}",
     ]
   )
-  constraint_rows = []
-  for k in sorted(e["correct_by_constraints_SFT"], key=int):
-    cells = " | ".join(pct(e[f"correct_by_constraints_{n}"][k]) for n in ("SFT", "PPO", "PPO-ptx"))
-    constraint_rows.append(f"| {k} | {cells} |")
-  lines = [
+
+
+def _report_findings(results: dict) -> list[str]:
+  """report.md's first part: Figure 1, the paper's findings, the RL models against their start."""
+  e = results["evaluation"]
+  return [
     "# The InstructGPT lab: results",
     "",
     "Every number below was computed by this run (`trainers/pipeline.py`); the paper's figures are given",
@@ -237,8 +261,8 @@ def write(workdir: str, results: dict) -> str:
     "| model | preferred to the SFT baseline | 95% interval | gold quality | correct |",
     "|---|---|---|---|---|",
     *(
-      f"| {label} | {pct(rate)} | {ci(c)} | {e[f'gold_{key}']:.3f} | {pct(e[f'correct_{key}'])} |"
-      for (key, _), (label, rate, c) in zip((*FIGURE1, PPO_INIT), fig1)
+      f"| {label} | {_pct(rate)} | {_figure1_interval(c)} | {e[f'gold_{key}']:.3f} | {_pct(e[f'correct_{key}'])} |"
+      for (key, _), (label, rate, c) in zip((*FIGURE1, PPO_INIT), figure1(e))
     ),
     "",
     "Paper (Figure 1, 175B, every win rate against 175B SFT): PPO-ptx 73.4 ± 2%; 175B InstructGPT is preferred",
@@ -260,23 +284,32 @@ def write(workdir: str, results: dict) -> str:
     "",
     "| model | preferred to SFT | 95% interval | gold win rate | gold quality | correct |",
     "|---|---|---|---|---|---|",
-    f"| SFT | - | - | - | {e['gold_SFT']:.3f} | {pct(e['correct_SFT'])} |",
+    f"| SFT | - | - | - | {e['gold_SFT']:.3f} | {_pct(e['correct_SFT'])} |",
     *(
-      f"| {n} | {pct(e[f'win_rate_{n}'])} | {interval(n)} | {pct(e[f'gold_win_rate_{n}'])} | "
-      f"{e[f'gold_{n}']:.3f} | {pct(e[f'correct_{n}'])} |"
+      f"| {n} | {_pct(e[f'win_rate_{n}'])} | {_win_interval(e, n)} | {_pct(e[f'gold_win_rate_{n}'])} | "
+      f"{e[f'gold_{n}']:.3f} | {_pct(e[f'correct_{n}'])} |"
       for n in ("PPO", "PPO-ptx")
     ),
     "",
     f"Paper: {PAPER['win_rate']}.",
     "",
+  ]
+
+
+def _report_measurements(results: dict, plots: list[str]) -> list[str]:
+  """report.md's second part: the RM against the labelers, the alignment tax, the gold features, success by
+  number of constraints, the plots."""
+  e, labels, rm = results["evaluation"], results["labels"], results["rm"]
+  tax = _alignment_tax(results)
+  return [
     "## The reward model against the labelers",
     "",
     "| | this run | paper |",
     "|---|---|---|",
-    f"| RM accuracy on comparisons by held-out labelers | {pct(rm['eval_accuracy'])} | {PAPER['rm_accuracy']} |",
-    f"| agreement between two training labelers | {pct(labels['agreement_training_labelers'])} | "
+    f"| RM accuracy on comparisons by held-out labelers | {_pct(rm['eval_accuracy'])} | {PAPER['rm_accuracy']} |",
+    f"| agreement between two training labelers | {_pct(labels['agreement_training_labelers'])} | "
     f"{PAPER['agreement']} |",
-    f"| agreement between two held-out labelers | {pct(labels['agreement_held_out_labelers'])} | |",
+    f"| agreement between two held-out labelers | {_pct(labels['agreement_held_out_labelers'])} | |",
     f"| labeled prompts (train / held-out) | {labels['train_prompts']} / {labels['eval_prompts']} | 33,207 / 17,887 |",
     "",
     "## The alignment tax: pretraining loss on held-out prose, after RL",
@@ -293,9 +326,7 @@ def write(workdir: str, results: dict) -> str:
     "| feature (gold weight) | SFT | PPO | PPO-ptx |",
     "|---|---|---|---|",
     *(
-      f"| {k} ({GOLD_WEIGHTS[k]:.2f}) | "
-      + " | ".join(pct(e[f"features_{n}"][k]) for n in ("SFT", "PPO", "PPO-ptx"))
-      + " |"
+      f"| {k} ({GOLD_WEIGHTS[k]:.2f}) | " + " | ".join(_pct(e[f"features_{n}"][k]) for n in MODELS) + " |"
       for k in FEATURES
     ),
     "",
@@ -303,7 +334,10 @@ def write(workdir: str, results: dict) -> str:
     "",
     "| constraints | SFT | PPO | PPO-ptx |",
     "|---|---|---|---|",
-    *constraint_rows,
+    *(
+      f"| {k} | " + " | ".join(_pct(e[f"correct_by_constraints_{n}"][k]) for n in MODELS) + " |"
+      for k in sorted(e["correct_by_constraints_SFT"], key=int)
+    ),
     "",
     "## Plots",
     "",
@@ -312,8 +346,6 @@ def write(workdir: str, results: dict) -> str:
     "Samples: `evaluation/samples.jsonl` (every held-out prompt with the three models' responses and gold scores);",
     "the PPO runs dump samples against SFT in `ppo*/samples/`.",
   ]
-  paths.write_text(paths.join(workdir, "report.md"), "\n".join(lines) + "\n")
-  return summary
 
 
 # ------------------------------------------------------------------------------------------ the comparison
@@ -455,44 +487,57 @@ def pooled_headline(runs: dict[int, dict]) -> dict[str, float]:
   return {k: float(sum(h[k] for h in each) / len(each)) for k in each[0]}
 
 
-def write_seeds(workdir: str, runs: dict[int, dict], rl_stages: dict[str, str]) -> str:
-  """report.md (and figure1.png) over seeds in `workdir`: each figure's mean over the seeds' runs with the 95%
-  Student-t interval over seeds (sweep_table.pool), beside each run's own bootstrap interval; the paired
-  differences that the seeds can or cannot tell from zero. Returns the summary for stdout."""
+def _pooled_cell(values: list[float], fmt=_pct) -> str:
+  """The mean over seeds and its 95% Student-t interval over seeds, as "mean [low, high]"."""
   from instructgpt_jax.sweep_table import pool
 
-  seeds = sorted(runs)
-  pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+  p = pool(values)
+  return f"{fmt(p.mean)} [{fmt(p.ci95[0])}, {fmt(p.ci95[1])}]"
 
-  def cell(values, fmt=pct) -> str:
-    p = pool(values)
-    return f"{fmt(p.mean)} [{fmt(p.ci95[0])}, {fmt(p.ci95[1])}]"
 
-  ev = [runs[s]["evaluation"] for s in seeds]
+def _seeds_figure1_rows(ev: list[dict]) -> tuple[list[str], list[str]]:
+  """Figure 1 over seeds (each seed's evaluation in `ev`): report.md's rows and the summary's."""
   fig_rows, summary_rows = [], []
   for key, label in (*FIGURE1, PPO_INIT):
     rates = [_baseline_rate(e, key) for e in ev]
     if key == "SFT baseline":
       mean_cell, within = "50.0% (the baseline itself)", "-"
     else:
-      mean_cell = cell(rates)
+      mean_cell = _pooled_cell(rates)
       within = "; ".join(
-        f"{pct(e[f'baseline_win_rate_{key}_interval'][0])}-{pct(e[f'baseline_win_rate_{key}_interval'][1])}" for e in ev
+        f"{_pct(e[f'baseline_win_rate_{key}_interval'][0])}-{_pct(e[f'baseline_win_rate_{key}_interval'][1])}"
+        for e in ev
       )
-    gold = cell([e[f"gold_{key}"] for e in ev], lambda x: f"{x:.3f}")
-    fig_rows.append(f"| {label} | {mean_cell} | {' / '.join(pct(r) for r in rates)} | {within} | {gold} |")
+    gold = _pooled_cell([e[f"gold_{key}"] for e in ev], lambda x: f"{x:.3f}")
+    fig_rows.append(f"| {label} | {mean_cell} | {' / '.join(_pct(r) for r in rates)} | {within} | {gold} |")
     summary_rows.append(f"    {label:<34} {mean_cell}")
-  diff_rows = []
+  return fig_rows, summary_rows
+
+
+def _seeds_difference_rows(ev: list[dict]) -> list[str]:
+  """The DIFFERENCES paired by seed, in points, and whether their interval over seeds excludes 0."""
+  from instructgpt_jax.sweep_table import pool
+
+  rows = []
   for a, b in DIFFERENCES:
     d = pool([_baseline_rate(e, a) - _baseline_rate(e, b) for e in ev])
     low, high = d.ci95
     verdict = "yes" if low > 0 or high < 0 else "no"
-    diff_rows.append(f"| {a} − {b} | {100 * d.mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |")
-  rm = cell([runs[s]["rm"]["eval_accuracy"] for s in seeds])
-  agreement = cell([runs[s]["labels"]["agreement_held_out_labelers"] for s in seeds])
+    rows.append(f"| {a} − {b} | {100 * d.mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {verdict} |")
+  return rows
+
+
+def write_seeds(workdir: str, runs: dict[int, dict], rl_stages: dict[str, str]) -> str:
+  """report.md (and figure1.png) over seeds in `workdir`: each figure's mean over the seeds' runs with the 95%
+  Student-t interval over seeds (sweep_table.pool), beside each run's own bootstrap interval; the paired
+  differences that the seeds can or cannot tell from zero. Returns the summary for stdout."""
+  seeds = sorted(runs)
+  ev = [runs[s]["evaluation"] for s in seeds]
+  fig_rows, summary_rows = _seeds_figure1_rows(ev)
+  rm = _pooled_cell([runs[s]["rm"]["eval_accuracy"] for s in seeds])
+  agreement = _pooled_cell([runs[s]["labels"]["agreement_held_out_labelers"] for s in seeds])
   tax = {
-    n: cell([runs[s][n]["eval_ptx_loss"] - runs[s][n]["eval_ptx_loss_sft"] for s in seeds], lambda x: f"{x:+.3f}")
-    for n in ("ppo", "ppo_ptx")
+    n: _pooled_cell([_alignment_tax(runs[s])[n] for s in seeds], lambda x: f"{x:+.3f}") for n in ("ppo", "ppo_ptx")
   }
   lines = [
     f"# The InstructGPT lab over {len(seeds)} seeds",
@@ -513,7 +558,7 @@ def write_seeds(workdir: str, runs: dict[int, dict], rl_stages: dict[str, str]) 
     "",
     "| difference | mean | 95% interval over seeds | excludes 0 |",
     "|---|---|---|---|",
-    *diff_rows,
+    *_seeds_difference_rows(ev),
     "",
     "## The reward model and the alignment tax",
     "",
@@ -533,7 +578,7 @@ def write_seeds(workdir: str, runs: dict[int, dict], rl_stages: dict[str, str]) 
     f"  pretraining loss change  PPO {tax['ppo']};  PPO-ptx {tax['ppo_ptx']}",
   ]
   if all("compare" in runs[s] for s in seeds):
-    table = _pooled_comparison([runs[s] for s in seeds], cell)
+    table = _pooled_comparison([runs[s] for s in seeds], _pooled_cell)
     lines += ["## The comparison of methods over seeds", "", table, ""]
     summary += ["== the lab's comparison over seeds ==", table]
   lines.append(f"![figure1.png]({_seeds_plot(workdir, runs)})")
