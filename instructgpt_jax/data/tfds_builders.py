@@ -310,6 +310,23 @@ def build(
     truncate_prompt=truncate_prompt,
   )
   config_name = f"{template}-{fingerprint(kind, paths_by_split, tokenizer, options)}"
+  builder, variant = _prepared_builder(
+    kind, config_name, data_dir, lambda: _read_examples(kind, paths_by_split, tokenizer, template_obj, options)
+  )
+  if (
+    paths.is_remote(data_dir)
+    and jax.process_index() == 0
+    and not paths.path(data_dir, variant, MIRROR_COMPLETE).exists()
+  ):
+    paths.copy_tree(os.path.join(local_cache_dir(data_dir), variant), paths.join(data_dir, variant))
+    paths.write_text(paths.join(data_dir, variant, MIRROR_COMPLETE), "")
+  return Dataset(builder, _logged_reports(kind, builder))
+
+
+def _prepared_builder(kind: str, config_name: str, data_dir: str, read_examples) -> tuple:
+  """The builder of the variant `config_name`, prepared in the local cache: as found there, else downloaded
+  from a bucket's complete mirror, else built from `read_examples()` (examples and reports by split).
+  Returns (builder, its variant folder "<name>/<config_name>")."""
   builder_cls = BUILDERS[kind]
   remote, local_dir = paths.is_remote(data_dir), local_cache_dir(data_dir)
   os.makedirs(local_dir, exist_ok=True)
@@ -325,25 +342,48 @@ def build(
         builder = builder_cls(data_dir=local_dir, config=config_name)
         prepared = builder.is_prepared()
     if not prepared:
-      examples_by_split, reports = {}, {}
-      for split, split_files in paths_by_split.items():
-        report = formats.Report()
-        encode = _encoder(kind, tokenizer, template_obj, max_tokens, append_eos, truncate_prompt, report)
-        records = formats.read_records(
-          split_files, kind, on_error=on_error, max_responses=max_responses, check=encode, report=report
-        )
-        examples_by_split[split] = [dict(record, source=source) for source, record in records]
-        if not examples_by_split[split]:
-          raise formats.DataError(f"{','.join(split_files)}: file: no valid records for split {split!r}")
-        reports[split] = dataclasses.asdict(report)
+      examples_by_split, reports = read_examples()
       with _quiet_tfds():
         builder = builder_cls(
           examples_by_split=examples_by_split, reports=reports, data_dir=local_dir, config=config_name
         )
         builder.download_and_prepare()
-  if remote and jax.process_index() == 0 and not paths.path(data_dir, variant, MIRROR_COMPLETE).exists():
-    paths.copy_tree(os.path.join(local_dir, variant), paths.join(data_dir, variant))
-    paths.write_text(paths.join(data_dir, variant, MIRROR_COMPLETE), "")
+  return builder, variant
+
+
+def _read_examples(
+  kind: str, paths_by_split: dict[str, list[str]], tokenizer: Tokenizer, template_obj, options: dict
+) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+  """Reads, validates and encodes every split's files: (examples by split, each split's Report as a dict)."""
+  examples_by_split, reports = {}, {}
+  for split, split_files in paths_by_split.items():
+    report = formats.Report()
+    encode = _encoder(
+      kind,
+      tokenizer,
+      template_obj,
+      options["max_tokens"],
+      options["append_eos"],
+      options["truncate_prompt"],
+      report,
+    )
+    records = formats.read_records(
+      split_files,
+      kind,
+      on_error=options["on_error"],
+      max_responses=options["max_responses"],
+      check=encode,
+      report=report,
+    )
+    examples_by_split[split] = [dict(record, source=source) for source, record in records]
+    if not examples_by_split[split]:
+      raise formats.DataError(f"{','.join(split_files)}: file: no valid records for split {split!r}")
+    reports[split] = dataclasses.asdict(report)
+  return examples_by_split, reports
+
+
+def _logged_reports(kind: str, builder) -> dict[str, formats.Report]:
+  """The build's stored counts by split, printed when something was skipped, dropped or identical, else logged."""
   reports = {split: formats.Report(**r) for split, r in builder.info.metadata.items()}
   for split, report in reports.items():
     name = f"{kind}/{split}"
@@ -351,4 +391,4 @@ def build(
       print(report.summary(name), flush=True)
     else:
       logging.info("%s", report.summary(name))
-  return Dataset(builder, reports)
+  return reports
