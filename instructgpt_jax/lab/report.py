@@ -248,7 +248,7 @@ def _report_findings(results: dict) -> list[str]:
   return [
     "# The InstructGPT lab: results",
     "",
-    "Every number below was computed by this run (`trainers/pipeline.py`); the paper's figures are given",
+    "Every number below was computed by this run (`stages/pipeline.py`); the paper's figures are given",
     "for comparison of shape only: the lab is a tiny model in a generated world.",
     "",
     "## Figure 1 in miniature: every model against the SFT baseline",
