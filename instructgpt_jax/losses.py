@@ -8,13 +8,17 @@ mode (the PPO default is that masked mean); the ptx term's reduction is an optio
 (docs/paper.md §5.4).
 
 All functions are jit-able with no Python control flow on array values; string options
-(``normalizer``, ``estimator``, ``mode``, ``form``) select code at trace time, so jit them as static arguments. Under
+(``normalizer``, ``estimator``, ``mode``, ``form``) select code at trace time, so jit them as static arguments. The
+options of the first three, and ``ptx_reduction``, are the names of a table beside their math (PAIR_NORMALIZERS,
+KL_ESTIMATORS, AGGREGATIONS, PTX_REDUCTIONS): the function and the config checks read the table. Under
 ``jax.jit`` with batch-sharded inputs the reductions are global, so values do not depend on the mesh.
 
 docs/losses.md sets each function beside the paper's equation and lists the choices the paper leaves open.
 """
 
-from typing import Literal
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +59,89 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 # Loss aggregation: one number from a [B, T] per-token loss, as each policy-gradient method defines it
 # ----------------------------------------------------------------------------------------------------
 
-AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_constant", "sequence_sum")
-
 
 def _row_sums_and_counts(values_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(S_b = Σ_t m_bt·x_bt, T_b = Σ_t m_bt, T_b > 0), each [B]."""
   sums_B, counts_B = _masked_sum_and_count(to_float32(values_BxT), mask_BxT, axis=1)
   return sums_B, counts_B, counts_B > 0
+
+
+def _sequences(nonempty_B: jax.Array, dtype) -> jax.Array:
+  """B', the rows holding a real token (at least 1)."""
+  return jnp.maximum(jnp.sum(nonempty_B.astype(dtype)), 1.0)
+
+
+def _token_mean(values_BxT, mask_BxT, constant):
+  del constant
+  return masked_mean(to_float32(values_BxT), mask_BxT)
+
+
+def _sequence_mean(values_BxT, mask_BxT, constant):
+  del constant
+  sums_B, counts_B, nonempty_B = _row_sums_and_counts(values_BxT, mask_BxT)
+  sequences = _sequences(nonempty_B, sums_B.dtype)
+  row_means_B = jnp.where(nonempty_B, sums_B / jnp.where(nonempty_B, counts_B, 1.0), 0.0)
+  return jnp.sum(row_means_B) / sequences
+
+
+def _sequence_sum_constant(values_BxT, mask_BxT, constant):
+  sums_B, _, _ = _row_sums_and_counts(values_BxT, mask_BxT)
+  return jnp.sum(sums_B) / (sums_B.shape[0] * constant)
+
+
+def _sequence_sum(values_BxT, mask_BxT, constant):
+  del constant
+  sums_B, _, nonempty_B = _row_sums_and_counts(values_BxT, mask_BxT)
+  sequences = _sequences(nonempty_B, sums_B.dtype)
+  return jnp.sum(sums_B) / sequences
+
+
+def _mean_length(mask_BxT, constant):
+  del constant
+  return jnp.maximum(jnp.sum(to_float32(mask_BxT)), 1.0) / mask_BxT.shape[0]
+
+
+def _harmonic_mean_length(mask_BxT, constant):
+  del constant
+  _, counts_B, nonempty_B = _row_sums_and_counts(jnp.zeros(mask_BxT.shape, jnp.float32), mask_BxT)
+  sequences = jnp.sum(nonempty_B.astype(jnp.float32))
+  inverse_lengths = jnp.sum(jnp.where(nonempty_B, 1.0 / jnp.where(nonempty_B, counts_B, 1.0), 0.0))
+  return jnp.where(sequences > 0, sequences / jnp.where(sequences > 0, inverse_lengths, 1.0), 1.0)
+
+
+class Aggregation(NamedTuple):
+  """One way to reduce a per-token loss: a row of AGGREGATIONS (see `aggregate` and `episode_divisor`)."""
+
+  reduce: Callable[[jax.Array, jax.Array, float | None], jax.Array]  # (values_BxT, mask_BxT, C) -> scalar
+  episode_divisor: Callable[[jax.Array, float | None], jax.Array]  # (mask_BxT, C) -> D
+  takes_constant: bool  # C > 0 is required, and refused by the rows without it
+  doc: str
+
+
+# name -> Aggregation: `aggregate`, `episode_divisor` and the check of ppo.loss_aggregation read it at call time, so
+# an entry added from a script (`losses.AGGREGATIONS["mine"] = losses.Aggregation(...)`) is an option like these.
+# Each option table of this module and of rl.py is an OrderedDict: a dict whose fixed order the config check's
+# message and hypothesis's sampled_from (which refuses a plain dict) rely on.
+AGGREGATIONS: dict[str, Aggregation] = OrderedDict(
+  token_mean=Aggregation(
+    _token_mean, _mean_length, False, "Σ_b S_b / Σ_b T_b: every token weighs the same (PPO as this code reads it)"
+  ),
+  sequence_mean=Aggregation(
+    _sequence_mean, _harmonic_mean_length, False, "(1/B') Σ_b S_b / T_b: every sequence the same (GRPO, Eq. 3)"
+  ),
+  sequence_sum_constant=Aggregation(
+    _sequence_sum_constant,
+    lambda mask_BxT, constant: jnp.float32(constant),
+    True,
+    "Σ_b S_b / (B · C), C the generation budget (Dr. GRPO)",
+  ),
+  sequence_sum=Aggregation(
+    _sequence_sum,
+    lambda mask_BxT, constant: jnp.float32(1.0),
+    False,
+    "(1/B') Σ_b S_b: each sequence's sum (RLOO: the sequence's log-prob)",
+  ),
+)
 
 
 def aggregate(
@@ -100,21 +180,13 @@ def aggregate(
     float32 scalar.
   """
   if mode not in AGGREGATIONS:
-    raise ValueError(f"aggregate: mode {mode!r} is not one of {AGGREGATIONS}")
-  if mode == "sequence_sum_constant" and not (constant is not None and constant > 0):
-    raise ValueError(f"aggregate: 'sequence_sum_constant' needs a constant > 0 (the generation budget), got {constant}")
-  if mode != "sequence_sum_constant" and constant is not None:
+    raise ValueError(f"aggregate: mode {mode!r} is not one of {tuple(AGGREGATIONS)}")
+  row = AGGREGATIONS[mode]
+  if row.takes_constant and not (constant is not None and constant > 0):
+    raise ValueError(f"aggregate: {mode!r} needs a constant > 0 (the generation budget), got {constant}")
+  if not row.takes_constant and constant is not None:
     raise ValueError(f"aggregate: mode {mode!r} takes no constant (got {constant})")
-  if mode == "token_mean":
-    return masked_mean(to_float32(values_BxT), mask_BxT)
-  sums_B, counts_B, nonempty_B = _row_sums_and_counts(values_BxT, mask_BxT)
-  if mode == "sequence_sum_constant":
-    return jnp.sum(sums_B) / (sums_B.shape[0] * constant)
-  sequences = jnp.maximum(jnp.sum(nonempty_B.astype(sums_B.dtype)), 1.0)
-  if mode == "sequence_sum":
-    return jnp.sum(sums_B) / sequences
-  row_means_B = jnp.where(nonempty_B, sums_B / jnp.where(nonempty_B, counts_B, 1.0), 0.0)
-  return jnp.sum(row_means_B) / sequences
+  return row.reduce(values_BxT, mask_BxT, constant)
 
 
 def episode_divisor(
@@ -137,20 +209,11 @@ def episode_divisor(
   of no rows is 1), whose policy loss is 0 anyway.
   """
   if mode not in AGGREGATIONS:
-    raise ValueError(f"episode_divisor: mode {mode!r} is not one of {AGGREGATIONS}")
-  mask_BxT = jnp.asarray(mask_BxT)
-  if mode == "token_mean":
-    return jnp.maximum(jnp.sum(to_float32(mask_BxT)), 1.0) / mask_BxT.shape[0]
-  if mode == "sequence_sum":
-    return jnp.float32(1.0)
-  if mode == "sequence_sum_constant":
-    if constant is None or not constant > 0:
-      raise ValueError(f"episode_divisor: 'sequence_sum_constant' needs a constant > 0, got {constant}")
-    return jnp.float32(constant)
-  _, counts_B, nonempty_B = _row_sums_and_counts(jnp.zeros(mask_BxT.shape, jnp.float32), mask_BxT)
-  sequences = jnp.sum(nonempty_B.astype(jnp.float32))
-  inverse_lengths = jnp.sum(jnp.where(nonempty_B, 1.0 / jnp.where(nonempty_B, counts_B, 1.0), 0.0))
-  return jnp.where(sequences > 0, sequences / jnp.where(sequences > 0, inverse_lengths, 1.0), 1.0)
+    raise ValueError(f"episode_divisor: mode {mode!r} is not one of {tuple(AGGREGATIONS)}")
+  row = AGGREGATIONS[mode]
+  if row.takes_constant and (constant is None or not constant > 0):
+    raise ValueError(f"episode_divisor: {mode!r} needs a constant > 0, got {constant}")
+  return row.episode_divisor(jnp.asarray(mask_BxT), constant)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,7 +267,12 @@ def _mean_over_prompts(terms: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]
   return loss, metrics
 
 
-PAIR_NORMALIZERS = ("binom_k", "valid_pairs")  # Eq. 1's 1/C(K,2), or 1/(the prompt's non-tied pairs)
+# normalizer -> Z_b of Eq. 1 as a function of (K_b the prompt's present responses, |P_b| its non-tied pairs), each [B]:
+# Eq. 1's C(K_b, 2), or the prompt's non-tied pairs. ranking_prompt_terms and the rm/dpo config checks read it.
+PAIR_NORMALIZERS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = OrderedDict(
+  binom_k=lambda num_present_B, num_pairs_B: num_present_B * (num_present_B - 1.0) / 2.0,
+  valid_pairs=lambda num_present_B, num_pairs_B: num_pairs_B,
+)
 
 
 def ranking_prompt_terms(
@@ -222,7 +290,7 @@ def ranking_prompt_terms(
     Σ (r_w − r_l) over P_b, "num_present": K_b}, each [B] float32.
   """
   if normalizer not in PAIR_NORMALIZERS:
-    raise ValueError(f"normalizer must be one of {PAIR_NORMALIZERS}, got {normalizer!r}")
+    raise ValueError(f"normalizer must be one of {tuple(PAIR_NORMALIZERS)}, got {normalizer!r}")
   ranks = jnp.asarray(ranks)
   present_BxK = ranks >= 0
   # Empty slots hold whatever the RM produced for padding; zeroing keeps it out of values and grads.
@@ -235,7 +303,7 @@ def ranking_prompt_terms(
 
   num_pairs_B = jnp.sum(is_pair_BxKxK, axis=(1, 2)).astype(jnp.float32)
   num_present_B = jnp.sum(present_BxK, axis=1).astype(jnp.float32)
-  denominator_B = num_present_B * (num_present_B - 1.0) / 2.0 if normalizer == "binom_k" else num_pairs_B
+  denominator_B = PAIR_NORMALIZERS[normalizer](num_present_B, num_pairs_B)
   return {
     "loss": jnp.sum(pair_loss_BxKxK, axis=(1, 2)) / jnp.maximum(denominator_B, 1.0),
     "num_pairs": num_pairs_B,
@@ -536,6 +604,15 @@ def value_loss(
   return loss, metrics
 
 
+# name -> k(x), the per-token estimate as a function of the float32 log-ratio x_BxT (kl_penalty's docstring gives
+# them with their properties); kl_penalty and the check of ppo.kl_estimator read it at call time.
+KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = OrderedDict(
+  k1=lambda x_BxT: x_BxT,
+  k2=lambda x_BxT: 0.5 * jnp.square(x_BxT),
+  k3=lambda x_BxT: jnp.expm1(-x_BxT) + x_BxT,
+)
+
+
 def kl_penalty(
   logprobs: jax.Array,
   ref_logprobs: jax.Array,
@@ -560,14 +637,26 @@ def kl_penalty(
   Returns:
     [B, T] float32 per-token estimates; mask them as needed.
   """
-  x_BxT = to_float32(logprobs) - to_float32(ref_logprobs)
-  if estimator == "k1":
-    return x_BxT
-  if estimator == "k2":
-    return 0.5 * jnp.square(x_BxT)
-  if estimator == "k3":
-    return jnp.expm1(-x_BxT) + x_BxT
-  raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f"estimator must be one of {tuple(KL_ESTIMATORS)}, got {estimator!r}")
+  return KL_ESTIMATORS[estimator](to_float32(logprobs) - to_float32(ref_logprobs))
+
+
+def _ptx_sequence_sum(nll, token_count, ptx_mask, mask, aggregation, aggregation_constant):
+  """Eq. 2 as written: (1/P) Σ_x Σ_s −log π(x_s) / D, D = episode_divisor of the policy loss's aggregation."""
+  ptx_mask = jnp.asarray(ptx_mask)
+  sequences = jnp.maximum(jnp.sum(jnp.any(ptx_mask > 0, axis=1)), 1.0)
+  divisor = episode_divisor(mask, aggregation, constant=aggregation_constant)
+  return nll * token_count / sequences / divisor
+
+
+# ptx_reduction -> L_ptx as a function of (the per-token mean NLL, N_ptx, ptx_mask [B_ptx, L], the policy loss's
+# mask [B, T], its aggregation, its constant); ppo_ptx_loss's docstring gives both. ppo_ptx_loss and the check of
+# ppo.ptx_reduction read it at call time.
+PTX_REDUCTIONS: dict[str, Callable[..., jax.Array]] = OrderedDict(
+  sequence_sum=_ptx_sequence_sum,
+  token_mean=lambda nll, token_count, ptx_mask, mask, aggregation, aggregation_constant: nll,
+)
 
 
 def ppo_ptx_loss(
@@ -629,8 +718,8 @@ def ppo_ptx_loss(
     reductions), "ptx_term" (L_ptx, what γ multiplies), the ppo_policy_loss metrics, and
     "ptx_token_count", "ptx_accuracy".
   """
-  if ptx_reduction not in ("sequence_sum", "token_mean"):
-    raise ValueError(f"ptx_reduction must be 'sequence_sum' or 'token_mean', got {ptx_reduction!r}")
+  if ptx_reduction not in PTX_REDUCTIONS:
+    raise ValueError(f"ptx_reduction must be one of {tuple(PTX_REDUCTIONS)}, got {ptx_reduction!r}")
   policy, policy_metrics = ppo_policy_loss(
     logprobs,
     old_logprobs,
@@ -641,13 +730,8 @@ def ppo_ptx_loss(
     aggregation_constant=aggregation_constant,
   )
   ptx, ptx_metrics = lm_loss(ptx_logits, ptx_targets, ptx_mask)
-  if ptx_reduction == "token_mean":
-    term = ptx
-  else:
-    ptx_mask = jnp.asarray(ptx_mask)
-    sequences = jnp.maximum(jnp.sum(jnp.any(ptx_mask > 0, axis=1)), 1.0)
-    divisor = episode_divisor(mask, aggregation, constant=aggregation_constant)
-    term = ptx * ptx_metrics["token_count"] / sequences / divisor
+  reduce = PTX_REDUCTIONS[ptx_reduction]
+  term = reduce(ptx, ptx_metrics["token_count"], ptx_mask, mask, aggregation, aggregation_constant)
   metrics = {
     "policy_loss": policy,
     "ptx_loss": ptx,

@@ -1,5 +1,6 @@
 """RL pieces of PPO-ptx (Ouyang et al. 2022, §3.5): per-token KL rewards, GAE, whitening, KL control; and the
-critic-free advantage estimators that came after it (group baselines: GRPO, Dr. GRPO, RLOO; REINFORCE++).
+critic-free advantage estimators that came after it (group baselines: GRPO, Dr. GRPO, RLOO; REINFORCE++), each a
+row of one table, ESTIMATORS, that a script can add its own to (register_estimator).
 
 The environment is a bandit (one prompt, one response, one reward-model score), turned into a
 per-token return by spreading the KL penalty of Eq. 2 over the response tokens (docs/paper.md §5.1).
@@ -12,12 +13,14 @@ docs/losses.md sets each function beside its equation and lists the choices the 
 """
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from instructgpt_jax.losses import masked_mean, to_float32
+from instructgpt_jax.losses import AGGREGATIONS, masked_mean, to_float32
 
 AxisName = str | tuple[str, ...]
 
@@ -40,7 +43,8 @@ def per_token_rewards(
       so Σ_t r_t = r_θ(x, y) − β · log(π_φ^RL(y|x) / π^SFT(y|x)).
 
   The last real token is the last position where mask is 1, so right padding and masks with holes
-  both work. A row with no real token gets all-zero rewards (its score is dropped).
+  both work. A row with no real token gets all-zero rewards (its score is dropped). This is
+  `penalty_rewards` with k_t the log-ratio (k1); another per-token estimate k_t goes to `penalty_rewards`.
 
   Args:
     score: [B] r_θ(x, y), the reward model's score of each response (after the demonstration bias).
@@ -52,14 +56,37 @@ def per_token_rewards(
   Returns:
     [B, T] float32 rewards, 0 at masked positions.
   """
+  return penalty_rewards(score, to_float32(logprobs) - to_float32(ref_logprobs), mask, kl_coef=kl_coef)
+
+
+def penalty_rewards(
+  score: jax.Array,
+  penalty: jax.Array,
+  mask: jax.Array,
+  *,
+  kl_coef: float | jax.Array,
+) -> jax.Array:
+  """Per-token rewards from a per-token KL estimate k_t (losses.kl_penalty; k1 is the log-ratio of Eq. 2):
+
+      r_t = −β · k_t   on the real tokens,   + r_θ(x, y) at the last real token T_b
+
+  Args:
+    score: [B] r_θ(x, y).
+    penalty: [B, T] k_t; masked-out entries may hold anything.
+    mask: [B, T] bool or 0/1, the real response tokens.
+    kl_coef: β, a float or a scalar array.
+
+  Returns:
+    [B, T] float32 rewards, 0 at masked positions (a row with no real token: all zero).
+  """
   keep_BxT = jnp.asarray(mask).astype(bool)
-  log_ratio_BxT = jnp.where(keep_BxT, to_float32(logprobs) - to_float32(ref_logprobs), 0.0)
+  penalty_BxT = jnp.where(keep_BxT, to_float32(penalty), 0.0)
   positions_T = jnp.arange(keep_BxT.shape[1])
   # −1 when the row is empty, which matches no position.
   last_index_B = jnp.max(jnp.where(keep_BxT, positions_T, -1), axis=1)
   is_last_BxT = positions_T[None, :] == last_index_B[:, None]
   score_BxT = jnp.where(is_last_BxT, to_float32(score)[:, None], 0.0)
-  return -kl_coef * log_ratio_BxT + score_BxT
+  return -kl_coef * penalty_BxT + score_BxT
 
 
 def gae(
@@ -183,34 +210,194 @@ def reinforce_pp_advantages(rewards: jax.Array, mask: jax.Array, *, gamma: float
   return whiten(returns, mask), returns
 
 
-# The advantage estimators PPO can train with (ppo.advantage_estimator): GAE needs a value function; the group
-# estimators are (baseline, scale) of group_advantages; REINFORCE++ needs neither critic nor groups.
-GROUP_ESTIMATORS = {"grpo": ("mean", "group_std"), "dr_grpo": ("mean", "none"), "rloo": ("leave_one_out", "none")}
-ESTIMATORS = ("gae", "reinforce_pp", *GROUP_ESTIMATORS)
+# ----------------------------------------------------------------------------------------------------
+# Advantage estimators: the table ESTIMATORS, whose names ppo.advantage_estimator takes
+# ----------------------------------------------------------------------------------------------------
 
-# How each estimator's paper reduces the per-token policy loss (losses.aggregate); ppo.loss_aggregation="auto"
-# takes it. docs/losses.md, "Loss aggregation", gives the equations and where a paper is not explicit.
-PAPER_AGGREGATIONS = {
-  "gae": "token_mean",  # InstructGPT does not state it (docs/paper.md §5.4): this code's reading, as before
-  "reinforce_pp": "token_mean",  # Hu et al. 2025 write PPO's clipped objective over tokens, no reduction: PPO's
-  "grpo": "sequence_mean",  # Shao et al. 2024, Eq. 3: (1/G) Σ_i (1/|o_i|) Σ_t
-  "dr_grpo": "sequence_sum_constant",  # Liu et al. 2025: Σ_t over the response, / a constant (the budget)
-  "rloo": "sequence_sum",  # Ahmadian et al. 2024: the response is one action, log π(y|x) = Σ_t log π(y_t|·)
-}
+
+class Estimator(NamedTuple):
+  """A row of ESTIMATORS: how a scored rollout becomes per-token advantages, and what that needs.
+
+  fn: called with keywords only, as `estimate_advantages` calls it,
+        fn(score=[B], penalty=[B, T], values=[B, T], mask=[B, T], kl_coef=β, gamma=γ, lam=λ, group_size=G,
+           whiten_rewards=bool, whiten_advantages=bool) -> (advantages [B, T], returns [B, T])
+      float32 and 0 at masked positions; returns are the value targets (read only with needs_critic). An
+      estimator names the keywords it reads and takes the rest as `**_`. kl_coef is 0 when the KL is in the
+      loss (ppo.kl_in="loss") instead of the reward.
+  needs_critic: PPO trains a value function (a critic, or a head with ppo.shared_trunk) whose V_t arrive as
+      `values`; False: none is built or checkpointed and `values` holds zeros.
+  grouped: it compares the ppo.samples_per_prompt responses sampled for one prompt (consecutive rows), so the
+      config check asks for 2 or more.
+  paper_aggregation: the policy loss's `losses.aggregate` mode that ppo.loss_aggregation="auto" takes.
+  doc: one line: what it computes and whose it is.
+  """
+
+  fn: Callable[..., tuple[jax.Array, jax.Array]]
+  needs_critic: bool
+  grouped: bool
+  paper_aggregation: str
+  doc: str
+
+
+def sequence_rewards(score: jax.Array, penalty: jax.Array, mask: jax.Array, *, kl_coef: float | jax.Array) -> jax.Array:
+  """One reward per response, the bracket of Eq. 2 with the KL estimate summed: R = score − β·Σ_t k_t, [B] float32
+  (masked-out k_t do not count)."""
+  keep = jnp.asarray(mask).astype(bool)
+  return to_float32(score) - kl_coef * jnp.sum(jnp.where(keep, to_float32(penalty), 0.0), axis=1)
+
+
+def _token_rewards(score, penalty, mask, kl_coef, whiten_rewards: bool) -> jax.Array:
+  rewards = penalty_rewards(score, penalty, mask, kl_coef=kl_coef)
+  if whiten_rewards:  # scale only (lm-human-preferences)
+    rewards = whiten(rewards, mask, shift_mean=False)
+  return rewards
+
+
+def gae_estimator(*, score, penalty, values, mask, kl_coef, gamma, lam, whiten_rewards, whiten_advantages, **_):
+  """The paper's: r_t = penalty_rewards (−β·k_t, + score at the last token), optionally whitened (scale only); GAE
+  on the critic's `values`; advantages whitened over the whole batch with `whiten_advantages` (docs/paper.md §8.5)."""
+  advantages, returns = gae(
+    _token_rewards(score, penalty, mask, kl_coef, whiten_rewards), values, mask, gamma=gamma, lam=lam
+  )
+  if whiten_advantages:
+    advantages = whiten(advantages, mask)
+  return advantages, returns
+
+
+def reinforce_pp_estimator(*, score, penalty, mask, kl_coef, gamma, whiten_rewards, **_):
+  """The same r_t as gae_estimator; A = the whitened returns-to-go (`reinforce_pp_advantages`), returns G."""
+  return reinforce_pp_advantages(_token_rewards(score, penalty, mask, kl_coef, whiten_rewards), mask, gamma=gamma)
+
+
+def group_estimator(baseline: str, scale: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """An estimator that compares the responses to one prompt: R = `sequence_rewards`, `group_advantages` with
+  (baseline, scale) over groups of `group_size` rows, A_t = A on every real token of the response; returns zeros."""
+
+  def estimate(*, score, penalty, mask, kl_coef, group_size, **_):
+    keep = jnp.asarray(mask).astype(bool)
+    reward = sequence_rewards(score, penalty, keep, kl_coef=kl_coef)
+    advantage = group_advantages(reward, group_size=group_size, baseline=baseline, scale=scale)
+    return jnp.where(keep, advantage[:, None], 0.0), jnp.zeros(keep.shape, jnp.float32)
+
+  return estimate
+
+
+# The built-in group estimators' (baseline, scale) of group_advantages.
+GROUP_ESTIMATORS = {"grpo": ("mean", "group_std"), "dr_grpo": ("mean", "none"), "rloo": ("leave_one_out", "none")}
+
+# name -> Estimator: the advantage estimators PPO can train with (ppo.advantage_estimator). estimate_advantages, the
+# PPO config check, the choice of value function (ppo_steps.Models.build, the AOT plan) and
+# ppo.loss_aggregation="auto" read it at call time, so a row added from a script is an option like these:
+#     rl.register_estimator("mine", fn, needs_critic=False)    (docs/ppo.md, "Your own estimator").
+# paper_aggregation is how the estimator's paper reduces the per-token policy loss; docs/losses.md, "Loss
+# aggregation", gives the equations and where a paper is not explicit.
+ESTIMATORS: dict[str, Estimator] = OrderedDict(
+  gae=Estimator(
+    gae_estimator,
+    needs_critic=True,
+    grouped=False,
+    # InstructGPT does not state its reduction (docs/paper.md §5.4): this code's reading.
+    paper_aggregation="token_mean",
+    doc="GAE on a learned critic, the KL in the reward (InstructGPT, App. C.4; Schulman et al. 2016)",
+  ),
+  reinforce_pp=Estimator(
+    reinforce_pp_estimator,
+    needs_critic=False,
+    grouped=False,
+    # Hu et al. 2025 write PPO's clipped objective over tokens with no reduction: PPO's.
+    paper_aggregation="token_mean",
+    doc="whitened returns-to-go of the per-token rewards, no critic (REINFORCE++, Hu et al. 2025)",
+  ),
+  grpo=Estimator(
+    group_estimator(*GROUP_ESTIMATORS["grpo"]),
+    needs_critic=False,
+    grouped=True,
+    paper_aggregation="sequence_mean",  # Shao et al. 2024, Eq. 3: (1/G) Σ_i (1/|o_i|) Σ_t
+    doc="(R − group mean) / group std (GRPO, Shao et al. 2024)",
+  ),
+  dr_grpo=Estimator(
+    group_estimator(*GROUP_ESTIMATORS["dr_grpo"]),
+    needs_critic=False,
+    grouped=True,
+    paper_aggregation="sequence_sum_constant",  # Liu et al. 2025: Σ_t over the response, / a constant (the budget)
+    doc="R − group mean, unscaled (Dr. GRPO, Liu et al. 2025)",
+  ),
+  rloo=Estimator(
+    group_estimator(*GROUP_ESTIMATORS["rloo"]),
+    needs_critic=False,
+    grouped=True,
+    # Ahmadian et al. 2024: the response is one action, log π(y|x) = Σ_t log π(y_t|·).
+    paper_aggregation="sequence_sum",
+    doc="R − the mean of the group's other responses (RLOO, Ahmadian et al. 2024)",
+  ),
+)
+
+
+def register_estimator(
+  name: str,
+  fn: Callable[..., tuple[jax.Array, jax.Array]],
+  *,
+  needs_critic: bool,
+  grouped: bool = False,
+  paper_aggregation: str = "token_mean",
+  doc: str = "",
+) -> Estimator:
+  """Adds an estimator to ESTIMATORS (see Estimator for fn's keywords) and returns its row; from then on
+  `--config.ppo.advantage_estimator=<name>` trains with it. `del rl.ESTIMATORS[name]` takes it out again."""
+  if name in ESTIMATORS:
+    raise ValueError(f"register_estimator: {name!r} is already an estimator; `del rl.ESTIMATORS[{name!r}]` first")
+  if paper_aggregation not in AGGREGATIONS:
+    raise ValueError(f"register_estimator: paper_aggregation {paper_aggregation!r} is not one of {tuple(AGGREGATIONS)}")
+  ESTIMATORS[name] = Estimator(fn, needs_critic, grouped, paper_aggregation, doc)
+  return ESTIMATORS[name]
+
+
+class _Column(Mapping):
+  """One field of ESTIMATORS by name, read when it is looked up (so a registered row is in it too)."""
+
+  def __init__(self, field: str):
+    self._field = field
+
+  def __getitem__(self, name: str):
+    return getattr(ESTIMATORS[name], self._field)
+
+  def __iter__(self):
+    return iter(ESTIMATORS)
+
+  def __len__(self) -> int:
+    return len(ESTIMATORS)
+
+  def __repr__(self) -> str:
+    return repr(dict(self))
+
+
+PAPER_AGGREGATIONS: Mapping[str, str] = _Column("paper_aggregation")  # name -> ESTIMATORS[name].paper_aggregation
+
+
+def _row(estimator: str) -> Estimator:
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"advantage estimator {estimator!r} is not one of {tuple(ESTIMATORS)}")
+  return ESTIMATORS[estimator]
 
 
 def loss_aggregation(estimator: str, setting: str) -> str:
   """The policy loss's `losses.aggregate` mode: `setting`, or for "auto" the estimator's paper's
-  (PAPER_AGGREGATIONS)."""
+  (ESTIMATORS[estimator].paper_aggregation)."""
   if setting != "auto":
     return setting
-  if estimator not in PAPER_AGGREGATIONS:
+  if estimator not in ESTIMATORS:
     raise ValueError(f"loss_aggregation: 'auto' knows no aggregation for estimator {estimator!r}")
-  return PAPER_AGGREGATIONS[estimator]
+  return ESTIMATORS[estimator].paper_aggregation
 
 
 def needs_critic(estimator: str) -> bool:
-  return estimator == "gae"
+  """Whether the estimator trains with a value function (ESTIMATORS[estimator].needs_critic)."""
+  return _row(estimator).needs_critic
+
+
+def is_grouped(estimator: str) -> bool:
+  """Whether the estimator compares the responses sampled for one prompt (ESTIMATORS[estimator].grouped)."""
+  return _row(estimator).grouped
 
 
 def estimate_advantages(
@@ -227,46 +414,41 @@ def estimate_advantages(
   whiten_rewards: bool = False,
   whiten_advantages: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-  """Per-token advantages and returns of a scored rollout, by `estimator` (static):
+  """Per-token advantages and returns of a scored rollout, by `estimator` (static), a name of ESTIMATORS:
 
-      "gae"            r_t = per_token_rewards (−β·k_t, + score at the last token), optionally whitened
+      "gae"            r_t = penalty_rewards (−β·k_t, + score at the last token), optionally whitened
                        (`whiten_rewards`, scale only); GAE on the critic's `values`; advantages whitened over
                        the batch with `whiten_advantages` (the paper's method, docs/paper.md §5)
       "reinforce_pp"   the same r_t; A = whitened returns-to-go (`reinforce_pp_advantages`); `values` unused
       "grpo", "dr_grpo", "rloo"
-                       one reward per response, R = score − β·Σ_t k_t, compared within its group of
-                       `group_size` responses to one prompt (`group_advantages`); A_t = A for every real
-                       token of the response; `values` unused
+                       one reward per response, R = score − β·Σ_t k_t (`sequence_rewards`), compared within its
+                       group of `group_size` responses to one prompt (`group_advantages`); A_t = A for every
+                       real token of the response; `values` unused
+      a registered name  its Estimator.fn, called with these same arguments as keywords
 
   Args:
     score: [B] the RM's score of each response (bias removed).
     penalty: [B, T] the per-token KL estimate k_t (losses.kl_penalty); kl_coef β multiplies it (0: the KL
       is not in the reward).
-    values: [B, T] the value function's V_t ("gae" only).
+    values: [B, T] the value function's V_t (read by the estimators with needs_critic; zeros otherwise).
     mask: [B, T] the real response tokens.
 
   Returns:
     (advantages, returns), [B, T] float32, 0 at masked positions; returns are the value targets (zeros for
     the group estimators, the returns-to-go for "reinforce_pp").
   """
-  keep = jnp.asarray(mask).astype(bool)
-  if estimator in GROUP_ESTIMATORS:
-    baseline, scale = GROUP_ESTIMATORS[estimator]
-    reward = to_float32(score) - kl_coef * jnp.sum(jnp.where(keep, to_float32(penalty), 0.0), axis=1)
-    advantage = group_advantages(reward, group_size=group_size, baseline=baseline, scale=scale)
-    return jnp.where(keep, advantage[:, None], 0.0), jnp.zeros(keep.shape, jnp.float32)
-  if estimator not in ("gae", "reinforce_pp"):
-    raise ValueError(f"estimate_advantages: {estimator!r} is not one of {ESTIMATORS}")
-  # per_token_rewards takes the log-ratio as logprobs − ref_logprobs: the estimate goes in against zeros.
-  rewards = per_token_rewards(score, penalty, jnp.zeros_like(penalty), mask, kl_coef=kl_coef)
-  if whiten_rewards:
-    rewards = whiten(rewards, mask, shift_mean=False)
-  if estimator == "reinforce_pp":
-    return reinforce_pp_advantages(rewards, mask, gamma=gamma)
-  advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
-  if whiten_advantages:  # over the whole rollout batch (docs/paper.md §8.5)
-    advantages = whiten(advantages, mask)
-  return advantages, returns
+  return _row(estimator).fn(
+    score=score,
+    penalty=penalty,
+    values=values,
+    mask=mask,
+    kl_coef=kl_coef,
+    gamma=gamma,
+    lam=lam,
+    group_size=group_size,
+    whiten_rewards=whiten_rewards,
+    whiten_advantages=whiten_advantages,
+  )
 
 
 def _sum_over_devices(x: jax.Array, axis_name: AxisName | None) -> jax.Array:

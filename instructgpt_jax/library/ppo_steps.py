@@ -30,9 +30,10 @@ from instructgpt_jax.library import lm_steps, loop
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
-KL_ESTIMATORS = ("k1", "k2", "k3")
-PTX_REDUCTIONS = ("sequence_sum", "token_mean")
-LOSS_AGGREGATIONS = ("auto", *losses.AGGREGATIONS)  # `loss_aggregation`; "auto": rl.PAPER_AGGREGATIONS
+# ppo.kl_estimator, ppo.ptx_reduction, ppo.advantage_estimator and ppo.loss_aggregation name rows of the tables
+# beside their math (losses.KL_ESTIMATORS, losses.PTX_REDUCTIONS, rl.ESTIMATORS, losses.AGGREGATIONS), which the
+# config check reads when it runs. ppo.loss_aggregation also takes "auto": the estimator's paper_aggregation.
+LOSS_AGGREGATIONS = ("auto", *losses.AGGREGATIONS)  # as the module was imported (the built-in rows)
 ROLLOUT_LAYOUTS = ("auto", "train", "decode")  # `rollout_layout`
 
 

@@ -53,15 +53,18 @@ def critic_init_params(value_source, target, cfg, seed: int):
 
 def check_config(config, checks) -> None:
   """Every PPO setting by itself and against the others, without reading a file (stages.check_config)."""
+  from instructgpt_jax import losses  # the option tables beside their math
+
   p, d = config.ppo, config.data
+  # The tables are read now, so a row a script added (e.g. rl.register_estimator) is an option too.
   for field, allowed in (
     ("kl_controller", ppo_steps.KL_CONTROLLERS),
-    ("kl_estimator", ppo_steps.KL_ESTIMATORS),
-    ("ptx_reduction", ppo_steps.PTX_REDUCTIONS),
-    ("advantage_estimator", rl.ESTIMATORS),
+    ("kl_estimator", tuple(losses.KL_ESTIMATORS)),
+    ("ptx_reduction", tuple(losses.PTX_REDUCTIONS)),
+    ("advantage_estimator", tuple(rl.ESTIMATORS)),
     ("kl_in", ppo_steps.KL_PLACES),
     ("rollout_layout", ppo_steps.ROLLOUT_LAYOUTS),
-    ("loss_aggregation", ppo_steps.LOSS_AGGREGATIONS),
+    ("loss_aggregation", ("auto", *losses.AGGREGATIONS)),
   ):
     checks.one_of(f"ppo.{field}", p[field], allowed)
   for field in ("kl_coef", "ptx_coef", "vf_coef", "ptx_per_episode"):
@@ -91,7 +94,7 @@ def check_config(config, checks) -> None:
     )
     loop.check_batch_values("ppo.minibatch", p.minibatch, config.mesh, checks)
   checks.require(
-    p.samples_per_prompt >= 2 or p.advantage_estimator not in rl.GROUP_ESTIMATORS,
+    p.samples_per_prompt >= 2 or p.advantage_estimator not in rl.ESTIMATORS or not rl.is_grouped(p.advantage_estimator),
     "ppo.samples_per_prompt",
     f"{p.advantage_estimator} compares the responses to one prompt; set it to 2 or more",
   )
