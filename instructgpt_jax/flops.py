@@ -44,8 +44,8 @@ PEAK_BF16_TFLOPS = (
 def matmul_params(cfg: ModelConfig) -> int:
   """N of the PaLM formula: the parameters a token is multiplied by (all but the lookup tables)."""
   lookup_tables = 0
-  if cfg.family == "gpt":
-    lookup_tables += cfg.max_len * cfg.d_model  # learned positions
+  if cfg.learned_positions:
+    lookup_tables += cfg.max_len * cfg.d_model
   if not cfg.tied_embeddings:
     lookup_tables += cfg.vocab_size * cfg.d_model  # the input embedding; the unembedding is a product
   return param_count_formula(cfg) - lookup_tables

@@ -211,7 +211,7 @@ def generate(
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   batch, prompt_length = prompt_tokens.shape
-  if cfg.family == "gpt" and prompt_length + max_new_tokens - 1 > cfg.max_len:
+  if not cfg.positions_fit(prompt_length + max_new_tokens - 1):
     raise errors.ConfigError(
       f"sampling: prompt bucket {prompt_length} + response bucket {max_new_tokens} exceeds the learned "
       f"positions (max_len {cfg.max_len})"

@@ -209,7 +209,7 @@ def sample(args: argparse.Namespace) -> list[int]:
   eos_ids.add(tokenizer.eos_id)
 
   cfg = source.config
-  if cfg.family == "gpt" and len(prompt) + args.max_new_tokens - 1 > cfg.max_len:
+  if not cfg.positions_fit(len(prompt) + args.max_new_tokens - 1):
     raise errors.UserError(
       f"--max_new_tokens: the prompt ({len(prompt)} tokens) and {args.max_new_tokens} new tokens exceed the "
       f"model's {cfg.max_len} positions"

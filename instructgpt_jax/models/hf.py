@@ -8,6 +8,9 @@ A folder holds `config.json`, the weights as `*.safetensors` (one file, or shard
   qwen2             -> family "llama", qkv_bias=True (q/k/v projections with biases)
   qwen3             -> family "llama", qk_norm=True  (per-head RMSNorm of queries and keys)
 
+Each family is one config mapping and one weight-link table, in a module of its own (hf_gpt2.py, hf_llama.py;
+the interface is hf_family.py), found through `FAMILIES`; this module is the family-independent I/O.
+
 Anything our Transformer cannot compute exactly (RoPE scaling other than Llama 3's, an output-projection or
 MLP bias, another activation) is refused with a one-line ConfigError rather than loaded approximately. A
 sliding attention window is the one exception: it changes nothing for sequences that fit in it, so
@@ -57,25 +60,20 @@ from jax.sharding import SingleDeviceSharding
 
 from instructgpt_jax import paths
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models import hf_gpt2, hf_llama
+from instructgpt_jax.models.hf_family import Family, Link, transposed
 from instructgpt_jax.models.sizes import ModelConfig
 
 CONFIG_KEY = "instructgpt_jax"  # our fields in an exported config.json: head_bias, reward_bias, other metadata
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 REMOTE_CACHE_BYTES = 8 * 2**30  # HF tensors read from a bucket and kept (a stacked parameter's layers fit)
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # they name the special tokens
 GENERATION_CONFIG = "generation_config.json"
-# Llama 3.x's RoPE scaling: config.json's rope_scaling / rope_parameters keys -> our ModelConfig fields.
-LLAMA3_ROPE_KEYS = {
-  "factor": "rope_factor",
-  "low_freq_factor": "rope_low_freq_factor",
-  "high_freq_factor": "rope_high_freq_factor",
-  "original_max_position_embeddings": "rope_original_max_len",
-}
-
+# The families, by our family name (ModelConfig.family): each one's config mapping and weight-link table.
+FAMILIES: dict[str, Family] = {family.name: family for family in (hf_gpt2.FAMILY, hf_llama.FAMILY)}
 # ------------------------------------------------------------------------------------------ safetensors files
 # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
 # (plus "__metadata__"), then the tensors' bytes, offsets counted from the end of the header.
@@ -204,12 +202,11 @@ class _Discard:
 def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
   """(ModelConfig, kind) of a config.json dict. kind is "scalar" for a one-label sequence classifier."""
   model_type = hf.get("model_type")
-  if model_type == "gpt2":
-    fields = _gpt2_fields(hf)
-  elif model_type in LLAMA_TYPES:
-    fields = _llama_fields(hf)
-  else:
-    raise ConfigError(f"hf: model_type {model_type!r} is not supported; supported: gpt2, {', '.join(LLAMA_TYPES)}")
+  family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+  if family is None:
+    supported = [t for f in FAMILIES.values() for t in f.model_types]
+    raise ConfigError(f"hf: model_type {model_type!r} is not supported; supported: {', '.join(supported)}")
+  fields = family.fields_from_hf(hf)
   kind = "lm"
   if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
     labels = hf.get("num_labels", len(hf.get("id2label") or {0: ""}))
@@ -217,89 +214,6 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
       raise ConfigError(f"hf: a sequence classifier with {labels} labels is not a scalar model (num_labels 1)")
     kind = "scalar"
   return ModelConfig(**fields), kind
-
-
-def _refuse(condition: bool, message: str) -> None:
-  if condition:
-    raise ConfigError(f"hf: {message}: our Transformer cannot compute this model exactly")
-
-
-def _gpt2_fields(hf) -> dict[str, Any]:
-  activation = hf.get("activation_function", "gelu_new")
-  _refuse(activation not in ("gelu_new", "gelu_pytorch_tanh"), f"activation {activation!r} (ours: tanh GELU)")
-  _refuse(hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
-  _refuse(not hf.get("scale_attn_weights", True), "scale_attn_weights=False")
-  d_model = hf["n_embd"]
-  return dict(
-    family="gpt",
-    vocab_size=hf["vocab_size"],
-    n_layers=hf["n_layer"],
-    d_model=d_model,
-    n_heads=hf["n_head"],
-    d_ff=hf.get("n_inner") or 4 * d_model,
-    max_len=hf["n_positions"],
-    tied_embeddings=hf.get("tie_word_embeddings", True),
-    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-  )
-
-
-def _llama_fields(hf) -> dict[str, Any]:
-  _refuse(hf.get("hidden_act", "silu") != "silu", f"activation {hf.get('hidden_act')!r} (ours: SiLU)")
-  _refuse(hf.get("attention_bias", False), "attention_bias (an output-projection bias)")
-  _refuse(hf.get("mlp_bias", False), "mlp_bias")
-  n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
-  head_dim = hf.get("head_dim") or d_model // n_heads
-  kv_heads = hf.get("num_key_value_heads") or n_heads
-  max_len = hf.get("max_position_embeddings", 2048)
-  rope = _rope_fields(hf, max_len)
-  # A sliding window changes nothing for sequences that fit in it: cap the length there.
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-  if window and window < max_len:
-    max_len = window
-  return dict(
-    family="llama",
-    vocab_size=hf["vocab_size"],
-    n_layers=hf["num_hidden_layers"],
-    d_model=d_model,
-    n_heads=n_heads,
-    n_kv_heads=None if kv_heads == n_heads else kv_heads,
-    d_head=None if head_dim * n_heads == d_model else head_dim,
-    d_ff=hf["intermediate_size"],
-    max_len=max_len,
-    tied_embeddings=hf.get("tie_word_embeddings", False),
-    norm_eps=hf.get("rms_norm_eps", 1e-6),
-    qkv_bias=hf["model_type"] == "qwen2",
-    qk_norm=hf["model_type"] == "qwen3",
-    **rope,
-  )
-
-
-def _rope_fields(hf, max_position_embeddings: int) -> dict[str, Any]:
-  """rope_theta and the RoPE scaling fields of a llama-family config.json, read as transformers 5 reads them.
-
-  transformers 4 wrote `rope_theta` and `rope_scaling`; 5 writes `rope_parameters` (theta included) and,
-  given both, takes `rope_scaling` first. A theta inside the dict comes before a top-level one.
-  """
-  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-  _refuse(any(isinstance(v, dict) for v in rope.values()), "RoPE parameters per layer type")
-  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  _refuse(partial != 1.0, f"partial_rotary_factor {partial} (ours rotates the whole head)")
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  _refuse(rope_type not in ("default", "llama3"), f"RoPE scaling {rope_type!r}")
-  fields: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
-  if rope_type == "llama3":
-    # transformers 5 prefers a top-level original_max_position_embeddings, then the dict's, then the length.
-    rope = {"original_max_position_embeddings": max_position_embeddings, **rope}
-    if hf.get("original_max_position_embeddings") is not None:
-      rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
-    missing = [key for key in LLAMA3_ROPE_KEYS if rope.get(key) is None]
-    if missing:
-      raise ConfigError(f"hf: RoPE scaling 'llama3' without {', '.join(missing)} in config.json")
-    fields.update({ours: rope[key] for key, ours in LLAMA3_ROPE_KEYS.items()}, rope_scaling="llama3")
-    fields["rope_original_max_len"] = int(fields["rope_original_max_len"])
-    for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-      fields[name] = float(fields[name])
-  return fields
 
 
 def hf_config(
@@ -310,58 +224,15 @@ def hf_config(
   token_ids: dict[str, Any] | None = None,
   metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The config.json of our model: GPT2 for "gpt"; for "llama", Qwen3 with qk_norm, Qwen2 with qkv_bias,
-  else Llama.
+  """The config.json of our model: its family's architecture (GPT2 for "gpt"; for "llama", Qwen3 with qk_norm,
+  Qwen2 with qkv_bias, else Llama), then the fields every family shares.
 
   `token_ids` may hold bos_token_id, eos_token_id (an id or a list), pad_token_id (kept only when it is an
   id of the vocabulary, see `config_token_ids`); an id not given is written as null. `metadata` goes under
   CONFIG_KEY.
   """
   head = "ForSequenceClassification" if kind == "scalar" else None
-  if cfg.family == "gpt":
-    _refuse_export(cfg.kv_heads != cfg.n_heads, "GPT-2 has no grouped-query attention")
-    _refuse_export(cfg.head_dim * cfg.n_heads != cfg.d_model, "GPT-2's head size is d_model / n_heads")
-    out = dict(
-      architectures=["GPT2" + (head or "LMHeadModel")],
-      model_type="gpt2",
-      vocab_size=cfg.vocab_size,
-      n_positions=cfg.max_len,
-      n_embd=cfg.d_model,
-      n_layer=cfg.n_layers,
-      n_head=cfg.n_heads,
-      n_inner=cfg.d_ff,
-      activation_function="gelu_new",
-      layer_norm_epsilon=cfg.norm_eps,
-      scale_attn_weights=True,
-      resid_pdrop=0.0,
-      embd_pdrop=0.0,
-      attn_pdrop=0.0,
-    )
-  else:
-    _refuse_export(cfg.qk_norm and cfg.qkv_bias, "q/k norms with q/k/v biases alone are no HF architecture")
-    arch = "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.qkv_bias else "Llama"
-    out = dict(
-      architectures=[arch + (head or "ForCausalLM")],
-      model_type=arch.lower(),
-      vocab_size=cfg.vocab_size,
-      hidden_size=cfg.d_model,
-      intermediate_size=cfg.d_ff,
-      num_hidden_layers=cfg.n_layers,
-      num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.kv_heads,
-      head_dim=cfg.head_dim,
-      max_position_embeddings=cfg.max_len,
-      rms_norm_eps=cfg.norm_eps,
-      hidden_act="silu",
-      attention_dropout=0.0,
-      **_rope_config(cfg),
-    )
-    if cfg.qk_norm:
-      out.update(attention_bias=False, use_sliding_window=False)
-    elif cfg.qkv_bias:
-      out.update(use_sliding_window=False)
-    else:
-      out.update(attention_bias=False, mlp_bias=False)
+  out = FAMILIES[cfg.family].config_to_hf(cfg, head)
   out["tie_word_embeddings"] = cfg.tied_embeddings
   if kind == "scalar":
     out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
@@ -371,20 +242,6 @@ def hf_config(
   out.update({field: None for field in TOKEN_ID_FIELDS}, **config_token_ids(cfg, token_ids))
   if metadata:
     out[CONFIG_KEY] = metadata
-  return out
-
-
-def _rope_config(cfg: ModelConfig) -> dict[str, Any]:
-  """RoPE in config.json, in the spellings of transformers 4 (rope_theta, rope_scaling) and 5 (rope_parameters,
-  theta included), so that readers of either (vLLM among them) agree."""
-  scaling = {}
-  if cfg.rope_scaling == "llama3":
-    scaling = {"rope_type": "llama3", **{key: getattr(cfg, ours) for key, ours in LLAMA3_ROPE_KEYS.items()}}
-  out = dict(
-    rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **scaling}
-  )
-  if scaling:
-    out["rope_scaling"] = scaling
   return out
 
 
@@ -409,11 +266,6 @@ def _json_id(token_id):
   return int(token_id) if isinstance(token_id, (int, np.integer)) and not isinstance(token_id, bool) else token_id
 
 
-def _refuse_export(condition: bool, message: str) -> None:
-  if condition:
-    raise ConfigError(f"hf export: {message}")
-
-
 def read_config(path: str) -> tuple[ModelConfig, str, dict[str, Any]]:
   """(ModelConfig, kind, info) of a HuggingFace model folder.
 
@@ -431,150 +283,25 @@ def read_config(path: str) -> tuple[ModelConfig, str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ tensor names
 
 
-def _same(x):
-  return x
-
-
-def _transposed(x):
-  return x.T
-
-
-@dataclasses.dataclass(frozen=True)
-class Link:
-  """One of our parameters and where it lives in the HF checkpoint.
-
-  ours: its path in our params tree ("layers" leaves are stacked [L, ...] and read layer by layer).
-  hf: the HF tensor name; "{p}" is the trunk prefix ("model.", "transformer." or ""), "{i}" the layer.
-  to_ours: HF tensor -> ours, by reshapes and transposes only (NumPy views, so a shard reads only its part).
-  to_hf: ours -> HF tensor. Links that share an HF name are concatenated along its last axis, in order.
-  """
-
-  ours: tuple[str, ...]
-  hf: str
-  to_ours: Callable[[np.ndarray], np.ndarray] = _same
-  to_hf: Callable[[np.ndarray], np.ndarray] = _same
-
-  @property
-  def layered(self) -> bool:
-    return "{i}" in self.hf
-
-
-def _llama_links(cfg: ModelConfig) -> list[Link]:
-  """Llama / Mistral / Qwen2 / Qwen3. HF Linear weights are [out, in]; our kernels are [in, ...out]."""
-  d, h = cfg.d_model, cfg.head_dim
-  layer = "{p}layers.{i}."
-
-  def projection(name, heads):  # HF [heads·H, D] <-> ours [D, heads, H]
-    kernel = Link(
-      ("layers", "attn", name, "kernel"),
-      layer + f"self_attn.{name[0]}_proj.weight",
-      lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
-      lambda k: k.transpose(1, 2, 0).reshape(heads * h, d),
-    )
-    bias = Link(
-      ("layers", "attn", name, "bias"),
-      layer + f"self_attn.{name[0]}_proj.bias",
-      lambda b: b.reshape(heads, h),
-      lambda b: b.reshape(heads * h),
-    )
-    return [kernel, bias] if cfg.qkv_bias else [kernel]
-
-  def mlp(name):
-    return Link(("layers", "mlp", name, "kernel"), layer + f"mlp.{name}_proj.weight", _transposed, _transposed)
-
-  qk_norms = [  # Qwen3: one [H] scale per layer for all query heads, one for all key heads
-    Link(("layers", "attn", "query_norm", "scale"), layer + "self_attn.q_norm.weight"),
-    Link(("layers", "attn", "key_norm", "scale"), layer + "self_attn.k_norm.weight"),
-  ]
-  return [
-    Link(("embed", "embedding"), "{p}embed_tokens.weight"),
-    Link(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight"),
-    *projection("query", cfg.n_heads),
-    *projection("key", cfg.kv_heads),
-    *projection("value", cfg.kv_heads),
-    *(qk_norms if cfg.qk_norm else []),
-    Link(
-      ("layers", "attn", "out", "kernel"),
-      layer + "self_attn.o_proj.weight",
-      lambda w: w.reshape(d, cfg.n_heads, h).transpose(1, 2, 0),  # [D, N·H] -> [N, H, D]
-      lambda k: k.transpose(2, 0, 1).reshape(d, cfg.n_heads * h),
-    ),
-    Link(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight"),
-    mlp("gate"),
-    mlp("up"),
-    mlp("down"),
-    Link(("final_norm", "scale"), "{p}norm.weight"),
-  ]
-
-
-def _gpt2_links(cfg: ModelConfig) -> list[Link]:
-  """GPT-2. Its Conv1D weights are already [in, out]; c_attn holds [q | k | v] along the output axis."""
-  d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
-  layer = "{p}h.{i}."
-
-  def qkv(j, name):
-    kernel = Link(
-      ("layers", "attn", name, "kernel"),
-      layer + "attn.c_attn.weight",
-      lambda w: w[:, j * d : (j + 1) * d].reshape(d, n, h),
-      lambda k: k.reshape(d, n * h),
-    )
-    bias = Link(
-      ("layers", "attn", name, "bias"),
-      layer + "attn.c_attn.bias",
-      lambda b: b[j * d : (j + 1) * d].reshape(n, h),
-      lambda b: b.reshape(n * h),
-    )
-    return kernel, bias
-
-  def norm(ours, hf):
-    return [Link((*ours, "scale"), hf + ".weight"), Link((*ours, "bias"), hf + ".bias")]
-
-  (q, q_bias), (k, k_bias), (v, v_bias) = qkv(0, "query"), qkv(1, "key"), qkv(2, "value")
-  return [
-    Link(("embed", "embedding"), "{p}wte.weight"),
-    Link(("pos_embed", "embedding"), "{p}wpe.weight"),
-    *norm(("layers", "attn_norm"), layer + "ln_1"),
-    q,
-    k,
-    v,
-    q_bias,
-    k_bias,
-    v_bias,
-    Link(
-      ("layers", "attn", "out", "kernel"),
-      layer + "attn.c_proj.weight",
-      lambda w: w.reshape(n, h, d),
-      lambda k: k.reshape(n * h, d),
-    ),
-    Link(("layers", "attn", "out", "bias"), layer + "attn.c_proj.bias"),
-    *norm(("layers", "mlp_norm"), layer + "ln_2"),
-    Link(("layers", "mlp", "up", "kernel"), layer + "mlp.c_fc.weight"),
-    Link(("layers", "mlp", "up", "bias"), layer + "mlp.c_fc.bias"),
-    Link(("layers", "mlp", "down", "kernel"), layer + "mlp.c_proj.weight"),
-    Link(("layers", "mlp", "down", "bias"), layer + "mlp.c_proj.bias"),
-    *norm(("final_norm",), "{p}ln_f"),
-  ]
-
-
-UNEMBED = Link(("unembed", "kernel"), "lm_head.weight", _transposed, _transposed)
-SCORE = Link(("head", "proj", "kernel"), "score.weight", _transposed, _transposed)  # [1, D] <-> [D, 1]
-TRUNK_PREFIXES = {"gpt": "transformer.", "llama": "model."}
+# The heads every family's task models share (transformers' <Arch>ForCausalLM, <Arch>ForSequenceClassification).
+UNEMBED = Link(("unembed", "kernel"), "lm_head.weight", transposed, transposed)
+SCORE = Link(("head", "proj", "kernel"), "score.weight", transposed, transposed)  # [1, D] <-> [D, 1]
 
 
 def trunk_links(cfg: ModelConfig, *, unembed: bool) -> list[Link]:
   """The links of a Transformer's parameters; with `unembed`, its untied unembedding too."""
-  links = _gpt2_links(cfg) if cfg.family == "gpt" else _llama_links(cfg)
+  links = FAMILIES[cfg.family].links(cfg)
   return links + [UNEMBED] if unembed else links
 
 
 def _trunk_prefix(cfg: ModelConfig, files: TensorFiles) -> str:
   """The prefix of the trunk's tensor names: "model." / "transformer." from a task model, "" from a base one."""
-  embed = "{p}wte.weight" if cfg.family == "gpt" else "{p}embed_tokens.weight"
-  for prefix in (TRUNK_PREFIXES[cfg.family], ""):
+  family = FAMILIES[cfg.family]
+  embed = family.embedding(cfg)
+  for prefix in (family.prefix, ""):
     if embed.format(p=prefix) in files:
       return prefix
-  raise ConfigError(f"hf: no token embedding {embed.format(p=TRUNK_PREFIXES[cfg.family])!r} in the weights")
+  raise ConfigError(f"hf: no token embedding {embed.format(p=family.prefix)!r} in the weights")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -721,7 +448,7 @@ def export(
     raise ConfigError(f"hf export: kind {kind!r} is not lm or scalar")
   trunk = params["transformer"] if kind == "scalar" else params
   links = trunk_links(cfg, unembed=kind == "lm" and not cfg.tied_embeddings)
-  tensors = _pending_tensors(trunk, links, cfg, TRUNK_PREFIXES[cfg.family], dtype)
+  tensors = _pending_tensors(trunk, links, cfg, FAMILIES[cfg.family].prefix, dtype)
   metadata = dict(metadata or {})
   if kind == "scalar":
     tensors += _pending_tensors(params, [SCORE], cfg, "", dtype)

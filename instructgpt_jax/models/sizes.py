@@ -18,7 +18,31 @@ from typing import Any
 
 from instructgpt_jax import errors
 
-FAMILIES = ("gpt", "llama")
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What a family's Transformer computes; the model reads these traits (ModelConfig's properties), never the
+  family's name.
+
+  positions: "learned" (a table of `max_len` position embeddings added to the token embeddings) or "rope"
+    (rotary embeddings of queries and keys; no length limit in the parameters).
+  norm: "layernorm" (scale and bias) or "rmsnorm" (scale).
+  mlp: "gelu" (up, tanh GELU, down) or "swiglu" (silu(gate) * up, down).
+  biases: every linear layer has a bias (else none, besides `ModelConfig.qkv_bias`).
+  """
+
+  positions: str
+  norm: str
+  mlp: str
+  biases: bool
+
+
+# The families, by name (a new family is a row here, a row of models/hf.py's FAMILIES, docs/hf.md).
+ARCHITECTURES = {
+  "gpt": Architecture(positions="learned", norm="layernorm", mlp="gelu", biases=True),  # GPT-2 / GPT-3
+  "llama": Architecture(positions="rope", norm="rmsnorm", mlp="swiglu", biases=False),  # Llama, Mistral, Qwen
+}
+FAMILIES = tuple(ARCHITECTURES)
 ROPE_SCALINGS = ("llama3",)  # besides None (plain RoPE)
 LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -81,9 +105,9 @@ class ModelConfig:
       raise errors.ConfigError(f"model.n_kv_heads: {self.kv_heads} does not divide n_heads={self.n_heads}")
     if self.d_head is None and self.d_model % self.n_heads:
       raise errors.ConfigError(f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model}; set d_head")
-    if self.family == "llama" and self.head_dim % 2:
+    if self.rope and self.head_dim % 2:
       raise errors.ConfigError(f"model.d_head: RoPE needs an even head size, got {self.head_dim}")
-    if self.qk_norm and self.family != "llama":
+    if self.qk_norm and not self.rope:  # norms of the queries and keys that RoPE then rotates
       raise errors.ConfigError("model.qk_norm: query/key norms exist in the llama family only")
     self._check_rope_scaling()
     if not 0.0 <= self.resid_dropout < 1.0:
@@ -97,7 +121,7 @@ class ModelConfig:
       return
     if self.rope_scaling not in ROPE_SCALINGS:
       raise errors.ConfigError(f"model.rope_scaling: {self.rope_scaling!r} is not None or one of {ROPE_SCALINGS}")
-    if self.family != "llama":
+    if not self.rope:
       raise errors.ConfigError("model.rope_scaling: RoPE exists in the llama family only")
     missing = [name for name in LLAMA3_ROPE_FIELDS if name not in given]
     if missing:
@@ -117,6 +141,41 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_head or self.d_model // self.n_heads
+
+  # The family's architecture (ARCHITECTURES), which the model, the FLOP count and the samplers read.
+  @property
+  def architecture(self) -> Architecture:
+    return ARCHITECTURES[self.family]
+
+  @property
+  def learned_positions(self) -> bool:
+    """A learned table of `max_len` position embeddings (gpt): a sequence longer than max_len cannot run."""
+    return self.architecture.positions == "learned"
+
+  @property
+  def rope(self) -> bool:
+    """Rotary position embeddings of queries and keys (llama)."""
+    return self.architecture.positions == "rope"
+
+  @property
+  def norm(self) -> str:
+    """The norm: "layernorm" (gpt) or "rmsnorm" (llama)."""
+    return self.architecture.norm
+
+  @property
+  def mlp(self) -> str:
+    """The MLP: "gelu" (gpt) or "swiglu" (llama)."""
+    return self.architecture.mlp
+
+  @property
+  def biases(self) -> bool:
+    """Every linear layer has a bias (gpt); else none, besides the q/k/v biases of `qkv_bias`."""
+    return self.architecture.biases
+
+  def positions_fit(self, length: int) -> bool:
+    """Whether a sequence of `length` tokens has a position embedding for each token: always with RoPE, up to
+    `max_len` with learned positions. (Samplers ask with prompt + new tokens - 1: the last token is not fed back.)"""
+    return not self.learned_positions or length <= self.max_len
 
 
 def _gpt(n_layers, d_model, n_heads, d_head=None, *, max_len=2048, vocab_size=50257):
@@ -242,12 +301,12 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
 def param_count_formula(cfg: ModelConfig) -> int:
   """Closed-form parameter count (docs/paper.md §6: 12·d² + 13·d per GPT layer, plus embeddings), for checks."""
   d, h, kv, ff = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.d_ff
-  if cfg.family == "gpt":
-    per_layer = d * (h + 2 * kv) + (h + 2 * kv) + h * d + d + 2 * d * ff + ff + d + 4 * d
-    extra = cfg.max_len * d + 2 * d
-  else:
-    per_layer = d * (h + 2 * kv) + h * d + 3 * d * ff + 2 * d + (h + 2 * kv if cfg.qkv_bias else 0)
-    per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0
-    extra = d
+  mlp_kernels = 3 if cfg.mlp == "swiglu" else 2  # gate, up, down / up, down
+  norm = 2 * d if cfg.norm == "layernorm" else d  # scale and bias / scale
+  per_layer = d * (h + 2 * kv) + h * d + mlp_kernels * d * ff + 2 * norm
+  per_layer += h + 2 * kv if cfg.biases or cfg.qkv_bias else 0
+  per_layer += d + (mlp_kernels - 1) * ff + d if cfg.biases else 0  # the output projection's, the MLP's
+  per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0
+  extra = norm + (cfg.max_len * d if cfg.learned_positions else 0)  # the final norm, learned positions
   unembed = 0 if cfg.tied_embeddings else d * cfg.vocab_size
   return cfg.n_layers * per_layer + cfg.vocab_size * d + unembed + extra

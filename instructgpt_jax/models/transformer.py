@@ -1,4 +1,6 @@
-"""A decoder-only Transformer in Flax NNX for two families, chosen by `ModelConfig.family`.
+"""A decoder-only Transformer in Flax NNX for two families, chosen by `ModelConfig.family`, whose traits
+(models/sizes.py ARCHITECTURES: `cfg.learned_positions`, `cfg.rope`, `cfg.norm`, `cfg.mlp`, `cfg.biases`) are
+what this module reads.
 
 * "gpt" (GPT-2 / GPT-3): learned position embeddings, pre-LayerNorm, GELU MLP, biases everywhere.
 * "llama": rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (except
@@ -141,7 +143,7 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs, *, per_head: bool = False, dtype: st
   )
   if per_head:
     return nnx.RMSNorm(cfg.head_dim, **kwargs)
-  if cfg.family == "llama":
+  if cfg.norm == "rmsnorm":
     return nnx.RMSNorm(cfg.d_model, **kwargs)
   return nnx.LayerNorm(cfg.d_model, bias_metadata=_axes("embed"), **kwargs)
 
@@ -156,7 +158,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    bias = cfg.family == "gpt"
+    bias = cfg.biases
     qkv_bias = bias or cfg.qkv_bias
     init = nnx.initializers.normal(cfg.init_std)
     # GPT-2's modified initialization: residual output projections scaled by 1/sqrt(2 · n_layers).
@@ -200,7 +202,7 @@ class Attention(nnx.Module):
     v = constrain(self.value(x), BTKH)
     if self.cfg.qk_norm:
       q, k = constrain(self.query_norm(q), BTNH), constrain(self.key_norm(k), BTKH)
-    if self.cfg.family == "llama":
+    if self.cfg.rope:
       inv_freq = rope_frequencies(self.cfg)  # once for q and k
       q = apply_rope(q, positions, inv_freq=inv_freq)
       k = apply_rope(k, positions, inv_freq=inv_freq)
@@ -251,20 +253,20 @@ class Mlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, ff = cfg.d_model, cfg.d_ff
-    bias = cfg.family == "gpt"
+    bias = cfg.biases
     init = nnx.initializers.normal(cfg.init_std)
     out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
     common = dict(use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     up = dict(kernel_init=init, kernel_metadata=_axes("embed", "mlp"), bias_metadata=_axes("mlp"), **common)
     self.up = nnx.Linear(d, ff, **up)
-    if cfg.family == "llama":
+    if cfg.mlp == "swiglu":
       self.gate = nnx.Linear(d, ff, **up)
     self.down = nnx.Linear(
       ff, d, kernel_init=out_init, kernel_metadata=_axes("mlp", "embed"), bias_metadata=_axes("embed"), **common
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.cfg.family == "llama":
+    if self.cfg.mlp == "swiglu":
       hidden = jax.nn.silu(self.gate(x)) * self.up(x)
     else:
       hidden = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's tanh approximation
@@ -322,7 +324,7 @@ class Transformer(nnx.Module):
       embedding_metadata=_axes("vocab", "embed"),
       **common,
     )
-    if cfg.family == "gpt":
+    if cfg.learned_positions:
       # GPT-2 initializes position embeddings with std 0.01.
       self.pos_embed = nnx.Embed(
         cfg.max_len,
@@ -428,7 +430,7 @@ class Transformer(nnx.Module):
     # Padding ids may lie outside the vocabulary (docs/paper.md §8 row 2); a real id keeps the lookup finite.
     tokens = jnp.where(segment_ids > 0, tokens, 0)
     x = self.embed(tokens)
-    if self.cfg.family == "gpt":
+    if self.cfg.learned_positions:
       x = x + self.pos_embed(positions)
     return constrain(x, BTD)
 
