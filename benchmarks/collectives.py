@@ -56,13 +56,14 @@ PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12}
 def _flops_per_device(config, program: str, devices: int) -> float:
   """Model FLOPs of one decode step (every rollout row's next token) or one minibatch step, per device."""
   from instructgpt_jax import flops, models
+  from instructgpt_jax.library import ppo_steps
 
   p, policy = config.ppo, models.resolve(config.model.to_dict())
   length = config.data.max_prompt_len + p.max_new_tokens
   if program == "rollout":
     return flops.forward_flops_per_token(policy, length) * p.rollout_batch / devices
   rows = p.minibatch * length
-  ptx = p.ptx_per_episode * p.minibatch * config.data.ptx_seq_len if p.ptx_coef else 0
+  ptx = ppo_steps.ptx_rows(p) * config.data.ptx_seq_len if p.ptx_coef else 0
   return (2 * flops.train_flops_per_token(policy, length) * rows + flops.train_flops_per_token(policy, 2048) * ptx) / (
     devices
   )  # the policy and a critic of about its size; the ptx rows

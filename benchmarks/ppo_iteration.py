@@ -1,6 +1,6 @@
 """PPO iteration throughput: episodes/s and where an iteration's time goes (rollout / scoring / training).
 
-It runs the PPO stage itself (`instructgpt_jax.trainers.ppo.train`, the code users run) on random models:
+It runs the PPO stage itself (`instructgpt_jax.stages.ppo.train`, the code users run) on random models:
 a random policy exported as the SFT model, a random reward model of the same shape, and prompts of
 random letters all `--prompt_len` tokens long (one prompt bucket). Plain PPO (γ = 0: TRL has no ptx term),
 a separate critic started from the RM, EMA of the policy as configured.

@@ -1,6 +1,6 @@
 """Reward-model training throughput: comparisons/s (and sequences/s, tokens/s) of the RM stage's step.
 
-It runs the RM stage itself (`instructgpt_jax.trainers.rm.train`, the code users run) from a random
+It runs the RM stage itself (`instructgpt_jax.stages.rm.train`, the code users run) from a random
 initialization on generated comparisons: every prompt has `--k` responses ranked without ties, so a batch
 element carries all C(K, 2) of its comparisons (docs/paper.md §4.1) and a step of `--batch` prompts trains on
 batch · C(K, 2) comparisons over batch · K sequences of `--seq_len` tokens. Prompt and response lengths are

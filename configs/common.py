@@ -39,7 +39,7 @@ def run_config(
   c.allow_schedule_change = False
   c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE
   c.model = config_lib.model_section(size, **model_fields)
-  c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (trainers/model_io.py)
+  c.model.init_from = ""  # "", an earlier run's workdir, an exported model, or hf:<path> (library/model_io.py)
   # Which checkpoint of an init_from workdir: "" = the one that run selected (SFT: best RM score or validation
   # loss; selected.json), else its newest; "latest"; or a step number.
   c.model.init_from_step = ""

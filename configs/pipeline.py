@@ -30,7 +30,7 @@ the seeds tell from zero:
 
 `compare` (beyond the paper; `lab_quick,compare` for the quick scale) adds, from the same SFT model and RM:
 GRPO (4 samples per prompt, KL as a k3 term in the loss) and RLOO (4 samples, KL in the reward), no critic
-and no ptx term; DPO on the RM's comparisons; and best-of-n from the SFT model. trainers/compare.py measures
+and no ptx term; DPO on the RM's comparisons; and best-of-n from the SFT model. stages/compare.py measures
 them all the same way and lab/report.py writes compare.md with the over-optimization figure.
 
 Every stage's config is a section of this one: `--config.stages.ppo.ppo.kl_coef=0.05` changes one run.
@@ -103,7 +103,7 @@ def get_config(arg: str = "lab") -> ml_collections.ConfigDict:
   b.eval_every_steps = steps(150)
   b.checkpoint_every_steps = steps(150)
   b.eval_rm.update(prompts="lab:prompts:eval:64", num_prompts=64, max_new_tokens=24, batch_size=64)
-  b.eval_rm.rm = "<workdir>/rm/export"  # the lab's RM: trainers/pipeline.py puts its path here
+  b.eval_rm.rm = "<workdir>/rm/export"  # the lab's RM: stages/pipeline.py puts its path here
   c.stages.sft_baseline = b
 
   # ---- labels: samples of the SFT model, ranked by the training labelers

@@ -123,7 +123,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )  # warmup_steps counts iterations; the trainer turns it into optimizer steps
   c.value_optim = common.optim_config(
     lr=sizes.paper_value_lr(size), schedule="constant", weight_decay=0.0, eps=1e-5, clip_norm=1.0
-  )  # the trainer refuses it where model.init_from is of another size class (trainers/ppo.py check_setup)
+  )  # the trainer refuses it where model.init_from is of another size class (stages/ppo.py check_setup)
   if a.tiny:
     c.model.dtype = "float32"
     c.checkpoint_every_steps = 5

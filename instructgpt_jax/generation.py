@@ -182,6 +182,12 @@ def sample_step(model, tokens, segment_ids, cache: KVCache, rng, step, *, settin
   return tokens, logprobs, cache
 
 
+def cache_length_for(prompt_length: int, max_new_tokens: int) -> int:
+  """KV-cache slots for a prompt bucket and a response bucket: P + R − 1, because the last generated token is
+  never fed back. Also the most positions a sampled sequence uses."""
+  return prompt_length + max_new_tokens - 1
+
+
 def generate(
   graphdef,
   params,
@@ -211,7 +217,8 @@ def generate(
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   batch, prompt_length = prompt_tokens.shape
-  if not cfg.positions_fit(prompt_length + max_new_tokens - 1):
+  cache_length = cache_length_for(prompt_length, max_new_tokens)
+  if not cfg.positions_fit(cache_length):
     raise errors.ConfigError(
       f"sampling: prompt bucket {prompt_length} + response bucket {max_new_tokens} exceeds the learned "
       f"positions (max_len {cfg.max_len})"
@@ -220,33 +227,17 @@ def generate(
   prompt_segment_ids = sharding.constrain(prompt_segment_ids, BT)
   limit = jnp.broadcast_to(max_new_tokens if length_limit is None else length_limit, (batch,))
 
-  # The last generated token is never fed back, so the cache needs P + R - 1 slots.
-  cache_length = prompt_length + max_new_tokens - 1
   first, first_logprob, cache = first_tokens(
     model, prompt_tokens, prompt_segment_ids, rng, settings=settings, cache_length=cache_length
   )
   active = jnp.any(prompt_segment_ids > 0, axis=-1) & (limit > 0)
-
-  def write(buffers, step, tokens, logprobs, real):
-    """Stores column `step` of the response buffers; rows not `real` get pad, mask 0, log-prob 0."""
-    columns = (
-      jnp.where(real, tokens, settings.pad_id),
-      real.astype(jnp.int32),
-      jnp.where(real, logprobs, 0.0),
-    )
-    return Rollout(
-      *(
-        sharding.constrain(jax.lax.dynamic_update_slice_in_dim(buffer, column[:, None], step, axis=1), BT)
-        for buffer, column in zip(buffers, columns)
-      )
-    )
 
   empty = Rollout(
     tokens=jnp.full((batch, max_new_tokens), settings.pad_id, jnp.int32),
     mask=jnp.zeros((batch, max_new_tokens), jnp.int32),
     logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
   )
-  rollout = write(empty, 0, first, first_logprob, active)
+  rollout = _write_column(empty, 0, first, first_logprob, active, settings.pad_id)
   # A row keeps going after step t if its token t was real, was not EOS, and t + 1 is under its limit.
   running = active & (first != settings.eos_id) & (limit > 1)
 
@@ -259,12 +250,23 @@ def generate(
     previous = jax.lax.dynamic_index_in_dim(rollout.tokens, step - 1, axis=1, keepdims=False)
     previous_mask = jax.lax.dynamic_index_in_dim(rollout.mask, step - 1, axis=1, keepdims=False)
     tokens, logprobs, cache = sample_step(model, previous, previous_mask, cache, rng, step, settings=settings)
-    rollout = write(rollout, step, tokens, logprobs, running)
+    rollout = _write_column(rollout, step, tokens, logprobs, running, settings.pad_id)
     running = running & (tokens != settings.eos_id) & (step + 1 < limit)
     return step + 1, cache, rollout, running
 
   _, _, rollout, _ = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(1), cache, rollout, running))
   return rollout
+
+
+def _write_column(buffers: Rollout, step, tokens, logprobs, real, pad_id: int) -> Rollout:
+  """Stores column `step` of the response buffers; rows not `real` get pad, mask 0, log-prob 0."""
+  columns = (jnp.where(real, tokens, pad_id), real.astype(jnp.int32), jnp.where(real, logprobs, 0.0))
+  return Rollout(
+    *(
+      sharding.constrain(jax.lax.dynamic_update_slice_in_dim(buffer, column[:, None], step, axis=1), BT)
+      for buffer, column in zip(buffers, columns)
+    )
+  )
 
 
 def sample_batches(

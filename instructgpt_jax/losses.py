@@ -720,15 +720,8 @@ def ppo_ptx_loss(
   """
   if ptx_reduction not in PTX_REDUCTIONS:
     raise ValueError(f"ptx_reduction must be one of {tuple(PTX_REDUCTIONS)}, got {ptx_reduction!r}")
-  policy, policy_metrics = ppo_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    clip_eps=clip_eps,
-    aggregation=aggregation,
-    aggregation_constant=aggregation_constant,
-  )
+  reduction = {"aggregation": aggregation, "aggregation_constant": aggregation_constant}
+  policy, policy_metrics = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps, **reduction)
   ptx, ptx_metrics = lm_loss(ptx_logits, ptx_targets, ptx_mask)
   reduce = PTX_REDUCTIONS[ptx_reduction]
   term = reduce(ptx, ptx_metrics["token_count"], ptx_mask, mask, aggregation, aggregation_constant)

@@ -5,7 +5,7 @@ from any folder. Before anything else the whole config is checked (`stages.check
 not exist (with the nearest name), a value of the wrong type or out of range, a bad config argument, two
 fields that contradict each other, or an override the stage cannot use is one line each (exit 2). On a
 multi-host cluster the JAX distributed runtime is initialized next (`--config.distributed.mode=auto` or
-`manual`, stages.py).
+`manual`, stages/__init__.py).
 
     python -m instructgpt_jax.main --config=configs/ppo.py:tiny --print_config    # the resolved config, as JSON
 

@@ -51,11 +51,11 @@ def stream_tokens(
 ) -> Iterator[int]:
   """Yields up to max_new_tokens sampled token ids, one per jitted step (EOS included; the caller stops).
 
-  The cache has the P + max_new_tokens - 1 slots `generation.generate` gives it, and step t draws with
-  fold_in(rng, t), so the ids are generate's for a batch of this one prompt.
+  The cache has the P + max_new_tokens - 1 slots `generation.generate` gives it (`generation.cache_length_for`),
+  and step t draws with fold_in(rng, t), so the ids are generate's for a batch of this one prompt.
   """
   rules = sharding.DEFAULT_RULES
-  cache_length = len(prompt) + max_new_tokens - 1
+  cache_length = generation.cache_length_for(len(prompt), max_new_tokens)
 
   def prefill_and_draw(params, tokens, rng):
     model = nnx.merge(graphdef, params)

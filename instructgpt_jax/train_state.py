@@ -216,5 +216,17 @@ def jit_step(fn: Callable, state_shardings: TrainState, batch_shardings, rules, 
   )
 
 
+def jit_eval(fn: Callable, mesh: Mesh, rules, params_shardings=None, *, out_shardings=None) -> Callable:
+  """jit of an evaluation fn(params, batch, ...) (nothing donated): with `params_shardings`, the params in
+  them and the batch over data × fsdp (as jit_step lays them out), else the inputs keep the shardings they
+  arrive with; `out_shardings` e.g. replicated(mesh) for per-row results every host reads. The activation
+  constraints of `rules` apply inside (sharding.traced_with_rules)."""
+  kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+  if params_shardings is not None:
+    batch = NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
+    kwargs["in_shardings"] = (params_shardings, batch)
+  return jax.jit(sharding.traced_with_rules(fn, mesh, rules), **kwargs)
+
+
 def _mesh_of(tree) -> Mesh:
   return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh

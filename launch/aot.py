@@ -1,4 +1,4 @@
-"""Compile a stage's step for a pod without the pod, and report per-device memory (instructgpt_jax/aot.py).
+"""Compile a stage's step for a pod without the pod, and report per-device memory (instructgpt_jax/library/aot.py).
 
 One config, the same flags as main.py (TPU targets need libtpu: `pip install "jax[tpu]==0.10.2"`; a separate
 venv is fine):

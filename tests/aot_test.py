@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of each stage's step (instructgpt_jax/aot.py) on a reduced topology: 8 fake CPU
+"""Ahead-of-time compilation of each stage's step (instructgpt_jax/library/aot.py) on a reduced topology: 8 fake CPU
 devices and tiny models, one compile per stage. Argument sizes are exact, so they are checked against
 closed-form counts and XLA's own per-device count; the pod table in docs/scaling.md comes from
 `python -m launch.aot --report` with jax[tpu] installed. Target names (instructgpt_jax/accelerators.py), the

@@ -1,4 +1,4 @@
-"""ppo.loss_aggregation reaches the policy loss of PPO's jitted minibatch step (trainers/ppo_steps.py), and an
+"""ppo.loss_aggregation reaches the policy loss of PPO's jitted minibatch step (library/ppo_steps.py), and an
 invalid value is a one-line config error.
 
 The step runs a tiny random policy on a hand-made scored batch whose old log-probs are the policy's own, so

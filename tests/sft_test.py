@@ -7,8 +7,7 @@ import pytest
 
 from configs import sft
 from instructgpt_jax import errors, main, models, paths
-from instructgpt_jax.data import schemes
-from instructgpt_jax.data import stage_data
+from instructgpt_jax.data import schemes, stage_data
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.library import lm_steps, loop, model_io
 

@@ -99,20 +99,21 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
   config = configured(sft, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}"})
   assert config.data.tokenizer == "" and config.model.resid_dropout == 0.2  # the paper's SFT dropout
   with caplog.at_level("WARNING"):
-    stage = loop.setup_stage(config, str(tmp_path / "sft"))
+    setup = loop.setup(config, str(tmp_path / "sft"))
   # A pretrained model meets the GPT-3-from-scratch dropout: one warning naming the field and the remedy.
   warned = [r.getMessage() for r in caplog.records if "resid_dropout" in r.getMessage()]
   assert warned == [
     f"model.resid_dropout=0.2 on a pretrained model ({tmp_path / 'hf'}) that its authors may have trained "
     "without dropout; set --config.model.resid_dropout=0.0 unless you mean it"
   ]
-  assert config.data.tokenizer == str(tmp_path / "hf")  # written back: config.json records it
-  assert (stage.tokenizer.vocab_size, stage.tokenizer.eos_id, stage.tokenizer.pad_id) == (
+  assert config.data.tokenizer == ""  # the config handed to the stage is left as it was
+  assert setup.config.data.tokenizer == str(tmp_path / "hf")  # the run's own copy: config.json records it
+  assert (setup.tokenizer.vocab_size, setup.tokenizer.eos_id, setup.tokenizer.pad_id) == (
     bpe.vocab_size,
     bpe.eos_id,
     bpe.pad_id,
   )
-  loop.write_config(str(tmp_path / "sft"), config)
+  loop.write_config(str(tmp_path / "sft"), setup.config)
   model_io.write_model_json(str(tmp_path / "sft"), "lm", cfg)
   source = model_io.Source("lm", cfg, str(tmp_path / "sft"), False, {"kind": "lm"}, step=1)
   assert model_io.tokenizer_of(source) == str(tmp_path / "hf")  # what the next stage inherits
@@ -123,7 +124,7 @@ def test_the_tokenizer_follows_the_model_and_a_mismatched_one_is_one_line(tmp_pa
     rm, "tiny", **{"model.init_from": f"hf:{tmp_path / 'hf'}", "data.tokenizer": str(tmp_path / "big.json")}
   )
   with pytest.raises(errors.ConfigError) as caught:
-    loop.setup_stage(wrong, str(tmp_path / "rm"), kind="scalar")
+    loop.setup(wrong, str(tmp_path / "rm"), kind="scalar")
   assert str(caught.value) == (
     f"data.tokenizer: {tmp_path / 'big.json'} has {big.vocab_size} ids, more than the model's vocabulary of "
     f"{cfg.vocab_size}; not this model's tokenizer? leave data.tokenizer empty to use the model's own"

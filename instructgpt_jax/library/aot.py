@@ -24,10 +24,10 @@ Per device, for each program a stage runs:
 says so); a plan that does not fit tries a few single changes (`single_changes`: more fsdp, more tensor,
 more microbatches or smaller PPO batches, full remat) and names the first that fits.
 
-The steps are the trainers' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
-`trainers/sft.py` builds it; the RM's `lm_steps.make_rm_train_step`, as `stages/rm.py`; PPO's state, rollout
-sampler and minibatch step from `trainers/ppo_steps.py` (`abstract_state`, `jit_steps`), the pieces
-`trainers/ppo.py` runs, with a separate critic or a shared trunk as the config says.
+The steps are the stages' own: SFT's `lm_steps.make_train_step` under `train_state.jit_step`, exactly as
+`stages/sft.py` builds it; the RM's `lm_steps.make_rm_train_step`, as `stages/rm.py`; PPO's state, rollout
+sampler and minibatch step from `library/ppo_steps.py` (`abstract_state`, `jit_steps`), the pieces
+`stages/ppo.py` runs, with a separate critic or a shared trunk as the config says.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ import jax.numpy as jnp
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
-from instructgpt_jax import accelerators, config_lib, errors, models, optim, sharding, train_state
+from instructgpt_jax import accelerators, config_lib, errors, generation, models, optim, sharding, train_state
 from instructgpt_jax.library import lm_steps, loop, model_io, ppo_steps
+from instructgpt_jax.models import kv_cache
 
 GiB = 2**30
 
@@ -161,7 +162,7 @@ def _per_shard(rows: int, mesh) -> str:
 
 
 def sft_plan(config, mesh, rules) -> StagePlan:
-  """The SFT (and pretraining) step: lm_steps.make_train_step under train_state.jit_step, as trainers/sft.py."""
+  """The SFT (and pretraining) step: lm_steps.make_train_step under train_state.jit_step, as stages/sft.py."""
   model_cfg = models.resolve(config.model.to_dict())
   tx = _tx(config)
   graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules)
@@ -218,31 +219,28 @@ def rm_plan(config, mesh, rules) -> StagePlan:
   )
 
 
+def kv_cache_spec(policy_cfg, rows: int, length: int, mesh, m: ppo_steps.Models):
+  """The sampler's KV cache (kv_cache.empty_cache's shapes) with the shardings KV_CACHE_AXES gives it under the
+  rollout's rules."""
+  cache = jax.eval_shape(lambda: kv_cache.empty_cache(policy_cfg, rows, length))
+
+  def laid_out(x, axes):
+    spec = sharding.logical_to_spec(axes, m.rollout_rules, x.shape, mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+  return cache._replace(
+    keys=laid_out(cache.keys, kv_cache.KV_CACHE_AXES), values=laid_out(cache.values, kv_cache.KV_CACHE_AXES)
+  )
+
+
 def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   """PPO-ptx: policy (with optimizer and EMA), reference, reward model and critic (`rm_size`, the critic
   starts from the RM; a value head on the policy with ppo.shared_trunk; none with a critic-free
   ppo.advantage_estimator); programs: the rollout sampler (KV
-  cache) and the minibatch step, both built by trainers/ppo_steps.py as the trainer builds them."""
+  cache) and the minibatch step, both built by ppo_steps as the PPO stage builds them."""
   p = config.ppo
   policy_cfg = models.resolve(config.model.to_dict())
-  # The RM and critic: the shape of `rm_size`, the policy's runtime fields (dtypes, remat, scanned layers).
-  runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
-  rm_cfg = models.resolve(dict(runtime, size=rm_size))
-  m = ppo_steps.Models.build(
-    p,
-    policy_cfg=policy_cfg,
-    reference_cfg=policy_cfg,
-    reward_cfg=rm_cfg,
-    critic_cfg=rm_cfg,
-    reward_bias=0.0,
-    eos_id=0,  # token ids change no buffer
-    pad_id=1,
-    policy_tx=_tx(config),
-    policy_lr=optim.schedule(config.optim, 1000),
-    critic_tx=optim.make_optimizer(config.value_optim, 1000),
-    mesh=mesh,
-    rules=rules,
-  )
+  m = _ppo_models(config, policy_cfg, mesh, rules, rm_size)
   state, shardings = ppo_steps.abstract_state(m)
   steps = ppo_steps.jit_steps(m, shardings)
   replicated = train_state.replicated(mesh)
@@ -260,11 +258,7 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
     (0,),
     {"max_new_tokens": p.max_new_tokens, "length_limit": limit},
   )
-  cache_len = prompt_len + p.max_new_tokens - 1
-  cache_shape = (policy_cfg.n_layers, rollout, policy_cfg.kv_heads, cache_len, policy_cfg.head_dim)
-  cache_axes = ("layers", "batch", "kv_heads", "length", "kv")
-  cache_spec = sharding.logical_to_spec(cache_axes, m.rollout_rules, cache_shape, mesh)
-  cache = jax.ShapeDtypeStruct(cache_shape, policy_cfg.dtype, sharding=NamedSharding(mesh, cache_spec))
+  cache = kv_cache_spec(policy_cfg, rollout, generation.cache_length_for(prompt_len, p.max_new_tokens), mesh, m)
 
   # Training: one minibatch of the scored rollout and its pretraining rows.
   scored = jax.eval_shape(
@@ -282,19 +276,12 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
   rows = jax.ShapeDtypeStruct((minibatch,), jnp.int32, sharding=replicated)
   ptx_batch = {}
   if p.ptx_coef:
-    ptx_rows, n = p.ptx_per_episode * minibatch, config.data.ptx_seq_len
+    ptx_rows, n = ppo_steps.ptx_rows(p), config.data.ptx_seq_len
     keys = {k: ((ptx_rows, n), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
     ptx_batch = batch_spec(dict(keys, mask=((ptx_rows, n), jnp.float32)), mesh, rules)
   train_program = Program("train_step", steps.train, (state, scored, rows, ptx_batch), (0,))
 
   critic = (state.critic,) if m.has_critic else ()  # critic-free estimators hold none
-  counts = {
-    "policy": models.param_count(m.lm(state.policy.params)),
-    "reference": models.param_count(m.targets["reference"]),
-    "reward model": models.param_count(m.targets["reward"]),
-  }
-  counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})
-  counts.update({"critic": models.param_count(state.critic.params)} if m.has_critic else {})
   batch = (
     f"rollout {rollout} responses ({rollout // p.samples_per_prompt} prompts of <= {prompt_len} tokens, "
     f"<= {p.max_new_tokens} new tokens; {_per_shard(rollout, mesh)}), minibatch {minibatch}"
@@ -305,13 +292,47 @@ def ppo_plan(config, mesh, rules, *, rm_size: str = "6b") -> StagePlan:
     "ppo",
     params=device_bytes((state.policy.params, [c.params for c in critic], m.targets["reference"], m.targets["reward"])),
     opt_state=device_bytes((state.policy.opt_state, state.policy.ema, [c.opt_state for c in critic])),
-    kv_cache=2 * device_bytes(cache),
+    kv_cache=device_bytes(cache.keys) + device_bytes(cache.values),
     programs=[rollout_program, train_program],
-    models=counts,
+    models=_ppo_param_counts(m, state),
     resident=device_bytes((state, m.targets["reference"], m.targets["reward"])),
     batch=batch,
     rollout_layout=rollout_layout_text(p.rollout_layout, mesh, policy_cfg),
   )
+
+
+def _ppo_models(config, policy_cfg, mesh, rules, rm_size: str) -> ppo_steps.Models:
+  """PPO's models as the stage describes them: the RM and critic of `rm_size`'s shape with the policy's
+  runtime fields (dtypes, remat, scanned layers); token ids, the bias and the schedules' lengths change no
+  buffer."""
+  runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
+  rm_cfg = models.resolve(dict(runtime, size=rm_size))
+  return ppo_steps.Models.build(
+    config.ppo,
+    policy_cfg=policy_cfg,
+    reference_cfg=policy_cfg,
+    reward_cfg=rm_cfg,
+    critic_cfg=rm_cfg,
+    reward_bias=0.0,
+    eos_id=0,  # token ids change no buffer
+    pad_id=1,
+    policy_tx=_tx(config),
+    policy_lr=optim.schedule(config.optim, 1000),
+    critic_tx=optim.make_optimizer(config.value_optim, 1000),
+    mesh=mesh,
+    rules=rules,
+  )
+
+
+def _ppo_param_counts(m: ppo_steps.Models, state) -> dict[str, int]:
+  counts = {
+    "policy": models.param_count(m.lm(state.policy.params)),
+    "reference": models.param_count(m.targets["reference"]),
+    "reward model": models.param_count(m.targets["reward"]),
+  }
+  counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})
+  counts.update({"critic": models.param_count(state.critic.params)} if m.has_critic else {})
+  return counts
 
 
 def rollout_layout_text(layout: str, mesh, policy_cfg) -> str:

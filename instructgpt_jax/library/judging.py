@@ -32,6 +32,11 @@ class Judge:
     loop.check(
       source is not None and source.kind == "scalar", f"{field}: {path} is a {source.kind} model, not a reward model"
     )
+    return cls.from_source(source, mesh, rules, seed=seed)
+
+  @classmethod
+  def from_source(cls, source: model_io.Source, mesh, rules, *, seed: int = 0) -> Judge:
+    """The reward model read from `source` (already checked to be one), with its scoring program."""
     graphdef, params = model_io.load_frozen(source, "scalar", mesh, rules, seed=seed)
     judge = cls(graphdef, params, float(source.metadata.get("reward_bias", 0.0)), source.config)
     judge._score = sharding.jit_on_mesh(
@@ -124,8 +129,14 @@ def best_of_n(
     buckets=buckets,
   )
   scores = scores.reshape(len(prompts), n)
-  best = np.argmax(scores, axis=1)
+  best = best_of_first(scores, n)
   return scores[np.arange(len(prompts)), best], [samples[i * n + b] for i, b in enumerate(best)], scores
+
+
+def best_of_first(scores: np.ndarray, n: int) -> np.ndarray:
+  """[P] the index of the RM's best among the first n of each prompt's responses (scores [P, N], N >= n): best-of-n,
+  and best-of-n for every n <= N from one pool of N samples per prompt (the lab's comparison)."""
+  return np.argmax(scores[:, :n], axis=1)
 
 
 class Policy:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from instructgpt_jax import checkpoint, errors, optim, paths, sharding, version
+from instructgpt_jax import checkpoint, errors, optim, paths, sharding, train_state, version
 from instructgpt_jax import metrics as metrics_lib
 from instructgpt_jax.data import schemes
 from instructgpt_jax.data import tokenizer as tokenizer_lib
@@ -295,23 +295,41 @@ class LoopIO:
     return False
 
 
-def train_loop(config, workdir: str, stage, ckpt, data, state, step_fn, evaluate, **io):
-  """The loop of the supervised stages (pretraining, SFT, RM): `step_fn(state, global batch)` from the
-  state's step to config.total_steps, with LoopIO's metrics, evaluations and checkpoints (`io`: its
-  tokens_per_step and select) and a clean stop on preemption. -> (the final state, the final row)."""
+def train_loop(setup: Setup, workdir: str, ckpt, data, state, step_fn, evaluate, **io):
+  """The loop of every training stage (pretraining, SFT, RM, DPO, PPO): `step_fn(state, global batch)` from
+  the state's step to config.total_steps, a batch being `next(data)` (this host's rows) made global over the
+  mesh, with LoopIO's metrics, evaluations and checkpoints (`io`: its tokens_per_step and select; `data`'s
+  get_state goes into every checkpoint) and a clean stop on preemption. -> (the final state, the final row)."""
+  config = setup.config
   start_step = int(state.step)
-  loop = LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, **io)
-  with loop, Preemption() as preemption:
-    loop.begin(state, evaluate)
+  io_ = LoopIO(config, workdir, ckpt, data.get_state, start_step=start_step, **io)
+  with io_, Preemption() as preemption:
+    io_.begin(state, evaluate)
     for step in range(start_step, config.total_steps):
-      state, step_metrics = step_fn(state, to_global(next(data), stage.mesh, stage.rules))
-      loop.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
-    return state, loop.finish(state, evaluate)
+      state, step_metrics = step_fn(state, to_global(next(data), setup.mesh, setup.rules))
+      io_.end_of_step(step + 1, state, step_metrics, evaluate, preempted=preemption.stop_requested(step + 1))
+    return state, io_.finish(state, evaluate)
 
 
-class Stage(NamedTuple):
-  """What every stage sets up before it builds anything (all checked before any compile)."""
+def resume_or_start(ckpt: checkpoint.Checkpointer, abstract, data, start: Callable[[], object]):
+  """The one init-or-resume of every stage: the run's newest checkpoint restored into `abstract` (a state of
+  ShapeDtypeStructs carrying shardings), and `data` (its set_state) put back where that checkpoint left it;
+  else `start()`, the stage's iteration-0 state. Nothing is allocated twice."""
+  if ckpt.latest_step() is None:
+    return start()
+  state, data_state = ckpt.restore(abstract)
+  if data is not None:
+    data.set_state(data_state)
+  logging.info("resumed from step %d of %s", int(state.step), ckpt.directory)
+  return state
 
+
+class Setup(NamedTuple):
+  """What every stage sets up before it builds anything (all checked before any compile). `config` is the
+  run's own copy of the config the stage was given (data.tokenizer resolved; start_training sets its
+  total_steps): a stage never changes the config it is handed."""
+
+  config: object  # ml_collections.ConfigDict
   model_cfg: object  # models.ModelConfig
   source: object  # model_io.Source or None: where the weights come from
   tokenizer: object
@@ -324,14 +342,16 @@ class Stage(NamedTuple):
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
-def setup_stage(config, workdir: str, *, kind: str = "lm", seq_len: int | None = None) -> Stage:
+def setup(config, workdir: str, *, kind: str = "lm", seq_len: int | None = None) -> Setup:
   """Model config (with `model.init_from`), tokenizer, mesh, rules and the data section; the shared checks:
   the workdir can be written (its bucket exists, or its local parent folder) and holds no other run.
 
   The tokenizer follows the model: `data.tokenizer` "" takes the one `model.init_from` came with (an HF
   folder's own, or what the earlier run recorded; "bytes" for a random start), and the resolved spec is
-  written back into the config, so this run's config.json records it for the next stage.
+  written into the run's copy of the config (Setup.config), so this run's config.json records it for the next
+  stage.
   """
+  config = config.copy_and_resolve_references()
   paths.check_output_dir(workdir, "--workdir")
   model_cfg, source = model_io.resolve(config.model)
   model_io.check_same_run(workdir, config.stage, kind, model_cfg)
@@ -361,7 +381,7 @@ def setup_stage(config, workdir: str, *, kind: str = "lm", seq_len: int | None =
     data_cfg["data_dir"] = data_cfg["data_dir"] or paths.join(workdir, "tfds")
   if seq_len is not None:
     check(seq_len <= model_cfg.max_len, f"data.seq_len: {seq_len} exceeds the model's max_len {model_cfg.max_len}")
-  return Stage(model_cfg, source, tokenizer, mesh, sharding.rules_dict(config.sharding_rules), data_cfg)
+  return Setup(config, model_cfg, source, tokenizer, mesh, sharding.rules_dict(config.sharding_rules), data_cfg)
 
 
 class Training(NamedTuple):
@@ -375,21 +395,33 @@ class Training(NamedTuple):
   lr_schedule: object
 
 
+def record_run(setup: Setup, workdir: str, total_steps: int, **model_json) -> None:
+  """Fixes the run's total_steps (in its own config), refuses a resumed run whose schedule changed, and
+  records the run: config.json, and model.json (`model_json`: where the params sit in the checkpoint)."""
+  setup.config.total_steps = total_steps
+  check_resume(workdir, setup.config)
+  write_config(workdir, setup.config, setup.model_cfg)
+  model_io.write_model_json(workdir, model_json.pop("kind", "lm"), setup.model_cfg, **model_json)
+
+
 def start_training(
-  config, workdir: str, stage: Stage, *, kind: str, total_steps: int, data, select: checkpoint.Selection | None = None
+  setup: Setup, workdir: str, *, kind: str, total_steps: int, data, select: checkpoint.Selection | None = None
 ) -> Training:
-  """Records the run (config.json, model.json), then creates the optimizer and the train state: resumed
-  from this run's newest checkpoint, else started from `model.init_from` (or randomly). `select`: keep the
-  best evaluated checkpoint (see LoopIO)."""
-  config.total_steps = total_steps
-  check_resume(workdir, config)
-  write_config(workdir, config, stage.model_cfg)
-  model_io.write_model_json(workdir, kind, stage.model_cfg)
+  """Records the run (record_run), then creates the optimizer and the train state: resumed from this run's
+  newest checkpoint, else started from `model.init_from` (or randomly). `select`: keep the best evaluated
+  checkpoint (see LoopIO)."""
+  config = setup.config
+  record_run(setup, workdir, total_steps, kind=kind)
   tx = optim.make_optimizer(config.optim, total_steps)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, select=select)
-  graphdef, state, shardings = model_io.init_or_resume(
-    ckpt, stage.model_cfg, stage.source, tx, stage.mesh, stage.rules, seed=config.seed, kind=kind, data=data
-  )
+  graphdef, abstract, shardings = train_state.abstract_state(setup.model_cfg, tx, setup.mesh, setup.rules, kind=kind)
+
+  def start():
+    return model_io.create_state(
+      setup.model_cfg, setup.source, tx, setup.mesh, setup.rules, seed=config.seed, kind=kind
+    )
+
+  state = resume_or_start(ckpt, abstract, data, start)
   return Training(graphdef, state, shardings, ckpt, tx, optim.schedule(config.optim, total_steps))
 
 

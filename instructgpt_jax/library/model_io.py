@@ -221,39 +221,17 @@ def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **e
   checkpoint.export_params(directory, params, {"kind": kind, "model": dataclasses.asdict(model_cfg), **extra})
 
 
-def init_or_resume(
-  ckpt: checkpoint.Checkpointer,
-  model_cfg,
-  source: Source | None,
-  tx,
-  mesh,
-  rules,
-  *,
-  seed: int,
-  kind: str,
-  data=None,
-  ema: bool = False,
-):
-  """(graphdef, state, shardings): resumed from this run's newest checkpoint (with the data iterator's
-  state), or else created from `model.init_from` (or randomly). Resuming allocates nothing twice."""
-  if ckpt.latest_step() is not None:
-    graphdef, abstract, shardings = train_state.abstract_state(model_cfg, tx, mesh, rules, kind=kind, ema=ema)
-    state, data_state = ckpt.restore(abstract)
-    if data is not None:
-      data.set_state(data_state)
-    logging.info("resumed from step %d of %s", int(state.step), ckpt.directory)
-    return graphdef, state, shardings
+def create_state(model_cfg: models.ModelConfig, source: Source | None, tx, mesh, rules, *, seed: int, kind: str):
+  """A fresh train state, sharded as it is created: params from `source` (model.init_from), else random."""
   load_params = None if source is None else (lambda target: load(source, kind, target, model_cfg, seed))
-  graphdef, state, shardings = train_state.create_sharded(
-    model_cfg, tx, seed, mesh, rules, kind=kind, ema=ema, load_params=load_params
-  )
+  _, state, _ = train_state.create_sharded(model_cfg, tx, seed, mesh, rules, kind=kind, load_params=load_params)
   logging.info(
     "%s model: %s parameters, from %s",
     kind,
     f"{models.param_count(state.params):,}",
     source.path if source else "a random initialization",
   )
-  return graphdef, state, shardings
+  return state
 
 
 def export_hf(workdir: str, out: str, *, dtype: str | None = None, raw_policy: bool = False, step: str = "") -> str:

@@ -1,4 +1,4 @@
-"""PPO-ptx's pieces (docs/paper.md §5, docs/ppo.md), module-level and pure: `trainers/ppo.py` loops over them
+"""PPO-ptx's pieces (docs/paper.md §5, docs/ppo.md), module-level and pure: `stages/ppo.py` loops over them
 and `aot.py` compiles the same ones.
 
     models = Models.build(config.ppo, ...)         the graphdefs and settings, fixed at setup
@@ -153,23 +153,29 @@ class Models:
       # The embeddings stay whole where fsdp × tensor does not divide the vocabulary (50257 for GPT-2/3).
       rollout_target = train_state.param_shardings_for(policy_cfg, mesh, sharding.DECODE_RULES, check=False)[1]
     return cls(
-      ml_collections.FrozenConfigDict(ppo),
-      policy,
-      reference,
-      reward,
-      value_kind,
-      value,
-      targets,
-      settings,
-      float(reward_bias),
-      policy_tx,
-      policy_lr,
-      critic_tx,
-      score_rows,
-      mesh,
-      rules,
-      rollout_target,
+      ppo=ml_collections.FrozenConfigDict(ppo),
+      policy=policy,
+      reference=reference,
+      reward=reward,
+      value_kind=value_kind,
+      value=value,
+      targets=targets,
+      settings=settings,
+      reward_bias=float(reward_bias),
+      policy_tx=policy_tx,
+      policy_lr=policy_lr,
+      critic_tx=critic_tx,
+      score_rows=score_rows,
+      mesh=mesh,
+      rules=rules,
+      rollout_target=rollout_target,
     )
+
+
+def ptx_rows(ppo) -> int:
+  """Pretraining rows per minibatch step: ptx_per_episode × minibatch sequences (8 per episode, docs/paper.md
+  §5.2), at least one."""
+  return max(ppo.ptx_per_episode * ppo.minibatch, 1)
 
 
 def rollout_layout(layout: str, mesh, policy_cfg) -> str:
@@ -258,15 +264,15 @@ def in_chunks(fn, rows: int, *xs):
   return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(batch, *y.shape[2:]), out)
 
 
-def _policy_pass(m: Models, params, seq, *, with_entropy: bool):
+def _policy_pass(m: Models, params, prompt_tokens, prompt_segments, tokens, mask, *, with_entropy: bool):
   """(log-probs, entropies or None, values or None) of the policy on a response; values from the shared
   trunk's value head (None with a separate critic)."""
-  model, hidden = scoring.response_hidden(m.policy, m.lm(params), *seq)
+  model, hidden = scoring.response_hidden(m.policy, m.lm(params), prompt_tokens, prompt_segments, tokens, mask)
   out = scoring.logprobs_from_hidden(
-    model, hidden, seq[2], seq[3], temperature=m.ppo.temperature, with_entropy=with_entropy
+    model, hidden, tokens, mask, temperature=m.ppo.temperature, with_entropy=with_entropy
   )
   logprobs, entropy = out if with_entropy else (out, None)
-  values = head_values(m.value, params["value_head"], hidden, seq[3]) if m.shared_trunk else None
+  values = head_values(m.value, params["value_head"], hidden, mask) if m.shared_trunk else None
   return logprobs, entropy, values
 
 
@@ -281,7 +287,7 @@ def score_rollout(
   # in bfloat16 a forward at another batch shape (another partition of the mesh, other kernels) rounds
   # differently, by up to 0.2 in a log-prob on SmolLM2 (docs/ppo.md, "bfloat16 parity"). In float32 the
   # shapes agree to ~1e-6 and the whole rollout is one pass.
-  pass_fn = lambda *seq: _policy_pass(m, policy_params, seq, with_entropy=True)  # noqa: E731
+  pass_fn = lambda *seq: _policy_pass(m, policy_params, *seq, with_entropy=True)  # noqa: E731
   old_logprobs, entropy, values = in_chunks(pass_fn, m.score_rows, *seq)
   ref_logprobs = scoring.response_logprobs(m.reference, ref_params, *seq, temperature=p.temperature)
   if m.has_critic:
@@ -347,7 +353,7 @@ def policy_loss_aggregation(ppo) -> tuple[str, int | None]:
   advantage estimator's paper's (rl.PAPER_AGGREGATIONS); the constant of "sequence_sum_constant" (Dr. GRPO)
   is the generation budget, ppo.max_new_tokens."""
   mode = rl.loss_aggregation(ppo.advantage_estimator, ppo.loss_aggregation)
-  return mode, (ppo.max_new_tokens if mode == "sequence_sum_constant" else None)
+  return mode, (ppo.max_new_tokens if losses.AGGREGATIONS[mode].takes_constant else None)
 
 
 def _policy_objective(m: Models, mb: Scored, lm_params, logprobs, ptx_batch, kl_coef):
@@ -403,7 +409,7 @@ def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, 
   if m.shared_trunk:  # one forward pass, one loss: policy (+ ptx) + vf_coef · value, one optimizer
 
     def shared_loss(params):
-      logprobs, _, values = _policy_pass(m, params, seq, with_entropy=False)
+      logprobs, _, values = _policy_pass(m, params, *seq, with_entropy=False)
       loss, policy_metrics = _policy_objective(m, mb, params["lm"], logprobs, ptx_batch, state.kl.kl_coef)
       vf_loss, value_metrics = value_objective(values)
       return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)

@@ -34,7 +34,7 @@ def once(workdir: str, name: str, fn) -> dict:
 def run_stage(stage_config, directory: str) -> dict[str, float]:
   """One training stage (its config names it) in `directory`; its final scalar metrics, and "wall_time_s" (of
   this call: a stage resumed after a stop counts only its last part)."""
-  from instructgpt_jax import stages  # imported here: stages imports the trainers by name
+  from instructgpt_jax import stages  # the dispatch table (stages/__init__.py)
 
   start = time.perf_counter()
   final = {k: float(v) for k, v in stages.run(stage_config, directory).items() if np.isscalar(v)}

@@ -14,18 +14,17 @@ the over-optimization figure from it and from the RL runs' metrics.
 
 from __future__ import annotations
 
+import functools
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import paths, rl, scoring, sharding
-from instructgpt_jax.data import schemes
-from instructgpt_jax.data import text
+from instructgpt_jax import paths, rl, scoring, sharding, train_state
+from instructgpt_jax.data import schemes, text
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.lab import datasets, labelers, tasks, world
-from instructgpt_jax.library import judging, lm_steps, loop
+from instructgpt_jax.library import judging, lm_steps, ppo_steps
 
 # The RL stages a pipeline config may hold, by the name the report gives each (configs/pipeline.py:compare adds
 # GRPO and RLOO, and DPO, which trains on the RM's comparisons instead).
@@ -33,7 +32,7 @@ RL_STAGES = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO"}
 
 
 def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: dict[str, str], directory: str) -> dict:
-  c, e = config.compare, config.evaluation
+  e = config.evaluation
   tokenizer = tokenizer_lib.from_file(tokenizer_path)
   eval_tasks = datasets.sample_tasks(
     e.prompts, split="eval", seed=config.seed, world=world.make_world(0), kind="evaluation"
@@ -43,52 +42,69 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
     n: judging.Policy(path, tokenizer, temperature=e.temperature, max_new_tokens=e.max_new_tokens)
     for n, path in exports.items()
   }
-  sft = policies["SFT"]
+  out = {"methods": {}}
+  # Each policy's (text, stopped) samples: the evaluation step's (same seed, same batches), reused for best-of-n.
+  responses, sft = {}, policies["SFT"]
   sft_logprobs = sharding.jit_on_mesh(
     lambda p, *seq: scoring.response_logprobs(sft.graphdef, p, *seq), mesh=sft.mesh, rules=sft.rules
   )
-  out = {"methods": {}}
-  responses = {}  # each policy's (text, stopped) samples: the evaluation step's, reused below for best-of-n
-
-  # ---- KL to SFT of each policy's own samples (the evaluation step's samples: same seed, same batches)
   for name, policy in policies.items():
-    kl, responses[name] = [], []
-    for chunk, tokens, segments, rollout in policy.batches(prompts, 1, seed=config.seed + 7):
-      responses[name] += policy.texts(rollout, len(chunk))
-      reference = np.asarray(sft_logprobs(sft.params, tokens, segments, rollout.tokens, rollout.mask))
-      own, mask = np.asarray(rollout.logprobs), np.asarray(rollout.mask)
-      kl += list(np.sum(np.where(mask > 0, own - reference, 0.0), axis=1)[: len(chunk)])
-    out["methods"][name] = {"kl": float(np.mean(kl))}
+    kl, responses[name] = _kl_to_sft(policy, functools.partial(sft_logprobs, sft.params), prompts, config.seed + 7)
+    out["methods"][name] = {"kl": kl}
+  losses_by_model = _pretraining_losses(config, policies, tokenizer, directory)
+  stage_of = {label: name for name, label in RL_STAGES.items()} | {"DPO": "dpo", "SFT": "sft"}
+  for name in policies:
+    out["methods"][name]["pretraining_loss"] = losses_by_model[name]
+    out["methods"][name]["pretraining_loss_change"] = losses_by_model[name] - losses_by_model["SFT"]
+    # The wall time of each training stage (the last run of it: a resumed stage counts its last part).
+    done = paths.read_json(paths.join(stage_paths[stage_of[name]], "done.json")) or {}
+    out["methods"][name]["wall_time_s"] = done.get("wall_time_s")
+  start = time.perf_counter()
+  judge = judging.Judge.load(paths.join(stage_paths["rm"], "export"), policies["SFT"].mesh, policies["SFT"].rules)
+  out["best_of_n"] = _best_of_n(config, policies["SFT"], judge, eval_tasks, responses["SFT"])
+  out["best_of_n_wall_time_s"] = time.perf_counter() - start
+  out["prompts"] = len(prompts)
+  return out
 
-  # ---- the change of pretraining loss on held-out prose (the PPO stages' ptx evaluation, for every model)
+
+def _kl_to_sft(policy: judging.Policy, sft_logprobs, prompts: list[str], seed: int):
+  """(the KL to the SFT model of the policy's own samples: Σ_t log π(y_t) − log π_SFT(y_t), averaged over
+  prompts; the samples as (text, stopped) pairs). sft_logprobs(*rollout): the SFT model's log-probs."""
+  kl, responses = [], []
+  for chunk, tokens, segments, rollout in policy.batches(prompts, 1, seed=seed):
+    responses += policy.texts(rollout, len(chunk))
+    reference = np.asarray(sft_logprobs(tokens, segments, rollout.tokens, rollout.mask))
+    own, mask = np.asarray(rollout.logprobs), np.asarray(rollout.mask)
+    kl += list(np.sum(np.where(mask > 0, own - reference, 0.0), axis=1)[: len(chunk)])
+  return float(np.mean(kl)), responses
+
+
+def _pretraining_losses(config, policies: dict, tokenizer, directory: str) -> dict[str, float]:
+  """Each model's loss on held-out prose: the PPO stages' ptx evaluation (same corpus, same batches)."""
   ptx = config.stages[next(n for n in RL_STAGES if n in config.stages)]
   corpus = schemes.resolve({"ptx_corpus": "lab"}, paths.join(directory, "data"), seed=config.seed)
   text_cfg = ml_collections.ConfigDict(
     dict(
       corpus=corpus["ptx_corpus"],
       seq_len=ptx.data.ptx_seq_len,
-      batch_size=ptx.ppo.ptx_per_episode * ptx.ppo.minibatch,
+      batch_size=ppo_steps.ptx_rows(ptx.ppo),
       eval_fraction=0.05,
     )
   )
   prose = text.build_text_data(text_cfg, tokenizer, seed=config.seed)
-  losses_by_model = {}
+  out = {}
   for name, policy in policies.items():
-    eval_fn = jax.jit(sharding.traced_with_rules(lm_steps.make_eval_step(policy.graphdef), policy.mesh, policy.rules))
-    losses_by_model[name] = lm_steps.eval_loss(eval_fn, policy.params, prose.eval_batches(4), policy.mesh, policy.rules)
-  for name in policies:
-    out["methods"][name]["pretraining_loss"] = losses_by_model[name]
-    out["methods"][name]["pretraining_loss_change"] = losses_by_model[name] - losses_by_model["SFT"]
+    eval_fn = train_state.jit_eval(lm_steps.make_eval_step(policy.graphdef), policy.mesh, policy.rules)
+    out[name] = lm_steps.eval_loss(eval_fn, policy.params, prose.eval_batches(4), policy.mesh, policy.rules)
+  return out
 
-  # ---- wall time of each training stage (the last run of it: a resumed stage counts its last part)
-  stage_of = {label: name for name, label in RL_STAGES.items()} | {"DPO": "dpo", "SFT": "sft"}
-  for name in policies:
-    done = paths.read_json(paths.join(stage_paths[stage_of[name]], "done.json")) or {}
-    out["methods"][name]["wall_time_s"] = done.get("wall_time_s")
 
-  # ---- best-of-n from the SFT model, judged by the RM (proxy) and by the gold scorer
-  start = time.perf_counter()
-  judge = judging.Judge.load(paths.join(stage_paths["rm"], "export"), sft.mesh, sft.rules)
+def _best_of_n(config, sft: judging.Policy, judge: judging.Judge, eval_tasks, sft_responses) -> list[dict]:
+  """Best-of-n from the SFT model for every n in `compare.n`, judged by the RM (proxy) and by the gold scorer:
+  one pool of `compare.best_of_n` samples per prompt, the RM's best of its first n kept
+  (judging.best_of_first)."""
+  c, e = config.compare, config.evaluation
+  prompts = [t.prompt for t in eval_tasks]
   samples, proxy = [], []
   for chunk, tokens, segments, rollout in sft.batches(prompts, c.best_of_n, seed=config.seed + 11):
     proxy += list(np.asarray(judge.score(tokens, segments, rollout.tokens, rollout.mask))[: len(chunk)])
@@ -100,24 +116,15 @@ def measure(config, exports: dict[str, str], tokenizer_path: str, stage_paths: d
       for t, (text_, stopped) in zip([t for t in eval_tasks for _ in range(c.best_of_n)], samples)
     ]
   ).reshape(len(prompts), c.best_of_n)
-  sft_responses = responses["SFT"]  # the evaluation's SFT samples
-  bon = []
+  points = []
   for n in sorted(int(x) for x in str(c.n).split(",")):
-    chosen = np.argmax(proxy[:, :n], axis=1)
-    rows = np.arange(len(prompts))
-    point = {
-      "n": n,
-      "kl": rl.best_of_n_kl(n),
-      "proxy": float(proxy[rows, chosen].mean()),
-      "gold": float(gold[rows, chosen].mean()),
-    }
+    chosen, rows = judging.best_of_first(proxy, n), np.arange(len(prompts))
+    point = {"n": n, "kl": rl.best_of_n_kl(n), "proxy": float(proxy[rows, chosen].mean())}
+    point["gold"] = float(gold[rows, chosen].mean())
     if n == c.table_n:  # the table's best-of-n row: the held-out labelers against SFT's responses, as every method
       kept = [samples[i * c.best_of_n + k] for i, k in enumerate(chosen)]
       per_prompt = labelers.held_out_preference(eval_tasks, kept, sft_responses, config.seed)
       point["win_rate"] = float(per_prompt.mean())
       point["win_rate_interval"] = labelers.bootstrap_interval(per_prompt, e.bootstrap, config.seed)
-    bon.append(point)
-  out["best_of_n"] = bon
-  out["best_of_n_wall_time_s"] = time.perf_counter() - start
-  out["prompts"] = len(prompts)
-  return out
+    points.append(point)
+  return points

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import losses, paths, scoring, sharding, train_state
+from instructgpt_jax import losses, paths, scoring, train_state
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.library import loop, model_io
 
@@ -95,29 +95,26 @@ def unused_fields(config) -> dict[str, str]:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
-  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  setup = loop.setup(config, workdir, seq_len=config.data.seq_len)
+  config, mesh, rules = setup.config, setup.mesh, setup.rules
   d = config.dpo
-  reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else source
+  reference = model_io.read_source(d.reference, "dpo.reference") if d.reference else setup.source
   loop.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  data = stage_data.build_comparison_data(setup.data_cfg, setup.tokenizer, seed=config.seed, **setup.process)
   total_steps = loop.steps_for_epochs(config, len(data.train_source))
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
-    config, workdir, stage, kind="lm", total_steps=total_steps, data=data
-  )
+  run = loop.start_training(setup, workdir, kind="lm", total_steps=total_steps, data=data)
   ref_graphdef, ref_params = model_io.load_frozen(reference, "lm", mesh, rules, seed=config.seed)
 
   # ---------------------------------------------------------------- step functions
   loss_options = {"beta": d.beta, "normalizer": d.pair_normalizer, "form": d.form}
-  train_step = make_train_step(graphdef, tx, lr_schedule, config.optim.microbatches, **loss_options)
+  train_step = make_train_step(run.graphdef, run.tx, run.lr_schedule, config.optim.microbatches, **loss_options)
   batch_sh = loop.batch_sharding(mesh, rules)
-  jitted_step = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
-  ref_fn = jax.jit(
-    sharding.traced_with_rules(lambda p, b: sequence_logps(ref_graphdef, p, b), mesh, rules),
-    in_shardings=(jax.tree.map(lambda t: t.sharding, ref_params), batch_sh),
-    out_shardings=batch_sh,
+  jitted_step = train_state.jit_step(train_step, run.shardings, batch_sh, rules)
+  ref_shardings = jax.tree.map(lambda t: t.sharding, ref_params)
+  ref_fn = train_state.jit_eval(
+    lambda p, b: sequence_logps(ref_graphdef, p, b), mesh, rules, ref_shardings, out_shardings=batch_sh
   )
 
   def with_reference(batch):
@@ -128,13 +125,11 @@ def train(config, workdir: str) -> dict[str, float]:
 
   def eval_step(params, batch):
     """Per prompt: (loss, correct pairs, pairs, Σ margins), as training computes them."""
-    terms = prompt_terms(graphdef, params, batch, **loss_options)
+    terms = prompt_terms(run.graphdef, params, batch, **loss_options)
     return terms["loss"], terms["correct"], terms["num_pairs"], terms["margin_sum"]
 
-  eval_fn = jax.jit(
-    sharding.traced_with_rules(eval_step, mesh, rules),
-    in_shardings=(state_shardings.params, batch_sh),
-    out_shardings=train_state.replicated(mesh),
+  eval_fn = train_state.jit_eval(
+    eval_step, mesh, rules, run.shardings.params, out_shardings=train_state.replicated(mesh)
   )
 
   def evaluate(state) -> dict[str, float]:
@@ -155,11 +150,11 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
   state, final = loop.train_loop(
-    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+    setup, workdir, run.ckpt, data, run.state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 
   # ---------------------------------------------------------------- export: the policy, a language model
   export_dir = paths.join(workdir, "export")
-  model_io.export(export_dir, state.params, "lm", model_cfg, tokenizer=config.data.tokenizer)
+  model_io.export(export_dir, state.params, "lm", setup.model_cfg, tokenizer=config.data.tokenizer)
   loop.print_summary("DPO", final, export=export_dir)
   return final

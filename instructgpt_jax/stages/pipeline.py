@@ -82,7 +82,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def run_seed(config, workdir: str) -> tuple[dict, str]:
   """Every stage of one seed in `workdir`, and its report there: (every step's results, the summary)."""
-  stages = config.stages
+  stages = config.stages.copy_and_resolve_references()  # filled in below with each stage's inputs
   paths.make_dir(workdir)
 
   # ---------------------------------------------------------------- a BPE of the world's text

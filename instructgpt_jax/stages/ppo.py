@@ -26,17 +26,16 @@ the policy's loss (β·k3, as GRPO). The ptx term works with every estimator.
 from __future__ import annotations
 
 import json
-import logging
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instructgpt_jax import checkpoint, optim, paths, rl, sharding
-from instructgpt_jax.data import schemes
-from instructgpt_jax.data import stage_data, text
+from instructgpt_jax import checkpoint, generation, losses, optim, paths, rl, train_state
+from instructgpt_jax.data import schemes, stage_data, text
 from instructgpt_jax.library import judging, lm_steps, loop, model_io, ppo_steps
 from instructgpt_jax.models import sizes
 
@@ -53,7 +52,6 @@ def critic_init_params(value_source, target, cfg, seed: int):
 
 def check_config(config, checks) -> None:
   """Every PPO setting by itself and against the others, without reading a file (stages.check_config)."""
-  from instructgpt_jax import losses  # the option tables beside their math
 
   p, d = config.ppo, config.data
   # The tables are read now, so a row a script added (e.g. rl.register_estimator) is an option too.
@@ -133,13 +131,34 @@ def unused_fields(config) -> dict[str, str]:
   return unused
 
 
-def check_setup(config, stage: loop.Stage) -> None:
-  """What needs the files and the devices: every model path resolves, the mesh fits the layout and the
+class Inputs(NamedTuple):
+  """PPO's models as sources, each read from disk once (`read_inputs`); every later step takes them from here."""
+
+  reference: model_io.Source  # ppo.reference, else model.init_from (the PPO-init SFT model)
+  reward: model_io.Source  # ppo.reward_model
+  value: model_io.Source | None  # where a separate critic starts: ppo.value_init, else the RM; None without one
+  baseline: model_io.Source | None  # eval.baseline, or None
+
+
+def read_inputs(config, setup: loop.Setup) -> Inputs:
+  """Every model path resolves (read once, before anything is built)."""
+  p = config.ppo
+  reward = model_io.read_source(p.reward_model, "ppo.reward_model")
+  loop.check(
+    reward.kind == "scalar", f"ppo.reward_model: {p.reward_model} is a {reward.kind} model, not a reward model"
+  )
+  reference = model_io.read_source(p.reference, "ppo.reference") if p.reference else setup.source
+  value_init = model_io.read_source(p.value_init, "ppo.value_init")
+  separate_critic = rl.needs_critic(p.advantage_estimator) and not p.shared_trunk
+  value = (value_init or reward) if separate_critic else None
+  return Inputs(reference, reward, value, model_io.read_source(config.eval.baseline, "eval.baseline"))
+
+
+def check_setup(config, setup: loop.Setup, inputs: Inputs) -> None:
+  """What needs the files and the devices: the models agree with the policy, the mesh fits the layout and the
   minibatch, prompts and responses fit the model."""
-  p, policy_cfg = config.ppo, stage.model_cfg  # model.init_from and ppo.reward_model are given: check_config
-  for field in ("reward_model", "value_init", "reference"):  # every model path resolves before anything is built
-    model_io.read_source(p[field], f"ppo.{field}")
-  baseline = model_io.read_source(config.eval.baseline, "eval.baseline")
+  p, policy_cfg = config.ppo, setup.model_cfg  # model.init_from and ppo.reward_model are given: check_config
+  baseline = inputs.baseline
   if baseline is not None:
     changed = [f for f in model_io.SHAPE_FIELDS if getattr(baseline.config, f) != getattr(policy_cfg, f)]
     loop.check(
@@ -148,14 +167,17 @@ def check_setup(config, stage: loop.Stage) -> None:
       "policy's sampler): give a model of the policy's shape",
     )
   _check_value_lr(config, policy_cfg)
-  layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(stage.mesh, policy_cfg)
+  layout_error = p.rollout_layout == "decode" and ppo_steps.decode_layout_error(setup.mesh, policy_cfg)
   loop.check(not layout_error, layout_error)
-  loop.check_batch("ppo.minibatch", p.minibatch, stage.mesh)
-  if policy_cfg.family == "gpt":
-    loop.check(
-      max(stage_data.prompt_buckets(stage.data_cfg)) + p.max_new_tokens - 1 <= policy_cfg.max_len,
-      f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
-    )
+  loop.check_batch("ppo.minibatch", p.minibatch, setup.mesh)
+  loop.check(
+    inputs.reward.config.vocab_size == policy_cfg.vocab_size, "ppo: the RM's vocabulary differs from the policy's"
+  )
+  cache_length = generation.cache_length_for(max(stage_data.prompt_buckets(setup.data_cfg)), p.max_new_tokens)
+  loop.check(
+    policy_cfg.positions_fit(cache_length),
+    f"data.max_prompt_len + ppo.max_new_tokens exceed the model's max_len {policy_cfg.max_len}",
+  )
 
 
 def _check_value_lr(config, policy_cfg) -> None:
@@ -173,74 +195,88 @@ def _check_value_lr(config, policy_cfg) -> None:
   )
 
 
-def build_data(config, stage: loop.Stage):
+class RolloutData:
+  """The loop's data (loop.train_loop): each `next` is one iteration's prompts, each repeated
+  samples_per_prompt times in consecutive rows (a group of rl.group_advantages); its state, checkpointed with
+  the run, is the prompts' and the pretraining text's."""
+
+  def __init__(self, prompts, ptx, samples_per_prompt: int):
+    self.prompts, self.ptx, self.copies = prompts, ptx, samples_per_prompt
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {k: np.repeat(v, self.copies, axis=0) for k, v in next(self.prompts).items()}
+
+  def get_state(self) -> dict:
+    return {"prompts": self.prompts.get_state(), "ptx": self.ptx.get_state() if self.ptx is not None else {}}
+
+  def set_state(self, state: dict) -> None:
+    self.prompts.set_state(state["prompts"])
+    if self.ptx is not None:
+      self.ptx.set_state(state["ptx"])
+
+
+def build_data(config, setup: loop.Setup):
   """(the rollout prompts, the pretraining data or None): `rollout_batch` prompts per batch; the ptx corpus
-  in batches of ppo.ptx_per_episode × ppo.minibatch sequences (8 per episode, docs/paper.md §5.2)."""
-  p, data_cfg = config.ppo, stage.data_cfg
-  data_cfg["batch_size"] = p.rollout_batch // p.samples_per_prompt  # prompts; each sampled samples_per_prompt times
-  prompts = stage_data.build_prompt_data(data_cfg, stage.tokenizer, seed=config.seed, **stage.process)
+  in batches of ppo_steps.ptx_rows (ppo.ptx_per_episode × ppo.minibatch sequences: 8 per episode,
+  docs/paper.md §5.2)."""
+  p = config.ppo
+  data_cfg = setup.data_cfg.copy_and_resolve_references()
+  data_cfg.batch_size = p.rollout_batch // p.samples_per_prompt  # prompts; each sampled samples_per_prompt times
+  prompts = stage_data.build_prompt_data(data_cfg, setup.tokenizer, seed=config.seed, **setup.process)
   if not (p.ptx_coef or config.data.ptx_corpus):
     return prompts, None
   ptx_cfg = ml_collections.ConfigDict(
     dict(
-      corpus=data_cfg.ptx_corpus,
-      seq_len=config.data.ptx_seq_len,
-      batch_size=max(p.ptx_per_episode * p.minibatch, 1),
-      eval_fraction=0.05,
+      corpus=data_cfg.ptx_corpus, seq_len=config.data.ptx_seq_len, batch_size=ppo_steps.ptx_rows(p), eval_fraction=0.05
     )
   )
-  return prompts, text.build_text_data(ptx_cfg, stage.tokenizer, seed=config.seed, **stage.process)
+  return prompts, text.build_text_data(ptx_cfg, setup.tokenizer, seed=config.seed, **setup.process)
 
 
-def build_models(config, stage: loop.Stage, judge: judging.Judge, iterations: int) -> ppo_steps.Models:
+def build_models(config, setup: loop.Setup, inputs: Inputs, iterations: int) -> ppo_steps.Models:
   """The four models' description: the policy's optimizer over every minibatch step (the 10-iteration
   warmup of docs/paper.md §5.2 in optimizer steps), the critic's (from ppo.value_init, else the RM)."""
   p = config.ppo
   per_iteration = p.rollout_batch // p.minibatch * p.epochs
   policy_optim = config.optim.copy_and_resolve_references()
   policy_optim.warmup_steps = config.optim.warmup_steps * per_iteration
-  reference = model_io.read_source(p.reference) if p.reference else stage.source
-  separate_critic = rl.needs_critic(p.advantage_estimator) and not p.shared_trunk
-  critic_cfg = model_io.read_source(p.value_init or p.reward_model).config if separate_critic else None
   return ppo_steps.Models.build(
     p,
-    policy_cfg=stage.model_cfg,
-    reference_cfg=reference.config,
-    reward_cfg=judge.model_cfg,
-    critic_cfg=critic_cfg,
-    reward_bias=judge.bias,
-    eos_id=stage.tokenizer.eos_id,
-    pad_id=stage.tokenizer.pad_id,
+    policy_cfg=setup.model_cfg,
+    reference_cfg=inputs.reference.config,
+    reward_cfg=inputs.reward.config,
+    critic_cfg=inputs.value.config if inputs.value is not None else None,
+    reward_bias=float(inputs.reward.metadata.get("reward_bias", 0.0)),
+    eos_id=setup.tokenizer.eos_id,
+    pad_id=setup.tokenizer.pad_id,
     policy_tx=optim.make_optimizer(policy_optim, iterations * per_iteration),
     policy_lr=optim.schedule(policy_optim, iterations * per_iteration),
     critic_tx=optim.make_optimizer(config.value_optim, iterations * per_iteration),
-    mesh=stage.mesh,
-    rules=stage.rules,
+    mesh=setup.mesh,
+    rules=setup.rules,
   )
 
 
-def start_state(config, stage: loop.Stage, m: ppo_steps.Models, shardings) -> ppo_steps.PPOState:
+def start_state(config, setup: loop.Setup, inputs: Inputs, m: ppo_steps.Models, shardings) -> ppo_steps.PPOState:
   """Iteration 0: the policy from model.init_from (a fresh value head on it with ppo.shared_trunk), the
   critic from ppo.value_init or the RM (critic_init_params)."""
-  p = config.ppo
   params_key, policy_key = jax.random.split(jax.random.PRNGKey(config.seed))
   lm_target = m.targets["policy"]["lm"] if m.shared_trunk else m.targets["policy"]
-  params = model_io.load(stage.source, "lm", lm_target, stage.model_cfg, config.seed)
+  params = model_io.load(setup.source, "lm", lm_target, setup.model_cfg, config.seed)
   critic_params = None
   if m.shared_trunk:
-    head = ppo_steps.init_value_head(stage.model_cfg, m.targets["policy"]["value_head"], params_key)
+    head = ppo_steps.init_value_head(setup.model_cfg, m.targets["policy"]["value_head"], params_key)
     params = {"lm": params, "value_head": head}
   elif m.has_critic:
-    value_source = model_io.read_source(p.value_init or p.reward_model)
-    critic_params = critic_init_params(value_source, m.targets["critic"], value_source.config, config.seed)
+    critic_params = critic_init_params(inputs.value, m.targets["critic"], inputs.value.config, config.seed)
   critic_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))[1]
   return ppo_steps.initial_state(m, shardings, params, critic_params, policy_key, critic_key)
 
 
-def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, ptx, frozen, rng):
+def iterate(m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, ptx, frozen, rng):
   """One PPO iteration on a global prompt batch: rollout, scoring, `epochs` passes of minibatch steps, the
   KL controller. frozen: (reference params, RM params). -> (state, the iteration's metrics row)."""
-  p = config.ppo
+  p = m.ppo
   t0 = time.perf_counter()
   rollout = steps.sample(
     m.lm(state.policy.params),
@@ -284,64 +320,44 @@ def iterate(config, m: ppo_steps.Models, steps: ppo_steps.Steps, state, batch, p
 
 
 def train(config, workdir: str) -> dict[str, float]:
-  p = config.ppo
-  stage = loop.setup_stage(config, workdir)
-  check_setup(config, stage)
-  prompts, ptx = build_data(config, stage)
-  iterations = config.total_steps = config.total_steps or p.episodes // p.rollout_batch
-  loop.check_resume(workdir, config)
-  loop.write_config(workdir, config, stage.model_cfg)
+  # ---------------------------------------------------------------- setup and validation (no compile yet)
+  setup = loop.setup(config, workdir)
+  config, p = setup.config, setup.config.ppo
+  inputs = read_inputs(config, setup)
+  check_setup(config, setup, inputs)
+  prompts, ptx = build_data(config, setup)
+  data = RolloutData(prompts, ptx, p.samples_per_prompt)
+  iterations = config.total_steps or p.episodes // p.rollout_batch
   lm_key = ("lm",) if p.shared_trunk else ()  # where a later stage finds the policy and its EMA
-  model_io.write_model_json(
-    workdir, "lm", stage.model_cfg, params_keys=("policy", "params", *lm_key), ema_keys=("policy", "ema", *lm_key)
-  )
-  judge = judging.Judge.load(p.reward_model, stage.mesh, stage.rules, seed=config.seed)
-  loop.check(
-    judge.model_cfg.vocab_size == stage.model_cfg.vocab_size, "ppo: the RM's vocabulary differs from the policy's"
-  )
-  m = build_models(config, stage, judge, iterations)
-  reference = model_io.read_source(p.reference) if p.reference else stage.source
-  ref_params = model_io.load(reference, "lm", m.targets["reference"], reference.config, config.seed)
+  params_keys, ema_keys = ("policy", "params", *lm_key), ("policy", "ema", *lm_key)
+  loop.record_run(setup, workdir, iterations, kind="lm", params_keys=params_keys, ema_keys=ema_keys)
+  judge = judging.Judge.from_source(inputs.reward, setup.mesh, setup.rules, seed=config.seed)
+  m = build_models(config, setup, inputs, iterations)
+  ref_params = model_io.load(inputs.reference, "lm", m.targets["reference"], inputs.reference.config, config.seed)
 
   # ---------------------------------------------------------------- init or resume
   abstract, shardings = ppo_steps.abstract_state(m)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(abstract)
-    prompts.set_state(data_state["prompts"])
-    if ptx is not None:
-      ptx.set_state(data_state["ptx"])
-    logging.info("resumed at iteration %d", int(state.step))
-  else:
-    state = start_state(config, stage, m, shardings)
-  start_iteration = int(state.step)
+  state = loop.resume_or_start(ckpt, abstract, data, lambda: start_state(config, setup, inputs, m, shardings))
   steps = ppo_steps.jit_steps(m, shardings)
-  baseline = model_io.read_source(config.eval.baseline, "eval.baseline")
+  baseline = inputs.baseline
   lm_target = m.targets["policy"]["lm"] if m.shared_trunk else m.targets["policy"]
   baseline_params = baseline and model_io.load(baseline, "lm", lm_target, baseline.config, config.seed)
-  evaluation = _Evaluation(config, stage, workdir, m, steps.sample, judge, ref_params, ptx, baseline_params)
-
-  def data_state():
-    return {"prompts": prompts.get_state(), "ptx": ptx.get_state() if ptx is not None else {}}
+  evaluation = _Evaluation(setup, workdir, m, steps.sample, judge, ref_params, ptx, baseline_params)
 
   # ---------------------------------------------------------------- the iteration loop
   base_rng = jax.random.PRNGKey(config.seed + 17)
-  io = loop.LoopIO(config, workdir, ckpt, data_state, start_step=start_iteration)
-  with io, loop.Preemption() as preemption:
-    io.begin(state, evaluation)
-    for iteration in range(start_iteration, iterations):
-      rng = jax.random.fold_in(base_rng, iteration)  # an iteration is a pure function of (state, seed, i)
-      # Each prompt samples_per_prompt times, its responses in consecutive rows (a group of rl.group_advantages).
-      batch = {k: np.repeat(v, p.samples_per_prompt, axis=0) for k, v in next(prompts).items()}
-      batch = loop.to_global(batch, stage.mesh, stage.rules)
-      state, row = iterate(config, m, steps, state, batch, ptx, (ref_params, judge.params), rng)
-      io.end_of_step(iteration + 1, state, row, evaluation, preempted=preemption.stop_requested(iteration + 1))
-    final = io.finish(state, evaluation)
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(base_rng, int(state.step))  # an iteration is a pure function of (state, seed, i)
+    return iterate(m, steps, state, batch, ptx, (ref_params, judge.params), rng)
+
+  state, final = loop.train_loop(setup, workdir, ckpt, data, state, step_fn, evaluation)
 
   # ---------------------------------------------------------------- export (EMA weights, docs/paper.md §5.2)
   export_dir = paths.join(workdir, "export")
   model_io.export(
-    export_dir, m.lm(state.policy.ema), "lm", stage.model_cfg, ema_decay=p.ema_decay, tokenizer=config.data.tokenizer
+    export_dir, m.lm(state.policy.ema), "lm", setup.model_cfg, ema_decay=p.ema_decay, tokenizer=config.data.tokenizer
   )
   loop.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
@@ -360,8 +376,7 @@ class _Evaluation:
 
   def __init__(
     self,
-    config,
-    stage: loop.Stage,
+    setup: loop.Setup,
     workdir: str,
     m: ppo_steps.Models,
     sampler,
@@ -370,7 +385,8 @@ class _Evaluation:
     ptx,
     baseline_params=None,
   ):
-    self.config, self.tokenizer, self.mesh, self.rules = config, stage.tokenizer, stage.mesh, stage.rules
+    config = setup.config
+    self.config, self.tokenizer, self.mesh, self.rules = config, setup.tokenizer, setup.mesh, setup.rules
     self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
     self.others = {"sft": ref_params} | ({"baseline": baseline_params} if baseline_params is not None else {})
     self.texts, self.prompts, self.tasks = [], [], {}
@@ -378,7 +394,7 @@ class _Evaluation:
       spec = config.data.eval
       files = schemes.resolve({"train": spec}, paths.join(workdir, "data"), seed=config.seed)["train"]
       texts, prompts = judging.load_prompts(
-        files, stage.tokenizer, data_dir=stage.data_cfg.data_dir, max_prompt_len=config.data.max_prompt_len
+        files, setup.tokenizer, data_dir=setup.data_cfg.data_dir, max_prompt_len=config.data.max_prompt_len
       )
       self.texts, self.prompts = texts[: config.data.eval_prompts], prompts[: config.data.eval_prompts]
       if spec.startswith("lab:"):
@@ -387,7 +403,7 @@ class _Evaluation:
         self.tasks = datasets.tasks_of(spec, seed=config.seed)
     self.ptx_eval = None
     if ptx is not None:
-      self.ptx_eval = jax.jit(sharding.traced_with_rules(lm_steps.make_eval_step(m.policy), stage.mesh, stage.rules))
+      self.ptx_eval = train_state.jit_eval(lm_steps.make_eval_step(m.policy), setup.mesh, setup.rules)
     self.fixed = {name: {} for name in self.others}  # the reference's (baseline's) numbers: computed once
     self.sft = self.fixed["sft"]
     self.lm_params = m.lm

@@ -8,9 +8,7 @@ final evaluation and save.
 
 from __future__ import annotations
 
-import jax
-
-from instructgpt_jax import sharding, train_state
+from instructgpt_jax import train_state
 from instructgpt_jax.data import text
 from instructgpt_jax.library import lm_steps, loop
 
@@ -28,24 +26,22 @@ def check_config(config, checks) -> None:
 def train(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining in `workdir`; returns the final metrics row."""
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
-  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  setup = loop.setup(config, workdir, seq_len=config.data.seq_len)
+  config, mesh, rules = setup.config, setup.mesh, setup.rules
   loop.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = text.build_text_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  data = text.build_text_data(setup.data_cfg, setup.tokenizer, seed=config.seed, **setup.process)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
   # ---------------------------------------------------------------- sharded init, or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
-    config, workdir, stage, kind="lm", total_steps=config.total_steps, data=data
-  )
+  run = loop.start_training(setup, workdir, kind="lm", total_steps=config.total_steps, data=data)
 
   # ---------------------------------------------------------------- step functions
-  train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
-  eval_step = lm_steps.make_eval_step(graphdef)
-
-  batch_sh = loop.batch_sharding(mesh, rules)
-  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
-  eval_fn = jax.jit(sharding.traced_with_rules(eval_step, mesh, rules), in_shardings=(state_shardings.params, batch_sh))
+  microbatches = config.optim.microbatches
+  train_step = lm_steps.make_train_step(
+    run.graphdef, setup.model_cfg, run.tx, run.lr_schedule, microbatches=microbatches
+  )
+  step_fn = train_state.jit_step(train_step, run.shardings, loop.batch_sharding(mesh, rules), rules)
+  eval_fn = train_state.jit_eval(lm_steps.make_eval_step(run.graphdef), mesh, rules, run.shardings.params)
 
   def evaluate(state) -> dict[str, float]:
     loss = lm_steps.eval_loss(eval_fn, state.params, data.eval_batches(config.data.eval_batches), mesh, rules)
@@ -53,7 +49,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- train loop
   _, final = loop.train_loop(
-    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+    setup, workdir, run.ckpt, data, run.state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 
   return final

@@ -71,7 +71,7 @@ def unused_fields(config) -> dict[str, str]:
 def train(config, workdir: str) -> dict[str, float]:
   paths.check_output_dir(workdir, "--workdir")
   paths.make_dir(workdir)
-  stages, ptx = config.stages, config.data.ptx_corpus
+  stages, ptx = config.stages.copy_and_resolve_references(), config.data.ptx_corpus  # filled in below
   for stage in stages.values():
     stage.update(seed=config.seed, progress_bar=config.progress_bar, compilation_cache_dir=config.compilation_cache_dir)
   d = config.data

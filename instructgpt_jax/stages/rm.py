@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import losses, paths, sharding, train_state
+from instructgpt_jax import losses, paths, train_state
 from instructgpt_jax.data import batching, stage_data, tfds_builders
 from instructgpt_jax.library import lm_steps, loop, model_io
 
@@ -36,46 +36,35 @@ def check_config(config, checks) -> None:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = loop.setup_stage(config, workdir, kind="scalar", seq_len=config.data.seq_len)
-  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  setup = loop.setup(config, workdir, kind="scalar", seq_len=config.data.seq_len)
+  config, tokenizer, mesh, rules, data_cfg = setup.config, setup.tokenizer, setup.mesh, setup.rules, setup.data_cfg
   if config.rm.export_dir:
     paths.check_output_dir(config.rm.export_dir, "rm.export_dir")
   loop.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  data = stage_data.build_comparison_data(data_cfg, tokenizer, seed=config.seed, **setup.process)
   bias_source = bias_demonstrations(data_cfg, tokenizer)
   total_steps = loop.steps_for_epochs(config, len(data.train_source))
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
-    config, workdir, stage, kind="scalar", total_steps=total_steps, data=data
-  )
+  run = loop.start_training(setup, workdir, kind="scalar", total_steps=total_steps, data=data)
+  graphdef, normalizer = run.graphdef, config.rm.pair_normalizer
 
   # ---------------------------------------------------------------- step functions
-  train_step = lm_steps.make_rm_train_step(
-    graphdef, tx, lr_schedule, config.optim.microbatches, config.rm.pair_normalizer
-  )
+  train_step = lm_steps.make_rm_train_step(graphdef, run.tx, run.lr_schedule, config.optim.microbatches, normalizer)
 
   def eval_step(params, batch):
     """Per prompt: (Eq. 1 loss normalized as in training, correct pairs, pairs, K present)."""
     rewards = lm_steps.rm_rewards(graphdef, params, batch["tokens"], batch["segment_ids"])
-    terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=config.rm.pair_normalizer)
+    terms = losses.ranking_prompt_terms(rewards, batch["ranks"], normalizer=normalizer)
     return terms["loss"], terms["correct"], terms["num_pairs"], terms["num_present"]
 
-  batch_sh = loop.batch_sharding(mesh, rules)
-  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
+  def reward_sum(params, batch):
+    return jnp.sum(lm_steps.rm_rewards(graphdef, params, batch["tokens"], batch["segment_ids"]))
+
+  step_fn = train_state.jit_step(train_step, run.shardings, loop.batch_sharding(mesh, rules), rules)
   replicated = train_state.replicated(mesh)  # per-prompt results, whole on every host
-  eval_fn = jax.jit(
-    sharding.traced_with_rules(eval_step, mesh, rules),
-    in_shardings=(state_shardings.params, batch_sh),
-    out_shardings=replicated,
-  )
-  reward_sum_fn = jax.jit(
-    sharding.traced_with_rules(
-      lambda p, b: jnp.sum(lm_steps.rm_rewards(graphdef, p, b["tokens"], b["segment_ids"])), mesh, rules
-    ),
-    in_shardings=(state_shardings.params, batch_sh),
-    out_shardings=replicated,
-  )
+  eval_fn = train_state.jit_eval(eval_step, mesh, rules, run.shardings.params, out_shardings=replicated)
+  reward_sum_fn = train_state.jit_eval(reward_sum, mesh, rules, run.shardings.params, out_shardings=replicated)
 
   def evaluate(state) -> dict[str, float]:
     """eval_loss: the mean over prompts of the per-prompt loss, as training averages it; accuracies over
@@ -97,7 +86,7 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.max_responses * config.data.seq_len
   state, final = loop.train_loop(
-    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step
+    setup, workdir, run.ckpt, data, run.state, step_fn, evaluate, tokens_per_step=tokens_per_step
   )
 
   # ---------------------------------------------------------------- the bias (docs/paper.md §4.1) and export
@@ -109,7 +98,7 @@ def train(config, workdir: str) -> dict[str, float]:
     export_dir,
     state.params,
     "scalar",
-    model_cfg,
+    setup.model_cfg,
     reward_bias=bias,
     bias_demonstrations=count,
     tokenizer=config.data.tokenizer,

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import jax
 
-from instructgpt_jax import checkpoint, generation, paths, sharding, train_state
-from instructgpt_jax.data import schemes
-from instructgpt_jax.data import stage_data
+from instructgpt_jax import checkpoint, generation, paths, train_state
+from instructgpt_jax.data import schemes, stage_data
 from instructgpt_jax.library import judging, lm_steps, loop
 
 
@@ -57,10 +56,10 @@ def unused_fields(config) -> dict[str, str]:
 
 def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- setup and validation (no compile yet)
-  stage = loop.setup_stage(config, workdir, seq_len=config.data.seq_len)
-  model_cfg, source, tokenizer, mesh, rules, data_cfg = stage
+  setup = loop.setup(config, workdir, seq_len=config.data.seq_len)
+  config, model_cfg, tokenizer, mesh, rules = setup.config, setup.model_cfg, setup.tokenizer, setup.mesh, setup.rules
   loop.check_batch("data.batch_size", config.data.batch_size, mesh)
-  data = stage_data.build_sft_data(data_cfg, tokenizer, seed=config.seed, **stage.process)
+  data = stage_data.build_sft_data(setup.data_cfg, tokenizer, seed=config.seed, **setup.process)
   judge, eval_prompts = None, []
   if config.eval_rm.rm:
     judge = judging.Judge.load(config.eval_rm.rm, mesh, rules, field="eval_rm.rm")
@@ -68,11 +67,11 @@ def train(config, workdir: str) -> dict[str, float]:
       judge.model_cfg.vocab_size == model_cfg.vocab_size,
       f"eval_rm.rm: its vocabulary ({judge.model_cfg.vocab_size}) differs from the policy's",
     )
-    prompts_spec = schemes.resolve(
-      {"train": config.eval_rm.prompts}, paths.join(workdir, "data"), seed=config.seed
-    )["train"]
+    prompts_spec = schemes.resolve({"train": config.eval_rm.prompts}, paths.join(workdir, "data"), seed=config.seed)[
+      "train"
+    ]
     _, eval_prompts = judging.load_prompts(
-      prompts_spec, tokenizer, data_dir=data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
+      prompts_spec, tokenizer, data_dir=setup.data_cfg.data_dir, max_prompt_len=config.data.seq_len // 2
     )
     eval_prompts = eval_prompts[: config.eval_rm.num_prompts]
   total_steps = loop.steps_for_epochs(config, len(data.train_source), mix_fraction=data.mix_fraction)
@@ -85,25 +84,20 @@ def train(config, workdir: str) -> dict[str, float]:
     select = checkpoint.Selection(workdir, "eval_loss", "min")
 
   # ---------------------------------------------------------------- init (from a pretrained LM) or restore
-  graphdef, state, state_shardings, ckpt, tx, lr_schedule = loop.start_training(
-    config, workdir, stage, kind="lm", total_steps=total_steps, data=data, select=select
-  )
+  run = loop.start_training(setup, workdir, kind="lm", total_steps=total_steps, data=data, select=select)
 
   # ---------------------------------------------------------------- step functions
-  train_step = lm_steps.make_train_step(graphdef, model_cfg, tx, lr_schedule, microbatches=config.optim.microbatches)
-  batch_sh = loop.batch_sharding(mesh, rules)
-  step_fn = train_state.jit_step(train_step, state_shardings, batch_sh, rules)
-  eval_fn = jax.jit(
-    sharding.traced_with_rules(lm_steps.make_eval_step(graphdef), mesh, rules),
-    in_shardings=(state_shardings.params, batch_sh),
-  )
+  microbatches = config.optim.microbatches
+  train_step = lm_steps.make_train_step(run.graphdef, model_cfg, run.tx, run.lr_schedule, microbatches=microbatches)
+  step_fn = train_state.jit_step(train_step, run.shardings, loop.batch_sharding(mesh, rules), rules)
+  eval_fn = train_state.jit_eval(lm_steps.make_eval_step(run.graphdef), mesh, rules, run.shardings.params)
   sampler = None
   if judge is not None:
     settings = generation.SamplingSettings(
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=config.eval_rm.temperature
     )
     sampler = generation.Sampler(
-      graphdef, settings, response_buckets=(config.eval_rm.max_new_tokens,), mesh=mesh, rules=rules
+      run.graphdef, settings, response_buckets=(config.eval_rm.max_new_tokens,), mesh=mesh, rules=rules
     )
 
   def evaluate(state) -> dict[str, float]:
@@ -128,7 +122,7 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- train loop
   tokens_per_step = config.data.batch_size * config.data.seq_len
   _, final = loop.train_loop(
-    config, workdir, stage, ckpt, data, state, step_fn, evaluate, tokens_per_step=tokens_per_step, select=select
+    setup, workdir, run.ckpt, data, run.state, step_fn, evaluate, tokens_per_step=tokens_per_step, select=select
   )
 
   selected = select.best if select is not None else None
