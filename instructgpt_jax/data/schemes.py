@@ -2,8 +2,9 @@
 corpus field equal to `<scheme>` is written out as JSONL files by the scheme's functions before the data layer
 reads it; the layer below reads files only.
 
-The embedded lab registers `lab` (lab/datasets.py: `lab:demonstrations:train:400`, a corpus of "lab"). A
-researcher's own generated data is one `register` call in their own script, before the run starts:
+The embedded lab registers `lab` (lab/datasets.py: `lab:demonstrations:train:400`, a corpus of "lab", and a
+gold scorer of its prompts that PPO's evaluation logs as `eval_gold`). A researcher's own generated data is
+one `register` call in their own script, before the run starts:
 
     schemes.register("mine", files=lambda spec, directory, seed: write_my_jsonl(spec, directory, seed))
 """
@@ -20,13 +21,22 @@ CORPUS_KEYS = ("corpus", "pretrain_corpus", "ptx_corpus")  # fields that hold pr
 class Scheme(NamedTuple):
   files: Callable[..., str]  # (spec, directory, *, seed) -> the path of the JSONL file written
   corpus: Callable[..., str] | None  # (data section, directory, *, seed) -> the corpus path written, or None
+  # (spec, *, seed) -> gold(prompt text, response text, stopped) -> a quality in [0, 1] or NaN: a known-good
+  # judge of responses to the spec's prompts (the lab's gold scorer), which PPO's evaluation logs beside the RM
+  gold: Callable[..., Callable[[str, str, bool], float]] | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
 
 
-def register(name: str, files: Callable[..., str], corpus: Callable[..., str] | None = None) -> None:
-  SCHEMES[name] = Scheme(files, corpus)
+def register(name: str, files: Callable[..., str], corpus=None, gold=None) -> None:
+  SCHEMES[name] = Scheme(files, corpus, gold)
+
+
+def gold_scorer(spec: str, *, seed: int):
+  """The gold judge of `spec`'s prompts where its scheme has one (Scheme.gold), else None."""
+  scheme = SCHEMES.get(spec.split(":", 1)[0]) if ":" in spec else None
+  return scheme.gold(spec, seed=seed) if scheme is not None and scheme.gold is not None else None
 
 
 def resolve(data_cfg, directory: str, *, seed: int):

@@ -148,12 +148,25 @@ def tasks_of(spec: str, *, seed: int = 0, world_seed: int = 0) -> dict[str, task
   return {t.prompt: t for t in sample_tasks(n, split=split, seed=seed, world=world, families=families, kind=kind)}
 
 
-# The `lab` data scheme (data/schemes.py): `lab:<kind>:<split>:<n>` specs, and a corpus field of "lab" (the
-# generated prose, `lab_documents` documents of it).
+def gold_scorer(spec: str, *, seed: int = 0):
+  """gold(prompt text, response text, stopped): tasks_lib.quality of a response to one of `spec`'s prompts,
+  NaN for a prompt that is not one of them."""
+  by_prompt = tasks_of(spec, seed=seed)
+
+  def gold(prompt: str, response: str, stopped: bool) -> float:
+    task = by_prompt.get(prompt)
+    return tasks_lib.quality(task, response, stopped=stopped) if task else float("nan")
+
+  return gold
+
+
+# The `lab` data scheme (data/schemes.py): `lab:<kind>:<split>:<n>` specs, a corpus field of "lab" (the
+# generated prose, `lab_documents` documents of it), and the gold scorer of its prompts.
 schemes.register(
   "lab",
   files=materialize,
   corpus=lambda data_cfg, directory, *, seed: materialize_corpus(
     int(data_cfg.get("lab_documents", 4000)), directory, seed=seed
   ),
+  gold=gold_scorer,
 )

@@ -389,7 +389,7 @@ class _Evaluation:
     self.config, self.tokenizer, self.mesh, self.rules = config, setup.tokenizer, setup.mesh, setup.rules
     self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
     self.others = {"sft": ref_params} | ({"baseline": baseline_params} if baseline_params is not None else {})
-    self.texts, self.prompts, self.tasks = [], [], {}
+    self.texts, self.prompts, self.gold_of = [], [], None
     if config.data.eval:
       spec = config.data.eval
       files = schemes.resolve({"train": spec}, paths.join(workdir, "data"), seed=config.seed)["train"]
@@ -397,10 +397,7 @@ class _Evaluation:
         files, setup.tokenizer, data_dir=setup.data_cfg.data_dir, max_prompt_len=config.data.max_prompt_len
       )
       self.texts, self.prompts = texts[: config.data.eval_prompts], prompts[: config.data.eval_prompts]
-      if spec.startswith("lab:"):
-        from instructgpt_jax.lab import datasets
-
-        self.tasks = datasets.tasks_of(spec, seed=config.seed)
+      self.gold_of = schemes.gold_scorer(spec, seed=config.seed)  # the lab's prompts have one
     self.ptx_eval = None
     if ptx is not None:
       self.ptx_eval = train_state.jit_eval(lm_steps.make_eval_step(m.policy), setup.mesh, setup.rules)
@@ -427,14 +424,11 @@ class _Evaluation:
     )
 
   def _gold(self, samples) -> np.ndarray:
-    """The lab's gold quality of each sampled response (NaN where a prompt is not a lab task)."""
-    from instructgpt_jax.lab import tasks as tasks_lib
-
+    """The gold quality of each sampled response by the prompts' scheme (the lab's), NaN where it has none."""
     out = []
     for prompt_text, (_, response) in zip(self.texts, samples):
-      task = self.tasks.get(prompt_text)
       stopped = len(response) > 0 and int(response[-1]) == self.tokenizer.eos_id
-      out.append(tasks_lib.quality(task, self.tokenizer.decode(response), stopped=stopped) if task else np.nan)
+      out.append(self.gold_of(prompt_text, self.tokenizer.decode(response), stopped))
     return np.array(out)
 
   def __call__(self, state: ppo_steps.PPOState) -> dict[str, float]:
@@ -448,14 +442,14 @@ class _Evaluation:
       return row
     scores, samples = self._sample(params)
     row["eval_rm_score"] = float(scores.mean())
-    gold = self._gold(samples) if self.tasks else None
+    gold = self._gold(samples) if self.gold_of else None
     if gold is not None:
       row["eval_gold"] = float(np.nanmean(gold))
     for name, other_params in self.others.items():  # the reference ("sft"), and the baseline where given
       fixed, vs = self.fixed[name], "" if name == "sft" else "_vs_baseline"
       if "scores" not in fixed:
         fixed["scores"], fixed["samples"] = self._sample(other_params)
-        fixed["gold"] = self._gold(fixed["samples"]) if self.tasks else None
+        fixed["gold"] = self._gold(fixed["samples"]) if self.gold_of else None
       row[f"eval_rm_score_{name}"] = float(fixed["scores"].mean())
       row[f"eval_win_rate_rm{vs}"] = _win_rate(scores, fixed["scores"])
       if gold is not None:
