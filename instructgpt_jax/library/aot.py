@@ -406,7 +406,7 @@ class Report:
 
   @property
   def peak(self) -> int | None:
-    peaks = [m.peak for m in self.programs]
+    peaks = [program.peak for program in self.programs]
     return None if any(p is None for p in peaks) else max(peaks)
 
   @property
@@ -415,7 +415,7 @@ class Report:
 
   @property
   def fits(self) -> bool | None:
-    if any(m.error for m in self.programs):
+    if any(program.error for program in self.programs):
       return False
     if self.peak is None:  # temp unmeasured: the state alone decides only when it does not fit
       return False if self.plan.resident > self.hbm else None
@@ -472,9 +472,13 @@ def compile_program(program: Program, resident: int, *, measure_temp: bool) -> P
       raise
     first = next((line for line in message.splitlines() if _EXHAUSTED.search(line)), message.splitlines()[0])
     return ProgramMemory(program.name, 0, 0, 0, None, None, time.perf_counter() - t0, error=first.strip()[:300])
-  m = compiled.memory_analysis()
-  temp = int(m.temp_size_in_bytes) if measure_temp else None
-  outputs, aliased, arguments = int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.argument_size_in_bytes)
+  memory = compiled.memory_analysis()
+  temp = int(memory.temp_size_in_bytes) if measure_temp else None
+  outputs, aliased, arguments = (
+    int(memory.output_size_in_bytes),
+    int(memory.alias_size_in_bytes),
+    int(memory.argument_size_in_bytes),
+  )
   peak = None
   if temp is not None:
     peak = resident + (arguments - state_in_args) + (outputs - aliased) + temp
@@ -671,9 +675,9 @@ def table_records(r: Report) -> list[dict[str, str]]:
   models_text = " + ".join(f"{_count(n)} {name}" for name, n in r.plan.models.items())
   words = {True: "yes", False: "**no**", None: "state only: yes"}
   out = []
-  for m in r.programs:
-    if m.error or m.peak is not None:
-      fit = words[not m.error and m.peak <= r.target.hbm_gib * GiB]
+  for program in r.programs:
+    if program.error or program.peak is not None:
+      fit = words[not program.error and program.peak <= r.target.hbm_gib * GiB]
     else:
       fit = words[r.fits]
     cells = (
@@ -681,12 +685,12 @@ def table_records(r: Report) -> list[dict[str, str]]:
       r.stage,
       models_text,
       mesh,
-      m.name,
+      program.name,
       _gib(r.plan.params),
       _gib(r.plan.opt_state),
-      _gib(r.plan.kv_cache) if m.name == "rollout" else "-",
-      _gib(m.temp),
-      _short_error(m.error) if m.error else _gib(m.peak),
+      _gib(r.plan.kv_cache) if program.name == "rollout" else "-",
+      _gib(program.temp),
+      _short_error(program.error) if program.error else _gib(program.peak),
       f"{r.target.hbm_gib:g}",
       fit,
     )
@@ -698,7 +702,7 @@ def verdict(r: Report) -> str:
   """One line: whether `r` fits, and by how much."""
   hbm = f"{r.target.hbm_gib:g} GiB"
   if r.fits is False:
-    over = [m.name for m in r.programs if m.error or (m.peak is not None and m.peak > r.hbm)]
+    over = [p.name for p in r.programs if p.error or (p.peak is not None and p.peak > r.hbm)]
     if over:
       return f"does NOT fit: {', '.join(over)} over {hbm}" + (f" (peak {_gib(r.peak)})" if r.peak else "")
     return f"does NOT fit: the state alone is {_gib(r.plan.resident)} per device, of {hbm}"
@@ -723,13 +727,13 @@ def summary(r: Report) -> str:
     f"  per device: params {_gib(r.plan.params)}, optimizer state {_gib(r.plan.opt_state)}"
     + (f", KV cache {_gib(r.plan.kv_cache)}" if r.plan.kv_cache else "")
   )
-  for m in r.programs:
-    if m.error:
-      lines.append(f"  {m.name}: does not fit ({m.error}) [{m.compile_s:.0f} s]")
+  for program in r.programs:
+    if program.error:
+      lines.append(f"  {program.name}: does not fit ({program.error}) [{program.compile_s:.0f} s]")
     else:
       lines.append(
-        f"  {m.name}: arguments {_gib(m.arguments)}, temp {_gib(m.temp)}, peak {_gib(m.peak)} "
-        f"[compiled in {m.compile_s:.1f} s]"
+        f"  {program.name}: arguments {_gib(program.arguments)}, temp {_gib(program.temp)}, peak {_gib(program.peak)} "
+        f"[compiled in {program.compile_s:.1f} s]"
       )
   lines.append(f"  => {verdict(r)}")
   if r.tight:

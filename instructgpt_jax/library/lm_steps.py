@@ -90,12 +90,12 @@ def make_rm_train_step(graphdef, tx, lr_schedule, microbatches: int, normalizer:
 
   def loss_sums(params, batch, _rng):
     rewards = rm_rewards(graphdef, params, batch["tokens"], batch["segment_ids"])  # [B, K]
-    loss, m = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
+    loss, stats = losses.ranking_loss(rewards, batch["ranks"], normalizer=normalizer)
     # ranking_loss is a mean over the prompts that have pairs; sums make micro-batching exact.
-    return loss * m["num_prompts"], {
-      "count": m["num_prompts"],
-      "pairs": m["num_pairs"],
-      "correct": m["accuracy"] * m["num_pairs"],
+    return loss * stats["num_prompts"], {
+      "count": stats["num_prompts"],
+      "pairs": stats["num_pairs"],
+      "correct": stats["accuracy"] * stats["num_pairs"],
     }
 
   def summarize(sums, _batch):

@@ -51,7 +51,7 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float
   sequence log-probs. `losses.dpo_loss` is a mean over the prompts with pairs: sums make micro-batching exact."""
 
   def loss_sums(params, batch, _rng):
-    loss, m = losses.dpo_loss(
+    loss, stats = losses.dpo_loss(
       sequence_logps(graphdef, params, batch),
       batch["ref_logps"],
       batch["ranks"],
@@ -59,11 +59,11 @@ def make_train_step(graphdef, tx, lr_schedule, microbatches: int, *, beta: float
       normalizer=normalizer,
       form=form,
     )
-    return loss * m["num_prompts"], {
-      "count": m["num_prompts"],
-      "pairs": m["num_pairs"],
-      "correct": m["accuracy"] * m["num_pairs"],
-      "margin_sum": m["margin"] * m["num_pairs"],
+    return loss * stats["num_prompts"], {
+      "count": stats["num_prompts"],
+      "pairs": stats["num_pairs"],
+      "correct": stats["accuracy"] * stats["num_pairs"],
+      "margin_sum": stats["margin"] * stats["num_pairs"],
     }
 
   def summarize(sums, _batch):

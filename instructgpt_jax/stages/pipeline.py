@@ -233,7 +233,7 @@ def evaluate(config, exports: dict[str, str], tokenizer_path: str, results: dict
   for against, key in (("SFT", "win_rate"), ("SFT baseline", "baseline_win_rate")):
     if against not in responses:
       continue
-    for n in (m for m in models if m != against):
+    for n in (name for name in models if name != against):
       per_prompt = labelers.held_out_preference(
         eval_tasks, responses[n], responses[against], f"{config.seed}:{n}:{against}"
       )
