@@ -34,7 +34,7 @@ def run_config(
   c.eval_every_steps = 0  # 0: evaluate only at the end
   c.eval_at_start = False  # evaluate the starting model before the first step (a metrics row at step 0)
   c.progress_bar = True
-  # A resumed run refuses a changed schedule (total steps, learning rates, warmup: trainers/common.py
+  # A resumed run refuses a changed schedule (total steps, learning rates, warmup: library/loop.py
   # SCHEDULE_FIELDS) unless this is True.
   c.allow_schedule_change = False
   c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE

@@ -4,6 +4,7 @@ up and no import cycle."""
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -107,6 +108,17 @@ def test_nothing_imports_upward():
   assert arrows_up(import_graph()) == []
 
 
+def test_no_relative_imports():
+  # The checks above read absolute imports; a relative one (`from ..stages import ppo`) would pass unseen.
+  relative = [
+    f"{module}:{node.lineno}"
+    for module, path in package_modules().items()
+    for node in ast.walk(ast.parse(path.read_text()))
+    if isinstance(node, ast.ImportFrom) and node.level > 0
+  ]
+  assert relative == []
+
+
 def test_no_import_cycles():
   # A package importing its own submodules (stages/__init__ naming the stage modules) is not a cycle: it
   # does so by name through `importlib`, so no module here imports the package that imports it back.
@@ -121,7 +133,7 @@ def test_stages_are_dispatched_from_one_table():
   users = [
     module
     for module, path in package_modules().items()
-    if "importlib.import_module" in path.read_text() and module != "instructgpt_jax.stages"
+    if re.search(r"\bimport_module\b|__import__", path.read_text()) and module != "instructgpt_jax.stages"
   ]
   assert users == []
   for name, module_path in stages.STAGES.items():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from instructgpt_jax import paths
+from instructgpt_jax import errors, paths
 from instructgpt_jax.data import formats, schemes
 from instructgpt_jax.lab import datasets  # registers `lab`
 
@@ -38,7 +38,21 @@ def test_a_registered_scheme_is_written_out_and_the_rest_is_left_as_it_is(tmp_pa
   gold = schemes.gold_scorer("count:3", seed=0)
   assert (gold("count to 4", "4", True), gold("count to 4", "5", True)) == (1.0, 0.0)
   assert schemes.gold_scorer("gs://bucket/prompts.jsonl", seed=0) is None
-  assert schemes.gold_scorer("nothing:1", seed=0) is None
+  with pytest.raises(ValueError, match="'count' is taken"):
+    schemes.register("count", files=lambda *a, **k: "")
+  with pytest.raises(ValueError, match="'gs://x' is not a lowercase word"):
+    schemes.register("gs://x", files=lambda *a, **k: "")
+
+
+def test_a_scheme_nobody_registered_is_one_line_and_paths_with_colons_are_paths(tmp_path):
+  with pytest.raises(errors.ConfigError) as raised:
+    schemes.resolve({"train": "nothing:prompts:4"}, str(tmp_path), seed=0)
+  assert str(raised.value) == (
+    "data.train: 'nothing:prompts:4' names the data scheme 'nothing', which is not registered (registered: lab); "
+    "import the module that registers it, or give a file path"
+  )
+  data = {"train": "/data/v1:2/train.jsonl", "eval": "gs://b/eval.jsonl", "bias_demonstrations": "Data:x.jsonl"}
+  assert schemes.resolve(data, str(tmp_path), seed=0) == data
 
 
 def test_the_lab_scheme_writes_its_files_and_corpus_and_judges_its_prompts(tmp_path):

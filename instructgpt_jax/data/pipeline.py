@@ -1,7 +1,7 @@
 """grain pipelines over the TFDS builds: seeded shuffling, per-host sharding, static-shape batches, and
 iterator state that goes into every checkpoint.
 
-Every stage's data follows one protocol (the trainers rely on it): iterating yields this host's numpy
+Every stage's data follows one protocol (the stages rely on it): iterating yields this host's numpy
 batches; `get_state()` returns a JSON-able dict; `set_state(state)` restores it, so that the next batch is
 exactly the one an uninterrupted iterator would have yielded.
 

@@ -11,8 +11,11 @@ one `register` call in their own script, before the run starts:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
+
+from instructgpt_jax.errors import ConfigError
 
 SPEC_KEYS = ("train", "eval", "bias_demonstrations")  # fields that hold a file spec
 CORPUS_KEYS = ("corpus", "pretrain_corpus", "ptx_corpus")  # fields that hold pretraining text
@@ -29,13 +32,35 @@ class Scheme(NamedTuple):
 SCHEMES: dict[str, Scheme] = {}
 
 
+_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a scheme is a bare word: `gs://...` and `dir/a:b.jsonl` are paths
+
+
 def register(name: str, files: Callable[..., str], corpus=None, gold=None) -> None:
+  """Adds the scheme `name` (a new lowercase word); `del SCHEMES[name]` takes it out again."""
+  if not _NAME.fullmatch(name) or name in SCHEMES:
+    raise ValueError(f"schemes.register: {name!r} is {'taken' if name in SCHEMES else 'not a lowercase word'}")
   SCHEMES[name] = Scheme(files, corpus, gold)
+
+
+def scheme_of(field: str, value) -> Scheme | None:
+  """The registered scheme a spec names (`lab:...` -> lab's), None for a path; a spec whose bare-word prefix
+  names no registered scheme is a one-line error (it would otherwise reach the file reader as a path)."""
+  if not isinstance(value, str) or ":" not in value or "://" in value:
+    return None
+  prefix = value.split(":", 1)[0]
+  if not _NAME.fullmatch(prefix):
+    return None
+  if prefix not in SCHEMES:
+    raise ConfigError(
+      f"{field}: {value!r} names the data scheme {prefix!r}, which is not registered (registered: "
+      f"{', '.join(sorted(SCHEMES)) or 'none'}); import the module that registers it, or give a file path"
+    )
+  return SCHEMES[prefix]
 
 
 def gold_scorer(spec: str, *, seed: int):
   """The gold judge of `spec`'s prompts where its scheme has one (Scheme.gold), else None."""
-  scheme = SCHEMES.get(spec.split(":", 1)[0]) if ":" in spec else None
+  scheme = scheme_of("data.eval", spec)
   return scheme.gold(spec, seed=seed) if scheme is not None and scheme.gold is not None else None
 
 
@@ -46,7 +71,7 @@ def resolve(data_cfg, directory: str, *, seed: int):
   data_cfg = copy() if copy else dict(data_cfg)
   for key in SPEC_KEYS:
     value = data_cfg.get(key)
-    scheme = SCHEMES.get(value.split(":", 1)[0]) if isinstance(value, str) and ":" in value else None
+    scheme = scheme_of(f"data.{key}", value)
     if scheme is not None:
       data_cfg[key] = scheme.files(value, directory, seed=seed)
   for key in CORPUS_KEYS:

@@ -1,4 +1,4 @@
-"""What the trainers call: a stage's `config.data` section -> its training iterator and evaluation batches.
+"""What the stage modules call: a stage's `config.data` section -> its training iterator and evaluation batches.
 
     data = stage_data.build_sft_data(config.data, tokenizer, seed=config.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())

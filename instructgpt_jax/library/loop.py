@@ -395,13 +395,13 @@ class Training(NamedTuple):
   lr_schedule: object
 
 
-def record_run(setup: Setup, workdir: str, total_steps: int, **model_json) -> None:
+def record_run(setup: Setup, workdir: str, total_steps: int, kind: str, **model_json) -> None:
   """Fixes the run's total_steps (in its own config), refuses a resumed run whose schedule changed, and
   records the run: config.json, and model.json (`model_json`: where the params sit in the checkpoint)."""
   setup.config.total_steps = total_steps
   check_resume(workdir, setup.config)
   write_config(workdir, setup.config, setup.model_cfg)
-  model_io.write_model_json(workdir, model_json.pop("kind", "lm"), setup.model_cfg, **model_json)
+  model_io.write_model_json(workdir, kind, setup.model_cfg, **model_json)
 
 
 def start_training(
@@ -411,7 +411,7 @@ def start_training(
   newest checkpoint, else started from `model.init_from` (or randomly). `select`: keep the best evaluated
   checkpoint (see LoopIO)."""
   config = setup.config
-  record_run(setup, workdir, total_steps, kind=kind)
+  record_run(setup, workdir, total_steps, kind)
   tx = optim.make_optimizer(config.optim, total_steps)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, select=select)
   graphdef, abstract, shardings = train_state.abstract_state(setup.model_cfg, tx, setup.mesh, setup.rules, kind=kind)

@@ -33,7 +33,6 @@ KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β�
 # ppo.kl_estimator, ppo.ptx_reduction, ppo.advantage_estimator and ppo.loss_aggregation name rows of the tables
 # beside their math (losses.KL_ESTIMATORS, losses.PTX_REDUCTIONS, rl.ESTIMATORS, losses.AGGREGATIONS), which the
 # config check reads when it runs. ppo.loss_aggregation also takes "auto": the estimator's paper_aggregation.
-LOSS_AGGREGATIONS = ("auto", *losses.AGGREGATIONS)  # as the module was imported (the built-in rows)
 ROLLOUT_LAYOUTS = ("auto", "train", "decode")  # `rollout_layout`
 
 

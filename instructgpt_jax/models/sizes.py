@@ -285,7 +285,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   values = lookup(model_cfg["size"]) if model_cfg.get("size") else {}
   for key, value in model_cfg.items():
-    if key in ("size", "init_from", "init_from_step") or value is None:  # where the weights come from (trainers)
+    if key in ("size", "init_from", "init_from_step") or value is None:  # where the weights come from (the stages)
       continue
     if key not in fields:
       raise errors.ConfigError(f"model.{key}: not a model field; known fields: {', '.join(sorted(fields))}")

@@ -330,10 +330,10 @@ def train(config, workdir: str) -> dict[str, float]:
   iterations = config.total_steps or p.episodes // p.rollout_batch
   lm_key = ("lm",) if p.shared_trunk else ()  # where a later stage finds the policy and its EMA
   params_keys, ema_keys = ("policy", "params", *lm_key), ("policy", "ema", *lm_key)
-  loop.record_run(setup, workdir, iterations, kind="lm", params_keys=params_keys, ema_keys=ema_keys)
+  loop.record_run(setup, workdir, iterations, "lm", params_keys=params_keys, ema_keys=ema_keys)
   judge = judging.Judge.from_source(inputs.reward, setup.mesh, setup.rules, seed=config.seed)
   m = build_models(config, setup, inputs, iterations)
-  ref_params = model_io.load(inputs.reference, "lm", m.targets["reference"], inputs.reference.config, config.seed)
+  _, ref_params = model_io.load_frozen(inputs.reference, "lm", setup.mesh, setup.rules, seed=config.seed)
 
   # ---------------------------------------------------------------- init or resume
   abstract, shardings = ppo_steps.abstract_state(m)
@@ -341,6 +341,7 @@ def train(config, workdir: str) -> dict[str, float]:
   state = loop.resume_or_start(ckpt, abstract, data, lambda: start_state(config, setup, inputs, m, shardings))
   steps = ppo_steps.jit_steps(m, shardings)
   baseline = inputs.baseline
+  # Not load_frozen: the policy's sampler samples the baseline too, so it takes the policy's layout and dtypes.
   lm_target = m.targets["policy"]["lm"] if m.shared_trunk else m.targets["policy"]
   baseline_params = baseline and model_io.load(baseline, "lm", lm_target, baseline.config, config.seed)
   evaluation = _Evaluation(setup, workdir, m, steps.sample, judge, ref_params, ptx, baseline_params)
