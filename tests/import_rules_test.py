@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "instructgpt_jax"
 
 # The layers, top down. A module is in the first layer whose prefix it matches; the rest is the foundation.
-COMMANDS = ("main", "sample", "export", "sweep", "train_tokenizer")
+COMMANDS = ("main", "sample", "export", "sweep", "train_tokenizer", "evaluate")
 LAYERS = {
   "command": tuple(f"instructgpt_jax.{m}" for m in COMMANDS),
   "stage": ("instructgpt_jax.stages",),

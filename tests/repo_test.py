@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command_exactly_then_the_slow_tier():
   assert commands == ["bash tests/run.sh"], commands
   script = (ROOT / "tests" / "run.sh").read_text().splitlines()
   installs = [
-    'python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test]"',
+    'python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test,eval]"',
     "(python3 -m venv .cache/venv-ref && .cache/venv-ref/bin/pip install -q -r requirements-ref.txt) &",
     'wait "$reference"',
   ]

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 (python3 -m venv .cache/venv-ref && .cache/venv-ref/bin/pip install -q -r requirements-ref.txt) &
 reference=$!
-python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test]"
+python3 -m venv .venv && .venv/bin/pip install -q -c requirements-lock.txt -e ".[test,eval]"
 libtpu=$(grep '^libtpu==' requirements-lock.txt | cut -d= -f3)
 [ -d ".cache/libtpu/libtpu-$libtpu.dist-info" ] \
   || .venv/bin/pip install -q --no-deps --target .cache/libtpu --upgrade "libtpu==$libtpu"
