@@ -34,7 +34,7 @@ import tokenizers
 from flax import nnx
 
 from instructgpt_jax import errors, generation, paths, sharding
-from instructgpt_jax.data import templates
+from instructgpt_jax.data import chat, templates
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.library import model_io
 
@@ -81,50 +81,13 @@ def stream_tokens(
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def _special_token(value) -> str | None:
-  """A tokenizer_config.json special token: a string or {"content": string}."""
-  return value.get("content") if isinstance(value, dict) else value
-
-
 def _read_json(path: str) -> dict:
   return paths.read_json(path, {})
 
 
-def chat_template(folder: str) -> str | None:
-  """The folder's chat template: tokenizer_config.json's `chat_template` or chat_template.jinja."""
-  template = _read_json(paths.join(folder, "tokenizer_config.json")).get("chat_template")
-  if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-    template = next((t["template"] for t in template if t.get("name") == "default"), None)
-  if template is None and paths.path(folder, "chat_template.jinja").exists():
-    template = paths.read_text(paths.join(folder, "chat_template.jinja"))
-  return template
-
-
 def render_chat(folder: str, prompt: str) -> str:
   """One user message in the folder's chat template, with the assistant's turn opened."""
-  template = chat_template(folder)
-  if template is None:
-    raise errors.UserError(f"--chat: {folder} has no chat template (tokenizer_config.json or chat_template.jinja)")
-  try:
-    from jinja2 import sandbox
-  except ImportError:
-    raise errors.UserError("--chat: rendering a chat template needs jinja2 (pip install jinja2)") from None
-
-  def raise_exception(message):
-    raise errors.UserError(f"--chat: the chat template refused the prompt: {message}")
-
-  # The settings transformers renders chat templates with, so the text (and its ids) are the same.
-  environment = sandbox.ImmutableSandboxedEnvironment(
-    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-  )
-  environment.globals["raise_exception"] = raise_exception
-  special = _read_json(paths.join(folder, "tokenizer_config.json"))
-  return environment.from_string(template).render(
-    messages=[{"role": "user", "content": prompt}],
-    add_generation_prompt=True,
-    bos_token=_special_token(special.get("bos_token")) or "",
-    eos_token=_special_token(special.get("eos_token")) or "",
-  )
+  return chat.render(folder, [{"role": "user", "content": prompt}])
 
 
 def hf_prompt_ids(folder: str, prompt: str, *, chat: bool) -> list[int]:
@@ -197,7 +160,7 @@ def sample(args: argparse.Namespace) -> list[int]:
       raise errors.UserError(f"{folder} holds no tokenizer.json; pass --tokenizer=FOLDER")
     tokenizer_config = _read_json(paths.join(folder, "tokenizer_config.json"))
     eos_ids = _hf_eos_ids(source.path)
-    eos_token = _special_token(tokenizer_config.get("eos_token"))
+    eos_token = chat.special_token(tokenizer_config.get("eos_token"))
     tokenizer = tokenizer_lib.from_file(folder, eos_token=eos_token)
     prompt = hf_prompt_ids(folder, args.prompt, chat=args.chat)
   else:

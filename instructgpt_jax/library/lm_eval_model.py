@@ -20,15 +20,18 @@ Requests are scored in length buckets (powers of two, up to the model's window) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from instructgpt_jax import errors, generation, models, sharding
+from instructgpt_jax import errors, generation, models, paths, sharding
+from instructgpt_jax.data import chat
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.library import model_io
 
@@ -50,39 +53,101 @@ def _continuation_logprobs(graphdef, params, inputs, targets, segment_ids):
   return jnp.where(real, picked, 0.0), greedy | ~real
 
 
+def read_model(init_from: str, *, step: str = "", dtype: str | None = None) -> tuple[model_io.Source, str]:
+  """(the model's source with `dtype` applied, its tokenizer spec), or a one-line ConfigError: a path with no
+  model, a reward model, a dtype other than float32/bfloat16, a model that records no tokenizer."""
+  source = model_io.read_source(init_from, "--init_from", step=step)
+  if source is None or source.kind != "lm":
+    raise errors.ConfigError(f"--init_from: {init_from} is not a language model (a reward model scores, not generates)")
+  if dtype:
+    if dtype not in ("float32", "bfloat16"):
+      raise errors.ConfigError(f"--dtype: {dtype!r} is not float32 or bfloat16")
+    source = dataclasses.replace(source, config=dataclasses.replace(source.config, dtype=dtype))
+  return source, model_io.tokenizer_of(source, "--init_from")
+
+
 class JaxLM(LM):
   """A language model read as `export` reads it (a run's workdir: its selected or EMA weights; an export;
-  hf:PATH), with its own tokenizer, for lm_eval.simple_evaluate."""
+  hf:PATH), with its own tokenizer, for lm_eval.simple_evaluate.
+
+  `dtype`: the compute dtype ("float32", "bfloat16"; default the model's config: a run's as it trained, an HF
+  folder's float32). `fsdp`: the parameters split over that many devices (the mesh's fsdp axis; the rows over
+  all of them, as in training). `max_length`: the window (default the model's `max_len`; smaller windows
+  as lm-eval's `max_length`). `progress_bar`: a tqdm bar over the batches of each request type."""
 
   def __init__(
-    self, init_from: str, *, batch_size: int = 16, max_gen_toks: int = MAX_GEN_TOKS, step: str = "", devices=None
+    self,
+    init_from: str,
+    *,
+    batch_size: int = 16,
+    max_gen_toks: int = MAX_GEN_TOKS,
+    step: str = "",
+    dtype: str | None = None,
+    fsdp: int = 1,
+    max_length: int | None = None,
+    progress_bar: bool = False,
+    devices=None,
   ):
     super().__init__()
-    source = model_io.read_source(init_from, "--init_from", step=step)
-    if source is None or source.kind != "lm":
-      raise errors.ConfigError(
-        f"--init_from: {init_from} is not a language model (a reward model scores, not generates)"
-      )
-    self.tokenizer = tokenizer_lib.load(model_io.tokenizer_of(source, "--init_from"))
-    self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)  # rows over the devices
+    source, self.tokenizer_spec = read_model(init_from, step=step, dtype=dtype)
+    self.cfg, self.max_length = source.config, max_length or source.config.max_len
+    if not 0 < self.max_length <= source.config.max_len:
+      raise errors.ConfigError(f"--max_length: {max_length} is not in 1..{source.config.max_len} (the model's window)")
+    self.tokenizer = tokenizer_lib.load(self.tokenizer_spec)
+    self.mesh = sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": 1}, devices)
     self.rules = sharding.rules_dict(sharding.DEFAULT_RULES)
     self.graphdef, self.params = model_io.load_frozen(source, "lm", self.mesh, self.rules)
-    self.cfg, self.max_length = source.config, source.config.max_len
-    devices = self.mesh.shape["data"]
-    self.batch_size = max(devices, -(-batch_size // devices) * devices)  # whole rows on every device
-    self.max_gen_toks = max_gen_toks
+    rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = max(rows, -(-batch_size // rows) * rows)  # whole rows on every device
+    self.max_gen_toks, self.progress_bar = max_gen_toks, progress_bar
     self.compiled: set[tuple[str, int, int]] = set()
     self.truncated = 0  # requests whose tokens did not fit the window (the oldest context tokens left out)
     graphdef = self.graphdef
     self._score = sharding.jit_on_mesh(
       lambda p, *batch: _continuation_logprobs(graphdef, p, *batch), mesh=self.mesh, rules=self.rules
     )
-    settings = generation.SamplingSettings(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, greedy=True)
-    self.sampler = generation.Sampler(
-      graphdef, settings, response_buckets=(max_gen_toks,), mesh=self.mesh, rules=self.rules
-    )
+    self._samplers: dict[int, generation.Sampler] = {}
     prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
     self.prefix_token_id = int(prefix)
+
+  def _bar(self, total: int, what: str):
+    return tqdm.tqdm(total=total, desc=what, unit="batch", disable=not self.progress_bar, leave=False)
+
+  def _sampler(self, budget: int) -> generation.Sampler:
+    """The greedy sampler for `budget` new tokens (one per budget the tasks ask for)."""
+    if budget not in self._samplers:
+      settings = generation.SamplingSettings(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, greedy=True)
+      self._samplers[budget] = generation.Sampler(
+        self.graphdef, settings, response_buckets=(budget,), mesh=self.mesh, rules=self.rules
+      )
+    return self._samplers[budget]
+
+  # ---------------------------------------------------------------- chat templates (--chat)
+
+  @property
+  def tokenizer_name(self) -> str:
+    return self.tokenizer_spec.replace("/", "__")
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    if not chat_template:
+      return None
+    template = chat.template_of(self.tokenizer_spec) if paths.path(self.tokenizer_spec).is_dir() else None
+    if template is None:
+      raise errors.UserError(
+        f"--chat: the model's tokenizer ({self.tokenizer_spec}) has no chat template "
+        "(tokenizer_config.json or chat_template.jinja)"
+      )
+    return template
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The messages in the tokenizer's template; without a generation prompt the last (assistant) message is
+    left open, as lm-eval's HF backend asks transformers to (`continue_final_message`)."""
+    return chat.render(
+      self.tokenizer_spec,
+      chat_history,
+      add_generation_prompt=add_generation_prompt,
+      continue_final=not add_generation_prompt,
+    )
 
   # ---------------------------------------------------------------- scoring token pairs
 
@@ -104,6 +169,7 @@ class JaxLM(LM):
       rows.append((tokens[:-1], tokens[1:], min(len(continuation), len(tokens) - 1)))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: fewest pad tokens
+    bar = self._bar(-(-len(order) // self.batch_size), "scoring")
     for start in range(0, len(order), self.batch_size):
       chunk = order[start : start + self.batch_size]
       length = length_bucket(len(rows[chunk[0]][0]), self.max_length)
@@ -117,6 +183,8 @@ class JaxLM(LM):
       for r, i in enumerate(chunk):
         n, k = len(rows[i][0]), rows[i][2]
         out[i] = (float(np.sum(logprobs[r, n - k : n], dtype=np.float64)), bool(np.all(greedy[r, n - k : n])))
+      bar.update()
+    bar.close()
     return out
 
   # ---------------------------------------------------------------- lm-eval's three requests
@@ -151,21 +219,20 @@ class JaxLM(LM):
     out = [""] * len(requests)
     groups: dict[int, list[tuple[int, list[int], list[str]]]] = {}
     for i, (context, kwargs) in enumerate(r.args for r in requests):
+      if kwargs.get("do_sample"):
+        raise errors.UserError(
+          f"--tasks: request {i} asks for sampling (do_sample=True); this backend generates greedily"
+        )
       until = kwargs.get("until") or []
       until = [until] if isinstance(until, str) else list(until)
       budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
       ids = self.tokenizer.encode(context)[-(self.max_length - budget) :]
       groups.setdefault(budget, []).append((i, ids, until))
+    bar = self._bar(sum(-(-len(items) // self.batch_size) for items in groups.values()), "generating")
     for budget, items in groups.items():
-      sampler = self.sampler if budget == self.max_gen_toks else None
-      if sampler is None:
-        settings = generation.SamplingSettings(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, greedy=True)
-        sampler = generation.Sampler(
-          self.graphdef, settings, response_buckets=(budget,), mesh=self.mesh, rules=self.rules
-        )
       buckets = sorted({length_bucket(n, self.max_length - budget) for n in (len(ids) for _, ids, _ in items)})
       batches = generation.sample_batches(
-        sampler,
+        self._sampler(budget),
         self.params,
         [np.asarray(ids, np.int32) for _, ids, _ in items],
         batch_size=self.batch_size,
@@ -185,4 +252,6 @@ class JaxLM(LM):
             text = text.split(stop)[0]
           out[i] = text
         done += len(chunk)
+        bar.update()
+    bar.close()
     return out
