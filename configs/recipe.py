@@ -9,7 +9,9 @@ give demonstrations and prompts but no comparisons): converted into demonstratio
 comparisons (RM) and prompts (PPO), the last `data.eval_pairs` held out. `ptx`: pretraining text (.txt or
 {"text"} .jsonl globs) for the PPO-init SFT's 10% mix and PPO-ptx's γ term; without it, SFT has no mix and
 PPO runs with γ = 0 (plain PPO). `size`: "full" (a GPU/TPU host; docs/recipes.md) or "smoke" (a CPU check
-of a 135M model in minutes; tests/recipe_test.py).
+of a 135M model in minutes; tests/recipe_test.py). `eval_tasks`: lm-eval tasks joined by `+` (e.g.
+eval_tasks=hellaswag+truthfulqa_mc2; the [eval] extra): after the stages, the starting, SFT and PPO models
+are evaluated on them and <workdir>/alignment_tax.md tabulates the alignment tax (docs/evaluation.md).
 
 Settings for a model that was pretrained (not the GPT-3-from-scratch defaults of configs/sft.py): no dropout
 anywhere, fine-tuning learning rates, bfloat16 compute, prompts truncated from the left to fit `seq_len`,
@@ -24,7 +26,7 @@ from instructgpt_jax import config_lib, errors
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, model="", data="", ptx="", size="full")
+  a = config_lib.parse_arg(arg, model="", data="", ptx="", size="full", eval_tasks="")
   if a.size not in ("full", "smoke"):
     raise errors.ConfigError(f"config arg size: {a.size!r} is not 'full' or 'smoke'")
   smoke = a.size == "smoke"
@@ -37,6 +39,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(
     # bias_demonstrations: how many training demonstrations set the RM's bias (0: all, as the paper)
     dict(pairs=a.data, ptx_corpus=a.ptx, eval_pairs=16 if smoke else 500, bias_demonstrations=32 if smoke else 0)
+  )
+  # The alignment tax (paper §4.2): lm-eval tasks (names or task YAML paths; `+` between them in the config
+  # arg, commas in --config.eval.tasks) run on the starting model, the SFT model and the PPO policy after the
+  # stages, into <workdir>/alignment_tax.md (docs/evaluation.md). Empty: no evaluation.
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      tasks=a.eval_tasks.replace("+", ","),
+      limit=0,  # examples per task (0: all)
+      num_fewshot=-1,  # -1: each task's own
+      batch_size=16,
+      dtype="bfloat16",  # the stages' compute dtype; "float32" for exact scores
+      max_length=0,  # the window (0: the model's)
+      ppo_without_ptx="",  # a PPO run's workdir trained without ptx (e.g. this recipe with no ptx=): a column
+    )
   )
   c.stages = ml_collections.ConfigDict()
 

@@ -154,6 +154,17 @@ MISTAKES = [
     [],
     "model: '/m': give a HuggingFace folder as the config arg model=hf:PATH",
   ),
+  (
+    "configs/recipe.py:model=hf:/m,data=d.jsonl,eval_tasks=hellaswagg",
+    [],
+    "eval.tasks: 'hellaswagg' is not an lm-eval task; did you mean hellaswag",
+  ),
+  ("configs/recipe.py:model=hf:/m,data=d.jsonl,eval_tasks=x.yaml", [], "eval.tasks: x.yaml: no such task file"),
+  (
+    "configs/recipe.py:model=hf:/m,data=d.jsonl",
+    ["--config.eval.tasks=hellaswag", "--config.eval.dtype=fp8"],
+    "eval.dtype",
+  ),
 ]
 
 

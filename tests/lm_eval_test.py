@@ -2,6 +2,7 @@
 type against a slow reference (one unbatched forward per request, or per generated token), on a tiny random
 model of each family, sharded on 8 devices and on 1; lm-eval's tasks over local files (tests/eval_tasks/)."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -16,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from instructgpt_jax import evaluate, models  # noqa: E402
-from instructgpt_jax.library import lm_eval_model, model_io  # noqa: E402
+from instructgpt_jax.library import lm_eval_model, lm_eval_tasks, model_io  # noqa: E402
 
 TASKS = pathlib.Path(__file__).parent / "eval_tasks"
 FAMILIES = {
@@ -121,14 +122,48 @@ def test_every_request_type_equals_the_slow_reference(tiny_model):
   assert all(length in (32, 48) for _, _, length in lm.compiled), lm.compiled
 
 
-def test_eight_devices_give_what_one_gives(tiny_model):
+def test_eight_devices_data_and_fsdp_sharded_give_what_one_gives(tiny_model):
   folder = tiny_model[0]
   assert len(jax.devices()) == 8
-  eight = lm_eval_model.JaxLM(folder, batch_size=8)
-  one = lm_eval_model.JaxLM(folder, batch_size=8, devices=jax.devices()[:1])
+  one = lm_eval_model.JaxLM(folder, batch_size=8, max_gen_toks=5, devices=jax.devices()[:1])
   requests = _requests("loglikelihood", CONTEXTS)
-  for (a, ga), (b, gb) in zip(eight.loglikelihood(requests), one.loglikelihood(requests)):
-    assert abs(a - b) <= 1e-5 and ga == gb
+  prompts = _requests("generate_until", [("Once", {"until": ["\n"]}), ("Q: a", {"until": ["zz"]})])
+  want, want_text = one.loglikelihood(requests), one.generate_until(prompts)
+  family = pathlib.Path(folder).parent.name.rstrip("0123456789")
+  for fsdp in (1, 2) if family == "llama" else (2,):  # data-only sharding on one family: each is a compile
+    eight = lm_eval_model.JaxLM(folder, batch_size=8, max_gen_toks=5, fsdp=fsdp)
+    assert dict(eight.mesh.shape) == {"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1}
+    embedding = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(eight.params) if "embed" in str(path)][0]
+    assert ("fsdp" in str(embedding.sharding.spec)) == (fsdp > 1), embedding.sharding  # split, as in training
+    for (a, ga), (b, gb) in zip(eight.loglikelihood(requests), want):
+      assert abs(a - b) <= 1e-5 and ga == gb, fsdp
+    assert eight.generate_until(prompts) == want_text
+
+
+def test_bfloat16_scores_what_the_model_computes_in_bfloat16():
+  """dtype="bfloat16" runs the model in bfloat16 (float32 master weights, float32 log-softmax): each request's
+  log-likelihood equals an unbatched bfloat16 forward within bfloat16 rounding of the logits, and is near,
+  not equal to, float32's."""
+  cfg = models.resolve({**FAMILIES["llama"], "dtype": "bfloat16"})
+  graphdef, params = models.init(cfg, jax.random.PRNGKey(1))
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as folder:
+    model_io.export(folder, params, "lm", dataclasses.replace(cfg, dtype="float32"), tokenizer="bytes")
+    bf16 = lm_eval_model.JaxLM(folder, batch_size=4, dtype="bfloat16")
+    f32 = lm_eval_model.JaxLM(folder, batch_size=4)
+    assert (bf16.cfg.dtype, f32.cfg.dtype) == ("bfloat16", "float32")
+    requests = _requests("loglikelihood", CONTEXTS[:3])
+    got, got32 = bf16.loglikelihood(requests), f32.loglikelihood(requests)
+  for (context, continuation), (logprob, _), (logprob32, _) in zip(CONTEXTS[:3], got, got32):
+    ids = (
+      ([bf16.prefix_token_id], bf16.tokenizer.encode(continuation))
+      if not context
+      else bf16._encode_pair(context, continuation)
+    )
+    want = _slow_pair(graphdef, params, cfg, *ids)[0]
+    assert abs(logprob - want) <= 0.02 * len(ids[1]), (context, logprob, want)
+    assert logprob != logprob32 and abs(logprob - logprob32) <= 0.05 * len(ids[1]), (logprob, logprob32)
 
 
 def _local_tasks(tmp_path) -> str:
@@ -176,14 +211,14 @@ def test_the_command_runs_local_tasks_and_its_accuracy_is_the_backends(gpt_model
 @pytest.mark.parametrize(
   "tasks, message",
   [
-    ("local_mcc", "--tasks: 'local_mcc' is not an lm-eval task; did you mean local_mc"),
+    ("hellaswagg", "--tasks: 'hellaswagg' is not an lm-eval task; did you mean hellaswag"),
     ("missing.yaml", "--tasks: missing.yaml: no such task file"),
     ("", "--tasks: empty; give lm-eval task names or task YAML files, comma-separated"),
   ],
 )
 def test_a_bad_task_is_one_line(gpt_model, tmp_path, capsys, tasks, message):
   local = _local_tasks(tmp_path)
-  spec = tasks if tasks != "local_mcc" else f"{local.split(',')[0]},local_mcc"
+  spec = tasks if tasks != "hellaswagg" else f"{local.split(',')[0]},hellaswagg"
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main([f"--init_from={gpt_model}", f"--tasks={spec}", f"--out={tmp_path / 'out'}"])
   err = capsys.readouterr().err
@@ -200,3 +235,124 @@ def test_a_reward_model_is_one_line(tmp_path, capsys):
   assert exit_info.value.code == 2 and err == (
     f"error: --init_from: {tmp_path / 'rm'} is not a language model (a reward model scores, not generates)\n"
   )
+
+
+def test_chat_puts_the_harness_prompts_in_the_tokenizers_template(tmp_path, capsys, monkeypatch):
+  """--chat: lm-eval hands the context to JaxLM.apply_chat_template (a user turn, the assistant's opened);
+  the multiple-choice requests then start from the rendered turn, and the accuracy is the argmax of their
+  scores. The rendering, by hand, for both of the harness's forms (with and without a generation prompt)."""
+  from hf_test import tiny_hf_folder
+
+  template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+  template += "{% if add_generation_prompt %}<assistant>{% endif %}"
+  folder = tiny_hf_folder(tmp_path, chat_template=template)[0]
+  lm = lm_eval_model.JaxLM(f"hf:{folder}", batch_size=4)
+  eos = "<|endoftext|>"  # the folder's eos_token
+  history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello "}]
+  assert lm.apply_chat_template(history[:1]) == f"<user>Hi{eos}<assistant>"
+  # The last message left open for the model to continue: cut where its content ends (its trailing space too,
+  # as transformers does when the template keeps it).
+  assert lm.apply_chat_template(history, add_generation_prompt=False) == f"<user>Hi{eos}<assistant>Hello "
+  assert lm.chat_template(True) == template and lm.chat_template(False) is None
+
+  seen = []
+  score = lm_eval_model.JaxLM.loglikelihood
+  monkeypatch.setattr(lm_eval_model.JaxLM, "loglikelihood", lambda self, rs: seen.append(rs) or score(self, rs))
+  tasks = _local_tasks(tmp_path).split(",")[0]  # local_mc
+  args = [f"--init_from=hf:{folder}", f"--tasks={tasks}", f"--out={tmp_path / 'out'}", "--batch_size=4"]
+  evaluate.main([*args, "--chat", "--no_progress_bar"])
+  capsys.readouterr()
+  requests = [r for batch in seen for r in batch]
+  assert len(requests) == 18 and all(r.args[0].startswith("<user>") for r in requests)
+  assert all(r.args[0].endswith("<assistant>") for r in requests), requests[0].args
+  results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["local_mc"]
+  by_doc = {}
+  for r, (logprob, _) in zip(requests, lm.loglikelihood(requests)):
+    by_doc.setdefault(r.doc_id, []).append((r.idx, logprob))
+  correct = [max(scores, key=lambda s: s[1])[0] == doc % 3 for doc, scores in sorted(by_doc.items())]
+  assert results["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_a_model_without_a_template_or_a_tokenizer_is_one_line(tmp_path, capsys):
+  from hf_test import tiny_hf_folder
+
+  folder = tiny_hf_folder(tmp_path)[0]
+  tasks = _local_tasks(tmp_path).split(",")[0]
+
+  def error(*flags):
+    with pytest.raises(SystemExit) as exit_info:
+      evaluate.main([f"--tasks={tasks}", f"--out={tmp_path / 'out'}", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+  assert error(f"--init_from=hf:{folder}", "--chat") == (
+    f"error: --chat: the model's tokenizer ({folder}) has no chat template "
+    "(tokenizer_config.json or chat_template.jinja)\n"
+  )
+  (folder / "tokenizer.json").unlink()
+  assert error(f"--init_from=hf:{folder}") == (
+    f"error: --tokenizer: {folder} (the HF model) holds no tokenizer.json; set --tokenizer to its tokenizer\n"
+  )
+  assert error(f"--init_from=hf:{folder}", f"--tokenizer={tmp_path / 'none.json'}").startswith(
+    f"error: --tokenizer: {tmp_path / 'none.json'} does not exist"
+  )
+  small = dataclasses.replace(models.resolve(FAMILIES["gpt"]), vocab_size=128)  # fewer ids than the byte tokenizer's
+  model_io.export(str(tmp_path / "small"), models.init(small, jax.random.PRNGKey(0))[1], "lm", small, tokenizer="bytes")
+  assert "more than the model's vocabulary of 128: it is not the model's tokenizer" in error(
+    f"--init_from={tmp_path / 'small'}"
+  )
+
+
+def test_a_task_whose_data_file_is_missing_is_one_line_before_the_model_loads(gpt_model, tmp_path, capsys):
+  tasks = _local_tasks(tmp_path).split(",")[0]
+  (tmp_path / "data" / "mc.jsonl").unlink()
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main([f"--init_from={gpt_model}", f"--tasks={tasks}", f"--out={tmp_path / 'out'}"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith("error: --tasks: the data of local_mc could not be read: ") and "mc.jsonl" in err, err
+
+
+def _results(task_metrics: dict) -> dict:
+  """lm-eval's results layout: {task: {"name,filter": value, "name_stderr,filter": error}}."""
+  out, better = {}, {}
+  for task, metrics in task_metrics.items():
+    out[task] = {"alias": task}
+    for name, (value, error, up) in metrics.items():
+      out[task][f"{name},none"], out[task][f"{name}_stderr,none"] = value, error
+      better.setdefault(task, {})[name] = up
+  return {"results": out, "higher_is_better": better}
+
+
+def test_the_alignment_tax_table_by_hand():
+  start = _results({"mc": {"acc": (0.5, 0.03, True)}, "ppl": {"word_perplexity": (20.0, "N/A", False)}})
+  sft = _results({"mc": {"acc": (0.56, 0.04, True)}, "ppl": {"word_perplexity": (22.5, "N/A", False)}})
+  ppo = _results({"mc": {"acc": (0.47, 0.03, True)}})  # a task the last model was not run on: a dash
+  table = lm_eval_tasks.tax_table({"start": start, "SFT": sft, "PPO": ppo})
+  assert table.splitlines() == [
+    "| task | metric | start | SFT | PPO | SFT − start | PPO − start |",
+    "|---|---|---|---|---|---|---|",
+    # 0.06 ± √(0.03² + 0.04²) = 0.05; −0.03 ± √(2·0.03²) = 0.0424
+    "| mc | acc ↑ | 0.5000 ± 0.0300 | 0.5600 ± 0.0400 | 0.4700 ± 0.0300 | +0.0600 ± 0.0500 | -0.0300 ± 0.0424 |",
+    "| ppl | word_perplexity ↓ | 20.0000 | 22.5000 | — | +2.5000 | — |",
+  ]
+
+
+def test_several_models_share_one_backend_and_a_rerun_reads_their_results(gpt_model, tmp_path, monkeypatch):
+  """evaluate_models: a second model of the same shape is swapped into the first's backend (no new compile)
+  and scores what a backend of its own scores; a rerun reads each model's results.json back."""
+  cfg = models.resolve(FAMILIES["gpt"])
+  other = str(tmp_path / "other")
+  model_io.export(other, models.init(cfg, jax.random.PRNGKey(7))[1], "lm", cfg, tokenizer="bytes")
+  tasks = _local_tasks(tmp_path).split(",")[0]
+  built = []
+  backend = lm_eval_model.JaxLM
+  monkeypatch.setattr(lm_eval_model, "JaxLM", lambda *a, **k: built.append(a) or backend(*a, **k))
+  both = lm_eval_tasks.evaluate_models({"a": gpt_model, "b": other}, tasks, str(tmp_path / "eval"), batch_size=4)
+  assert built == [(gpt_model,)]  # one backend: b was swapped in
+  alone = lm_eval_tasks.evaluate_models({"b": other}, tasks, str(tmp_path / "alone"), batch_size=4)
+  assert both["b"]["results"] == alone["b"]["results"] and both["a"]["results"] != both["b"]["results"]
+  assert (tmp_path / "eval" / "1_b" / "results.json").exists()
+  again = lm_eval_tasks.evaluate_models({"a": gpt_model, "b": other}, tasks, str(tmp_path / "eval"), batch_size=4)
+  assert len(built) == 2 and again["b"]["results"] == both["b"]["results"]  # read back, no third backend

@@ -53,9 +53,12 @@ def _continuation_logprobs(graphdef, params, inputs, targets, segment_ids):
   return jnp.where(real, picked, 0.0), greedy | ~real
 
 
-def read_model(init_from: str, *, step: str = "", dtype: str | None = None) -> tuple[model_io.Source, str]:
-  """(the model's source with `dtype` applied, its tokenizer spec), or a one-line ConfigError: a path with no
-  model, a reward model, a dtype other than float32/bfloat16, a model that records no tokenizer."""
+def read_model(
+  init_from: str, *, step: str = "", dtype: str | None = None, tokenizer: str | None = None
+) -> tuple[model_io.Source, str]:
+  """(the model's source with `dtype` applied, its tokenizer spec: `tokenizer`, else the model's own), or a
+  one-line ConfigError: a path with no model, a reward model, a dtype other than float32/bfloat16, a model
+  that holds or records no tokenizer (then --tokenizer names one)."""
   source = model_io.read_source(init_from, "--init_from", step=step)
   if source is None or source.kind != "lm":
     raise errors.ConfigError(f"--init_from: {init_from} is not a language model (a reward model scores, not generates)")
@@ -63,17 +66,28 @@ def read_model(init_from: str, *, step: str = "", dtype: str | None = None) -> t
     if dtype not in ("float32", "bfloat16"):
       raise errors.ConfigError(f"--dtype: {dtype!r} is not float32 or bfloat16")
     source = dataclasses.replace(source, config=dataclasses.replace(source.config, dtype=dtype))
-  return source, model_io.tokenizer_of(source, "--init_from")
+  spec = tokenizer or model_io.tokenizer_of(source, "--tokenizer")
+  try:
+    ids = tokenizer_lib.load(spec).vocab_size
+  except errors.UserError as e:  # its message names data.tokenizer, the training field
+    raise errors.ConfigError(str(e).replace("data.tokenizer:", "--tokenizer:", 1)) from None
+  if ids > source.config.vocab_size:
+    raise errors.ConfigError(
+      f"--tokenizer: {spec} has {ids} ids, more than the model's vocabulary of {source.config.vocab_size}: "
+      "it is not the model's tokenizer"
+    )
+  return source, spec
 
 
 class JaxLM(LM):
   """A language model read as `export` reads it (a run's workdir: its selected or EMA weights; an export;
   hf:PATH), with its own tokenizer, for lm_eval.simple_evaluate.
 
-  `dtype`: the compute dtype ("float32", "bfloat16"; default the model's config: a run's as it trained, an HF
-  folder's float32). `fsdp`: the parameters split over that many devices (the mesh's fsdp axis; the rows over
-  all of them, as in training). `max_length`: the window (default the model's `max_len`; smaller windows
-  as lm-eval's `max_length`). `progress_bar`: a tqdm bar over the batches of each request type."""
+  `tokenizer`: a data.tokenizer spec in place of the model's own. `dtype`: the compute dtype ("float32",
+  "bfloat16"; default the model's config: a run's as it trained, an HF folder's float32). `fsdp`: the
+  parameters split over that many devices (the mesh's fsdp axis; the rows over all of them, as in training).
+  `max_length`: the window (default the model's `max_len`; smaller windows as lm-eval's `max_length`).
+  `progress_bar`: a tqdm bar over the batches of each request type."""
 
   def __init__(
     self,
@@ -83,13 +97,15 @@ class JaxLM(LM):
     max_gen_toks: int = MAX_GEN_TOKS,
     step: str = "",
     dtype: str | None = None,
+    tokenizer: str | None = None,
     fsdp: int = 1,
     max_length: int | None = None,
     progress_bar: bool = False,
     devices=None,
   ):
     super().__init__()
-    source, self.tokenizer_spec = read_model(init_from, step=step, dtype=dtype)
+    source, self.tokenizer_spec = read_model(init_from, step=step, dtype=dtype, tokenizer=tokenizer)
+    self.init_from, self.tokenizer_given = init_from, bool(tokenizer)
     self.cfg, self.max_length = source.config, max_length or source.config.max_len
     if not 0 < self.max_length <= source.config.max_len:
       raise errors.ConfigError(f"--max_length: {max_length} is not in 1..{source.config.max_len} (the model's window)")
@@ -109,6 +125,18 @@ class JaxLM(LM):
     self._samplers: dict[int, generation.Sampler] = {}
     prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
     self.prefix_token_id = int(prefix)
+
+  def swap(self, init_from: str, *, step: str = "") -> bool:
+    """Loads another model's weights in place of these when it has this model's architecture and tokenizer
+    (the compiled programs then serve it too), read in this model's dtype; False, and nothing changed, when
+    it has not."""
+    source, spec = read_model(init_from, step=step, dtype=self.cfg.dtype)
+    spec = self.tokenizer_spec if self.tokenizer_given else spec
+    if source.config != self.cfg or spec != self.tokenizer_spec:
+      return False
+    _, self.params = model_io.load_frozen(source, "lm", self.mesh, self.rules)
+    self.init_from, self.truncated = init_from, 0
+    return True
 
   def _bar(self, total: int, what: str):
     return tqdm.tqdm(total=total, desc=what, unit="batch", disable=not self.progress_bar, leave=False)

@@ -7,6 +7,9 @@ Steps, each once in its own folder of the workdir (chain.once; a rerun continues
   rm       the reward model from the SFT model, with its bias on the SFT demonstrations
   ppo      PPO-ptx from the SFT model against the RM (plain PPO without pretraining text)
   export   the PPO policy's EMA weights as an HF folder (export.py), loadable by transformers and vLLM
+  eval     with `eval.tasks`: lm-eval's tasks on the starting model, the SFT model and the PPO policy (and
+           `eval.ppo_without_ptx`), each in its own folder, and <workdir>/alignment_tax.md: the paper's §4.2
+           alignment tax, each model's scores with their standard errors and differences from the start
 """
 
 from __future__ import annotations
@@ -50,6 +53,54 @@ def check_config(config, checks) -> None:
   checks.require_input(config.data.pairs, "data.pairs", "HH-RLHF-style {chosen, rejected} JSONL (config arg data=)")
   checks.at_least("data.eval_pairs", config.data.eval_pairs, 1)
   checks.at_least("data.bias_demonstrations", config.data.bias_demonstrations, 0)
+  if config.eval.tasks:
+    checks.capture(check_eval, config)
+
+
+def check_eval(config) -> None:
+  """The evaluation's tasks exist (lm-eval installed), before any stage runs."""
+  if config.eval.dtype not in ("float32", "bfloat16"):
+    raise errors.UserError(f"eval.dtype: {config.eval.dtype!r} is not float32 or bfloat16")
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError:
+    raise errors.UserError('eval.tasks: needs lm-eval, the [eval] extra: pip install -e ".[eval]"') from None
+  from instructgpt_jax.library import lm_eval_tasks
+
+  lm_eval_tasks.task_manager(config.eval.tasks, "eval.tasks")
+  if config.eval.ppo_without_ptx:
+    model_io.read_source(config.eval.ppo_without_ptx, "eval.ppo_without_ptx")
+
+
+def alignment_tax(config, workdir: str, out: str) -> dict:
+  """lm-eval's tasks on the starting model, the SFT model and the PPO policy (its EMA, as exported), and
+  PPO without ptx when given; <workdir>/alignment_tax.md is the table (lm_eval_tasks.tax_table)."""
+  from instructgpt_jax.library import lm_eval_tasks
+
+  e = config.eval
+  models = {"start": config.model, "SFT": paths.join(workdir, "sft")}
+  models["PPO-ptx" if config.data.ptx_corpus else "PPO"] = paths.join(workdir, "ppo")
+  if e.ppo_without_ptx:
+    models["PPO (no ptx)"] = e.ppo_without_ptx
+  results = lm_eval_tasks.evaluate_models(
+    models,
+    e.tasks,
+    out,
+    limit=e.limit or None,
+    num_fewshot=None if e.num_fewshot < 0 else e.num_fewshot,
+    batch_size=e.batch_size,
+    dtype=e.dtype,
+    max_length=e.max_length or None,
+    progress_bar=config.progress_bar,
+  )
+  table = lm_eval_tasks.tax_table(results)
+  note = (
+    f"# Alignment tax (paper §4.2)\n\nlm-eval tasks {e.tasks} in {e.dtype}"
+    + (f", {e.limit} examples per task" if e.limit else "")
+    + "; each model's results under eval/. A difference's ± is √(se₁² + se₂²) (errors taken as independent).\n\n"
+  )
+  paths.write_text(paths.join(workdir, "alignment_tax.md"), note + table)
+  return {"table": table}
 
 
 def unused_fields(config) -> dict[str, str]:
@@ -99,6 +150,10 @@ def train(config, workdir: str) -> dict[str, float]:
 
   exported = chain.once(workdir, "export", lambda d: {"summary": model_io.export_hf(paths.join(workdir, "ppo"), d)})
   print(exported["summary"], flush=True)
+  if config.eval.tasks:
+    # Not chain.once: each model's results are kept (and reused while the tasks stay the same), the table is
+    # made again, so a rerun with other tasks evaluates them.
+    print(alignment_tax(config, workdir, paths.join(workdir, "eval"))["table"], flush=True)
   return {
     "sft_eval_loss": sft.get("eval_loss", float("nan")),
     "rm_eval_accuracy": rm.get("eval_accuracy", float("nan")),
