@@ -1,12 +1,13 @@
 """Public-benchmark evaluation with EleutherAI's lm-evaluation-harness, our JAX model as its backend
 (library/lm_eval_model.py; `pip install -e .[eval]`):
 
-    python -m instructgpt_jax.evaluate --init_from=runs/ppo --tasks=hellaswag,my_tasks/local_mc.yaml --out=runs/eval
+    python -m instructgpt_jax.evaluate --init_from=runs/ppo --tasks=hellaswag,truthfulqa_mc2 --out=runs/eval_ppo
 
 --init_from: a run's workdir (the weights `export` takes: the selected checkpoint, or a PPO run's EMA policy), an
 exported model, or hf:PATH (local or gs://). --tasks: comma-separated lm-eval task names, or paths of task YAML
 files (their folder is searched for the tasks they name). lm-eval writes its results JSON; `results.md` is its
-table. Hub datasets need the network (docs/evaluation.md: pre-download them for a pod).
+table. Hub datasets need the network (docs/evaluation.md: pre-download them for a pod). docs/evaluation.md lists
+the other flags (--dtype, --fsdp, --chat, --max_length, ...).
 """
 
 from __future__ import annotations

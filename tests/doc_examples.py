@@ -1,5 +1,5 @@
-"""The commands the README, docs/scaling.md, docs/sweeps.md and launch/*.py's docstrings show, as they write them,
-and how a test shrinks one to run it here.
+"""The commands the README, docs/scaling.md, docs/sweeps.md, docs/evaluation.md and launch/*.py's docstrings
+show, as they write them, and how a test shrinks one to run it here.
 
 Each constant below is one documented command, written exactly as the docs write it (continuation lines
 joined). `documented()` reads them back out of the docs; tests/doc_examples_test.py holds the two sets equal
@@ -16,7 +16,7 @@ import re
 import shlex
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/scaling.md", "docs/sweeps.md")
+DOCS = ("README.md", "docs/scaling.md", "docs/sweeps.md", "docs/evaluation.md")
 COMMAND_START = ("python ", "python3 ", ".venv/bin/python ", "/tmp/tpuvenv/bin/python ", "bash ", "sbatch ", "DRY_RUN=")
 COMMAND_START += ("python3.11 ", "pip ")
 
@@ -123,6 +123,14 @@ README_RECIPE = (
   "python -m instructgpt_jax.main --workdir=runs/hh --config=configs/recipe.py:model=hf:/path/to/SmolLM2-360M,"
   "data=/data/hh-rlhf/harmless-base/train.jsonl.gz,ptx=/data/text/*.txt"
 )
+EVALUATE_RUN = (
+  "python -m instructgpt_jax.evaluate --init_from=runs/ppo --tasks=hellaswag,truthfulqa_mc2 --out=runs/eval_ppo"
+)
+EVALUATE_HF = (
+  "python -m instructgpt_jax.evaluate --init_from=hf:/path/to/SmolLM2-360M --tasks=my_tasks/local_mc.yaml "
+  "--dtype=bfloat16 --fsdp=2 --out=runs/eval_start"
+)
+RECIPE_EVAL = README_RECIPE + ",eval_tasks=hellaswag+truthfulqa_mc2"  # docs/evaluation.md
 README_EXPORT = "python -m instructgpt_jax.export --workdir=runs/hh/ppo --out=runs/hh-policy"
 README_PRINT_CONFIG = "python -m instructgpt_jax.main --config=configs/ppo.py:size=1.3b --print_config"
 README_AOT = (

@@ -1,7 +1,7 @@
-"""Every command the README, docs/scaling.md, docs/sweeps.md and launch/*.py's docstrings show is run by a test,
-as written or shrunk to the tiny configs (tests/doc_examples.py): the ones that print or check run here, the
-ones that train run where a fixture or an end-to-end test already trains (EXAMPLES names it), so that no stage
-run is paid twice. The exceptions are the two install commands for libtpu (`pip install "jax[tpu]==0.10.2"`
+"""Every command the README, docs/scaling.md, docs/sweeps.md, docs/evaluation.md and launch/*.py's docstrings show is
+run by a test, as written or shrunk to the tiny configs (tests/doc_examples.py): the ones that print or check run
+here, the ones that train run where a fixture or an end-to-end test already trains (EXAMPLES names it), so that no
+stage run is paid twice. The exceptions are the two install commands for libtpu (`pip install "jax[tpu]==0.10.2"`
 into a venv): not run; tests/run.sh installs the same libtpu another way (into .cache/libtpu, apart from .venv),
 which is what the TPU-slice tests use. Beyond these docs, every `instructgpt_jax.main` command in any doc or
 docstring is checked, not run."""
@@ -33,6 +33,9 @@ EXAMPLES = {
   d.README_SAMPLE: "test_the_readme_sample_command_answers_on_smollm2",
   d.README_RECIPE: "tests/recipe_test.py::test_recipe_smoke_on_smollm2_and_hh_rlhf (size=smoke)",
   d.README_EXPORT: "tests/recipe_test.py::test_recipe_smoke_on_smollm2_and_hh_rlhf",
+  d.RECIPE_EVAL: "tests/recipe_test.py::test_recipe_smoke_on_smollm2_and_hh_rlhf (size=smoke, local tasks)",
+  d.EVALUATE_RUN: "tests/lm_eval_test.py::test_the_documented_commands_run (a tiny model, local tasks)",
+  d.EVALUATE_HF: "tests/lm_eval_test.py::test_the_documented_commands_run (a tiny model, local tasks)",
   d.README_PRINT_CONFIG: "test_print_config_prints_the_paper_size_config",
   d.README_AOT: "test_aot_examples_compile_for_their_tpu_slices",
   d.TPU_CREATE: "test_tpu_commands_print_their_gcloud_lines",

@@ -19,6 +19,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 from instructgpt_jax import evaluate, models  # noqa: E402
 from instructgpt_jax.library import lm_eval_model, lm_eval_tasks, model_io  # noqa: E402
 
+import doc_examples as d  # noqa: E402
+
 TASKS = pathlib.Path(__file__).parent / "eval_tasks"
 FAMILIES = {
   "gpt": {"size": "tiny", "max_len": 48},
@@ -187,9 +189,11 @@ def _local_tasks(tmp_path) -> str:
 
 
 def test_the_command_runs_local_tasks_and_its_accuracy_is_the_backends(gpt_model, tmp_path, capsys):
+  """docs/evaluation.md's command (doc_examples.EVALUATE_RUN) on a tiny model and the three local tasks."""
   folder = gpt_model
   tasks = _local_tasks(tmp_path)
-  evaluate.main([f"--init_from={folder}", f"--tasks={tasks}", f"--out={tmp_path / 'out'}", "--batch_size=4"])
+  subs = {"runs/ppo": folder, "hellaswag,truthfulqa_mc2": tasks, "runs/eval_ppo": str(tmp_path / "out")}
+  evaluate.main(d.argv(d.shrink(d.EVALUATE_RUN, subs, extra=("--batch_size=4",)))[3:])
   printed = capsys.readouterr().out
   assert "local_mc" in printed and "compiled programs:" in printed
   results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
@@ -356,3 +360,19 @@ def test_several_models_share_one_backend_and_a_rerun_reads_their_results(gpt_mo
   assert (tmp_path / "eval" / "1_b" / "results.json").exists()
   again = lm_eval_tasks.evaluate_models({"a": gpt_model, "b": other}, tasks, str(tmp_path / "eval"), batch_size=4)
   assert len(built) == 2 and again["b"]["results"] == both["b"]["results"]  # read back, no third backend
+
+
+def test_the_documented_commands_run(tmp_path, capsys):
+  """docs/evaluation.md's second command (doc_examples.EVALUATE_HF): an HF folder in bfloat16, its parameters
+  split over fsdp=2 of the 8 devices, on the local multiple-choice task. (The first: the test above.)"""
+  from hf_test import tiny_hf_folder
+
+  folder = tiny_hf_folder(tmp_path)[0]
+  mc = _local_tasks(tmp_path).split(",")[0]
+  subs = {"/path/to/SmolLM2-360M": str(folder), "my_tasks/local_mc.yaml": mc, "runs/eval_start": str(tmp_path / "b")}
+  evaluate.main(d.argv(d.shrink(d.EVALUATE_HF, subs))[3:])
+  assert "local_mc" in capsys.readouterr().out
+  results = json.loads((tmp_path / "b" / "results.json").read_text())
+  assert results["instructgpt_jax"]["dtype"] == "bfloat16"
+  assert results["instructgpt_jax"]["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert 0.0 <= results["results"]["local_mc"]["acc,none"] <= 1.0

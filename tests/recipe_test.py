@@ -13,29 +13,36 @@ import sys
 import jax
 import numpy as np
 import pytest
+from lm_eval_test import _local_tasks
 
 from instructgpt_jax import generation, paths, sharding, train_state
 from instructgpt_jax.library import model_io
 
-from doc_examples import README_EXPORT, README_RECIPE, argv, shrink
+from doc_examples import README_EXPORT, README_RECIPE, RECIPE_EVAL, argv, shrink
 from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference
 from runs import read_metrics
 
 
 @pytest.mark.slow
 def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_path, exclusive_memory):
-  """The README's recipe command (doc_examples.README_RECIPE) at its smoke size, then its export command
-  (README_EXPORT)."""
+  """The README's recipe command (doc_examples.README_RECIPE) with docs/evaluation.md's eval_tasks (RECIPE_EVAL)
+  at its smoke size on the local tasks, then the README's export command (README_EXPORT)."""
   reference_python()  # skips without the transformers reference venv, before the long run
   workdir = tmp_path / "hh"
+  # docs/evaluation.md's recipe command is the README's with eval_tasks: the run below is both, on the local
+  # tasks (tests/eval_tasks) in place of the hub's.
+  assert RECIPE_EVAL.startswith(README_RECIPE + ",")
+  tasks = _local_tasks(tmp_path).replace(",", "+")
   recipe = shrink(
-    README_RECIPE,
+    RECIPE_EVAL,
     {
       "hf:/path/to/SmolLM2-360M": f"hf:{smollm2_folder}",
       "/data/hh-rlhf/harmless-base/train.jsonl.gz": str(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"),
       "ptx=/data/text/*.txt": f"ptx={shared_data / 'tinyshakespeare.txt'},size=smoke",
       "runs/hh": str(workdir),
+      "eval_tasks=hellaswag+truthfulqa_mc2": f"eval_tasks={tasks}",
     },
+    extra=("--config.eval.batch_size=8",),
   )
   # One device in a subprocess, as a user runs it: 8 fake CPU devices each hold the all-gathered model, and
   # the SFT step alone then passes 22 GiB.
@@ -56,6 +63,22 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:  # the first minibatch trains on the rollout policy itself: its ratio is 1 up to bf16 drift
     assert abs(r["first_minibatch_ratio_max"] - 1.0) <= 0.02, r
+
+  # The alignment tax: the starting, SFT and PPO-ptx models' results, each in its folder, tabulated with their
+  # standard errors and differences from the start (lm_eval_tasks.tax_table; by hand in tests/lm_eval_test.py).
+  evaluated = {}
+  for n, label in enumerate(("start", "SFT", "PPO_ptx")):
+    evaluated[label] = json.loads((workdir / "eval" / f"{n}_{label}" / "results.json").read_text())
+    assert evaluated[label]["instructgpt_jax"]["dtype"] == "bfloat16", label
+  assert evaluated["start"]["instructgpt_jax"]["init_from"] == f"hf:{smollm2_folder}"
+  assert evaluated["PPO_ptx"]["instructgpt_jax"]["init_from"] == str(workdir / "ppo")
+  table = (workdir / "alignment_tax.md").read_text()
+  assert "| task | metric | start | SFT | PPO-ptx | SFT − start | PPO-ptx − start |" in table
+  start, ppo = evaluated["start"]["results"]["local_mc"], evaluated["PPO_ptx"]["results"]["local_mc"]
+  row = next(line for line in table.splitlines() if line.startswith("| local_mc | acc ↑ |"))
+  assert f"{start['acc,none']:.4f} ± {start['acc_stderr,none']:.4f}" in row
+  assert f"{ppo['acc,none'] - start['acc,none']:+.4f}" in row
+  assert sum(line.startswith("| local_") for line in table.splitlines()) == 5  # acc, 3 perplexities, exact match
 
   # The export: transformers loads it as it is, stops a chat turn at its end, and its greedy tokens are our
   # sampler's on the same (EMA) weights.
