@@ -16,7 +16,7 @@ import pytest
 from lm_eval_test import _local_tasks
 
 from instructgpt_jax import generation, paths, sharding, train_state
-from instructgpt_jax.library import model_io
+from instructgpt_jax.library import lm_eval_model, model_io
 
 from doc_examples import README_EXPORT, README_RECIPE, RECIPE_EVAL, argv, shrink
 from hf_test import SMOLLM2_PROMPTS, reference_python, run_reference
@@ -72,6 +72,7 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
     assert evaluated[label]["instructgpt_jax"]["dtype"] == "bfloat16", label
   assert evaluated["start"]["instructgpt_jax"]["init_from"] == f"hf:{smollm2_folder}"
   assert evaluated["PPO_ptx"]["instructgpt_jax"]["init_from"] == str(workdir / "ppo")
+  assert lm_eval_model.read_model(str(workdir / "ppo"))[0].ema  # the PPO column is the EMA policy, as exported
   table = (workdir / "alignment_tax.md").read_text()
   assert "| task | metric | start | SFT | PPO-ptx | SFT − start | PPO-ptx − start |" in table
   start, ppo = evaluated["start"]["results"]["local_mc"], evaluated["PPO_ptx"]["results"]["local_mc"]
