@@ -267,6 +267,8 @@ def test_chat_puts_the_harness_prompts_in_the_tokenizers_template(tmp_path, caps
   # as transformers does when the template keeps it).
   assert lm.apply_chat_template(history, add_generation_prompt=False) == f"<user>Hi{eos}<assistant>Hello "
   assert lm.chat_template(True) == template and lm.chat_template(False) is None
+  # A special token the template writes is its id, as transformers tokenizes it (training data's never is).
+  assert lm.encode(f"Hi{eos}") == [*lm.tokenizer.encode("Hi"), lm.tokenizer.eos_id] != lm.tokenizer.encode(f"Hi{eos}")
 
   seen = []
   score = lm_eval_model.JaxLM.loglikelihood

@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 import tqdm
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -110,6 +111,10 @@ class JaxLM(LM):
     if not 0 < self.max_length <= source.config.max_len:
       raise errors.ConfigError(f"--max_length: {max_length} is not in 1..{source.config.max_len} (the model's window)")
     self.tokenizer = tokenizer_lib.load(self.tokenizer_spec)
+    # The harness's text is tokenized as transformers tokenizes it: a special token written in it (a chat
+    # template's <|im_start|>) is its special id. (Training data never is: tokenizer_lib.Tokenizer.encode.)
+    self._raw = tokenizers.Tokenizer.from_str(self.tokenizer.hf.to_str())
+    self._raw.encode_special_tokens = False
     self.mesh = sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": 1}, devices)
     self.rules = sharding.rules_dict(sharding.DEFAULT_RULES)
     self.graphdef, self.params = model_io.load_frozen(source, "lm", self.mesh, self.rules)
@@ -137,6 +142,10 @@ class JaxLM(LM):
     _, self.params = model_io.load_frozen(source, "lm", self.mesh, self.rules)
     self.init_from, self.truncated = init_from, 0
     return True
+
+  def encode(self, text: str) -> list[int]:
+    """The ids of the harness's text, special tokens in it recognized, nothing added."""
+    return self._raw.encode(text, add_special_tokens=False).ids
 
   def _bar(self, total: int, what: str):
     return tqdm.tqdm(total=total, desc=what, unit="batch", disable=not self.progress_bar, leave=False)
@@ -183,8 +192,8 @@ class JaxLM(LM):
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = self.tokenizer.encode(context + continuation)
-    context_ids = self.tokenizer.encode(context)
+    whole = self.encode(context + continuation)
+    context_ids = self.encode(context)
     return context_ids, whole[len(context_ids) :]
 
   def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -221,7 +230,7 @@ class JaxLM(LM):
     pairs = []
     for context, continuation in (r.args for r in requests):
       if context == "":
-        pairs.append(([self.prefix_token_id], self.tokenizer.encode(continuation)))
+        pairs.append(([self.prefix_token_id], self.encode(continuation)))
       else:
         pairs.append(self._encode_pair(context, continuation))
     return self.score_pairs(pairs)
@@ -230,7 +239,7 @@ class JaxLM(LM):
     pairs, owner = [], []
     for i, (text,) in enumerate(r.args for r in requests):
       windows = get_rolling_token_windows(
-        token_list=self.tokenizer.encode(text),
+        token_list=self.encode(text),
         prefix_token=self.prefix_token_id,
         max_seq_len=self.max_length,
         context_len=1,
@@ -254,7 +263,7 @@ class JaxLM(LM):
       until = kwargs.get("until") or []
       until = [until] if isinstance(until, str) else list(until)
       budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-      ids = self.tokenizer.encode(context)[-(self.max_length - budget) :]
+      ids = self.encode(context)[-(self.max_length - budget) :]
       groups.setdefault(budget, []).append((i, ids, until))
     bar = self._bar(sum(-(-len(items) // self.batch_size) for items in groups.values()), "generating")
     for budget, items in groups.items():
