@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from instructgpt_jax import errors
-from instructgpt_jax.models.sizes import ModelConfig
+from instructgpt_jax.models.sizes import LoraConfig, ModelConfig
 
 
 def _convert(key: str, value: str, default):
@@ -149,10 +149,13 @@ def _placeholder_type(annotation: str):
 def model_section(size: str, **fields) -> ml_collections.ConfigDict:
   """The `model` config section: a named size plus every ModelConfig field as a typed placeholder.
 
-  A field left None takes the size table's value, so `--config.model.n_layers=4` works on any size.
+  A field left None takes the size table's value, so `--config.model.n_layers=4` works on any size. The adapters
+  are the subsection `model.lora` (`lora_section`), so `--config.model.lora.rank=16` works on any stage.
   """
-  section = {"size": size}
+  section = {"size": size, "lora": lora_section(**fields.pop("lora", {}))}
   for f in dataclasses.fields(ModelConfig):
+    if f.name == "lora":
+      continue
     if f.name in fields:
       section[f.name] = fields.pop(f.name)
     else:
@@ -160,6 +163,16 @@ def model_section(size: str, **fields) -> ml_collections.ConfigDict:
   if fields:
     raise ValueError(f"model_section: unknown model fields {sorted(fields)}")
   return ml_collections.ConfigDict(section)
+
+
+def lora_section(**fields) -> ml_collections.ConfigDict:
+  """The `model.lora` section: every LoraConfig field with its default (rank 0: no adapters), `fields` on top.
+  A stage's adapters are its own: they replace whatever the model it starts from (`model.init_from`) had."""
+  defaults = {f.name: f.default for f in dataclasses.fields(LoraConfig)}
+  unknown = sorted(set(fields) - set(defaults))
+  if unknown:
+    raise ValueError(f"lora_section: unknown LoRA fields {unknown}")
+  return ml_collections.ConfigDict({**defaults, **fields})
 
 
 class Checks:

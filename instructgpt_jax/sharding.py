@@ -1,8 +1,8 @@
 """Device mesh, logical axis rules, and shardings for parameters and activations.
 
 Every parameter and key activation names its axes logically (`vocab`, `embed`, `mlp`, `heads`,
-`kv_heads`, `kv`, `layers`, `batch`, `length`, ...). A rules table, part of the config, maps each logical
-name onto zero or more mesh axes (`data`, `fsdp`, `tensor`). Changing the parallelism of a run is a
+`kv_heads`, `kv`, `layers`, `lora_rank`, `batch`, `length`, ...). A rules table, part of the config, maps each
+logical name onto zero or more mesh axes (`data`, `fsdp`, `tensor`). Changing the parallelism of a run is a
 config change; no model code mentions a mesh axis.
 """
 
@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("layers", None),
   ("pos", None),
   ("scalar", None),
+  ("lora_rank", None),  # LoRA's rank r (models/lora.py): small, replicated
 )
 
 # The rollout's layout (ppo.rollout_layout="decode"): the weights split over the model-parallel axes fsdp and
@@ -59,6 +60,7 @@ DECODE_RULES: tuple[tuple[str, Any], ...] = (
   ("layers", None),
   ("pos", None),
   ("scalar", None),
+  ("lora_rank", None),  # LoRA's rank r (models/lora.py): small, replicated
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("mesh_rules", default=None)

@@ -1,9 +1,13 @@
-"""Models: the Transformer (both families), scalar heads, named sizes, and the functional interface.
+"""Models: the Transformer (both families), scalar heads, named sizes, low-rank adapters (models/lora.py), and the
+functional interface.
 
 The functional interface keeps NNX at the boundary:
 
     graphdef, params = models.init(cfg, jax.random.key(0))          # params: a pure dict of arrays
     logits, hidden = models.apply(graphdef, params, tokens)         # inside any jax.jit
+
+With `model.lora.rank` > 0, params also holds each targeted projection's adapters ("lora_a", "lora_b");
+`lora.split(params)` separates them from the base, `lora.without_adapters(params)` is the base alone.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import jax
 from flax import nnx
 
 from instructgpt_jax.models.heads import ScalarHead, ScalarModel, final_token_value
-from instructgpt_jax.models.sizes import ModelConfig, lookup, resolve, size_names
+from instructgpt_jax.models.sizes import LoraConfig, ModelConfig, lookup, resolve, size_names
 from instructgpt_jax.models.transformer import Transformer, apply_rope, attention_mask, positions_from_mask
 
 KINDS = ("lm", "scalar")
@@ -52,6 +56,7 @@ def param_count(tree) -> int:
 
 __all__ = [
   "KINDS",
+  "LoraConfig",
   "ModelConfig",
   "ScalarHead",
   "ScalarModel",

@@ -13,6 +13,8 @@ GPT-2 rows follow Radford et al. 2019 (n_ctx 1024). The tiny rows exist for CPU 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,58 @@ ROPE_SCALINGS = ("llama3",)  # besides None (plain RoPE)
 LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn", "splash")  # models/attention.py
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (Hu et al. 2021) on a layer's projections: the config's `model.lora` section.
+
+  A targeted projection y = x·W (kernel W [*in, *out]) becomes y = x·W + (alpha / rank) · dropout(x)·A·B with
+  A [*in, rank] and B [rank, *out] trained and W frozen (models/lora.py). rank 0: no adapters (the default).
+  targets: a regular expression `re.fullmatch`ed against the path of each projection of a layer
+    (`ModelConfig.projections`: attn/query, attn/key, attn/value, attn/out, mlp/gate (llama), mlp/up, mlp/down),
+    whole: "attn/query" matches the query projection only, "attn/.*" every attention one, "query" nothing.
+  The scale alpha / rank lets a run change the rank without retuning the learning rate (Hu et al. §4.1).
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0  # on the adapter's input x only; applied where a forward pass gets a dropout key (training)
+  targets: str = "attn/.*|mlp/.*"  # every attention and MLP projection
+
+  def __post_init__(self):
+    """The checks that need no model shape (ModelConfig checks the targets and the rank against its projections)."""
+    if not isinstance(self.rank, int) or self.rank < 0:
+      raise errors.ConfigError(f"model.lora.rank: {self.rank!r} is not an integer >= 0 (0: no adapters)")
+    if self.rank == 0:
+      return
+    if not self.alpha > 0:
+      raise errors.ConfigError(f"model.lora.alpha: {self.alpha} must be > 0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise errors.ConfigError(f"model.lora.dropout: {self.dropout} is not in [0, 1)")
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise errors.ConfigError(f"model.lora.targets: {self.targets!r} is not a regular expression ({e})") from None
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @classmethod
+  def of(cls, value) -> LoraConfig:
+    """A LoraConfig from the config's `model.lora` section (a ConfigDict or dict; a None field keeps its default)
+    or from model.json's dict; None (a model.json written before LoRA existed) is the default, no adapters."""
+    if value is None:
+      return cls()
+    if isinstance(value, cls):
+      return value
+    known = [f.name for f in dataclasses.fields(cls)]
+    fields = {key: value[key] for key in value.keys() if value[key] is not None}
+    for key in fields:
+      if key not in known:
+        raise errors.ConfigError(f"model.lora.{key}: not a LoRA field; known fields: {', '.join(known)}")
+    return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +143,12 @@ class ModelConfig:
   # final norm and the unembedding run in float32.
   f32_attention_probs: bool = True
   f32_logits: bool = True
+  # Low-rank adapters (LoraConfig; models/lora.py). Given as a LoraConfig, or as a dict (model.json, the config's
+  # `model.lora` section), which __post_init__ turns into one.
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
+    object.__setattr__(self, "lora", LoraConfig.of(self.lora))  # frozen: the one field normalized on the way in
     if self.family not in FAMILIES:
       raise errors.ConfigError(f"model.family: {self.family!r} is not one of {FAMILIES}")
     if self.remat not in REMAT_POLICIES:
@@ -112,6 +170,7 @@ class ModelConfig:
     self._check_rope_scaling()
     if not 0.0 <= self.resid_dropout < 1.0:
       raise errors.ConfigError(f"model.resid_dropout: {self.resid_dropout} is not in [0, 1)")
+    self._check_lora()
 
   def _check_rope_scaling(self) -> None:
     given = [name for name in LLAMA3_ROPE_FIELDS if getattr(self, name) is not None]
@@ -133,6 +192,51 @@ class ModelConfig:
       )
     if self.rope_factor <= 0 or self.rope_original_max_len <= 0:
       raise errors.ConfigError("model.rope_factor, model.rope_original_max_len: must be positive")
+
+  def _check_lora(self) -> None:
+    """The adapters against this model's projections (LoraConfig checked its own fields)."""
+    lora = self.lora
+    if lora.rank == 0:
+      return
+    if not self.lora_modules:
+      raise errors.ConfigError(
+        f"model.lora.targets: {lora.targets!r} matches none of this model's projections "
+        f"({', '.join(self.projections)}; matched whole, with re.fullmatch); e.g. 'attn/.*|mlp/.*' for all"
+      )
+    for path in self.lora_modules:
+      in_dims, out_dims = self.projections[path]
+      smallest = min(math.prod(in_dims), math.prod(out_dims))
+      if lora.rank > smallest:
+        raise errors.ConfigError(
+          f"model.lora.rank: {lora.rank} exceeds {smallest}, the smaller side of {path} "
+          f"({'x'.join(map(str, in_dims))} -> {'x'.join(map(str, out_dims))}); lower model.lora.rank to "
+          f"<= {smallest} or leave {path} out of model.lora.targets"
+        )
+
+  @property
+  def projections(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each projection of a layer, by the path `model.lora.targets` matches -> (input dims, output dims) of its
+    kernel [*in, *out] (transformer.py; the gpt family has no mlp/gate)."""
+    d, n, k, h, ff = self.d_model, self.n_heads, self.kv_heads, self.head_dim, self.d_ff
+    shapes = {
+      "attn/query": ((d,), (n, h)),
+      "attn/key": ((d,), (k, h)),
+      "attn/value": ((d,), (k, h)),
+      "attn/out": ((n, h), (d,)),
+      "mlp/gate": ((d,), (ff,)),
+      "mlp/up": ((d,), (ff,)),
+      "mlp/down": ((ff,), (d,)),
+    }
+    if self.mlp != "swiglu":
+      del shapes["mlp/gate"]
+    return shapes
+
+  @property
+  def lora_modules(self) -> tuple[str, ...]:
+    """The projections that carry adapters: those `model.lora.targets` matches whole; () with rank 0."""
+    if self.lora.rank == 0:
+      return ()
+    return tuple(path for path in self.projections if re.fullmatch(self.lora.targets, path))
 
   @property
   def kv_heads(self) -> int:

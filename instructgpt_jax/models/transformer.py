@@ -21,6 +21,11 @@ padding rows are never read). Attention is computed by the implementation `atten
 (models/attention.py). Position ids default to the padding-aware
 `cumsum(mask) - mask` (docs/paper.md §8.2), so left padding does not change a sequence's logits.
 
+Low-rank adapters (`model.lora`, models/lora.py): with rank > 0 each targeted projection of a layer carries
+LoRAParams A and B beside its kernel, built in the layers' vmap (so stacked and named like the kernel), and every
+projection is called through `_projection`, which adds (alpha/r)·dropout(x)·A·B: the full pass, `hidden_states`,
+`prefill` and `decode` all see them. Embeddings, norms and the unembedding are never adapted.
+
 Incremental decoding (`prefill`, then `decode` one step at a time) runs the same layers against an explicit
 KVCache (models/kv_cache.py) and reproduces the full forward pass's hidden states under the same padding
 convention: the cache slots are the sequence's positions, and the mask and position ids are built from
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from instructgpt_jax.models import attention
+from instructgpt_jax.models import attention, lora
 from instructgpt_jax.models.kv_cache import KV_CACHE_AXES, KVCache, empty_cache
 from instructgpt_jax.models.sizes import ModelConfig
 from instructgpt_jax.sharding import LOGICAL_AXES_KEY, constrain
@@ -130,6 +135,16 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _projection(cfg: ModelConfig, projection: nnx.Module, x: jax.Array, lora_rng: jax.Array | None = None):
+  """projection(x), plus the LoRA term (alpha/r)·dropout(x)·A·B where the projection carries adapters
+  (models/lora.py); every projection of a layer is called through here, in every entry point."""
+  y = projection(x)
+  if not lora.has_adapters(projection):
+    return y
+  x = dropout(x, cfg.lora.dropout, lora_rng)
+  return y + lora.update(x, projection.lora_a[...], projection.lora_b[...], cfg.lora.scale, y.dtype)
+
+
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs, *, per_head: bool = False, dtype: str | None = None) -> nnx.Module:
   """The family's norm over d_model; `per_head`: an RMSNorm over each head's H features (Qwen3's q/k norms).
   `dtype`: its output dtype when not the compute dtype."""
@@ -192,14 +207,15 @@ class Attention(nnx.Module):
       **common,
     )
 
-  def _project(self, x: jax.Array, positions: jax.Array):
+  def _project(self, x: jax.Array, positions: jax.Array, lora_rngs=(None, None, None)):
     """x [B, T, D], positions [B, T] -> q [B, T, N, H], k and v [B, T, K, H]; q/k norms and RoPE (llama).
 
     `__call__` and `decode` both project here, so the cached decode path computes what the full pass does.
+    lora_rngs: the adapter dropout keys of the query, key and value projections (or Nones).
     """
-    q = constrain(self.query(x), BTNH)
-    k = constrain(self.key(x), BTKH)
-    v = constrain(self.value(x), BTKH)
+    q = constrain(_projection(self.cfg, self.query, x, lora_rngs[0]), BTNH)
+    k = constrain(_projection(self.cfg, self.key, x, lora_rngs[1]), BTKH)
+    v = constrain(_projection(self.cfg, self.value, x, lora_rngs[2]), BTKH)
     if self.cfg.qk_norm:
       q, k = constrain(self.query_norm(q), BTNH), constrain(self.key_norm(k), BTKH)
     if self.cfg.rope:
@@ -208,10 +224,13 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, inv_freq=inv_freq)
     return q, k, v
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T], segment_ids [B, T] -> [B, T, D]."""
-    q, k, v = self._project(x, positions)
-    return self.out(constrain(self._attend(q, k, v, mask, segment_ids, self._implementation()), BTNH))
+  def __call__(self, x, positions, mask, segment_ids, lora_rng=None) -> jax.Array:
+    """x [B, T, D], positions [B, T], mask bool [B, 1, T, T], segment_ids [B, T] -> [B, T, D].
+    lora_rng: the key of the adapters' dropout (training), or None."""
+    *qkv_rngs, out_rng = lora.dropout_keys(lora_rng, 4)
+    q, k, v = self._project(x, positions, qkv_rngs)
+    out = constrain(self._attend(q, k, v, mask, segment_ids, self._implementation()), BTNH)
+    return _projection(self.cfg, self.out, out, out_rng)
 
   def _implementation(self) -> str:
     return attention.resolve(self.cfg.attention_impl, dtype=self.cfg.dtype, head_dim=self.cfg.head_dim)
@@ -244,7 +263,7 @@ class Attention(nnx.Module):
     if implementation == "splash" or (implementation == "cudnn" and x.shape[1] == 1):
       implementation = "xla"
     out = self._attend(q, read(keys), read(values), mask, None, implementation)
-    return self.out(constrain(out, BTNH)), keys, values
+    return _projection(self.cfg, self.out, constrain(out, BTNH)), keys, values
 
 
 class Mlp(nnx.Module):
@@ -265,12 +284,15 @@ class Mlp(nnx.Module):
       ff, d, kernel_init=out_init, kernel_metadata=_axes("mlp", "embed"), bias_metadata=_axes("embed"), **common
     )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]. lora_rng: the key of the adapters' dropout (training), or None."""
+    gate_rng, up_rng, down_rng = lora.dropout_keys(lora_rng, 3)
+    up = _projection(self.cfg, self.up, x, up_rng)
     if self.cfg.mlp == "swiglu":
-      hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+      hidden = jax.nn.silu(_projection(self.cfg, self.gate, x, gate_rng)) * up
     else:
-      hidden = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's tanh approximation
-    return self.down(constrain(hidden, ("batch", "length", "mlp")))
+      hidden = jax.nn.gelu(up, approximate=True)  # GPT-2's tanh approximation
+    return _projection(self.cfg, self.down, constrain(hidden, ("batch", "length", "mlp")), down_rng)
 
 
 class Block(nnx.Module):
@@ -282,12 +304,15 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
+    if cfg.lora_modules:  # last: the base parameters draw the keys they draw without adapters
+      lora.add_adapters(self, cfg, rngs)
 
   def __call__(self, x, positions, mask, segment_ids, dropout_rng=None):
     attn_rng, mlp_rng = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
-    attn_out = self.attn(self.attn_norm(x), positions, mask, segment_ids)
+    attn_lora_rng, mlp_lora_rng = lora.layer_dropout_keys(self.cfg, dropout_rng)
+    attn_out = self.attn(self.attn_norm(x), positions, mask, segment_ids, attn_lora_rng)
     x = x + dropout(attn_out, self.cfg.resid_dropout, attn_rng)
-    x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.resid_dropout, mlp_rng)
+    x = x + dropout(self.mlp(self.mlp_norm(x), mlp_lora_rng), self.cfg.resid_dropout, mlp_rng)
     return constrain(x, BTD)
 
   def decode(self, x, positions, mask, keys, values, layer, start):
