@@ -149,8 +149,9 @@ def scores(results: dict) -> dict[tuple[str, str], tuple[float, float | None, bo
     better = results.get("higher_is_better", {}).get(task, {})
     for key, value in metrics.items():
       name, _, filt = key.partition(",")
-      if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
-        continue
+      counts = name == "sample_len" or (better and name not in better)
+      if name.endswith("_stderr") or not isinstance(value, (int, float)) or counts:
+        continue  # a metric's error, the alias, and counts such as sample_len (no direction: not a metric)
       error = metrics.get(f"{name}_stderr,{filt}")
       error = float(error) if isinstance(error, (int, float)) and math.isfinite(error) else None
       metric = name if filt in ("", "none") else f"{name} ({filt})"

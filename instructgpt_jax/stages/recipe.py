@@ -95,7 +95,7 @@ def alignment_tax(config, workdir: str, out: str) -> dict:
   )
   table = lm_eval_tasks.tax_table(results)
   note = (
-    f"# Alignment tax (paper §4.2)\n\nlm-eval tasks {e.tasks} in {e.dtype}"
+    f"# Alignment tax (paper §4.2)\n\nlm-eval tasks {', '.join(results['start']['results'])} in {e.dtype}"
     + (f", {e.limit} examples per task" if e.limit else "")
     + "; each model's results under eval/. A difference's ± is √(se₁² + se₂²) (errors taken as independent).\n\n"
   )
