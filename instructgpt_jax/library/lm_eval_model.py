@@ -5,7 +5,8 @@ sharded over the mesh's data axis.
 Requests follow lm-eval's HF backend (`--model hf`) so that the two give the same numbers:
   loglikelihood          (context, continuation): trailing spaces of the context move to the continuation; the
                          continuation's tokens are those of tok(context + continuation) after tok(context)
-                         (an empty context is the prefix token: BOS, else EOS); the last max_len + 1 tokens
+                         (an empty context is the prefix token, BOS else EOS, unless the continuation starts
+                         with it: then that token is the context); the last max_len + 1 tokens
                          are kept; the sum of the continuation's log-probs, and whether greedy decoding would
                          produce it
   loglikelihood_rolling  a document's log-likelihood from the prefix token, in windows of max_len tokens
@@ -229,8 +230,9 @@ class JaxLM(LM):
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     pairs = []
     for context, continuation in (r.args for r in requests):
-      if context == "":
-        pairs.append(([self.prefix_token_id], self.encode(continuation)))
+      if context == "":  # the prefix token is the context, unless the continuation starts with it: then that is
+        ids = self.encode(continuation)
+        pairs.append((ids[:1], ids[1:]) if ids[:1] == [self.prefix_token_id] else ([self.prefix_token_id], ids))
       else:
         pairs.append(self._encode_pair(context, continuation))
     return self.score_pairs(pairs)
