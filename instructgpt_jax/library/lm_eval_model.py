@@ -15,8 +15,8 @@ Requests follow lm-eval's HF backend (`--model hf`) so that the two give the sam
                          last max_len − max_gen_toks tokens, the text cut at the first stop string
 
 Requests are scored in length buckets (powers of two, up to the model's window) and in batches of
-`batch_size` rows, so the number of compiled programs stays small; `compiled` lists the shapes compiled and
-`truncated` counts the requests cut to the window.
+`batch_size` rows (the logits only at the positions scored), so the number of compiled programs stays small;
+`compiled` lists the shapes compiled and `truncated` counts the requests cut to the window.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 import tqdm
+from flax import nnx
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from instructgpt_jax import errors, generation, models, paths, sharding
+from instructgpt_jax import errors, generation, paths, sharding
 from instructgpt_jax.data import chat
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.library import model_io
@@ -45,14 +46,15 @@ def length_bucket(n: int, limit: int, smallest: int = 32) -> int:
   return min(limit, max(smallest, 1 << math.ceil(math.log2(max(n, 1)))))
 
 
-def _continuation_logprobs(graphdef, params, inputs, targets, segment_ids):
-  """[B, L] log p(target_t | inputs_≤t) in float32 and whether target_t is the argmax, 0/False at padding."""
-  logits, _ = models.apply(graphdef, params, inputs, segment_ids=segment_ids)
-  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-  greedy = jnp.argmax(logits, axis=-1) == targets
-  real = segment_ids > 0
-  return jnp.where(real, picked, 0.0), greedy | ~real
+def _continuation_logprobs(graphdef, params, inputs, segment_ids, at, targets):
+  """log p(targets | inputs) in float32 [B, K] at the positions `at` [B, K] of each row, and whether each target
+  is the argmax there. The logits (the unembedding and the log-softmax over the vocabulary, the costly part
+  of a short continuation) are computed at those K positions only, not all L."""
+  model = nnx.merge(graphdef, params)
+  hidden = model.hidden_states(inputs, segment_ids=segment_ids)  # [B, L, D]
+  logits = model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1))  # [B, K, V] float32
+  picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+  return picked, jnp.argmax(logits, axis=-1) == targets
 
 
 def read_model(
@@ -122,7 +124,7 @@ class JaxLM(LM):
     rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = max(rows, -(-batch_size // rows) * rows)  # whole rows on every device
     self.max_gen_toks, self.progress_bar = max_gen_toks, progress_bar
-    self.compiled: set[tuple[str, int, int]] = set()
+    self.compiled: set[tuple] = set()
     self.truncated = 0  # requests whose tokens did not fit the window (the oldest context tokens left out)
     graphdef = self.graphdef
     self._score = sharding.jit_on_mesh(
@@ -211,16 +213,19 @@ class JaxLM(LM):
     for start in range(0, len(order), self.batch_size):
       chunk = order[start : start + self.batch_size]
       length = length_bucket(len(rows[chunk[0]][0]), self.max_length)
+      width = length_bucket(max(rows[i][2] for i in chunk), length, smallest=8)  # the positions scored
       inputs = np.full((self.batch_size, length), self.tokenizer.pad_id, np.int32)
-      targets, segments = np.zeros_like(inputs), np.zeros_like(inputs)
+      segments = np.zeros_like(inputs)
+      at, targets = np.zeros((self.batch_size, width), np.int32), np.zeros((self.batch_size, width), np.int32)
       for r, i in enumerate(chunk):
-        x, y, _ = rows[i]
-        inputs[r, : len(x)], targets[r, : len(y)], segments[r, : len(x)] = x, y, 1
-      self.compiled.add(("score", self.batch_size, length))
-      logprobs, greedy = jax.device_get(self._score(self.params, inputs, targets, segments))
+        x, y, k = rows[i]
+        inputs[r, : len(x)], segments[r, : len(x)] = x, 1
+        at[r, :k], targets[r, :k] = np.arange(len(x) - k, len(x)), y[len(x) - k :]
+      self.compiled.add(("score", self.batch_size, length, width))
+      logprobs, greedy = jax.device_get(self._score(self.params, inputs, segments, at, targets))
       for r, i in enumerate(chunk):
-        n, k = len(rows[i][0]), rows[i][2]
-        out[i] = (float(np.sum(logprobs[r, n - k : n], dtype=np.float64)), bool(np.all(greedy[r, n - k : n])))
+        k = rows[i][2]
+        out[i] = (float(np.sum(logprobs[r, :k], dtype=np.float64)), bool(np.all(greedy[r, :k])))
       bar.update()
     bar.close()
     return out
