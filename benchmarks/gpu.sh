@@ -35,4 +35,5 @@ export TRL_EXPERIMENTAL_SILENCE=1
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 "$python" -c "import jax, flax; print('# jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+[ -n "${SMOLLM2_HF:-}" ] && "$python" benchmarks/lm_eval_speed.py --hf "$SMOLLM2_HF" --ref_python "$python" --ref_device cuda --batch_size 64  # lm-eval backends, ours vs HF: SMOLLM2_HF = SmolLM2's HF folder; needs lm-eval[hf] and ../shared/data
 exec "$python" benchmarks/gpu_suite.py --budget_s "${BUDGET_S:-420}"
