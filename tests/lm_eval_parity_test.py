@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct, window 128, batch 16: the 200 mixed requests of benchmark
 strings, from ../shared/data), a whole local task through both harness runs, and bfloat16.
 
 Measured when written (2026-12-07, 2-core CPU; the figures do not depend on the load):
-- float32: the largest |Δ log-likelihood| 1.85e-4 (a 13-token continuation), of the rolling sums 4.1e-3 (a
+- float32: the largest |Δ log-likelihood| 1.9e-4 (a 13-token continuation), of the rolling sums 4.1e-3 (a
   527-token document: 3.9e-6 of it); is_greedy, the multiple-choice argmax and all 32 generations
   identical. The gap is the HF backend's float32 arithmetic: against the HF backend run in float64 on the
   same requests (`benchmarks/lm_eval_speed.py --float64_check`), ours is within 5.8e-5 (log-likelihoods,
@@ -24,10 +24,11 @@ Measured when written (2026-12-07, 2-core CPU; the figures do not depend on the 
   answer, is 1.5 times the worst measured (0.49 at N = 3).
 
 `test_chat_templated_requests_equal_the_hf_backend`: text holding a chat template's special tokens (what
-lm-eval's --chat hands a backend) equal too. Its last request, an empty context whose continuation starts with
-the prefix token <|im_start|>, fails until JaxLM takes that token as the context as lm-eval does (measured:
-ours -54.28, the HF backend -32.57 on the shorter "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n":
-ours adds log p(<|im_start|> | <|im_start|>)).
+lm-eval's --chat hands a backend) equal too, and an empty context whose continuation starts with the prefix
+token <|im_start|> (lm-eval then takes that token as the context). Both failed when this test was written
+(cbfd89d and 79d3520 fixed them): ours read "<|im_start|>" as seven text tokens (-3.63 against -0.84 for
+"The capital of France is Paris." after the ChatML question), then scored log p(<|im_start|> | <|im_start|>)
+on top (-54.28 against -32.57 for the ChatML question alone).
 """
 
 import json
