@@ -59,8 +59,9 @@ def _continuation_logprobs(graphdef, params, inputs, segment_ids, at, targets):
 
 def read_model(
   init_from: str, *, step: str = "", dtype: str | None = None, tokenizer: str | None = None
-) -> tuple[model_io.Source, str]:
-  """(the model's source with `dtype` applied, its tokenizer spec: `tokenizer`, else the model's own), or a
+) -> tuple[model_io.Source, str, tokenizer_lib.Tokenizer]:
+  """(the model's source with `dtype` applied, its tokenizer spec: `tokenizer`, else the model's own, that
+  tokenizer loaded), or a
   one-line ConfigError: a path with no model, a reward model, a dtype other than float32/bfloat16, a model
   that holds or records no tokenizer (then --tokenizer names one)."""
   source = model_io.read_source(init_from, "--init_from", step=step)
@@ -72,15 +73,15 @@ def read_model(
     source = dataclasses.replace(source, config=dataclasses.replace(source.config, dtype=dtype))
   spec = tokenizer or model_io.tokenizer_of(source, "--tokenizer")
   try:
-    ids = tokenizer_lib.load(spec).vocab_size
+    loaded = tokenizer_lib.load(spec)
   except errors.UserError as e:  # its message names data.tokenizer, the training field
     raise errors.ConfigError(str(e).replace("data.tokenizer:", "--tokenizer:", 1)) from None
-  if ids > source.config.vocab_size:
+  if loaded.vocab_size > source.config.vocab_size:
     raise errors.ConfigError(
-      f"--tokenizer: {spec} has {ids} ids, more than the model's vocabulary of {source.config.vocab_size}: "
-      "it is not the model's tokenizer"
+      f"--tokenizer: {spec} has {loaded.vocab_size} ids, more than the model's vocabulary of "
+      f"{source.config.vocab_size}: it is not the model's tokenizer"
     )
-  return source, spec
+  return source, spec, loaded
 
 
 class JaxLM(LM):
@@ -108,12 +109,11 @@ class JaxLM(LM):
     devices=None,
   ):
     super().__init__()
-    source, self.tokenizer_spec = read_model(init_from, step=step, dtype=dtype, tokenizer=tokenizer)
+    source, self.tokenizer_spec, self.tokenizer = read_model(init_from, step=step, dtype=dtype, tokenizer=tokenizer)
     self.init_from, self.tokenizer_given = init_from, bool(tokenizer)
     self.cfg, self.max_length = source.config, max_length or source.config.max_len
     if not 0 < self.max_length <= source.config.max_len:
       raise errors.ConfigError(f"--max_length: {max_length} is not in 1..{source.config.max_len} (the model's window)")
-    self.tokenizer = tokenizer_lib.load(self.tokenizer_spec)
     # The harness's text is tokenized as transformers tokenizes it: a special token written in it (a chat
     # template's <|im_start|>) is its special id. (Training data never is: tokenizer_lib.Tokenizer.encode.)
     self._raw = tokenizers.Tokenizer.from_str(self.tokenizer.hf.to_str())
@@ -138,7 +138,7 @@ class JaxLM(LM):
     """Loads another model's weights in place of these when it has this model's architecture and tokenizer
     (the compiled programs then serve it too), read in this model's dtype; False, and nothing changed, when
     it has not."""
-    source, spec = read_model(init_from, step=step, dtype=self.cfg.dtype)
+    source, spec, _ = read_model(init_from, step=step, dtype=self.cfg.dtype)
     spec = self.tokenizer_spec if self.tokenizer_given else spec
     if source.config != self.cfg or spec != self.tokenizer_spec:
       return False
