@@ -133,6 +133,23 @@ def test_every_request_type_equals_the_slow_reference(tiny_model):
   assert all(entry[2] in (32, 48) for entry in lm.compiled), lm.compiled
 
 
+def test_packing_fills_rows_best_fit_and_a_packed_request_scores_as_it_does_alone(tiny_model):
+  lengths = [30, 5, 17, 48, 9, 9, 40, 1, 22, 3]
+  rows = lm_eval_model.pack(lengths, 48)
+  assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each request once
+  fill = [sum(lengths[i] for i in row) for row in rows]
+  assert max(fill) <= 48 and fill == sorted(fill, reverse=True)
+  # Best fit, longest first: 48 | 40+5+3 | 30+17+1 | 22+9+9 (four rows; their total 184 needs four).
+  assert [sorted(lengths[i] for i in row) for row in rows] == [[48], [3, 5, 40], [1, 17, 30], [9, 9, 22]]
+  lm = lm_eval_model.JaxLM(tiny_model[0], batch_size=2)
+  pairs = [([5, 6, 7], [8, 9]), ([10] * 20, [11, 12, 13]), ([14], [15]), ([16, 17], [18] * 30)]
+  alone = [lm.score_pairs([pair])[0] for pair in pairs]
+  together = lm.score_pairs(pairs)  # packed: three of them share rows
+  assert len(lm_eval_model.pack([len(a) + len(b) - 1 for a, b in pairs], lm.max_length)) < len(pairs)
+  for (x, gx), (y, gy) in zip(alone, together):
+    assert abs(x - y) <= 1e-5 and gx == gy
+
+
 def test_eight_devices_data_and_fsdp_sharded_give_what_one_gives(tiny_model):
   folder = tiny_model[0]
   assert len(jax.devices()) == 8

@@ -14,13 +14,17 @@ Requests follow lm-eval's HF backend (`--model hf`) so that the two give the sam
   generate_until         greedy, up to `max_gen_toks` new tokens (256 by default), the context truncated to its
                          last max_len − max_gen_toks tokens, the text cut at the first stop string
 
-Requests are scored in length buckets (powers of two, up to the model's window) and in batches of
-`batch_size` rows (the logits only at the positions scored), so the number of compiled programs stays small;
-`compiled` lists the shapes compiled and `truncated` counts the requests cut to the window.
+Scored requests are packed into rows of the window (best-fit decreasing, `pack`: each request its own
+segment, positions from 0, attention within it; the packed answer equals the request scored alone), rows
+in batches of `batch_size` (the last one rounded up to a multiple of batch_size / 8 rows), a row's length
+a power of two (up to the window), and the logits only at the positions scored, LOGIT_ROWS at a time, so
+few positions are padding and the number of compiled programs stays small; `compiled` lists the shapes
+compiled and `truncated` counts the requests cut to the window.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 
@@ -39,6 +43,7 @@ from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.library import model_io
 
 MAX_GEN_TOKS = 256  # lm-eval's HF backend default
+LOGIT_ROWS = 128  # positions whose logits are computed at once (`_continuation_logprobs`)
 
 
 def length_bucket(n: int, limit: int, smallest: int = 32) -> int:
@@ -46,15 +51,53 @@ def length_bucket(n: int, limit: int, smallest: int = 32) -> int:
   return min(limit, max(smallest, 1 << math.ceil(math.log2(max(n, 1)))))
 
 
-def _continuation_logprobs(graphdef, params, inputs, segment_ids, at, targets):
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+  """Best-fit decreasing bin packing: the indices of `lengths` in rows whose lengths sum to at most
+  `capacity` (every length <= capacity), each row's longest first, the fullest rows first. Each index lands
+  in the fullest row that still has room for it, longest first."""
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  packed: list[list[int]] = []
+  room: list[tuple[int, int]] = []  # (room left, row), sorted
+  for i in order:
+    j = bisect.bisect_left(room, (lengths[i], -1))
+    if j < len(room):
+      left, r = room.pop(j)
+    else:
+      left, r = capacity, len(packed)
+      packed.append([])
+    packed[r].append(i)
+    if left - lengths[i] > 0:
+      bisect.insort(room, (left - lengths[i], r))
+  fill = [sum(lengths[i] for i in row) for row in packed]
+  return [packed[r] for r in sorted(range(len(packed)), key=lambda r: -fill[r])]
+
+
+def _continuation_logprobs(graphdef, params, inputs, segment_ids, positions, at, targets):
   """log p(targets | inputs) in float32 [B, K] at the positions `at` [B, K] of each row, and whether each target
   is the argmax there. The logits (the unembedding and the log-softmax over the vocabulary, the costly part
-  of a short continuation) are computed at those K positions only, not all L."""
+  of a short continuation) are computed at those K positions only, not all L, and `LOGIT_ROWS` rows at a time
+  (a loop over position chunks), so the [rows, vocabulary] block is read while it is still in cache: the
+  whole [B, K, V] at once took twice as long on the CPU (benchmarks/RESULTS.md)."""
   model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(inputs, segment_ids=segment_ids)  # [B, L, D]
-  logits = model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1))  # [B, K, V] float32
-  picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-  return picked, jnp.argmax(logits, axis=-1) == targets
+  hidden = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)  # [B, L, D]
+  hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)  # [B, K, D]
+  rows, k = at.shape
+  step = math.gcd(k, 1 << int(math.log2(max(1, LOGIT_ROWS // rows))))  # positions per chunk, a divisor of K
+
+  def score(chunk):
+    h, t = chunk  # [B, step, D], [B, step]
+    logits = model.logits(h)  # float32
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - top[..., 0]
+    # = log_softmax(logits)[t], the same arithmetic as jax.nn.log_softmax
+    picked = shifted - jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    return picked, jnp.argmax(logits, axis=-1) == t
+
+  def chunks(x):  # [B, K, ...] -> [K / step, B, step, ...]
+    return jnp.moveaxis(x.reshape(rows, k // step, step, *x.shape[2:]), 1, 0)
+
+  picked, greedy = jax.lax.map(score, (chunks(hidden), chunks(targets)))
+  return jnp.moveaxis(picked, 0, 1).reshape(rows, k), jnp.moveaxis(greedy, 0, 1).reshape(rows, k)
 
 
 def read_model(
@@ -67,10 +110,12 @@ def read_model(
   source = model_io.read_source(init_from, "--init_from", step=step)
   if source is None or source.kind != "lm":
     raise errors.ConfigError(f"--init_from: {init_from} is not a language model (a reward model scores, not generates)")
-  if dtype:
-    if dtype not in ("float32", "bfloat16"):
-      raise errors.ConfigError(f"--dtype: {dtype!r} is not float32 or bfloat16")
-    source = dataclasses.replace(source, config=dataclasses.replace(source.config, dtype=dtype))
+  if dtype and dtype not in ("float32", "bfloat16"):
+    raise errors.ConfigError(f"--dtype: {dtype!r} is not float32 or bfloat16")
+  # The layers run as one scanned layer: one layer compiled, not n_layers, and on the CPU 4-6% faster than
+  # the unrolled loop at SmolLM2 size (benchmarks/RESULTS.md); the parameters are stacked either way.
+  config = dataclasses.replace(source.config, dtype=dtype or source.config.dtype, scan_layers=True)
+  source = dataclasses.replace(source, config=config)
   spec = tokenizer or model_io.tokenizer_of(source, "--tokenizer")
   try:
     loaded = tokenizer_lib.load(spec)
@@ -200,7 +245,10 @@ class JaxLM(LM):
     return context_ids, whole[len(context_ids) :]
 
   def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """(Σ log p(continuation | context), greedy?) for token-id pairs, the context cut to fit the window."""
+    """(Σ log p(continuation | context), greedy?) for token-id pairs, the context cut to fit the window.
+
+    The pairs are packed into rows of the window (`pack`: several short requests in one row, each its own
+    segment with positions from 0, attending only to itself), so the trunk runs on few padding positions."""
     rows = []
     for context, continuation in pairs:
       tokens = (list(context) + list(continuation))[-(self.max_length + 1) :]
@@ -208,27 +256,44 @@ class JaxLM(LM):
       # A continuation longer than the window is scored on its last max_len tokens.
       rows.append((tokens[:-1], tokens[1:], min(len(continuation), len(tokens) - 1)))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: fewest pad tokens
-    bar = self._bar(-(-len(order) // self.batch_size), "scoring")
-    for start in range(0, len(order), self.batch_size):
-      chunk = order[start : start + self.batch_size]
-      length = length_bucket(len(rows[chunk[0]][0]), self.max_length)
-      width = length_bucket(max(rows[i][2] for i in chunk), length, smallest=8)  # the positions scored
-      inputs = np.full((self.batch_size, length), self.tokenizer.pad_id, np.int32)
-      segments = np.zeros_like(inputs)
-      at, targets = np.zeros((self.batch_size, width), np.int32), np.zeros((self.batch_size, width), np.int32)
-      for r, i in enumerate(chunk):
-        x, y, k = rows[i]
-        inputs[r, : len(x)], segments[r, : len(x)] = x, 1
-        at[r, :k], targets[r, :k] = np.arange(len(x) - k, len(x)), y[len(x) - k :]
-      self.compiled.add(("score", self.batch_size, length, width))
-      logprobs, greedy = jax.device_get(self._score(self.params, inputs, segments, at, targets))
-      for r, i in enumerate(chunk):
-        k = rows[i][2]
-        out[i] = (float(np.sum(logprobs[r, :k], dtype=np.float64)), bool(np.all(greedy[r, :k])))
+    packed = pack([len(x) for x, _, _ in rows], self.max_length)  # fullest rows first
+    bar = self._bar(-(-len(packed) // self.batch_size), "scoring")
+    for start in range(0, len(packed), self.batch_size):
+      chunk = packed[start : start + self.batch_size]
+      n_rows = self._rows_for(len(chunk))
+      length = length_bucket(sum(len(rows[i][0]) for i in chunk[0]), self.max_length)
+      width = length_bucket(max(sum(rows[i][2] for i in row) for row in chunk), length, smallest=8)  # positions scored
+      inputs = np.full((n_rows, length), self.tokenizer.pad_id, np.int32)
+      segments, positions = np.zeros_like(inputs), np.zeros_like(inputs)
+      at, targets = np.zeros((n_rows, width), np.int32), np.zeros((n_rows, width), np.int32)
+      for r, row in enumerate(chunk):
+        offset, scored = 0, 0
+        for segment, i in enumerate(row, start=1):
+          x, y, k = rows[i]
+          inputs[r, offset : offset + len(x)], segments[r, offset : offset + len(x)] = x, segment
+          positions[r, offset : offset + len(x)] = np.arange(len(x))
+          at[r, scored : scored + k] = np.arange(offset + len(x) - k, offset + len(x))
+          targets[r, scored : scored + k] = y[len(x) - k :]
+          offset, scored = offset + len(x), scored + k
+      self.compiled.add(("score", n_rows, length, width))
+      logprobs, greedy = jax.device_get(self._score(self.params, inputs, segments, positions, at, targets))
+      for r, row in enumerate(chunk):
+        scored = 0
+        for i in row:
+          k = rows[i][2]
+          piece = slice(scored, scored + k)
+          out[i] = (float(np.sum(logprobs[r, piece], dtype=np.float64)), bool(np.all(greedy[r, piece])))
+          scored += k
       bar.update()
     bar.close()
     return out
+
+  def _rows_for(self, n: int) -> int:
+    """The rows of a batch of n packed rows: the batch size, or for a last, smaller batch n rounded up to a
+    multiple of an eighth of it (whole rows on every device): at most eight shapes per length."""
+    per_device = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    step = max(per_device, -(-(self.batch_size // 8) // per_device) * per_device)
+    return min(self.batch_size, -(-n // step) * step)
 
   # ---------------------------------------------------------------- lm-eval's three requests
 
