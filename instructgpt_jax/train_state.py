@@ -21,11 +21,16 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructgpt_jax import models, sharding
+from instructgpt_jax.models import lora
 
 
 @struct.dataclass
 class TrainState:
-  """step: optimizer steps taken; rng: a raw uint32[2] key, split once per step; ema: EMA of params or None."""
+  """step: optimizer steps taken; rng: a raw uint32[2] key, split once per step; ema: EMA of params or None.
+
+  With LoRA adapters in `params` only the trainable part (`lora.split_trainable`: the adapters and a scalar
+  head) has optimizer moments and an EMA, and gradients are taken over it alone; the frozen base rides along
+  in `params` unchanged. Without adapters that part is all of params (full fine-tuning)."""
 
   step: jax.Array
   params: Any
@@ -38,18 +43,67 @@ class TrainState:
     return cls(
       step=jnp.zeros([], jnp.int32),
       params=params,
-      opt_state=tx.init(params),
+      opt_state=tx.init(trainable(params)),
       rng=rng,
-      ema=jax.tree.map(jnp.copy, params) if ema else None,
+      ema=jax.tree.map(jnp.copy, trainable(params)) if ema else None,
     )
 
   def apply_gradients(self, grads, tx: optax.GradientTransformation, *, ema_decay: float | None = None):
-    updates, opt_state = tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
+    """One optimizer step; `grads` are over the trainable part (`trainable(params)`)."""
+    train, frozen = lora.split_trainable(self.params)
+    updates, opt_state = tx.update(grads, self.opt_state, train)
+    train = optax.apply_updates(train, updates)
     ema = self.ema
     if ema is not None and ema_decay is not None:
-      ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema)
+      ema = optax.incremental_update(train, ema, step_size=1.0 - ema_decay)
+    return self.replace(step=self.step + 1, params=lora.combine(train, frozen), opt_state=opt_state, ema=ema)
+
+
+def ema_params(state: TrainState):
+  """The EMA weights as a whole params tree: the EMA of the trainable part beside the frozen part (the LoRA
+  base, which never changes); all of it without adapters."""
+  return lora.combine(state.ema, lora.split_trainable(state.params)[1])
+
+
+def trainable(params):
+  """The part of params that trains (all of it without LoRA adapters; lora.split_trainable)."""
+  return lora.split_trainable(params)[0]
+
+
+def trainable_grad(loss_fn: Callable, params) -> tuple[Callable, Any]:
+  """(jax.value_and_grad(has_aux=True) of loss_fn(params, *args) as a function of the trainable part of params,
+  that part): the frozen LoRA base is closed over, so it gets no gradient and no backward matmuls for its
+  weights. Without adapters the function takes all of params."""
+  train, frozen = lora.split_trainable(params)
+  return jax.value_and_grad(lambda t, *a: loss_fn(lora.combine(t, frozen), *a), has_aux=True), train
+
+
+def _is_state(x) -> bool:
+  return isinstance(x, TrainState)
+
+
+def saved_part(state):
+  """What a checkpoint holds of `state` (a TrainState, or a pytree of them such as PPO's): each TrainState's
+  params cut to their trainable part. Full fine-tuning: all of it. LoRA: the adapters (and heads), not a second
+  copy of the frozen base, which is read again from the run's `model.init_from` (or its seed) on resume."""
+  return jax.tree.map(lambda x: x.replace(params=trainable(x.params)) if _is_state(x) else x, state, is_leaf=_is_state)
+
+
+def has_frozen(state) -> bool:
+  """Whether any TrainState in `state` has a frozen part (LoRA), which its checkpoint does not hold."""
+  states = jax.tree.leaves(state, is_leaf=_is_state)
+  return any(_is_state(x) and jax.tree.leaves(lora.split_trainable(x.params)[1]) for x in states)
+
+
+def with_frozen(saved, fresh):
+  """The inverse of `saved_part`: the restored `saved` with the frozen params of `fresh` (the same pytree of
+  TrainStates, started from the run's base) put back beside them."""
+  return jax.tree.map(
+    lambda s, f: s.replace(params=lora.combine(s.params, lora.split_trainable(f.params)[1])) if _is_state(s) else s,
+    saved,
+    fresh,
+    is_leaf=_is_state,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,14 +113,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh: Mesh) -> TrainState:
   """Shardings of a whole TrainState: optimizer moments shard like their parameters, scalars replicate."""
   opt = optax.tree_map_params(
-    tx, lambda _, s: s, abstract_state.opt_state, param_shardings, transform_non_params=lambda _: replicated(mesh)
+    tx,
+    lambda _, s: s,
+    abstract_state.opt_state,
+    trainable(param_shardings),
+    transform_non_params=lambda _: replicated(mesh),
   )
   return TrainState(
     step=replicated(mesh),
     params=param_shardings,
     opt_state=opt,
     rng=replicated(mesh),
-    ema=None if abstract_state.ema is None else param_shardings,
+    ema=None if abstract_state.ema is None else trainable(param_shardings),
   )
 
 
@@ -141,7 +199,7 @@ def create_sharded(
   params with shardings), else from a random initialization. Either way no host holds a whole model.
   """
   graphdef, abstract, shardings = abstract_state(model_cfg, tx, mesh, rules, kind=kind, ema=ema)
-  params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+  params_key, state_key = init_keys(seed)
   if load_params is None:
     params = random_params(model_cfg, abstract.params, params_key, kind=kind)
   else:
@@ -149,18 +207,25 @@ def create_sharded(
   return graphdef, create_from_params(params, tx, state_key, shardings, ema=ema), shardings
 
 
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the random initialization's key, the train state's RNG key) of a run's `seed`."""
+  params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+  return params_key, state_key
+
+
 def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, microbatches: int = 1):
   """Exact gradient accumulation: (sums, grads of Σloss / Σcount) over `microbatches` slices of `batch`.
 
+  The gradients are over the trainable part of params (`trainable`: the adapters and a scalar head under LoRA).
   `sums_fn(params, microbatch, rng) -> (loss_sum, sums)` returns a loss summed over its tokens and a dict of
   sums that includes "count" (the number of tokens). Summing loss sums, counts and gradients over the
   slices and dividing once gives exactly the full-batch masked mean; averaging per-slice means would not
   when slices hold different numbers of tokens. Slice m takes rows m, m + M, m + 2M, ..., so every device
   of a batch-sharded mesh contributes its local rows to every slice.
   """
-  grad_fn = jax.value_and_grad(sums_fn, has_aux=True)
+  grad_fn, train = trainable_grad(sums_fn, params)
   if microbatches == 1:
-    (loss_sum, sums), grads = grad_fn(params, batch, rng)
+    (loss_sum, sums), grads = grad_fn(train, batch, rng)
   else:
 
     def split(x):
@@ -169,12 +234,12 @@ def microbatched_grads(sums_fn: Callable, params, batch: dict, rng: jax.Array, m
       return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
 
     def body(totals, xs):
-      (loss_sum, sums), grads = grad_fn(params, *xs)
+      (loss_sum, sums), grads = grad_fn(train, *xs)
       return jax.tree.map(jnp.add, totals, (loss_sum, sums, grads)), None
 
     slices = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], slices)
-    shapes = jax.eval_shape(lambda: (*grad_fn(params, first, rng)[0], params))
+    shapes = jax.eval_shape(lambda: (*grad_fn(train, first, rng)[0], train))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (loss_sum, sums, grads), _ = jax.lax.scan(body, zeros, (slices, jax.random.split(rng, microbatches)))
   count = jnp.maximum(sums["count"], 1.0)

@@ -306,13 +306,15 @@ def _ppo_models(config, policy_cfg, mesh, rules, rm_size: str) -> ppo_steps.Mode
   runtime fields (dtypes, remat, scanned layers); token ids, the bias and the schedules' lengths change no
   buffer."""
   runtime = {k: v for k, v in config.model.to_dict().items() if k not in model_io.SHAPE_FIELDS}
-  rm_cfg = models.resolve(dict(runtime, size=rm_size))
+  critic_cfg = models.resolve(dict(runtime, size=rm_size))  # with the policy's adapters, as the stage gives it
+  reward_cfg = dataclasses.replace(critic_cfg, lora=models.LoraConfig())  # frozen: no adapters
+  lora_reference = policy_cfg.lora.rank and not config.ppo.reference  # stages/ppo.lora_reference
   return ppo_steps.Models.build(
     config.ppo,
     policy_cfg=policy_cfg,
-    reference_cfg=policy_cfg,
-    reward_cfg=rm_cfg,
-    critic_cfg=rm_cfg,
+    reference_cfg=None if lora_reference else dataclasses.replace(policy_cfg, lora=models.LoraConfig()),
+    reward_cfg=reward_cfg,
+    critic_cfg=critic_cfg,
     reward_bias=0.0,
     eos_id=0,  # token ids change no buffer
     pad_id=1,
@@ -327,7 +329,7 @@ def _ppo_models(config, policy_cfg, mesh, rules, rm_size: str) -> ppo_steps.Mode
 def _ppo_param_counts(m: ppo_steps.Models, state) -> dict[str, int]:
   counts = {
     "policy": models.param_count(m.lm(state.policy.params)),
-    "reference": models.param_count(m.targets["reference"]),
+    "reference": models.param_count(m.targets["reference"]) if m.targets["reference"] is not None else 0,
     "reward model": models.param_count(m.targets["reward"]),
   }
   counts.update({"value head": models.param_count(state.policy.params["value_head"])} if m.shared_trunk else {})

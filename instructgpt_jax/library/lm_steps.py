@@ -40,7 +40,7 @@ def loss_sums(graphdef, params, batch, dropout_rng=None):
 
 def make_train_step(graphdef, model_cfg: models.ModelConfig, tx, lr_schedule, *, microbatches: int = 1):
   """train_step(state, batch) -> (state, metrics) for train_state.jit_step."""
-  use_dropout = model_cfg.resid_dropout > 0
+  use_dropout = model_cfg.uses_dropout
 
   def summarize(sums, batch):
     metrics = {"accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0)}

@@ -266,7 +266,7 @@ class LoopIO:
       return
     self.writer.flush()  # the rows up to this checkpoint are durable before it can be resumed from
     metrics = None if value is None else {self.select.metric: float(value)}
-    self.ckpt.save(step, state, self.data_state(), force=force, metrics=metrics)
+    self.ckpt.save(step, train_state.saved_part(state), self.data_state(), force=force, metrics=metrics)
     if value is not None and self.select.better(value):
       self.ckpt.wait()  # selected.json never names a step whose save could still fail
       self.select.record(step, value)
@@ -314,10 +314,16 @@ def train_loop(setup: Setup, workdir: str, ckpt, data, state, step_fn, evaluate,
 def resume_or_start(ckpt: checkpoint.Checkpointer, abstract, data, start: Callable[[], object]):
   """The one init-or-resume of every stage: the run's newest checkpoint restored into `abstract` (a state of
   ShapeDtypeStructs carrying shardings), and `data` (its set_state) put back where that checkpoint left it;
-  else `start()`, the stage's iteration-0 state. Nothing is allocated twice."""
+  else `start()`, the stage's iteration-0 state. Nothing is allocated twice, except under LoRA, where the
+  checkpoint holds only the trainable part (train_state.saved_part) and `start()` gives the frozen base (its
+  fresh adapters and optimizer state, small, are dropped for the restored ones)."""
   if ckpt.latest_step() is None:
     return start()
-  state, data_state = ckpt.restore(abstract)
+  if train_state.has_frozen(abstract):  # LoRA: the checkpoint holds the adapters; the base is read again
+    state, data_state = ckpt.restore(train_state.saved_part(abstract))
+    state = train_state.with_frozen(state, start())
+  else:
+    state, data_state = ckpt.restore(abstract)
   if data is not None:
     data.set_state(data_state)
   logging.info("resumed from step %d of %s", int(state.step), ckpt.directory)
@@ -401,7 +407,7 @@ def record_run(setup: Setup, workdir: str, total_steps: int, kind: str, **model_
   setup.config.total_steps = total_steps
   check_resume(workdir, setup.config)
   write_config(workdir, setup.config, setup.model_cfg)
-  model_io.write_model_json(workdir, kind, setup.model_cfg, **model_json)
+  model_io.write_model_json(workdir, kind, setup.model_cfg, source=setup.source, seed=setup.config.seed, **model_json)
 
 
 def start_training(

@@ -19,14 +19,17 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from instructgpt_jax import checkpoint, errors, models, paths, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
-from instructgpt_jax.models import hf
+from instructgpt_jax.models import hf, lora
 
 SHAPE_FIELDS = (
   "family",
@@ -110,7 +113,10 @@ def read_source(
     )
   workdir_step = None if exported else _workdir_step(path, field, step)
   use_ema = bool(ema and info.get("ema_keys"))
-  return Source(info["kind"], models.ModelConfig(**info["model"]), path, exported, info, workdir_step, use_ema)
+  config = models.ModelConfig(**info["model"])
+  # A LoRA run is read as its model: the base with the adapters merged in (`_merged`), a model without adapters.
+  config = dataclasses.replace(config, lora=models.LoraConfig())
+  return Source(info["kind"], config, path, exported, info, workdir_step, use_ema)
 
 
 def tokenizer_of(source: Source | None, field: str = "data.tokenizer") -> str:
@@ -151,6 +157,13 @@ def check_same_run(workdir: str, stage: str, kind: str, model_cfg: models.ModelC
   theirs = {k: info["model"].get(k, defaults[k]) for k in SHAPE_FIELDS}
   ours = dataclasses.asdict(model_cfg)
   changed = [f"{k}={theirs[k]} (now {ours[k]})" for k in SHAPE_FIELDS if theirs[k] != ours[k]]
+  # The adapters are what its checkpoints hold: their rank, targets and scale must be the same.
+  their_lora = dataclasses.asdict(models.LoraConfig.of(info["model"].get("lora")))
+  changed += [
+    f"lora.{k}={their_lora[k]} (now {ours['lora'][k]})"
+    for k in ("rank", "targets", "alpha")
+    if their_lora[k] != ours["lora"][k] and (their_lora["rank"] or ours["lora"]["rank"])
+  ]
   if info["kind"] != kind:
     changed.insert(0, f"kind={info['kind']} (now {kind})")
   if changed:
@@ -177,14 +190,29 @@ def resolve(model_section) -> tuple[models.ModelConfig, Source | None]:
 
 
 def load(source: Source, kind: str, target, model_cfg: models.ModelConfig, seed: int) -> Any:
-  """Params of `kind` restored from `source` into `target` (abstract params with shardings)."""
+  """Params of `kind` restored from `source` into `target` (abstract params with shardings). What the source
+  does not hold is initialized as a random `model_cfg` model of `seed` would be: a scalar head on a language
+  model's trunk, LoRA adapters on a model without them (B = 0: the model computes what the source does)."""
+  adapters = lora.split(target)[0]
+  if adapters:
+    key = jax.random.PRNGKey(seed)
+    fresh = fresh_params(model_cfg, adapters, key, kind=kind, pick=lambda p: lora.split(p)[0])
+    return lora.combine(fresh, load(source, kind, lora.without_adapters(target), model_cfg, seed))
   if source.kind == kind:
     return _restore(source, target)
   if source.kind == "lm" and kind == "scalar":
     trunk = _restore(source, target["transformer"])
-    head = train_state.random_params(model_cfg, target, jax.random.PRNGKey(seed), kind="scalar")["head"]
+    head = fresh_params(model_cfg, target["head"], jax.random.PRNGKey(seed), kind="scalar", pick=lambda p: p["head"])
     return {"transformer": trunk, "head": head}
   raise ConfigError(f"model.init_from: a {source.kind} model cannot start a {kind} model")
+
+
+def fresh_params(model_cfg: models.ModelConfig, target, key: jax.Array, *, kind: str, pick: Callable) -> Any:
+  """`pick(params)` of the random `model_cfg` model of `key`, created in `target`'s shardings. Only the picked
+  leaves are computed (XLA drops the rest of the initialization), so no whole random model is allocated."""
+  shardings = jax.tree.map(lambda t: t.sharding, target)
+  init = jax.jit(lambda key: pick(models.init(model_cfg, key, kind=kind)[1]), out_shardings=shardings)
+  return init(key)
 
 
 def load_frozen(source: Source, kind: str, mesh, rules, *, seed: int = 0) -> tuple[Any, Any]:
@@ -195,6 +223,8 @@ def load_frozen(source: Source, kind: str, mesh, rules, *, seed: int = 0) -> tup
 
 
 def _restore(source: Source, target) -> Any:
+  if "base" in source.metadata:
+    return _merged(source, target)
   if source.metadata.get("format") == HF_FORMAT:
     return hf.load_params(source.path, target)
   if source.exported:
@@ -203,21 +233,72 @@ def _restore(source: Source, target) -> Any:
   return checkpoint.Checkpointer(source.path).restore_params(source.step, target=target, keys=keys)
 
 
+def _merged(source: Source, target) -> Any:
+  """A LoRA run's model in `target` (no adapters): its base read as the run read it (model.json's `base`), its
+  checkpoint's adapters (and heads) on top, each adapter merged into its kernel (lora.merged)."""
+  run_cfg = models.ModelConfig(**source.metadata["model"])
+  base = source.metadata["base"]
+  mesh = jax.tree.leaves(target)[0].sharding.mesh
+  _, abstract = models.abstract(run_cfg, kind=source.kind)
+  saved = lora.split_trainable(nnx.to_pure_dict(abstract))[0]
+  whole = NamedSharding(mesh, PartitionSpec())  # the adapters are small: read whole onto every device
+  saved = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=whole), saved)
+  keys = tuple(source.metadata["ema_keys"] if source.ema else source.metadata.get("params_keys", ("params",)))
+  saved = checkpoint.Checkpointer(source.path).restore_params(source.step, target=saved, keys=keys)
+  base_source = None
+  if "init_from" in base:
+    base_source = read_source(
+      base["init_from"], f"{source.path}/model.json base", base.get("step", ""), ema=base["ema"]
+    )
+  base_cfg = dataclasses.replace(run_cfg, lora=models.LoraConfig())
+  if base_source is None:  # the run's random start (train_state.create_sharded's params key)
+    key = train_state.init_keys(base.get("seed", 0))[0]
+    base_params = fresh_params(run_cfg, target, key, kind=source.kind, pick=lora.without_adapters)
+  else:
+    base_params = load(base_source, source.kind, target, base_cfg, base.get("seed", 0))
+  shardings = jax.tree.map(lambda t: t.sharding, target)
+  merge = jax.jit(lambda s, b: lora.merged(lora.combine(s, b), run_cfg), out_shardings=shardings)
+  return merge(saved, base_params)
+
+
 def write_model_json(
-  workdir: str, kind: str, model_cfg: models.ModelConfig, *, params_keys=("params",), ema_keys=None
+  workdir: str,
+  kind: str,
+  model_cfg: models.ModelConfig,
+  *,
+  params_keys=("params",),
+  ema_keys=None,
+  source: Source | None = None,
+  seed: int = 0,
 ) -> None:
   """Records what this run trains (and where its params, and their EMA if any, sit in the checkpoint), so a
-  later stage can start from its workdir."""
+  later stage can start from its workdir. A LoRA run's checkpoints hold its adapters (and heads) only: its
+  model.json also records its base, `source` (the checkpoint step resolved) or the random initialization of
+  `seed`, so a reader can put the model back together (`read_source`)."""
   if jax.process_index() == 0:
     info = {"kind": kind, "model": dataclasses.asdict(model_cfg), "params_keys": list(params_keys)}
     if ema_keys:
       info["ema_keys"] = list(ema_keys)
+    if model_cfg.lora.rank:
+      info["base"] = {"seed": seed} if source is None else _base_record(source)
     paths.write_json(paths.join(workdir, "model.json"), info)
+
+
+def _base_record(source: Source) -> dict:
+  """How to read `source` again: its init_from form, the checkpoint step, EMA or not."""
+  init_from = f"hf:{source.path}" if source.metadata.get("format") == HF_FORMAT else source.path
+  record = {"init_from": init_from, "ema": source.ema}
+  if source.step is not None:
+    record["step"] = source.step
+  return record
 
 
 def export(directory: str, params, kind: str, model_cfg: models.ModelConfig, **extra) -> None:
   """An exported model: params plus metadata (kind, model config, and extras such as the reward bias and the
-  `tokenizer` spec)."""
+  `tokenizer` spec). A LoRA model is exported merged (lora.merged): a model without adapters."""
+  if model_cfg.lora.rank:
+    params = jax.jit(lambda p: lora.merged(p, model_cfg))(params)
+    model_cfg = dataclasses.replace(model_cfg, lora=models.LoraConfig())
   checkpoint.export_params(directory, params, {"kind": kind, "model": dataclasses.asdict(model_cfg), **extra})
 
 

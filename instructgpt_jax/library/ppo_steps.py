@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from instructgpt_jax import generation, losses, models, rl, scoring, sharding, train_state
 from instructgpt_jax.library import lm_steps, loop
+from instructgpt_jax.models import lora
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_PLACES = ("reward", "loss")  # β·KL per token in the reward (Eq. 2), or β·k3 in the policy's loss (GRPO)
@@ -129,9 +130,14 @@ class Models:
     rules,
   ) -> Models:
     """Graphdefs and sharded abstract params of every model; `critic_cfg`/`critic_tx` are used only with a
-    separate critic (a critic-based estimator without ppo.shared_trunk)."""
+    separate critic (a critic-based estimator without ppo.shared_trunk). `reference_cfg` None: a LoRA policy's
+    reference is its own base (`reference_params`), targets["reference"] None."""
     policy, lm_target = train_state.param_shardings_for(policy_cfg, mesh, rules)
-    reference, reference_target = train_state.param_shardings_for(reference_cfg, mesh, rules)
+    if reference_cfg is None:  # LoRA: the reference is the policy's base, its adapters off (no second copy)
+      reference = models.abstract(dataclasses.replace(policy_cfg, lora=models.LoraConfig()))[0]
+      reference_target = None
+    else:
+      reference, reference_target = train_state.param_shardings_for(reference_cfg, mesh, rules)
     reward, reward_target = train_state.param_shardings_for(reward_cfg, mesh, rules, kind="scalar")
     targets = {"policy": lm_target, "reference": reference_target, "reward": reward_target}
     value_kind = "critic" if rl.needs_critic(ppo.advantage_estimator) else "none"
@@ -275,6 +281,12 @@ def _policy_pass(m: Models, params, prompt_tokens, prompt_segments, tokens, mask
   return logprobs, entropy, values
 
 
+def reference_params(m: Models, policy_params, ref_params):
+  """The reference's params: `ref_params`, or with None (a LoRA policy and no ppo.reference) the policy's
+  base, the same arrays with the adapters dropped (lora.without_adapters), run with the rank-0 graphdef."""
+  return lora.without_adapters(m.lm(policy_params)) if ref_params is None else ref_params
+
+
 def score_rollout(
   m: Models, policy_params, critic_params, ref_params, rm_params, kl_coef, prompt_tokens, prompt_segments, rollout
 ):
@@ -288,6 +300,7 @@ def score_rollout(
   # shapes agree to ~1e-6 and the whole rollout is one pass.
   pass_fn = lambda *seq: _policy_pass(m, policy_params, *seq, with_entropy=True)  # noqa: E731
   old_logprobs, entropy, values = in_chunks(pass_fn, m.score_rows, *seq)
+  ref_params = reference_params(m, policy_params, ref_params)
   ref_logprobs = scoring.response_logprobs(m.reference, ref_params, *seq, temperature=p.temperature)
   if m.has_critic:
     values, _ = scoring.response_values(m.value, critic_params, *seq)
@@ -413,8 +426,8 @@ def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, 
       vf_loss, value_metrics = value_objective(values)
       return loss + p.vf_coef * vf_loss, (loss, policy_metrics, vf_loss, value_metrics)
 
-    grad_fn = jax.value_and_grad(shared_loss, has_aux=True)
-    (_, (loss, policy_metrics, vf_loss, value_metrics)), policy_grads = grad_fn(state.policy.params)
+    grad_fn, train = train_state.trainable_grad(shared_loss, state.policy.params)
+    (_, (loss, policy_metrics, vf_loss, value_metrics)), policy_grads = grad_fn(train)
     critic, critic_grads = None, policy_grads["value_head"]
   else:
 
@@ -422,14 +435,16 @@ def minibatch_step(m: Models, state: PPOState, scored: Scored, rows: jax.Array, 
       logprobs = scoring.response_logprobs(m.policy, params, *seq, temperature=p.temperature)
       return _policy_objective(m, mb, params, logprobs, ptx_batch, state.kl.kl_coef)
 
-    (loss, policy_metrics), policy_grads = jax.value_and_grad(policy_loss, has_aux=True)(state.policy.params)
+    grad_fn, train = train_state.trainable_grad(policy_loss, state.policy.params)
+    (loss, policy_metrics), policy_grads = grad_fn(train)
     critic = None
     if m.has_critic:
 
       def value_loss(params):
         return value_objective(scoring.response_values(m.value, params, *seq)[0])
 
-      (vf_loss, value_metrics), critic_grads = jax.value_and_grad(value_loss, has_aux=True)(state.critic.params)
+      grad_fn, train = train_state.trainable_grad(value_loss, state.critic.params)
+      (vf_loss, value_metrics), critic_grads = grad_fn(train)
       critic = state.critic.apply_gradients(critic_grads, m.critic_tx)
   policy = state.policy.apply_gradients(policy_grads, m.policy_tx, ema_decay=p.ema_decay)
   metrics = {"loss": loss, **policy_metrics}

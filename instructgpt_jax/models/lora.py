@@ -27,6 +27,7 @@ from instructgpt_jax.models.sizes import ModelConfig
 from instructgpt_jax.sharding import LOGICAL_AXES_KEY, constrain
 
 ADAPTER_KEYS = ("lora_a", "lora_b")  # the params-pytree names of A and B, under their projection
+HEADS = ("head", "value_head")  # top-level params of a scalar head, which train fully beside the adapters
 # A layer's dropout key k is split as split(k) = (fold_in(k, 0), fold_in(k, 1)) for the residual dropouts;
 # the adapters' dropout takes the next stream, fold_in(k, 2), so a residual mask is the same with or without LoRA.
 DROPOUT_STREAM = 2
@@ -124,10 +125,36 @@ def combine(adapters, base) -> dict:
   return out
 
 
+def split_trainable(params) -> tuple[dict, dict]:
+  """params -> (what trains, what stays frozen), the same arrays (no copy); `combine` puts them back together.
+
+  Without adapters everything trains: (params, {}), full fine-tuning. With adapters the adapters train, and the
+  scalar heads (`HEADS`: a reward model's or critic's head, PPO's shared-trunk value head: created for the
+  stage, nothing to keep frozen); the base model is frozen. The optimizer's moments and PPO's EMA cover the
+  first part only (train_state)."""
+  adapters, base = split(params)
+  if not adapters:
+    return params, {}
+  heads = {k: v for k, v in base.items() if k in HEADS}
+  return {**adapters, **heads}, {k: v for k, v in base.items() if k not in HEADS}
+
+
 def without_adapters(params) -> dict:
   """The base model's params: the same arrays (no copy), every A and B dropped. Run with the base graphdef
   (the config with rank 0) it is the model with its adapters off."""
   return split(params)[1]
+
+
+def zero_adapters(params) -> dict:
+  """params with every B set to zero (A and the base the same arrays): the adapted graph computing exactly what
+  its base computes, for a program compiled for the adapted model (the sampler) to run the base."""
+
+  def zero(node):
+    if not isinstance(node, dict):
+      return node
+    return {k: jnp.zeros_like(v) if k == "lora_b" else zero(v) for k, v in node.items()}
+
+  return zero(params)
 
 
 def merged(params, cfg: ModelConfig) -> dict:

@@ -232,6 +232,11 @@ class ModelConfig:
     return shapes
 
   @property
+  def uses_dropout(self) -> bool:
+    """Whether a training forward pass draws dropout masks: residual dropout, or the adapters' input dropout."""
+    return self.resid_dropout > 0 or bool(self.lora_modules and self.lora.dropout > 0)
+
+  @property
   def lora_modules(self) -> tuple[str, ...]:
     """The projections that carry adapters: those `model.lora.targets` matches whole; () with rank 0."""
     if self.lora.rank == 0:

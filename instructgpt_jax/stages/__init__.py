@@ -114,8 +114,11 @@ def _check_model(model, checks: config_lib.Checks) -> None:
   if not model.get("init_from"):
     checks.capture(sizes.resolve, {k: v for k, v in model.items() if k not in ("init_from", "init_from_step")})
     return
-  runtime = {k: v for k, v in model.items() if k not in (*model_io.SHAPE_FIELDS, *model_io.NOT_MODEL_FIELDS)}
+  skip = (*model_io.SHAPE_FIELDS, *model_io.NOT_MODEL_FIELDS, "lora")
+  runtime = {k: v for k, v in model.items() if k not in skip}
   checks.capture(sizes.resolve, {**runtime, "size": "tiny"})  # a shape to check the runtime fields against
+  # The adapters' own fields; their rank and targets against the model's projections when the stage reads it.
+  checks.capture(sizes.LoraConfig.of, model.get("lora"))
 
 
 def unused_overrides(config, overridden: Iterable[str]) -> dict[str, str]:

@@ -12,13 +12,16 @@ export of the policy as a language model. Resumable like every stage.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructgpt_jax import losses, paths, scoring, train_state
+from instructgpt_jax import losses, models, paths, scoring, train_state
 from instructgpt_jax.data import stage_data
 from instructgpt_jax.library import loop, model_io
+from instructgpt_jax.models import lora
 
 
 def sequence_logps(graphdef, params, batch):
@@ -105,23 +108,33 @@ def train(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- init (from the SFT model) or restore
   run = loop.start_training(setup, workdir, kind="lm", total_steps=total_steps, data=data)
-  ref_graphdef, ref_params = model_io.load_frozen(reference, "lm", mesh, rules, seed=config.seed)
+  if setup.model_cfg.lora.rank and not d.reference:  # the reference is the policy's base, its adapters off
+    ref_graphdef = models.abstract(dataclasses.replace(setup.model_cfg, lora=models.LoraConfig()))[0]
+    ref_shardings = lora.without_adapters(run.shardings.params)
+
+    def reference_params(state):
+      return lora.without_adapters(state.params)  # the same arrays: no second copy
+  else:
+    ref_graphdef, ref_params = model_io.load_frozen(reference, "lm", mesh, rules, seed=config.seed)
+    ref_shardings = jax.tree.map(lambda t: t.sharding, ref_params)
+
+    def reference_params(_state):
+      return ref_params
 
   # ---------------------------------------------------------------- step functions
   loss_options = {"beta": d.beta, "normalizer": d.pair_normalizer, "form": d.form}
   train_step = make_train_step(run.graphdef, run.tx, run.lr_schedule, config.optim.microbatches, **loss_options)
   batch_sh = loop.batch_sharding(mesh, rules)
   jitted_step = train_state.jit_step(train_step, run.shardings, batch_sh, rules)
-  ref_shardings = jax.tree.map(lambda t: t.sharding, ref_params)
   ref_fn = train_state.jit_eval(
     lambda p, b: sequence_logps(ref_graphdef, p, b), mesh, rules, ref_shardings, out_shardings=batch_sh
   )
 
-  def with_reference(batch):
-    return dict(batch, ref_logps=ref_fn(ref_params, batch))
+  def with_reference(batch, state):
+    return dict(batch, ref_logps=ref_fn(reference_params(state), batch))
 
   def step_fn(state, batch):
-    return jitted_step(state, with_reference(batch))
+    return jitted_step(state, with_reference(batch, state))
 
   def eval_step(params, batch):
     """Per prompt: (loss, correct pairs, pairs, Σ margins), as training computes them."""
@@ -135,7 +148,7 @@ def train(config, workdir: str) -> dict[str, float]:
   def evaluate(state) -> dict[str, float]:
     totals = np.zeros(5)  # Σ prompt losses, prompts with pairs, correct pairs, pairs, Σ margins
     for batch in data.eval_batches(config.data.eval_batches or None):
-      batch = with_reference(loop.to_global(batch, mesh, rules))
+      batch = with_reference(loop.to_global(batch, mesh, rules), state)
       prompt_loss, correct, pairs, margin = jax.device_get(eval_fn(state.params, batch))
       totals += (prompt_loss[pairs > 0].sum(), (pairs > 0).sum(), correct.sum(), pairs.sum(), margin.sum())
     if not totals[1]:

@@ -25,6 +25,7 @@ the policy's loss (β·k3, as GRPO). The ptx term works with every estimator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import NamedTuple
@@ -37,7 +38,7 @@ import numpy as np
 from instructgpt_jax import checkpoint, generation, losses, optim, paths, rl, train_state
 from instructgpt_jax.data import schemes, stage_data, text
 from instructgpt_jax.library import judging, lm_steps, loop, model_io, ppo_steps
-from instructgpt_jax.models import sizes
+from instructgpt_jax.models import lora, sizes
 
 
 def critic_init_params(value_source, target, cfg, seed: int):
@@ -233,6 +234,17 @@ def build_data(config, setup: loop.Setup):
   return prompts, text.build_text_data(ptx_cfg, setup.tokenizer, seed=config.seed, **setup.process)
 
 
+def lora_reference(config, setup: loop.Setup) -> bool:
+  """Whether the KL reference is the policy's own base with its adapters off (a LoRA policy, no ppo.reference:
+  the reference is the model the policy starts from), held once, not loaded a second time."""
+  return bool(setup.model_cfg.lora.rank) and not config.ppo.reference
+
+
+def critic_config(setup: loop.Setup, inputs: Inputs):
+  """A separate critic's config: its source's, with the policy's adapters (model.lora; the frozen RM has none)."""
+  return None if inputs.value is None else dataclasses.replace(inputs.value.config, lora=setup.model_cfg.lora)
+
+
 def build_models(config, setup: loop.Setup, inputs: Inputs, iterations: int) -> ppo_steps.Models:
   """The four models' description: the policy's optimizer over every minibatch step (the 10-iteration
   warmup of docs/paper.md §5.2 in optimizer steps), the critic's (from ppo.value_init, else the RM)."""
@@ -243,9 +255,9 @@ def build_models(config, setup: loop.Setup, inputs: Inputs, iterations: int) -> 
   return ppo_steps.Models.build(
     p,
     policy_cfg=setup.model_cfg,
-    reference_cfg=inputs.reference.config,
+    reference_cfg=None if lora_reference(config, setup) else inputs.reference.config,
     reward_cfg=inputs.reward.config,
-    critic_cfg=inputs.value.config if inputs.value is not None else None,
+    critic_cfg=critic_config(setup, inputs),
     reward_bias=float(inputs.reward.metadata.get("reward_bias", 0.0)),
     eos_id=setup.tokenizer.eos_id,
     pad_id=setup.tokenizer.pad_id,
@@ -268,7 +280,7 @@ def start_state(config, setup: loop.Setup, inputs: Inputs, m: ppo_steps.Models, 
     head = ppo_steps.init_value_head(setup.model_cfg, m.targets["policy"]["value_head"], params_key)
     params = {"lm": params, "value_head": head}
   elif m.has_critic:
-    critic_params = critic_init_params(inputs.value, m.targets["critic"], inputs.value.config, config.seed)
+    critic_params = critic_init_params(inputs.value, m.targets["critic"], critic_config(setup, inputs), config.seed)
   critic_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))[1]
   return ppo_steps.initial_state(m, shardings, params, critic_params, policy_key, critic_key)
 
@@ -333,7 +345,9 @@ def train(config, workdir: str) -> dict[str, float]:
   loop.record_run(setup, workdir, iterations, "lm", params_keys=params_keys, ema_keys=ema_keys)
   judge = judging.Judge.from_source(inputs.reward, setup.mesh, setup.rules, seed=config.seed)
   m = build_models(config, setup, inputs, iterations)
-  _, ref_params = model_io.load_frozen(inputs.reference, "lm", setup.mesh, setup.rules, seed=config.seed)
+  ref_params = None  # ppo_steps.reference_params: the policy's base
+  if not lora_reference(config, setup):
+    _, ref_params = model_io.load_frozen(inputs.reference, "lm", setup.mesh, setup.rules, seed=config.seed)
 
   # ---------------------------------------------------------------- init or resume
   abstract, shardings = ppo_steps.abstract_state(m)
@@ -358,7 +372,12 @@ def train(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- export (EMA weights, docs/paper.md §5.2)
   export_dir = paths.join(workdir, "export")
   model_io.export(
-    export_dir, m.lm(state.policy.ema), "lm", setup.model_cfg, ema_decay=p.ema_decay, tokenizer=config.data.tokenizer
+    export_dir,
+    m.lm(train_state.ema_params(state.policy)),
+    "lm",
+    setup.model_cfg,
+    ema_decay=p.ema_decay,
+    tokenizer=config.data.tokenizer,
   )
   loop.print_summary("PPO-ptx" if p.ptx_coef else "PPO", final, export=export_dir)
   return final
@@ -390,6 +409,7 @@ class _Evaluation:
     self.config, self.tokenizer, self.mesh, self.rules = config, setup.tokenizer, setup.mesh, setup.rules
     self.sampler, self.judge, self.ref_params, self.ptx, self.workdir = sampler, judge, ref_params, ptx, workdir
     self.others = {"sft": ref_params} | ({"baseline": baseline_params} if baseline_params is not None else {})
+    self.lora_reference = ref_params is None  # the policy's base: its adapters with B = 0 (lora.zero_adapters)
     self.texts, self.prompts, self.gold_of = [], [], None
     if config.data.eval:
       spec = config.data.eval
@@ -434,7 +454,10 @@ class _Evaluation:
 
   def __call__(self, state: ppo_steps.PPOState) -> dict[str, float]:
     row = {}
-    params = self.lm_params(state.policy.ema)  # evaluation and export use the EMA weights (docs/paper.md §5.2)
+    if self.lora_reference:  # this state's base arrays (the last state's were donated to the train step)
+      self.ref_params = self.others["sft"] = lora.zero_adapters(self.lm_params(state.policy.params))
+    # evaluation and export use the EMA weights (docs/paper.md §5.2)
+    params = self.lm_params(train_state.ema_params(state.policy))
     if self.ptx_eval is not None:
       if "ptx_loss" not in self.sft:
         self.sft["ptx_loss"] = self._ptx_loss(self.ref_params)
