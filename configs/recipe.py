@@ -12,6 +12,7 @@ PPO runs with γ = 0 (plain PPO). `size`: "full" (a GPU/TPU host; docs/recipes.m
 of a 135M model in minutes; tests/recipe_test.py). `eval_tasks`: lm-eval tasks joined by `+` (e.g.
 eval_tasks=hellaswag+truthfulqa_mc2; the [eval] extra): after the stages, the starting, SFT and PPO models
 are evaluated on them and <workdir>/alignment_tax.md tabulates the alignment tax (docs/evaluation.md).
+`lora`: a LoRA rank for every stage (e.g. lora=16; 0, the default: full fine-tuning; `with_lora`).
 
 Settings for a model that was pretrained (not the GPT-3-from-scratch defaults of configs/sft.py): no dropout
 anywhere, fine-tuning learning rates, bfloat16 compute, prompts truncated from the left to fit `seq_len`,
@@ -26,7 +27,7 @@ from instructgpt_jax import config_lib, errors
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  a = config_lib.parse_arg(arg, model="", data="", ptx="", size="full", eval_tasks="")
+  a = config_lib.parse_arg(arg, model="", data="", ptx="", size="full", eval_tasks="", lora=0)
   if a.size not in ("full", "smoke"):
     raise errors.ConfigError(f"config arg size: {a.size!r} is not 'full' or 'smoke'")
   smoke = a.size == "smoke"
@@ -99,4 +100,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   p.optim.lr = 1e-6
   p.eval_every_steps, p.checkpoint_every_steps = (0, 1000) if smoke else (25, 10)
   c.stages.ppo = p
+  if a.lora:
+    with_lora(c, a.lora)
   return c
+
+
+# With LoRA the adapters start at zero and only they train: larger steps than full fine-tuning. These are
+# starting points (Hu et al. 2021 tuned 2e-4 for GPT-2 and 1e-4 to 2e-4 for GPT-3 adapters), not rates tuned here.
+LORA_LR = {"sft": 2e-4, "rm": 1e-4, "ppo": 1e-5}
+
+
+def with_lora(c: ml_collections.ConfigDict, rank: int) -> None:
+  """`lora=R`: every stage trains rank-R adapters on every attention and MLP projection (alpha 16, so the
+  update is scaled by 16/R), the RM's and critic's heads fully; PPO's KL reference is the SFT model as the
+  policy's own base with the adapters off; the learning rates are LoRA_LR's."""
+  if not isinstance(rank, int) or rank < 0:
+    raise errors.ConfigError(f"config arg lora: {rank!r} is not a rank (an integer > 0; 0: full fine-tuning)")
+  for name, stage in c.stages.items():
+    stage.model.lora.rank = rank
+    stage.optim.lr = LORA_LR[name]

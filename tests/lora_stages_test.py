@@ -202,3 +202,17 @@ def test_lora_ppo_reference_is_the_policys_base_no_second_copy(ppo_models, tmp_p
   ours = scoring.response_logprobs(m.reference, ref, *seq)
   alone = scoring.response_logprobs(graphdef, sft_params, *seq)
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(alone))
+
+
+def test_the_recipe_takes_lora_for_every_stage():
+  from configs import recipe
+  from instructgpt_jax import errors
+
+  full = recipe.get_config("model=hf:/m,data=/d.jsonl")
+  adapted = recipe.get_config("model=hf:/m,data=/d.jsonl,lora=16")
+  for name in ("sft", "rm", "ppo"):
+    assert full.stages[name].model.lora.rank == 0
+    assert adapted.stages[name].model.lora.rank == 16
+    assert adapted.stages[name].optim.lr == recipe.LORA_LR[name] > full.stages[name].optim.lr
+  with pytest.raises(errors.ConfigError, match="config arg lora: -1 is not a rank"):
+    recipe.get_config("model=hf:/m,data=/d.jsonl,lora=-1")
