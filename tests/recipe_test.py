@@ -102,6 +102,20 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   params = model_io.load(source, "lm", target, source.config, 0)
   ema = model_io.load(model_io.read_source(str(workdir / "ppo")), "lm", target, source.config, 0)
   jax.tree.map(np.testing.assert_array_equal, params, ema)  # the export holds the EMA policy
+  assert_greedy_is_the_references(graphdef, params, reference, mesh)
+
+  # The README's export command on the recipe's PPO run writes the same files the recipe's own export wrote.
+  out = tmp_path / "hh-policy"
+  export = shrink(README_EXPORT, {"runs/hh/ppo": str(workdir / "ppo"), "runs/hh-policy": str(out)})
+  done = subprocess.run([sys.executable, *argv(export)[1:]], capture_output=True, text=True, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
+    assert (out / name).read_bytes() == (workdir / "export" / name).read_bytes(), name
+
+
+def assert_greedy_is_the_references(graphdef, params, reference, mesh) -> None:
+  """Our sampler's greedy tokens on SMOLLM2_PROMPTS equal transformers' (`reference`: hf_reference.py's npz)."""
+  eos = int(reference["eos_id"])
   n_prompts = len(SMOLLM2_PROMPTS["chat"]) + len(SMOLLM2_PROMPTS["raw"])
   prompts = [reference[f"prompt_{k}"].tolist() for k in range(n_prompts)]
   tokens, segments = generation.left_pad(prompts, buckets=(64,), pad_id=0)
@@ -111,11 +125,3 @@ def test_recipe_smoke_on_smollm2_and_hh_rlhf(smollm2_folder, shared_data, tmp_pa
   for k in range(n_prompts):
     ours = np.asarray(rollout.tokens[k])[np.asarray(rollout.mask[k]) > 0].tolist()
     assert ours == reference[f"greedy_{k}"].tolist(), k
-
-  # The README's export command on the recipe's PPO run writes the same files the recipe's own export wrote.
-  out = tmp_path / "hh-policy"
-  export = shrink(README_EXPORT, {"runs/hh/ppo": str(workdir / "ppo"), "runs/hh-policy": str(out)})
-  done = subprocess.run([sys.executable, *argv(export)[1:]], capture_output=True, text=True, env=env)
-  assert done.returncode == 0, done.stderr[-3000:]
-  for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
-    assert (out / name).read_bytes() == (workdir / "export" / name).read_bytes(), name
