@@ -128,11 +128,14 @@ def test_lora_rm_trains_its_head_fully_and_its_trunk_through_adapters(ppo_models
   assert exported.kind == "scalar" and exported.config.lora.rank == 0
 
 
-def test_lora_dpo_reference_is_the_base_so_it_starts_at_log_2(ppo_models, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_dpo_reference_is_the_base_so_it_starts_at_log_2(ppo_models, tmp_path, dtype):
   """dpo.reference empty with LoRA: the reference is the policy's own base with its adapters off. At step 0
-  (B = 0) every implicit reward β·log(π/π_ref) is exactly 0: accuracy 0, margin 0, each pair log 2."""
+  (B = 0) every implicit reward β·log(π/π_ref) is exactly 0, in bfloat16 too (the adapter's term adds an exact
+  zero): accuracy 0, margin 0, each pair log 2."""
   flags = {
     "model.init_from": str(ppo_models / "sft"),
+    "model.dtype": dtype,
     "model.lora.rank": RANK,
     "data.train": "lab:comparisons:train:64",
     "data.eval": "lab:comparisons:eval:16",
