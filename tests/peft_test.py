@@ -6,6 +6,11 @@ as a subprocess with INSTRUCTGPT_JAX_REF_PYTHON's python, as hf_test.py runs its
 model's logits; so must our merged weights (lora.merged) loaded by plain transformers; and a folder that PEFT itself
 trained and saved must load into our model and give PEFT's logits. Without the reference venv those comparisons
 skip with the reason; the round trips and the one-line errors always run.
+
+Then a real LoRA run (2 SFT steps from a tiny HF folder): `export --adapters` (export.py's documented command) gives
+a PEFT folder on that base whose logits and greedy tokens in PEFT are the run's merged model's (read_source), and
+so are the merged export's in transformers; `model.init_from=<PEFT folder>` reads it back as that merged model;
+what --adapters and a PEFT folder refuse is one line.
 """
 
 import dataclasses
@@ -13,6 +18,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 
 import jax
@@ -23,9 +29,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from instructgpt_jax import errors, models
+from configs import sft
+from instructgpt_jax import errors, export, generation, main, models, sharding
+from instructgpt_jax.data import tokenizer as tokenizer_lib
+from instructgpt_jax.library import model_io
 from instructgpt_jax.models import hf, hf_peft, lora
 from instructgpt_jax.models.sizes import LoraConfig
+
+import doc_examples
+from runs import configured
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REF_PYTHON_VARIABLE = "INSTRUCTGPT_JAX_REF_PYTHON"
@@ -372,3 +384,205 @@ def test_a_folder_without_its_files_or_with_unsupported_fields_is_refused_in_one
   assert "no adapter_model.safetensors" in load_error(tmp_path, cfg)
   with pytest.raises(errors.UserError, match="model.lora.rank 0"):
     hf_peft.export_adapters(str(tmp_path), lora.without_adapters(params), configs("llama_qv")[0], base_model="b")
+
+
+# ------------------------------------------------------------------------------------------ LoRA runs and PEFT
+
+# A real LoRA run: 2 SFT steps (rank 4) from a tiny HF base, on the query, value and MLP-down projections, so that
+# GPT-2's c_attn carries two of its three parts (the block form with a zero block that init_from must place).
+RUN_FLAGS = {
+  "model.lora.rank": 4,
+  "model.lora.alpha": 8.0,
+  "model.lora.targets": "attn/query|attn/value|mlp/down",
+  "optim.lr": 1e-2,
+  "optim.warmup_steps": 0,
+  "data.train": "lab:demonstrations:train:32",
+  "data.eval": "",
+  "data.batch_size": 8,
+  "model.resid_dropout": 0.0,
+  "total_steps": 2,
+  "eval_every_steps": 0,
+  "log_every_steps": 1,
+}
+NEW_TOKENS = 10
+
+RUN_REFERENCE = r"""
+import sys
+import numpy as np, torch, transformers, peft
+
+base, adapters, merged, tokens, new_tokens, out = sys.argv[1:]
+tokens = torch.from_numpy(np.load(tokens))
+
+def load(folder):
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+model = peft.PeftModel.from_pretrained(load(base), adapters).eval()
+arrays = {}
+with torch.no_grad():
+  arrays["peft"] = model(input_ids=tokens).logits.float().numpy()
+  arrays["merged"] = load(merged)(input_ids=tokens).logits.float().numpy()
+  for k, row in enumerate(tokens[:, :8]):
+    row = row[None]
+    done = model.generate(input_ids=row, attention_mask=torch.ones_like(row), do_sample=False,
+                          max_new_tokens=int(new_tokens))
+    arrays[f"greedy_{k}"] = done[0, row.shape[1]:].numpy()
+np.savez(out, **arrays)
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> pathlib.Path:
+  """root/base: a tiny GPT-2 HF folder (random weights, our byte tokenizer); root/run: a LoRA SFT run from it."""
+  root = tmp_path_factory.mktemp("lora_run")
+  cfg = models.resolve({"size": "tiny"})
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  tokenizer.save(str(root / "bytes.json"))
+  token_ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+  params = randomized(nnx.to_pure_dict(models.abstract(cfg)[1]), 11)
+  hf.export(str(root / "base"), params, cfg, tokenizer=str(root / "bytes.json"), token_ids=token_ids)
+  main.run(configured(sft, "tiny", **{"model.init_from": f"hf:{root / 'base'}", **RUN_FLAGS}), str(root / "run"))
+  return root
+
+
+def merged_model(init_from: str):
+  """(float32 graphdef, params) of what `model.init_from=init_from` reads (model_io.read_source)."""
+  source = model_io.read_source(init_from)
+  mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+  _, params = model_io.load_frozen(source, "lm", mesh, sharding.rules_dict(sharding.DEFAULT_RULES))
+  return models.abstract(dataclasses.replace(source.config, dtype="float32"))[0], params
+
+
+def greedy(graphdef, params, prompts: np.ndarray) -> list[list[int]]:
+  """Our sampler's greedy continuations of equal-length prompts, NEW_TOKENS at most, up to and with EOS."""
+  tokenizer = tokenizer_lib.byte_tokenizer()
+  settings = generation.SamplingSettings(tokenizer.eos_id, tokenizer.pad_id, greedy=True)
+  sampler = generation.Sampler(graphdef, settings, response_buckets=(NEW_TOKENS,))
+  tokens, segments = generation.left_pad(prompts.tolist(), buckets=(prompts.shape[1],), pad_id=tokenizer.pad_id)
+  rollout = sampler(params, tokens, segments, jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS)
+  return [np.asarray(t)[np.asarray(m) > 0].tolist() for t, m in zip(rollout.tokens, rollout.mask)]
+
+
+def export_command(*args: str) -> None:
+  export.main(list(args))
+
+
+@pytest.fixture(scope="module")
+def run_exports(lora_run) -> pathlib.Path:
+  """The run exported both ways: `peft` by export.py's documented --adapters command, `merged` without it."""
+  command = next(c for c in doc_examples._commands(export.__doc__) if "--adapters" in c)
+  paths = {"runs/sft-lora-peft": str(lora_run / "peft"), "runs/sft-lora": str(lora_run / "run")}
+  export_command(*doc_examples.argv(doc_examples.shrink(command, paths))[3:])
+  export_command(f"--workdir={lora_run / 'run'}", f"--out={lora_run / 'merged'}")
+  return lora_run
+
+
+def test_export_adapters_of_a_lora_run_gives_peft_our_merged_logits_and_greedy_tokens(run_exports):
+  """`export --adapters`: a PEFT folder on the run's own HF base that PEFT loads (the reference venv) and that gives
+  the logits of the run's merged model (read_source(workdir)); the plain export, merged, gives them in transformers
+  too; greedy decoding (PEFT's generate, our sampler) gives the same tokens."""
+  root = run_exports
+  config = json.loads((root / "peft" / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == str(root / "base")  # hf:PATH: that folder itself, no copy
+  assert config["rank_pattern"] == {"c_attn": 8} and sorted(config["target_modules"]) == ["c_attn", "mlp.c_proj"]
+  assert not (root / "peft" / "base").exists()
+  tokens = token_batch(5)
+  np.save(root / "tokens.npy", tokens)
+  spec = [str(root / name) for name in ("base", "peft", "merged", "tokens.npy")]
+  done = subprocess.run(
+    [reference_python(), "-c", RUN_REFERENCE, *spec, str(NEW_TOKENS), str(root / "run_reference.npz")],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-4000:]
+  got = np.load(root / "run_reference.npz")
+  graphdef, params = merged_model(str(root / "run"))
+  ours = our_logits(graphdef, params, tokens)
+  base_graphdef, base_params = merged_model(f"hf:{root / 'base'}")
+  assert np.abs(ours - our_logits(base_graphdef, base_params, tokens)).max() > 1e-2  # 2 steps moved the model
+  np.testing.assert_allclose(got["peft"], ours, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(got["merged"], ours, atol=TOLERANCE, rtol=0)
+  assert greedy(graphdef, params, tokens[:, :8]) == [got[f"greedy_{k}"].tolist() for k in range(len(tokens))]
+
+
+def test_init_from_a_peft_folder_reads_it_merged_on_its_base(run_exports, tmp_path):
+  """model.init_from=<PEFT folder>: the base (hf:<base_model_name_or_path>, its tokenizer) with the folder's
+  adapters merged: the LoRA run's merged model again. c_attn's adapter of rank 2r holds two of query, key and
+  value; which two is found (the zero block of the key)."""
+  root = run_exports
+  source = model_io.read_source(str(root / "peft"))
+  assert (source.kind, source.config.lora.rank) == ("lm", 0)
+  assert model_io.tokenizer_of(source) == str(root / "base")
+  tokens = token_batch(6)
+  peft_logits = our_logits(*merged_model(str(root / "peft")), tokens)
+  np.testing.assert_allclose(peft_logits, our_logits(*merged_model(str(root / "run")), tokens), atol=TOLERANCE, rtol=0)
+
+
+def test_export_adapters_of_a_run_from_our_own_model_exports_its_base_beside_them(run_exports, tmp_path):
+  """A run whose base is not an HF folder (here an exported model: the run's record says so, as a run from one
+  writes it): `--adapters` exports the base into DIR/base and names it; the folder reads back as the run does."""
+  root = run_exports
+  source = model_io.read_source(f"hf:{root / 'base'}")
+  mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+  _, params = model_io.load_frozen(source, "lm", mesh, sharding.rules_dict(sharding.DEFAULT_RULES))
+  model_io.export(str(tmp_path / "base_export"), params, "lm", source.config, tokenizer="bytes")
+  run = tmp_path / "run"
+  shutil.copytree(root / "run", run)
+  info = json.loads((run / "model.json").read_text())
+  (run / "model.json").write_text(
+    json.dumps({**info, "base": {"init_from": str(tmp_path / "base_export"), "ema": False}})
+  )
+  export_command(f"--workdir={run}", f"--out={tmp_path / 'peft'}", "--adapters")
+  config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == str(tmp_path / "peft" / "base")
+  assert (tmp_path / "peft" / "base" / "tokenizer.json").exists()
+  tokens = token_batch(7)
+  back = our_logits(*merged_model(str(tmp_path / "peft")), tokens)
+  np.testing.assert_allclose(back, our_logits(*merged_model(str(root / "run")), tokens), atol=TOLERANCE, rtol=0)
+
+
+def test_init_from_a_folder_peft_made_gives_peft_s_logits(reference):
+  """A folder PEFT itself saved (GPT-2: one rank-r c_attn adapter for query, key and value) read by init_from."""
+  ours = our_logits(*merged_model(str(reference / "gpt2_native")), np.load(reference / "gpt2_all" / "tokens.npy"))
+  np.testing.assert_allclose(np.load(reference / "gpt2_native.npz")["peft"], ours, atol=TOLERANCE, rtol=0)
+
+
+def export_error(capsys, *args: str) -> str:
+  """The one line `export` prints before it exits with status 2."""
+  with pytest.raises(SystemExit) as caught:
+    export_command(*args)
+  assert caught.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  return err
+
+
+def test_adapters_of_a_run_without_them_and_a_peft_folder_without_its_base_are_one_line_errors(
+  run_exports, tmp_path, capsys
+):
+  root = run_exports
+  full = tmp_path / "full"  # a full fine-tuning run of 1 step from the same base
+  flags = {**RUN_FLAGS, "model.lora.rank": 0, "total_steps": 1, "model.init_from": f"hf:{root / 'base'}"}
+  main.run(configured(sft, "tiny", **flags), str(full))
+  err = export_error(capsys, f"--workdir={full}", f"--out={tmp_path / 'out'}", "--adapters")
+  assert "is not a LoRA run" in err and str(full) in err
+  err = export_error(capsys, f"--workdir={root / 'merged'}", f"--out={tmp_path / 'out'}", "--adapters")
+  assert "holds no model" in err  # an HF folder is not a run (and `export` reads runs and our exports)
+
+  scalar = tmp_path / "rm_like"  # the run's record with kind "scalar", as an RM run's model.json has it
+  shutil.copytree(root / "run", scalar)
+  info = json.loads((scalar / "model.json").read_text())
+  (scalar / "model.json").write_text(json.dumps({**info, "kind": "scalar"}))
+  err = export_error(capsys, f"--workdir={scalar}", f"--out={tmp_path / 'out'}", "--adapters")
+  assert "PEFT has no form for its scalar head" in err
+  assert not (tmp_path / "out").exists()
+
+  orphan = tmp_path / "orphan"
+  shutil.copytree(root / "peft", orphan)
+  config = json.loads((orphan / "adapter_config.json").read_text())
+  for base in (str(tmp_path / "moved"), "openai-community/gpt2"):  # a missing folder; a Hub name
+    (orphan / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    with pytest.raises(errors.ConfigError) as caught:
+      model_io.read_source(str(orphan))
+    message = str(caught.value)
+    assert "\n" not in message and str(orphan) in message and "base_model_name_or_path" in message and base in message

@@ -6,7 +6,9 @@
                 run selected (`selected.json`: SFT keeps its best evaluated checkpoint), else the newest;
                 `model.init_from_step` = "latest" or a step number chooses another;
   <directory>   an exported model (`metadata.json` + `params/`, see `export`);
-  hf:<path>     a HuggingFace model folder (models/hf.py).
+  hf:<path>     a HuggingFace model folder (models/hf.py);
+  <folder>      a PEFT LoRA folder (adapter_config.json, models/hf_peft.py): its base, the HF folder its
+                `base_model_name_or_path` names, with its adapters merged in (as a LoRA run reads, `_merged`).
 Any of them may be local or gs://.
 The architecture comes from the source; the current config may change only how the model runs (dtype,
 dropout, remat, scan), never its shape. A language model can start a scalar model (the RM starts from the
@@ -16,6 +18,7 @@ SFT model: the trunk is loaded, the unembedding dropped, the scalar head initial
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -29,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from instructgpt_jax import checkpoint, errors, models, paths, sharding, train_state
 from instructgpt_jax.data import tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
-from instructgpt_jax.models import hf, lora
+from instructgpt_jax.models import hf, hf_peft, lora
 
 SHAPE_FIELDS = (
   "family",
@@ -54,6 +57,7 @@ SHAPE_FIELDS = (
 )
 NOT_MODEL_FIELDS = ("size", "init_from", "init_from_step")
 HF_FORMAT = "huggingface"  # Source.metadata["format"] of an hf: source
+PEFT_FORMAT = "peft"  # ... of a PEFT adapter folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,8 @@ def read_source(
     return Source(kind, config, path, False, {"format": HF_FORMAT, **info})
   path = init_from
   paths.check_exists(path, field, "run workdir or exported model")
+  if paths.path(path, hf_peft.CONFIG_FILE).exists():
+    return _peft_source(path, field)
   exported, info = True, paths.read_json(paths.join(path, "metadata.json"))
   if info is None:
     exported, info = False, paths.read_json(paths.join(path, "model.json"))
@@ -119,11 +125,29 @@ def read_source(
   return Source(info["kind"], config, path, exported, info, workdir_step, use_ema)
 
 
+def _peft_source(path: str, field: str) -> Source:
+  """A PEFT LoRA folder as a source: the model of its base, hf:<base_model_name_or_path>, which must be a
+  HuggingFace folder here (local or gs://, not a Hub name); `_merged` adds the adapters."""
+  config = paths.read_json(paths.join(path, hf_peft.CONFIG_FILE))
+  base = str(config.get("base_model_name_or_path") or "")
+  where = f"{field}: {path}: {hf_peft.CONFIG_FILE} base_model_name_or_path"
+  if not base or not paths.path(base, "config.json").exists():
+    raise ConfigError(f"{where} {base!r} is no HuggingFace model folder (local or gs://, with config.json); set it")
+  base_source = read_source(f"hf:{base}", where)
+  if base_source.kind != "lm":
+    raise ConfigError(f"{where} {base} is a {base_source.kind} model; PEFT's causal-LM adapters need a language model")
+  info = {"format": PEFT_FORMAT, "peft": config, "base": {"init_from": f"hf:{base}", "ema": False}}
+  return Source("lm", base_source.config, path, True, info)
+
+
 def tokenizer_of(source: Source | None, field: str = "data.tokenizer") -> str:
   """The tokenizer a model came with, as a `data.tokenizer` spec: an HF folder's own (its tokenizer.json and
-  tokenizer_config.json), the one a run or an export recorded, or "bytes" for a random initialization."""
+  tokenizer_config.json; a PEFT folder's base's), the one a run or an export recorded, or "bytes" for a random
+  initialization."""
   if source is None:
     return "bytes"
+  if source.metadata.get("format") == PEFT_FORMAT:
+    source = read_source(source.metadata["base"]["init_from"], field)
   if source.metadata.get("format") == HF_FORMAT:
     if not paths.path(source.path, "tokenizer.json").exists():
       raise ConfigError(f"{field}: {source.path} (the HF model) holds no tokenizer.json; set {field} to its tokenizer")
@@ -235,21 +259,16 @@ def _restore(source: Source, target) -> Any:
 
 def _merged(source: Source, target) -> Any:
   """A LoRA run's model in `target` (no adapters): its base read as the run read it (model.json's `base`), its
-  checkpoint's adapters (and heads) on top, each adapter merged into its kernel (lora.merged)."""
-  run_cfg = models.ModelConfig(**source.metadata["model"])
-  base = source.metadata["base"]
+  checkpoint's adapters (and heads) on top, each adapter merged into its kernel (lora.merged). A PEFT folder's
+  likewise: its base folder and its adapters."""
   mesh = jax.tree.leaves(target)[0].sharding.mesh
-  _, abstract = models.abstract(run_cfg, kind=source.kind)
-  saved = lora.split_trainable(nnx.to_pure_dict(abstract))[0]
-  whole = NamedSharding(mesh, PartitionSpec())  # the adapters are small: read whole onto every device
-  saved = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=whole), saved)
-  keys = tuple(source.metadata["ema_keys"] if source.ema else source.metadata.get("params_keys", ("params",)))
-  saved = checkpoint.Checkpointer(source.path).restore_params(source.step, target=saved, keys=keys)
-  base_source = None
-  if "init_from" in base:
-    base_source = read_source(
-      base["init_from"], f"{source.path}/model.json base", base.get("step", ""), ema=base["ema"]
-    )
+  if source.metadata.get("format") == PEFT_FORMAT:
+    run_cfg, saved = _peft_adapters(source, mesh)
+  else:
+    run_cfg = models.ModelConfig(**source.metadata["model"])
+    saved = _run_adapters(source, run_cfg, mesh)
+  base = source.metadata["base"]
+  base_source = _base_source(source)
   base_cfg = dataclasses.replace(run_cfg, lora=models.LoraConfig())
   if base_source is None:  # the run's random start (train_state.create_sharded's params key)
     key = train_state.init_keys(base.get("seed", 0))[0]
@@ -259,6 +278,62 @@ def _merged(source: Source, target) -> Any:
   shardings = jax.tree.map(lambda t: t.sharding, target)
   merge = jax.jit(lambda s, b: lora.merged(lora.combine(s, b), run_cfg), out_shardings=shardings)
   return merge(saved, base_params)
+
+
+def _whole(abstract, mesh) -> Any:
+  """Abstract params read whole onto every device of `mesh` (the adapters are small)."""
+  whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=whole), abstract)
+
+
+def _run_adapters(source: Source, run_cfg: models.ModelConfig, mesh) -> Any:
+  """What a LoRA run's checkpoint holds (lora.split_trainable: its adapters, and heads), on every device of `mesh`:
+  the EMA's (PPO) when `source.ema`."""
+  _, abstract = models.abstract(run_cfg, kind=source.kind)
+  saved = _whole(lora.split_trainable(nnx.to_pure_dict(abstract))[0], mesh)
+  keys = tuple(source.metadata["ema_keys"] if source.ema else source.metadata.get("params_keys", ("params",)))
+  return checkpoint.Checkpointer(source.path).restore_params(source.step, target=saved, keys=keys)
+
+
+def _base_source(source: Source) -> Source | None:
+  """The base of a LoRA run or PEFT folder as the run read it (its `base` record), None for a random start."""
+  base = source.metadata["base"]
+  if "init_from" not in base:
+    return None
+  return read_source(base["init_from"], f"{source.path}/model.json base", base.get("step", ""), ema=base["ema"])
+
+
+def _peft_adapters(source: Source, mesh) -> tuple[models.ModelConfig, Any]:
+  """(the base's config with the folder's adapters, the adapters read by hf_peft.load_adapters, on every device)."""
+  config = source.metadata["peft"]
+  rank, alpha = config.get("r", hf_peft.PEFT_DEFAULT_R), config.get("lora_alpha", hf_peft.PEFT_DEFAULT_ALPHA)
+  first_error = None
+  for targets in _peft_targets(source.path, source.config, rank):
+    try:
+      cfg = dataclasses.replace(source.config, lora=models.LoraConfig(rank=rank, alpha=float(alpha), targets=targets))
+      target = _whole(lora.split(nnx.to_pure_dict(models.abstract(cfg)[1]))[0], mesh)
+      return cfg, hf_peft.load_adapters(source.path, cfg, target)
+    except ConfigError as e:
+      first_error = first_error or e
+  raise first_error
+
+
+def _peft_targets(folder: str, cfg: models.ModelConfig, rank: int) -> list[str]:
+  """The `model.lora.targets` that may hold a PEFT folder's adapters: our projections of each adapted HF module.
+  A module that holds several of ours (GPT-2's c_attn: query, key, value) with an adapter of rank r·k holds k of
+  them (our export's block form; rank r: PEFT's own, one A for all). Which k is tried in turn: load_adapters refuses
+  a choice that would drop a nonzero entry of lora_B, so every choice it takes is the folder's update exactly."""
+  has_weights = paths.path(folder, hf_peft.WEIGHTS_FILE).exists()
+  files = hf.TensorFiles(folder) if has_weights else {}
+  options = []
+  for site in hf_peft.sites(cfg):
+    name = site.tensor(cfg, 0, "A")
+    if name in files:
+      n = files[name].shape[0]
+      k = len(site.parts) if n == rank else min(max(n // rank, 1), len(site.parts))
+      options.append(list(itertools.combinations(site.parts, k)))
+  choices = ["|".join(p for parts in choice for p in parts) for choice in itertools.product(*options)]
+  return choices if options else [models.LoraConfig.targets]  # nothing of ours: load_adapters says what is there
 
 
 def write_model_json(
@@ -315,10 +390,15 @@ def create_state(model_cfg: models.ModelConfig, source: Source | None, tx, mesh,
   return state
 
 
-def export_hf(workdir: str, out: str, *, dtype: str | None = None, raw_policy: bool = False, step: str = "") -> str:
-  """Writes the HF folder of run (or exported model) `workdir` into `out`; returns a one-line summary."""
+def export_hf(
+  workdir: str, out: str, *, dtype: str | None = None, raw_policy: bool = False, step: str = "", adapters: bool = False
+) -> str:
+  """Writes the HF folder of run (or exported model) `workdir` into `out`; returns a one-line summary. `adapters`: a
+  LoRA run's adapters as a PEFT folder instead (`_export_peft`)."""
   paths.check_output_dir(out, "--out")
   source = read_source(workdir, "--workdir", step=step, ema=not raw_policy)
+  if adapters:
+    return _export_peft(source, workdir, out, dtype)
   if source.kind == "scalar" and not source.exported:
     exported = paths.join(workdir, "export")
     if not paths.path(exported, "metadata.json").exists():
@@ -338,3 +418,34 @@ def export_hf(workdir: str, out: str, *, dtype: str | None = None, raw_policy: b
   what = "EMA policy" if source.ema else f"{source.kind} model"
   step_text = f" step {source.step}" if source.step is not None else ""
   return f"exported the {what} of {workdir}{step_text} to {out} (tokenizer {spec})"
+
+
+def _export_peft(source: Source, workdir: str, out: str, dtype: str | None) -> str:
+  """A LoRA language model run's adapters (its EMA's for PPO, as export_hf) as a PEFT folder in `out` for its base:
+  the base's own HF folder when the run started from hf:PATH, else the base exported beside them into `out`/base."""
+  if source.kind == "scalar":
+    raise errors.UserError(
+      f"--adapters: {workdir} is a reward model: PEFT has no form for its scalar head; export it without --adapters"
+    )
+  if source.exported or "base" not in source.metadata:
+    raise errors.UserError(f"--adapters: {workdir} is not a LoRA run (model.lora.rank 0): it has no adapters to export")
+  base = source.metadata["base"]
+  if "init_from" not in base:
+    raise errors.UserError(
+      f"--adapters: {workdir} started from a random initialization (seed {base.get('seed', 0)}), which no HF folder "
+      "holds; export it without --adapters"
+    )
+  run_cfg = models.ModelConfig(**source.metadata["model"])
+  saved = _run_adapters(source, run_cfg, sharding.make_mesh({"fsdp": -1}))
+  if dtype:
+    saved = jax.tree.map(lambda x: x.astype(dtype), saved)
+  if base["init_from"].startswith("hf:"):
+    base_model, wrote = os.fspath(paths.absolute(base["init_from"][len("hf:") :])), ""
+  else:
+    paths.make_dir(out)
+    base_model = os.fspath(paths.absolute(paths.join(out, "base")))
+    step, raw = str(base.get("step", "")), not base["ema"]
+    wrote = "; " + export_hf(base["init_from"], base_model, dtype=dtype, raw_policy=raw, step=step)
+  hf_peft.export_adapters(out, saved, run_cfg, base_model=base_model)
+  what = "EMA policy's" if source.ema else "model's"
+  return f"exported the {what} adapters of {workdir} step {source.step} to {out}, a PEFT folder on {base_model}{wrote}"
