@@ -158,16 +158,34 @@ def test_lora_ppo_reference_is_the_policys_base_no_second_copy(ppo_models, tmp_p
     "model.lora.rank": RANK,
     "ppo.reward_model": str(ppo_models / "rm" / "export"),
     "ppo.episodes": 2 * 32,
-    "checkpoint_every_steps": 2,
+    "checkpoint_every_steps": 1,
     "eval_every_steps": 0,
     "data.eval": "",
   }
-  main.run(configured(ppo, "tiny", **flags), str(tmp_path))
-  rows = read_metrics(tmp_path)
+  run = tmp_path / "run"
+  main.run(configured(ppo, "tiny", **flags), str(run))
+  rows = read_metrics(run)
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0, rows
-  saved = checkpoint._saved_tree(checkpoint.Checkpointer(str(tmp_path)).directory / "2" / "state")
+  saved = checkpoint._saved_tree(checkpoint.Checkpointer(str(run)).directory / "2" / "state")
   assert _names(saved["policy"]["params"]) == {"lora_a", "lora_b"} == _names(saved["policy"]["ema"])
+  assert _names(saved["critic"]["params"]) == {"lora_a", "lora_b", "kernel", "bias"}  # adapters and the head
+  # Resumed from iteration 1 (the base read again; adapters, Adam, EMA and the critic restored) == uninterrupted.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(run, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "2")
+  main.run(configured(ppo, "tiny", **flags), str(resumed))
+  again = read_metrics(resumed)
+  assert [r["step"] for r in again] == [1, 2]
+  for x, y in zip(rows, again):  # every metric but the timings
+    assert {k: v for k, v in x.items() if "time" not in k and "per_sec" not in k} == {
+      k: v for k, v in y.items() if "time" not in k and "per_sec" not in k
+    }, x["step"]
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    checkpoint.Checkpointer(str(run)).restore_params(2, keys=("policy", "ema")),
+    checkpoint.Checkpointer(str(resumed)).restore_params(2, keys=("policy", "ema")),
+  )
   # The reference of a LoRA policy: its base, the same arrays, run by the rank-0 graphdef.
   source = model_io.read_source(str(ppo_models / "sft"))
   mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
@@ -175,7 +193,7 @@ def test_lora_ppo_reference_is_the_policys_base_no_second_copy(ppo_models, tmp_p
   graphdef, sft_params = model_io.load_frozen(source, "lm", mesh, rules)
   cfg = dataclasses.replace(source.config, lora=models.LoraConfig(rank=RANK, alpha=16.0))
   policy_target = train_state.param_shardings_for(cfg, mesh, rules)[1]
-  adapters = checkpoint.Checkpointer(str(tmp_path)).restore_params(2, keys=("policy", "params"))
+  adapters = checkpoint.Checkpointer(str(run)).restore_params(2, keys=("policy", "params"))
   policy = model_io.load(source, "lm", policy_target, cfg, 0)  # the base as the run loaded it, fresh adapters
   policy = lora.combine(adapters, lora.without_adapters(policy))
   m = ppo_steps.Models.build(
