@@ -9,8 +9,11 @@ the flag that runs the same plan on the pod), PPO's rollout layout, the bytes pe
 plan fits; with under 10% of the memory left it warns; a plan that does not fit compiles up to --candidates
 single changes (more fsdp, more tensor, more microbatches or smaller PPO batches, full remat) and names the
 first that fits.
-The table of docs/scaling.md (every row of REPORT below):
+The tables of docs/scaling.md (every row of REPORT below: the GPT-3 sizes on named pods, then PPO at Llama-3-8B's
+shape on one host, full fine-tuning against LoRA rank 16, "LoRA on one host"):
     python -m launch.aot --report
+One row alone: its target, config and flags, e.g. `--target=v5p-8 --config=configs/ppo.py:size=6b` and the flags
+LLAMA3_8B, --config.mesh.fsdp=4, PPO_ONE_HOST, BIG and LORA_16 below hold (--candidates=0 for --report's output).
 Targets (instructgpt_jax/accelerators.py): v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N (or v5litepod-N)
 and v6e-N (N chips), any slice size Google offers, compiled by XLA:TPU from libtpu's topology; 8xH100, Nx8xH100,
 8xH200, Nx8xH200: XLA:TPU's compile for as many v5p chips, judged against the GPU's memory (no XLA:GPU compiler
@@ -30,6 +33,38 @@ import time
 # Row: (target, config, overrides). Global batches are chosen so every batch shard gets whole rows; remat
 # and scanned layers are what a run at this size would set.
 BIG = ["--config.model.remat=full", "--config.model.scan_layers=true"]
+# Llama-3-8B's shape (models/sizes.py has no such row; the size=6b under it sets only the critic's learning rate).
+# `--rm_size` names the RM's and critic's size for every row: the 6B (GPT-3 6.7B) shape here too.
+LLAMA3_8B = [
+  "--config.model.family=llama",
+  "--config.model.n_layers=32",
+  "--config.model.d_model=4096",
+  "--config.model.n_heads=32",
+  "--config.model.n_kv_heads=8",
+  "--config.model.d_ff=14336",
+  "--config.model.vocab_size=128256",
+  "--config.model.rope_theta=500000",
+  "--config.model.tied_embeddings=false",
+  "--config.model.max_len=8192",
+]
+# A PPO batch for one host: 64 rollouts of <= 512 prompt and <= 256 new tokens, minibatches of 8, and the config's
+# 8 pretraining sequences of 2048 tokens per episode (64 per minibatch).
+PPO_ONE_HOST = [
+  "--config.ppo.rollout_batch=64",
+  "--config.ppo.minibatch=8",
+  "--config.ppo.max_new_tokens=256",
+  "--config.data.max_prompt_len=512",
+]
+# LoRA rank 16 on every attention and MLP projection (model.lora.targets' default). sharding.DEFAULT_RULES keep the
+# adapters' rank axis whole ("lora_rank": None): on an fsdp-only mesh an 8B model's [layers, d_ff, 16] adapters
+# are then whole on every device, which sharding.assert_large_params_sharded refuses; these rows split the rank
+# over fsdp (the default rules, that one row changed).
+LORA_16 = [
+  "--config.model.lora.rank=16",
+  '--config.sharding_rules=(("batch",("data","fsdp")),("length",None),("embed","fsdp"),("vocab","tensor"),'
+  '("heads","tensor"),("kv_heads","tensor"),("kv",None),("mlp","tensor"),("layers",None),("pos",None),'
+  '("scalar",None),("lora_rank","fsdp"))',
+]
 REPORT = [
   ("v4-512", "configs/sft.py:size=1.3b", ["--config.mesh.fsdp=8", "--config.data.batch_size=256", *BIG]),
   ("v4-512", "configs/sft.py:size=6.7b", ["--config.mesh.fsdp=16", "--config.data.batch_size=256", *BIG]),
@@ -53,6 +88,11 @@ REPORT = [
   ("v4-512", "configs/ppo.py:size=175b", ["--config.mesh.fsdp=64", "--config.mesh.tensor=4", *BIG]),
   ("v5p-1024", "configs/ppo.py:size=175b", ["--config.mesh.fsdp=64", "--config.mesh.tensor=8", *BIG]),
   ("64xH100", "configs/ppo.py:size=175b", ["--config.mesh.fsdp=8", "--config.mesh.tensor=8", *BIG]),
+  # PPO at Llama-3-8B's shape on one host, full fine-tuning against LoRA (docs/scaling.md, "LoRA on one host").
+  ("8xH100", "configs/ppo.py:size=6b", [*LLAMA3_8B, "--config.mesh.fsdp=8", *PPO_ONE_HOST, *BIG]),
+  ("8xH100", "configs/ppo.py:size=6b", [*LLAMA3_8B, "--config.mesh.fsdp=8", *PPO_ONE_HOST, *BIG, *LORA_16]),
+  ("v5p-8", "configs/ppo.py:size=6b", [*LLAMA3_8B, "--config.mesh.fsdp=4", *PPO_ONE_HOST, *BIG]),
+  ("v5p-8", "configs/ppo.py:size=6b", [*LLAMA3_8B, "--config.mesh.fsdp=4", *PPO_ONE_HOST, *BIG, *LORA_16]),
 ]
 
 

@@ -1,4 +1,5 @@
-"""The benchmarks: the PaLM FLOP count by hand, and the CPU side by side against TRL at the smallest sizes.
+"""The benchmarks: the PaLM FLOP count by hand, the CPU side by side against TRL at the smallest sizes, and PPO's
+state with and without LoRA (benchmarks/lora_memory.py) at the tiny size.
 
 The side by side needs the reference venv (torch, transformers, trl==1.12.0 of requirements-ref.txt), named
 by INSTRUCTGPT_JAX_REF_PYTHON or at .cache/venv-ref (.ci/run creates it); without it that test skips.
@@ -71,3 +72,22 @@ def test_same_results_ignores_timings_and_names_each_moved_number():
   moved = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.2500001, "kl": 0.0}]
   assert same_results.compare_rows(before, moved) == ["step 2 kl: None -> 0.0", "step 2 loss: 2.25 -> 2.2500001"]
   assert same_results.compare_rows(before, before[:1]) == ["2 rows before, 1 after"]
+
+
+def test_lora_memory_drops_the_reference_and_shrinks_adam_and_the_ema():
+  """benchmarks/lora_memory.py at the tiny size: the live arrays of PPO's state after setup, full against rank 4."""
+  from benchmarks import lora_memory
+
+  full, adapted = lora_memory.measure("tiny", 0), lora_memory.measure("tiny", 4)
+  f, a = full["kinds"], adapted["kinds"]
+  base = f["policy params (base)"]
+  assert base > 0 and f["reference params"] == base and a["reference params"] == 0  # the policy's base is the reference
+  assert a["policy params (base)"] == base and f["policy adapters"] == 0 < a["policy adapters"]
+  assert f["policy EMA"] == base and a["policy EMA"] == a["policy adapters"]  # the EMA of what trains only
+  for kinds, trained in ((f, base), (a, a["policy adapters"])):  # Adam: two moments per trained param, + counts
+    assert 2 * trained <= kinds["policy optimizer state"] <= 2 * trained + 64
+  assert a["critic optimizer state"] < f["critic optimizer state"] / 10 and a["critic params"] > f["critic params"]
+  assert a["reward model params"] == f["reward model params"] > 0
+  assert f["other"] == a["other"] == 0  # every live array is a part of the state
+  for result in (full, adapted):  # launch.aot's plan counts the same bytes
+    assert lora_memory.totals(result) == (result["aot params"], result["aot opt state"])
