@@ -41,7 +41,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("layers", None),
   ("pos", None),
   ("scalar", None),
-  ("lora_rank", None),  # LoRA's rank r (models/lora.py): small, replicated
+  # LoRA's rank r (models/lora.py): over fsdp where the adapter's other axes leave it free (B [L, r, *out] with
+  # heads / mlp outputs; A [L, D, r] already splits D over fsdp), so an 8B model's adapters are split on an
+  # fsdp-only mesh, as assert_large_params_sharded asks.
+  ("lora_rank", "fsdp"),
 )
 
 # The rollout's layout (ppo.rollout_layout="decode"): the weights split over the model-parallel axes fsdp and

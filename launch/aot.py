@@ -55,16 +55,9 @@ PPO_ONE_HOST = [
   "--config.ppo.max_new_tokens=256",
   "--config.data.max_prompt_len=512",
 ]
-# LoRA rank 16 on every attention and MLP projection (model.lora.targets' default). sharding.DEFAULT_RULES keep the
-# adapters' rank axis whole ("lora_rank": None): on an fsdp-only mesh an 8B model's [layers, d_ff, 16] adapters
-# are then whole on every device, which sharding.assert_large_params_sharded refuses; these rows split the rank
-# over fsdp (the default rules, that one row changed).
-LORA_16 = [
-  "--config.model.lora.rank=16",
-  '--config.sharding_rules=(("batch",("data","fsdp")),("length",None),("embed","fsdp"),("vocab","tensor"),'
-  '("heads","tensor"),("kv_heads","tensor"),("kv",None),("mlp","tensor"),("layers",None),("pos",None),'
-  '("scalar",None),("lora_rank","fsdp"))',
-]
+# LoRA rank 16 on every attention and MLP projection (model.lora.targets' default); the default rules split the
+# adapters' rank over fsdp ("lora_rank": "fsdp"), so an 8B model's adapters are split on an fsdp-only mesh.
+LORA_16 = ["--config.model.lora.rank=16"]
 REPORT = [
   ("v4-512", "configs/sft.py:size=1.3b", ["--config.mesh.fsdp=8", "--config.data.batch_size=256", *BIG]),
   ("v4-512", "configs/sft.py:size=6.7b", ["--config.mesh.fsdp=16", "--config.data.batch_size=256", *BIG]),

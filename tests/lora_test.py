@@ -206,12 +206,13 @@ def test_sharded_on_8_devices_equals_one_device_and_adapters_follow_the_rules():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   shardings = sharding.tree_shardings(params, names, mesh, sharding.DEFAULT_RULES)
   attn, mlp = shardings["layers"]["attn"], shardings["layers"]["mlp"]
-  assert attn["query"]["lora_a"].spec == P(None, "fsdp", None)  # [L, D, r]: embed over fsdp
-  assert attn["query"]["lora_b"].spec == P(None, None, "tensor", None)  # [L, r, N, H]: heads over tensor
-  assert attn["key"]["lora_b"].spec == P(None, None, "tensor", None)  # kv_heads over tensor
-  assert attn["out"]["lora_a"].spec == P(None, "tensor", None, None)  # [L, N, H, r]
-  assert attn["out"]["lora_b"].spec == P(None, None, "fsdp")  # [L, r, D]
-  assert mlp["up"]["lora_b"].spec == P(None, None, "tensor") and mlp["down"]["lora_a"].spec == P(None, "tensor", None)
+  assert attn["query"]["lora_a"].spec == P(None, "fsdp", None)  # [L, D, r]: embed over fsdp (r: fsdp taken)
+  assert attn["query"]["lora_b"].spec == P(None, "fsdp", "tensor", None)  # [L, r, N, H]: r over fsdp, heads tensor
+  assert attn["key"]["lora_b"].spec == P(None, "fsdp", "tensor", None)  # kv_heads over tensor
+  assert attn["out"]["lora_a"].spec == P(None, "tensor", None, "fsdp")  # [L, N, H, r]
+  assert attn["out"]["lora_b"].spec == P(None, "fsdp", None)  # [L, r, D]: r first takes fsdp
+  assert mlp["up"]["lora_b"].spec == P(None, "fsdp", "tensor")
+  assert mlp["down"]["lora_a"].spec == P(None, "tensor", "fsdp")
   placed = jax.device_put(params, shardings)
   assert placed["layers"]["attn"]["query"]["lora_a"].sharding.shard_shape((2, 64, 4)) == (2, 16, 4)
   forward = sharding.jit_on_mesh(lambda p, t, s: models.apply(graphdef, p, t, segment_ids=s)[0], mesh=mesh)
