@@ -297,5 +297,7 @@ def test_lora_recipe_learns_on_smollm2_and_its_merged_export_is_what_transformer
   mesh = sharding.make_mesh({"fsdp": -1})
   graphdef, target = train_state.param_shardings_for(source.config, mesh, sharding.DEFAULT_RULES)
   params = model_io.load(source, "lm", target, source.config, 0)
-  jax.tree.map(np.testing.assert_array_equal, params, model_io.load(run, "lm", target, source.config, 0))
+  # The export holds the run's merged model: the merge, compiled twice, agrees to float32 rounding (CI: 6e-8).
+  merged = model_io.load(run, "lm", target, source.config, 0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), params, merged)
   assert_greedy_is_the_references(graphdef, params, reference, mesh)
